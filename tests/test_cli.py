@@ -1,0 +1,98 @@
+"""The Typer app: five commands, --version, lazy imports, plugins from entry points, the exit-2 error path."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from diffit_cli import __version__
+from diffit_cli.app import build_app
+
+COMMANDS = ["train", "sample", "eval-fid", "encode-latents", "ablate"]
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(build_app(), list(args), env=env)
+
+
+def test_help_lists_the_five_commands():
+    r = run("--help")
+    assert r.exit_code == 0
+    for c in COMMANDS:
+        assert c in r.output
+
+
+def test_version():
+    r = run("--version")
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_command_help(cmd):
+    r = run(cmd, "--help")
+    assert r.exit_code == 0, r.output
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from diffit_cli.app import build_app; from typer.testing import CliRunner;"
+        "app = build_app();"
+        "[CliRunner().invoke(app, a) for a in (['--help'], *[[c, '--help'] for c in %r])];"
+        "heavy = [m for m in ('torch', 'accelerate', 'diffusers', 'torch_fidelity') if m in sys.modules];"
+        "assert not heavy, heavy" % COMMANDS
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "diffit_cli", "--help"], capture_output=True, text=True, check=True)
+    assert "encode-latents" in out.stdout
+
+
+@pytest.fixture
+def fake_plugin(tmp_path):
+    """A separate 'installed distribution' advertising a command under the diffit.commands group."""
+    (tmp_path / "diffit_hello_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            import typer
+
+            def register(app: typer.Typer) -> None:
+                @app.command("hello", help="Say hello from a plugin.")
+                def hello(name: str = "world") -> None:
+                    typer.echo(f"hello {name} from a plugin")
+            """
+        )
+    )
+    dist = tmp_path / "diffit_hello_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: diffit-hello-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[diffit.commands]\nhello = diffit_hello_plugin\n")
+    return tmp_path
+
+
+def test_plugin_command_appears_and_runs(fake_plugin, monkeypatch):
+    monkeypatch.syspath_prepend(str(fake_plugin))
+    r = run("--help")
+    assert "hello" in r.output
+    r = run("hello", "--name", "diffit")
+    assert r.exit_code == 0 and "hello diffit from a plugin" in r.output
+
+
+def test_plugin_through_the_console_script(fake_plugin):
+    env = {**os.environ, "PYTHONPATH": str(fake_plugin)}
+    out = subprocess.run([sys.executable, "-m", "diffit_cli", "hello"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "hello world from a plugin" in out.stdout
+
+
+def test_broken_plugin_does_not_break_the_cli(tmp_path, monkeypatch):
+    dist = tmp_path / "broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[diffit.commands]\nbroken = no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = run("--help")
+    assert r.exit_code == 0 and "train" in r.output

@@ -1,0 +1,130 @@
+"""Preset schema: shipped presets validate, typos/wrong types are rejected with the key, overrides round-trip."""
+
+import pytest
+import yaml
+
+from diffit_cli.config import (
+    PresetError,
+    available_presets,
+    diff_presets,
+    dump_preset,
+    load_preset,
+    preset_from_yaml,
+    preset_to_dict,
+)
+
+SHIPPED = ["cifar10", "demo", "ffhq64", "imagenet256", "imagenet512"]
+
+
+def test_all_presets_shipped():
+    assert set(SHIPPED) <= set(available_presets())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_preset_validates_and_round_trips(name, tmp_path):
+    p = load_preset(name)
+    assert p.name == name
+    text = dump_preset(p)
+    assert preset_from_yaml(text) == p
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    assert load_preset(f) == p
+    assert dump_preset(load_preset(f)) == text
+
+
+def test_paper_values():
+    c, f = load_preset("cifar10"), load_preset("ffhq64")
+    assert (c.model.channels, c.model.blocks, c.model.window_size) == ((128, 256, 256), (2, 2, 2), (4, 4, 4))
+    assert (c.sample.steps, c.train.lr, c.train.batch, c.model.dropout, c.train.augment_p) == (18, 1e-3, 512, 0.13, 0.12)
+    assert (f.model.channels, f.model.blocks, f.model.window_size) == ((128, 256, 256, 256), (1, 2, 2, 2), (8,) * 4)
+    assert (f.sample.steps, f.train.lr, f.train.batch, f.model.dropout, f.train.augment_p) == (40, 2e-4, 256, 0.05, 0.15)
+    i256, i512 = load_preset("imagenet256"), load_preset("imagenet512")
+    assert (i256.model.depth, i256.model.hidden_size, i256.model.num_heads, i256.model.input_size) == (28, 1152, 16, 32)
+    assert (i256.diffusion.kind, i256.diffusion.num_timesteps, i256.diffusion.schedule) == ("ddpm", 1000, "linear")
+    assert (i256.train.lr, i256.train.batch, i256.train.ema_decay, i256.model.class_dropout_prob) == (3e-4, 256, 0.9999, 0.1)
+    assert (i256.sample.steps, i256.sample.cfg_scale, i256.sample.cfg_schedule, i256.sample.cfg_power) == (
+        250, 4.4, "power-cosine", 4.0)
+    assert i256.sample.cfg_channels == 3
+    assert (i512.model.input_size, i512.train.lr, i512.train.batch) == (64, 1e-4, 512)
+    assert (i512.sample.cfg_scale, i512.sample.cfg_schedule) == (1.49, "constant")
+
+
+def test_presets_are_frozen():
+    p = load_preset("demo")
+    with pytest.raises(Exception):
+        p.train.lr = 1.0
+
+
+def test_override_applies_before_validation():
+    p = load_preset("cifar10", ["train.lr=2e-4", "model.blocks=[4, 4, 4]", "sample.cfg_channels=all"])
+    assert p.train.lr == 2e-4 and p.model.blocks == (4, 4, 4) and p.sample.cfg_channels == "all"
+    base = preset_to_dict(load_preset("cifar10"))
+    assert diff_presets(base, preset_to_dict(p)) == ["model.blocks", "sample.cfg_channels", "train.lr"]
+    assert preset_from_yaml(dump_preset(p)) == p
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        (["model.chanels=[1]"], ["model.chanels", "did you mean 'channels'"]),
+        (["train.lr=fast"], ["train.lr", "valid number"]),
+        (["trian.lr=1"], ["trian", "unknown key"]),
+        (["diffusion.kind=vp"], ["diffusion", "kind must be one of"]),
+        (["model.window_size=[3, 3, 3]"], ["window size 3"]),
+        (["train.augment_p=1.5"], ["train.augment_p", "less than or equal to 1"]),
+        (["sample.cfg_scale=2"], ["class-conditional"]),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(PresetError) as e:
+        load_preset("cifar10", override)
+    for text in named:
+        assert text in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", "train..lr=1", "train.lr.x=1"])
+def test_malformed_override(bad):
+    with pytest.raises(PresetError, match="--set|section"):
+        load_preset("cifar10", [bad])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(PresetError) as e:
+        load_preset("cifar100")
+    assert "cifar100" in str(e.value) and "ffhq64" in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(PresetError, match="does not exist"):
+        load_preset(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(PresetError, match="not valid YAML"):
+        load_preset(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(PresetError, match="mapping"):
+        load_preset(listy)
+
+
+def test_presets_ship_inside_the_wheel(tmp_path):
+    """A non-editable install finds `--preset ffhq64` inside the package, not the source tree."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root), "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("diffit_cli-*.whl")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("from diffit_cli.config import load_preset, preset_dir; import sys; d = preset_dir();"
+            "assert str(d).startswith(sys.argv[1]), d; print(load_preset('ffhq64').name)")
+    out = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ffhq64"
