@@ -1,0 +1,273 @@
+"""DiffiT building blocks (SPEC §2–§3): time/label embeddings, relative position bias, windows, TMSA, DiffiT block.
+
+Pure torch. Token tensors are (B, N, C) in raster order of an (H, W) grid; the time token x_t is (B, time_dim).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Where the time token enters a block (SPEC §8 Tables 6–7, Fig. 7b); "tmsa" is the paper's model.
+TIME_MODES = ("tmsa", "bias", "mlp", "adaln", "separate")
+TIME_EMBEDDINGS = ("positional", "fourier")
+
+
+def check_time_mode(time_mode: str) -> str:
+    """Validate a time_mode name (SPEC §8 ablations)."""
+    if time_mode not in TIME_MODES:
+        raise ValueError(f"time_mode must be one of {TIME_MODES}, got {time_mode!r}")
+    return time_mode
+
+
+# ----------------------------------------------------------------------------------------------- time / label
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) t: cos half then sin half, max period 1e4 (SPEC §3, release/DiT) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2·half)
+    return F.pad(emb, (0, dim % 2))
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of t (EDM's FourierEmbedding, scale 16), the Table 8 alternative -> (B, dim)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)  # persistent: part of the model
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * (2 * math.pi * self.freqs.float())[None]  # (B, dim/2)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """Time token x_t: frequency features of t → Linear → SiLU → Linear (SPEC §3; release keys `mlp.{0,2}`).
+
+    `kind` picks positional (default) or Fourier features (Table 8). With `augment_dim` > 0, a bias-free linear
+    map of EDM's augmentation labels is added to the frequency features before the MLP (as EDM's `map_augment`).
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, kind: str = "positional",
+                 augment_dim: int = 0):
+        super().__init__()
+        if kind not in TIME_EMBEDDINGS:
+            raise ValueError(f"time embedding must be one of {TIME_EMBEDDINGS}, got {kind!r}")
+        self.frequency_embedding_size = frequency_embedding_size
+        self.kind = kind
+        if kind == "fourier":
+            self.fourier = FourierEmbedding(frequency_embedding_size)
+        self.map_augment = nn.Linear(augment_dim, frequency_embedding_size, bias=False) if augment_dim else None
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "fourier":
+            freq = self.fourier(t)
+        else:
+            freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, F)
+        if self.map_augment is not None and augment_labels is not None:
+            freq = freq + self.map_augment(augment_labels.to(freq.dtype))
+        return self.mlp(freq)  # (B, hidden)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a learned null class at index `num_classes` and label dropout for CFG (SPEC §3, §5).
+
+    Training-time dropout (probability `dropout_prob`, global torch RNG) applies when `train` is True, or when
+    `train` is None and the module is in training mode. `force_drop_ids` (B,) == 1 drops chosen labels.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)  # row num_classes = null class
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace a random (or forced) subset of labels with the null class."""
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool | None = None,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        train = self.training if train is None else train
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (B, hidden)
+
+
+# ------------------------------------------------------------------------------------ relative position / windows
+def relative_position_index(window: int) -> torch.Tensor:
+    """Swin index of each token pair's (Δrow, Δcol) into a (2w−1)² table (SPEC §2, release layout) -> (w², w²)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (w², w², 2), in [0, 2w−2]
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (w², w²) int64
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B·nW, w², C): non-overlapping w×w windows folded into the batch (SPEC §2, no shift)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C).permute(0, 1, 3, 2, 4, 5)  # (B, h, w', wr, wc, C)
+    return x.reshape(-1, window * window, C)
+
+
+def window_merge(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of window_partition: (B·nW, w², C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.reshape(-1, H // window, W // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DiT adaLN modulation x·(1+scale)+shift (Fig. 7b baseline); shift/scale are (B, 1, C)."""
+    return x * (1 + scale) + shift
+
+
+# ------------------------------------------------------------------------------------------------------- TMSA
+class TMSA(nn.Module):
+    """Time-dependent multi-head self-attention (SPEC §2, Eq. 3–6) with a Swin relative position bias.
+
+    q,k,v = qkv(x_s) + qkv_temb(x_t);  Attention = Softmax(q·kᵀ/√d + B)·v;  then `proj`.
+    Global when `window_size` equals the token grid (latent model), else non-overlapping w×w windows.
+    `time_mode` selects the ablations: "bias" (time only in the bias, Table 6 F), "separate" (time token as
+    an extra key/value token, Table 7), "mlp"/"adaln" (no time input here). Set `use_sdpa = False` for the plain
+    reference path; `store_attn = True` keeps the last softmax weights in `last_attn` (B·nW, heads, N, N[+1]).
+    """
+
+    def __init__(self, dim: int, num_heads: int, time_dim: int, window_size: int, time_mode: str = "tmsa",
+                 qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = window_size
+        self.time_mode = check_time_mode(time_mode)
+        table = (2 * window_size - 1) ** 2
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if time_mode == "tmsa":
+            self.qkv_temb = nn.Linear(time_dim, 3 * dim)  # W_qt, W_kt, W_vt fused, no activation before it
+        elif time_mode == "bias":
+            self.rpb_temb = nn.Linear(time_dim, table * num_heads)  # time-dependent offset of the bias table
+        elif time_mode == "separate":
+            self.kv_temb = nn.Linear(time_dim, 2 * dim)  # key and value of the extra time token
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.use_sdpa = True
+        self.store_attn = False
+        self.last_attn: torch.Tensor | None = None
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """Gather B from the table: (heads, w², w²)."""
+        n = self.window_size ** 2
+        return self.relative_position_bias_table.t()[:, self.relative_position_index.view(-1)].view(-1, n, n)
+
+    def _time_bias(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Table 6 F: time-dependent relative position bias, (B, heads, w², w²)."""
+        n = self.window_size ** 2
+        table = self.rpb_temb(x_t).view(x_t.shape[0], -1, self.num_heads).transpose(1, 2)  # (B, heads, L)
+        return table[:, :, self.relative_position_index.view(-1)].view(x_t.shape[0], self.num_heads, n, n)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Softmax(q·kᵀ·scale + bias)·v by SDPA, or by the plain reference path; (B', heads, N, d)."""
+        bias = bias.to(q.dtype)
+        if self.use_sdpa and not self.store_attn:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B', heads, N, N')
+        if self.store_attn:
+            self.last_attn = attn.detach()
+        return attn @ v
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
+                hw: tuple[int, int] | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = hw if hw is not None else (math.isqrt(N), math.isqrt(N))
+        w, heads, d = self.window_size, self.num_heads, self.head_dim
+        n, nW = w * w, (H // w) * (W // w)
+        qkv = self.qkv(x)  # (B, N, 3C)
+        if self.time_mode == "tmsa":
+            qkv = qkv + self.qkv_temb(x_t).unsqueeze(1).to(qkv.dtype)  # x_t broadcast to every token
+        if nW > 1:
+            qkv = window_partition(qkv.view(B, H, W, 3 * C), w)  # (B·nW, w², 3C)
+        q, k, v = qkv.reshape(B * nW, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B·nW, heads, n, d)
+        bias = self.relative_position_bias()  # (heads, n, n)
+        if self.time_mode == "bias":
+            bias = (bias + self._time_bias(x_t)).unsqueeze(1).expand(B, nW, heads, n, n).reshape(B * nW, heads, n, n)
+        elif self.time_mode == "separate":
+            kt, vt = self.kv_temb(x_t).to(k.dtype).view(B, 2, heads, 1, d).repeat_interleave(nW, dim=0).unbind(1)
+            k, v = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)  # (B·nW, heads, n+1, d)
+            bias = F.pad(bias, (0, 1))  # (heads, n, n+1): no positional bias towards the time token
+        out = self.attend(q, k, v, bias).transpose(1, 2).reshape(B * nW, n, C)  # (B·nW, n, C)
+        if nW > 1:
+            out = window_merge(out, w, H, W)  # (B, H, W, C)
+        return self.proj(out.reshape(B, N, C))
+
+
+# --------------------------------------------------------------------------------------------- DiffiT block
+class Mlp(nn.Module):
+    """Linear → GELU(tanh) → Linear, ratio 4 (SPEC §3); `temb` adds the time token to the hidden layer (Table 6 G)."""
+
+    def __init__(self, dim: int, hidden: int, time_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.temb = nn.Linear(time_dim, hidden) if time_dim else None
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.fc1(x)  # (B, N, hidden)
+        if self.temb is not None:
+            h = h + self.temb(x_t).unsqueeze(1).to(h.dtype)
+        return self.fc2(self.drop(self.act(h)))
+
+
+class DiffiTBlock(nn.Module):
+    """DiffiT transformer block, pre-LN (SPEC §3, Eq. 7–8): x̂ = x + TMSA(LN(x), x_t); out = x̂ + MLP(LN(x̂)).
+
+    LayerNorms have no affine parameters (eps 1e-6). time_mode "adaln" swaps TMSA for DiT adaLN-Zero (Fig. 7b).
+    """
+
+    def __init__(self, dim: int, num_heads: int, time_dim: int, window_size: int, mlp_ratio: float = 4.0,
+                 time_mode: str = "tmsa", dropout: float = 0.0):
+        super().__init__()
+        self.time_mode = check_time_mode(time_mode)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = TMSA(dim, num_heads, time_dim, window_size, time_mode)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), time_dim if time_mode == "mlp" else None, dropout)
+        if time_mode == "adaln":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.time_mode == "adaln":
+            mod = self.adaLN_modulation(x_t).unsqueeze(1).chunk(6, dim=-1)  # 6 × (B, 1, C)
+            x = x + mod[2] * self.attn(modulate(self.norm1(x), mod[0], mod[1]), None, hw)
+            return x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
+        x = x + self.attn(self.norm1(x), x_t, hw)
+        return x + self.mlp(self.norm2(x), x_t)
+
+
+def init_rpb_and_time(module: nn.Module) -> None:
+    """Post-xavier fixes shared by both networks: RPB tables and time-bias maps trunc-normal 0.02, adaLN zero."""
+    for m in module.modules():
+        if isinstance(m, TMSA):
+            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+            if m.time_mode == "bias":
+                nn.init.trunc_normal_(m.rpb_temb.weight, std=0.02)
+                nn.init.zeros_(m.rpb_temb.bias)
+        elif isinstance(m, DiffiTBlock) and m.time_mode == "adaln":
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
