@@ -1,11 +1,92 @@
-"""`diffit train` (not built yet: issue #5)."""
+"""`diffit train`: a thin wrapper over `diffit_cli.training.train` with rich progress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import not_built
+from diffit_cli.commands._common import PresetOpt, SetOpt, console, user_errors
+from diffit_cli.errors import DiffitError
+
+HELP = """Train a DiffiT preset. With no --data it trains on the built-in synthetic shapes.
+
+Rerunning the same command resumes from RUN_DIR/checkpoints/latest.pt. Multi-GPU / multi-node:
+`accelerate launch --multi_gpu -m diffit_cli train --preset cifar10 --data cifar10.zip`."""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train", help="Not built yet (issue #5).")
-    def train() -> None:
-        not_built("train", 5)
+    app.command("train", help=HELP)(train_cmd)
+
+
+@user_errors
+def train_cmd(
+    preset: Optional[str] = PresetOpt,
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, .zip, .npz or latent-shard folder."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/<preset name>)."),
+    overrides: Optional[List[str]] = SetOpt,
+    kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="Train this many thousand images in all."),
+    batch_gpu: Optional[int] = typer.Option(None, "--batch-gpu", min=1, help="Per-device batch (gradient accumulation fills the rest)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images with a warning."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
+    force: bool = typer.Option(False, "--force", help="Resume even though the preset changed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved preset and parameter count, then exit."),
+) -> None:
+    from diffit_cli.config import load_preset
+
+    sets = list(overrides or [])
+    if data is not None:
+        sets.append(f"data.path={json.dumps(data)}")  # quoted: a YAML string whatever the path looks like
+    if kimg is not None:
+        sets.append(f"train.total_kimg={kimg}")
+    if data is not None and not Path(data).exists():
+        raise DiffitError(f"--data {data!r} does not exist; pass an image folder, .zip, .npz or latent-shard folder")
+    p = load_preset(preset or "demo", sets)
+    if dry_run:
+        from diffit_cli.training import dry_run_summary
+
+        info = dry_run_summary(p)
+        typer.echo(info["preset"])
+        typer.echo(f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  "
+                   f"images/step: {info['images_per_step']}")
+        return
+    from diffit_cli.training import train
+
+    run_dir = run_dir or Path("runs") / p.name
+    with _Progress() as progress:
+        state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
+                      tensorboard=tensorboard, progress=progress)
+    console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
+                  f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'})")
+
+
+class _Progress:
+    """Renders the training loop's events as a rich progress bar (loss, img/s, ETA)."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f} kimg"),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=False)
+        self.bar.__enter__()
+        self.task = None
+        return self
+
+    def __call__(self, e: dict) -> None:
+        kind = e["event"]
+        if kind == "start":
+            console.print(f"{'resuming' if e['resumed'] else 'starting'} at {e['kimg']:.1f} kimg on {e['device']} "
+                          f"× {e['world']} ({e['params']:,} parameters; per-device batch {e['batch_gpu']} × "
+                          f"{e['accum']} accumulation)")
+            self.task = self.bar.add_task("train", total=e["total_kimg"], completed=e["kimg"], info="")
+        elif kind == "report" and self.task is not None:
+            info = f"loss {e['loss']:.4f}  {e['img_per_s']:.1f} img/s" + (f"  skipped {e['skipped']}" if e["skipped"] else "")
+            self.bar.update(self.task, completed=e["kimg"], info=info)
+        elif kind == "snapshot":
+            self.bar.console.print(f"snapshot at {e['kimg']:.1f} kimg → {e['grid']}")
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)

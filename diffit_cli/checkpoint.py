@@ -1,0 +1,175 @@
+"""Checkpoints (DESIGN §5): atomic writes, `latest` pointer, keep-last-K, safe loading, release import.
+
+A training checkpoint is one `torch.save` file holding the raw and EMA weights, the optimizer, the
+counters and the preset (as YAML text), so it is self-describing. It is read with
+`weights_only=True` (no arbitrary pickles). `.safetensors` files are weights only: ours carry the
+preset in their metadata; NVIDIA's released DiffiT files do not, so their architecture comes from
+`--preset`, checked tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffit_cli.config import Preset, preset_from_yaml
+from diffit_cli.errors import DiffitError
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.pt"
+
+
+class CheckpointError(DiffitError):
+    """A missing, corrupt or mismatching checkpoint."""
+
+
+def atomic_write(path: Path | str, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def checkpoint_name(nimg: int) -> str:
+    return f"ckpt-{nimg / 1000:012.3f}.pt"  # ckpt-<kimg>.pt, sortable
+
+
+def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> Path:
+    """Write `checkpoints/ckpt-<kimg>.pt` atomically, repoint `latest.pt`, keep the newest `keep` files."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = atomic_write(folder / checkpoint_name(nimg), lambda f: torch.save(state, f))
+    link_tmp = folder / f".{LATEST}.tmp"
+    link_tmp.unlink(missing_ok=True)
+    link_tmp.symlink_to(path.name)
+    os.replace(link_tmp, folder / LATEST)  # the pointer moves only once the file is complete
+    for old in sorted(folder.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    link = Path(run_dir) / CHECKPOINT_DIR / LATEST
+    return link.resolve() if link.exists() else None
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """Load a training checkpoint on the CPU with `weights_only=True`; corrupt files get a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a diffit checkpoint ({type(e).__name__}); "
+            "use an earlier checkpoints/ckpt-*.pt or retrain"
+        ) from None
+    if not isinstance(state, dict) or "preset" not in state or "ema" not in state:
+        raise CheckpointError(f"{str(path)!r} is not a diffit training checkpoint (no preset/ema inside)")
+    return state
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Remove DDP `module.` and torch.compile `_orig_mod.` prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def file_sha256(path: Path | str, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:limit]
+
+
+def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Compare keys and shapes before loading; a mismatch names the offending keys."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        if missing:
+            parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(f"{source} does not fit the preset's network: " + ", ".join(parts)
+                              + "; pass the --preset the weights were trained with")
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
+
+
+def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True,
+                  device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Preset]:
+    """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file (DESIGN §3)."""
+    from diffit_cli.build import build_network
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        weights, meta = _read_safetensors(path)
+        if "preset" in meta:
+            preset = preset if preset is not None else preset_from_yaml(meta["preset"], str(path))
+        elif preset is None:
+            raise CheckpointError(f"{str(path)!r} carries no preset (a released weight file?); pass --preset, "
+                                  "e.g. --preset imagenet256")
+    else:
+        state = load_checkpoint(path)
+        preset = preset if preset is not None else preset_from_yaml(state["preset"], str(path))
+        weights = state["ema" if ema else "model"]
+    weights = strip_prefixes(weights)
+    net = build_network(preset.model)
+    check_state_dict(net, weights, repr(str(path)))
+    net.load_state_dict(weights, strict=True)
+    return net.eval().requires_grad_(False).to(device), preset
+
+
+def save_safetensors(path: Path | str, net: torch.nn.Module, preset: Preset) -> Path:
+    """Export weights with the preset in the metadata (self-describing, loadable by `load_snapshot`)."""
+    from safetensors.torch import save
+
+    from diffit_cli.config import dump_preset
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(net.state_dict()).items()}
+    return atomic_write_bytes(path, save(tensors, metadata={"preset": dump_preset(preset)}))
