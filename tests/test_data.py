@@ -1,0 +1,333 @@
+"""Data sources share one contract; synthetic data is deterministic; bad data gives a clear DataError;
+the loader is deterministic, resumes exactly and partitions global batches between ranks."""
+
+import json
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffit_cli.config import DataConfig
+from diffit_cli.data import (
+    NO_LABEL,
+    SYNTHETIC_CLASSES,
+    DataError,
+    ImageFolderSource,
+    LatentShardSource,
+    NpzSource,
+    StreamBatchSampler,
+    SyntheticShapes,
+    ZipSource,
+    center_crop_arr,
+    make_loader,
+    open_source,
+    sample_latent,
+    shard_name,
+    to_model_space,
+    write_manifest,
+    write_shard,
+)
+
+
+def _img(rng, h=40, w=48):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_folder(root, classes=("b_dog", "a_cat"), per_class=3, size=(40, 48)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c / "deeper").mkdir(parents=True)
+        for i in range(per_class):
+            sub = root / c / ("deeper" if i == 0 else "")
+            Image.fromarray(_img(rng, *size)).save(sub / f"{i}.png")
+    return root
+
+
+def make_zip(path, n=5, labels=True):
+    rng = np.random.default_rng(1)
+    with zipfile.ZipFile(path, "w") as z:
+        names = [f"00000/img{i:08d}.png" for i in range(n)]
+        for name in names:
+            buf = __import__("io").BytesIO()
+            Image.fromarray(_img(rng, 32, 32)).save(buf, format="PNG")
+            z.writestr(name, buf.getvalue())
+        meta = {"labels": [[name, i % 3] for i, name in enumerate(names)] if labels else None}
+        z.writestr("dataset.json", json.dumps(meta))
+    return path
+
+
+def make_npz(path, n=6, res=32, labels=True):
+    rng = np.random.default_rng(2)
+    arrays = {"arr_0": rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8)}
+    if labels:
+        arrays["arr_1"] = np.arange(n) % 2
+    np.savez(path, **arrays)
+    return path
+
+
+def _check_contract(src, n, num_classes, res=32, channels=3):
+    assert len(src) == n
+    assert src.resolution == res and src.num_channels == channels
+    assert src.num_classes == num_classes == len(src.class_names)
+    for i in (0, n - 1):
+        x, y = src[i]
+        assert x.dtype == torch.uint8 and tuple(x.shape) == (channels, res, res)
+        assert y.dtype == torch.int64 and y.ndim == 0
+        assert (0 <= int(y) < num_classes) if num_classes else int(y) == NO_LABEL
+    assert src.labels().shape == (n,)
+
+
+@pytest.mark.parametrize("kind", ["folder", "root-folder", "zip", "zip-nolabels", "npz", "npz-nolabels", "synthetic"])
+def test_every_source_shares_the_contract(tmp_path, kind):
+    if kind == "folder":
+        src, n, k = open_source(make_folder(tmp_path / "d"), 32), 6, 2
+    elif kind == "root-folder":
+        root = make_folder(tmp_path / "d")
+        Image.fromarray(_img(np.random.default_rng(3))).save(root / "top.png")
+        src, n, k = open_source(root, 32), 7, 0
+    elif kind == "zip":
+        src, n, k = open_source(make_zip(tmp_path / "d.zip"), 32), 5, 3
+    elif kind == "zip-nolabels":
+        src, n, k = open_source(make_zip(tmp_path / "d.zip", labels=False), 32), 5, 0
+    elif kind == "npz":
+        src, n, k = open_source(make_npz(tmp_path / "d.npz"), 32), 6, 2
+    elif kind == "npz-nolabels":
+        src, n, k = open_source(make_npz(tmp_path / "d.npz", labels=False), 32), 6, 0
+    else:
+        src, n, k = open_source(None, 32, synthetic_size=100), 100, len(SYNTHETIC_CLASSES)
+    assert src.kind == "pixel"
+    _check_contract(src, n, k)
+
+
+def test_folder_classes_are_sorted_first_level_names(tmp_path):
+    src = ImageFolderSource(make_folder(tmp_path / "d"), 32)
+    assert src.class_names == ("a_cat", "b_dog")
+    assert src.files[0] == "a_cat/1.png" and "a_cat/deeper/0.png" in src.files
+    assert src.labels().tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_npz_keeps_stored_pixels_and_labels(tmp_path):
+    path = make_npz(tmp_path / "d.npz")
+    src = NpzSource(path, 32)
+    arr = np.load(path)["arr_0"]
+    assert torch.equal(src[3][0], torch.from_numpy(arr[3].transpose(2, 0, 1).copy()))
+    assert [int(src[i][1]) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="NHWC"):
+        open_source(tmp_path / "nchw.npz", 8)
+
+
+def test_xflip_doubles_with_mirrors(tmp_path):
+    src = open_source(make_npz(tmp_path / "d.npz"), 32, xflip=True)
+    assert len(src) == 12
+    assert torch.equal(src[7][0], src[1][0].flip(2)) and int(src[7][1]) == int(src[1][1])
+
+
+def test_synthetic_is_deterministic_and_classes_differ():
+    a, b = SyntheticShapes(32, size=64), SyntheticShapes(32, size=64)
+    assert torch.equal(a[17][0], b[17][0])
+    assert not torch.equal(a[17][0], a[18][0])
+    assert not torch.equal(a[17][0], SyntheticShapes(32, size=64, seed=1)[17][0])
+    assert [int(a[i][1]) for i in range(10)] == [i % 8 for i in range(10)]
+    assert len(SyntheticShapes(32)) == 50_000 and SyntheticShapes(32).class_names == SYNTHETIC_CLASSES
+    assert SyntheticShapes(64, size=8)[0][0].shape == (3, 64, 64)
+    assert SyntheticShapes(32, size=8, channels=1)[0][0].shape == (1, 32, 32)
+    # the shape stands out from the background: the image has a real dynamic range
+    x = torch.stack([a[i][0] for i in range(16)]).float()
+    assert (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).min() > 80
+
+
+def test_synthetic_is_fast():
+    src = SyntheticShapes(32, size=1000)
+    best = float("inf")
+    for rep in range(3):
+        t = time.perf_counter()
+        for i in range(100):
+            src[rep * 100 + i]
+        best = min(best, (time.perf_counter() - t) / 100)
+    assert best < 1e-3, f"{best * 1e3:.2f} ms per 32² image"
+
+
+def test_center_crop_and_resize_follow_adm(tmp_path):
+    # 96×48 (w×h): thirds red / green / blue; the centre crop keeps the green middle
+    arr = np.zeros((48, 96, 3), np.uint8)
+    arr[:, :32, 0] = arr[:, 32:64, 1] = arr[:, 64:, 2] = 255
+    (tmp_path / "d").mkdir()
+    Image.fromarray(arr).save(tmp_path / "d" / "x.png")
+    x = open_source(tmp_path / "d", 16)[0][0]
+    assert x.shape == (3, 16, 16)
+    assert x[1, :, 4:12].min() > 200 and x[0, :, 4:12].max() < 60
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    assert center_crop_arr(big, 64).shape == (64, 64, 3)
+    up = open_source(make_npz(tmp_path / "s.npz", res=8), 32)[0][0]
+    assert up.shape == (3, 32, 32)
+    assert to_model_space(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = make_folder(tmp_path / "d")
+    bad = root / "a_cat" / "2.png"
+    bad.write_bytes(b"not a png at all")
+    src = open_source(root, 32)
+    with pytest.raises(DataError) as e:
+        src[src.files.index("a_cat/2.png")]
+    assert str(bad) in str(e.value) and "--skip-bad-images" in str(e.value)
+    truncated = root / "b_dog" / "2.png"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(DataError, match="b_dog/2.png"):
+        src[src.files.index("b_dog/2.png")]
+
+
+def test_skip_mode_replaces_bad_images_with_a_warning(tmp_path):
+    root = make_folder(tmp_path / "d")
+    (root / "a_cat" / "2.png").write_bytes(b"")
+    src = open_source(root, 32, skip_bad_images=True)
+    i = src.files.index("a_cat/2.png")
+    with pytest.warns(UserWarning, match="2.png"):
+        x, y = src[i]
+    assert torch.equal(x, src[i + 1][0]) and int(y) == 0  # the next readable item, deterministically
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        src[i]  # warned once per file
+    cfg = DataConfig(path=str(root), resolution=32)
+    assert len(open_source(cfg, skip_bad_images=True)) == 6
+
+
+def test_worker_errors_are_reraised_cleanly(tmp_path):
+    root = make_folder(tmp_path / "d")
+    (root / "a_cat" / "1.png").write_bytes(b"garbage")
+    loader = make_loader(open_source(root, 32), 6, num_workers=1, shuffle=False)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    assert "Traceback" not in str(e.value) and str(root / "a_cat" / "1.png") in str(e.value)
+
+
+def test_missing_empty_and_unreachable_data(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(tmp_path / "nope", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        open_source(tmp_path / "empty", 32)
+    with pytest.raises(DataError, match="positive"):
+        open_source(None, 0)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DataError, match="cannot tell"):
+        open_source(tmp_path / "f.txt", 32)
+    (tmp_path / "bad.zip").write_bytes(b"zip?")
+    with pytest.raises(DataError, match="zip"):
+        open_source(tmp_path / "bad.zip", 32)
+    root = make_folder(tmp_path / "d")
+    Image.fromarray(_img(np.random.default_rng(0))).save(root / "top.png")
+    with pytest.raises(DataError, match="no class labels"):
+        open_source(DataConfig(path=str(root), resolution=32, use_labels=True))
+
+
+def _latent_folder(root, n=5, shard=2, res=64, complete=True):
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(n, 2, 4, res // 8, res // 8, generator=g), torch.rand(n, 2, 4, res // 8, res // 8) + 0.1
+    labels = torch.arange(n) % 3
+    shards = []
+    for k, a in enumerate(range(0, n, shard)):
+        write_shard(root / shard_name(k), mean[a:a + shard], std[a:a + shard], labels[a:a + shard], torch.float32)
+        shards.append({"file": shard_name(k), "count": min(shard, n - a)})
+    write_manifest(root, {"format": "diffit-latents", "version": 1, "complete": complete, "resolution": res,
+                          "latent_channels": 4, "latent_size": res // 8, "scaling_factor": 0.18215,
+                          "class_names": ["a", "b", "c"], "count": n, "shard_size": shard, "shards": shards,
+                          "dtype": "float32"})
+    return mean, std, labels
+
+
+def test_latent_shard_source(tmp_path):
+    mean, std, labels = _latent_folder(tmp_path / "lat")
+    src = open_source(tmp_path / "lat")
+    assert isinstance(src, LatentShardSource) and src.kind == "latent"
+    assert (len(src), src.resolution, src.num_channels, src.num_classes, src.latent_size) == (5, 64, 4, 3, 8)
+    x, y = src[3]
+    assert x.shape == (2, 2, 4, 8, 8) and torch.equal(x[0], mean[3]) and torch.equal(x[1], std[3]) and int(y) == 0
+    assert src.labels().tolist() == labels.tolist()
+    batch = next(iter(make_loader(src, 4, num_workers=0, shuffle=False)))
+    assert batch[0].shape == (4, 2, 2, 4, 8, 8)
+    with pytest.raises(DataError, match="encode-latents"):
+        open_source(DataConfig(path=str(tmp_path / "lat"), resolution=128, space="latent", channels=4, vae="x"))
+    _latent_folder(tmp_path / "partial", complete=False)
+    with pytest.raises(DataError, match="incomplete"):
+        open_source(tmp_path / "partial")
+
+
+def test_sample_latent_picks_mirrors_and_scales():
+    mean = torch.stack([torch.zeros(8, 4, 2, 2), torch.ones(8, 4, 2, 2)], dim=1)  # mirror entries = 1
+    stats = torch.stack([mean, torch.zeros_like(mean)], dim=1).half()  # (B, 2, 2, C, h, w), std 0
+    z = sample_latent(stats, scale=0.5, generator=torch.Generator().manual_seed(0))
+    assert z.dtype == torch.float32 and z.shape == (8, 4, 2, 2)
+    picks = z.flatten(1).mean(1)
+    assert set(picks.tolist()) == {0.0, 0.5}
+    assert sample_latent(stats, xflip=False).abs().max() == 0
+    stats[:, 1] = 1  # std 1: noise; replayable from the global RNG state
+    torch.manual_seed(3)
+    a = sample_latent(stats)
+    torch.manual_seed(3)
+    assert torch.equal(a, sample_latent(stats)) and a.std() > 0.1
+
+
+class _Index(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor(i), torch.tensor(i % 3)
+
+
+def _take(loader, k):
+    it = iter(loader)
+    return [next(it)[0].tolist() for _ in range(k)]
+
+
+def test_loader_is_deterministic_and_covers_each_epoch():
+    a = _take(make_loader(_Index(10), 4, seed=5, num_workers=0), 10)
+    assert a == _take(make_loader(_Index(10), 4, seed=5, num_workers=0), 10)
+    assert a != _take(make_loader(_Index(10), 4, seed=6, num_workers=0), 10)
+    stream = sum(a, [])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a new order each epoch
+    assert _take(make_loader(_Index(10), 4, num_workers=0, shuffle=False), 3) == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                                                  [8, 9, 0, 1]]
+
+
+def test_loader_resumes_exactly_at_start_index():
+    full = _take(make_loader(_Index(13), 4, seed=1, num_workers=0), 9)
+    resumed = make_loader(_Index(13), 4, seed=1, num_workers=0, start_index=12)
+    assert _take(resumed, 6) == full[3:]
+    assert resumed.position == 12 + 6 * 4 and resumed.state_dict() == {"position": 36}
+    odd = sum(_take(make_loader(_Index(13), 4, seed=1, num_workers=0, start_index=5), 2), [])
+    assert odd == sum(full, [])[5:13]
+    loader = make_loader(_Index(13), 4, seed=1, num_workers=0)
+    _take(loader, 2)
+    assert _take(loader, 2) == full[2:4]  # iterating again continues from `position`
+
+
+def test_two_ranks_partition_each_global_batch():
+    whole = _take(make_loader(_Index(11), 6, seed=2, num_workers=0), 5)
+    r0 = _take(make_loader(_Index(11), 6, seed=2, rank=0, world_size=2, num_workers=0), 5)
+    r1 = _take(make_loader(_Index(11), 6, seed=2, rank=1, world_size=2, num_workers=0), 5)
+    assert [a + b for a, b in zip(r0, r1)] == whole
+    with pytest.raises(ValueError):
+        StreamBatchSampler(11, 5, world_size=2)
+
+
+def test_workers_give_the_same_batches(tmp_path):
+    src = open_source(None, 16, synthetic_size=40)
+    a = [b for _, b in zip(range(3), make_loader(src, 8, seed=0, num_workers=0))]
+    b = [b for _, b in zip(range(3), make_loader(src, 8, seed=0, num_workers=2, pin_memory=False))]
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.dtype == torch.uint8
+    before = torch.get_rng_state()
+    next(iter(make_loader(src, 8, num_workers=0)))
+    assert torch.equal(before, torch.get_rng_state())  # the loader never touches the global RNG
