@@ -1,0 +1,194 @@
+"""EDM (Karras et al. 2022, arXiv 2206.00364): preconditioning, σ sampling and loss for image space.
+
+Contracts (other modules rely on them):
+
+* The raw network is called as ``net(x_in, c_noise, y, augment_labels=aug)`` where ``x_in = c_in·x``
+  (B, C, H, W), ``c_noise = ¼·ln σ`` has shape (B,) float32, ``y`` is passed positionally (``None`` for
+  unconditional models) and the ``augment_labels`` keyword is passed only when it is not ``None``.
+* ``EDM.loss(net, x0, y=None, augment_labels=None) -> (B,)``: per-sample loss, the **mean** over the
+  non-batch dimensions of ``λ(σ)·‖D(x0 + σn; σ) − x0‖²``. EDM's ``training/loss.py`` returns the
+  per-element loss and its training loop sums it (over elements, divided by the batch): the
+  mean differs from that sum by the constant factor C·H·W only. All randomness (σ first, then the noise,
+  the order EDM draws them in) comes from the global torch RNG on ``x0``'s device, so a saved RNG
+  state replays a step.
+* ``EDM.denoiser(net, y=None) -> D(x, sigma)``: the preconditioned denoiser (EDM Table 1, ``EDMPrecond``);
+  ``x`` may be float64 (the samplers accumulate in float64), ``sigma`` has shape (B,); it returns float32.
+* Optional ``autocast_dtype`` (e.g. ``torch.bfloat16``): the network runs under ``torch.autocast`` while
+  the preconditioning stays float32 and the network output is cast to float32 (EDM's ``use_fp16``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def call_network(net: Callable, autocast_dtype: torch.dtype | None, x: Tensor, *args, **kwargs) -> Tensor:
+    """Run ``net(x, *args, **kwargs)``, under autocast when a dtype is given; the output is float32."""
+    if autocast_dtype is None:
+        return net(x, *args, **kwargs).to(torch.float32)
+    with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+        out = net(x, *args, **kwargs)
+    return out.to(torch.float32)
+
+
+def autocast_network(net: Callable, autocast_dtype: torch.dtype | None) -> Callable:
+    """``net`` with the same call signature, run under autocast, returning float32."""
+    if autocast_dtype is None:
+        return net
+
+    def wrapped(x: Tensor, *args, **kwargs) -> Tensor:
+        return call_network(net, autocast_dtype, x, *args, **kwargs)
+
+    return wrapped
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all non-batch dimensions: (B, ...) → (B,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _expand(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """σ as float32 (B, 1, …, 1) broadcastable against x."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class EDM:
+    """EDM preconditioning, log-normal σ training distribution and loss weighting (EDM Table 1)."""
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+    ) -> None:
+        self.sigma_data = float(sigma_data)
+        self.p_mean = float(p_mean)
+        self.p_std = float(p_std)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.rho = float(rho)
+
+    def __repr__(self) -> str:
+        return (
+            f"EDM(sigma_data={self.sigma_data}, p_mean={self.p_mean}, p_std={self.p_std}, "
+            f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, rho={self.rho})"
+        )
+
+    # ------------------------------------------------------------------ preconditioning (EDM Table 1)
+    def c_skip(self, sigma: Tensor) -> Tensor:
+        """EDM Table 1: c_skip(σ) = σ_d² / (σ² + σ_d²)."""
+        return self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+
+    def c_out(self, sigma: Tensor) -> Tensor:
+        """EDM Table 1: c_out(σ) = σ·σ_d / √(σ² + σ_d²)."""
+        return sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+
+    def c_in(self, sigma: Tensor) -> Tensor:
+        """EDM Table 1: c_in(σ) = 1 / √(σ² + σ_d²)."""
+        return 1 / (self.sigma_data**2 + sigma**2).sqrt()
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        """EDM Table 1: c_noise(σ) = ¼·ln σ."""
+        return sigma.log() / 4
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """EDM Table 1: λ(σ) = (σ² + σ_d²) / (σ·σ_d)²."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    # ------------------------------------------------------------------ network time ↔ σ (used by guidance)
+    def network_time(self, sigma: Tensor) -> Tensor:
+        """The network's time input for σ: c_noise = ¼·ln σ."""
+        return self.c_noise(sigma)
+
+    def sigma_from_network_time(self, c_noise: Tensor) -> Tensor:
+        """Inverse of :meth:`network_time`: σ = exp(4·c_noise)."""
+        return (4 * c_noise.to(torch.float32)).exp()
+
+    def ddpm_t_from_network_time(self, c_noise: Tensor) -> Tensor:
+        """EDM has no discrete DDPM index (power-cosine guidance needs one)."""
+        raise ValueError("EDM has no DDPM timestep index; use guidance schedule 'constant' or 'interval'")
+
+    def round_sigma(self, sigma: float) -> float:
+        """EDM ``round_sigma``: the identity for continuous-σ networks."""
+        return sigma
+
+    # ------------------------------------------------------------------ denoiser D(x; σ)
+    def denoise(
+        self,
+        net: Callable,
+        x: Tensor,
+        sigma: Tensor | float,
+        y: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """EDM eq. 7 / ``EDMPrecond``: D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise). Returns float32."""
+        x = x.to(torch.float32)
+        sigma = _expand(sigma, x).expand(x.shape[0], *([1] * (x.ndim - 1)))  # (B, 1, …, 1)
+        kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+        c_noise = self.c_noise(sigma).flatten()  # (B,)
+        F_x = call_network(net, autocast_dtype, self.c_in(sigma) * x, c_noise, y, **kwargs)
+        return self.c_skip(sigma) * x + self.c_out(sigma) * F_x
+
+    def denoiser(
+        self, net: Callable, y: Tensor | None = None, *, autocast_dtype: torch.dtype | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """``D(x, sigma)`` for the samplers, with the labels bound (EDM Alg. 2's D_θ)."""
+
+        def D(x: Tensor, sigma: Tensor) -> Tensor:
+            return self.denoise(net, x, sigma, y, autocast_dtype=autocast_dtype)
+
+        return D
+
+    # ------------------------------------------------------------------ training
+    def sample_sigma(self, batch: int, device: torch.device | str) -> Tensor:
+        """EDM Table 1: ln σ ~ N(P_mean, P_std²); shape (B,). Global torch RNG."""
+        rnd_normal = torch.randn([batch], device=device)
+        return (rnd_normal * self.p_std + self.p_mean).exp()
+
+    def loss(
+        self,
+        net: Callable,
+        x0: Tensor,
+        y: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """EDM eq. 8 / ``EDMLoss``: λ(σ)·‖D(x0 + n; σ) − x0‖², n ~ N(0, σ²I); mean per sample → (B,)."""
+        x0 = x0.to(torch.float32)
+        sigma = self.sample_sigma(x0.shape[0], x0.device)  # (B,)
+        n = torch.randn_like(x0) * _expand(sigma, x0)
+        D_yn = self.denoise(net, x0 + n, sigma, y, augment_labels, autocast_dtype=autocast_dtype)
+        return self.loss_weight(sigma) * mean_flat((D_yn - x0) ** 2)
+
+    def sigma_schedule(self, steps: int) -> list[float]:
+        """EDM eq. 5 time steps for this diffusion's (σ_min, σ_max, ρ), followed by σ_N = 0."""
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i < N, then σ_N = 0.
+
+    Computed on the host in float64 (Python floats), so the sampling loops need no device syncs.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    if steps == 1:
+        return [float(sigma_max), 0.0]
+    inv_rho = 1.0 / rho
+    lo, hi = sigma_min**inv_rho, sigma_max**inv_rho
+    sigmas = [(hi + i / (steps - 1) * (lo - hi)) ** rho for i in range(steps)]
+    return sigmas + [0.0]
+
+
+__all__ = ["EDM", "karras_sigmas", "call_network", "autocast_network", "mean_flat"]

@@ -1,0 +1,139 @@
+"""Classifier-free guidance (Ho & Salimans 2022) with a learned null class, as the DiffiT release / DiT apply it.
+
+Contracts (other modules rely on them):
+
+* :class:`Guidance` ``(scale=1.0, schedule="constant", power=4.0, channels=3, interval=(0.28, 5.42),
+  null_class=1000)``: a frozen dataclass; ``channels="all"`` is stored as ``None``.
+* :func:`guided_network` ``(net, y, guidance, diffusion)`` returns a callable with the raw network's
+  signature, ``g(x, t_in, y=None, **kwargs)``, whose labels are bound (the ``y`` argument must be
+  ``None``), so samplers and the diffusions' denoisers never see labels or scales. Its output is float32.
+* ``scale == 1`` (or ``guidance=None``): exactly the conditional network, one forward of the B rows.
+  Otherwise one forward of the doubled batch ``[x; x]`` with labels ``[y; null]`` (both halves share
+  the conditional input, as the release's ``forward_with_cfg``); the first ``channels`` channels of the
+  prediction part (the first C = x.shape[1] output channels) are guided,
+  ``ε = ε_u + s·(ε_c − ε_u)``; the remaining prediction channels and all learned-variance channels
+  come from the conditional half (three-channel CFG of DiT / DiffiT; ``channels=None`` guides all C).
+* Schedules of the scale s (per row, no host syncs):
+  ``constant``: s = w.
+  ``power-cosine`` (MDT / DiffiT ImageNet-256): s(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), t the
+  original DDPM index, T the original number of steps (needs a DDPM diffusion).
+  ``interval`` (Kynkäänniemi et al. 2024, arXiv 2404.07724): s = w for σ ∈ (σ_lo, σ_hi], else 1. The
+  default (0.28, 5.42] is that paper's interval for EDM2 on ImageNet-512 in EDM σ units (also the
+  default of ComfyUI's GuidanceLimiter node); for the latent DDPM model σ = √((1 − ᾱ_t)/ᾱ_t).
+  With a non-unit w the doubled batch is evaluated at every step, also where s = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+Tensor = torch.Tensor
+SCHEDULES = ("constant", "power-cosine", "interval")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance settings (SPEC §5: w = 4.4 power-cosine at 256, 1.49 constant at 512)."""
+
+    scale: float = 1.0
+    schedule: str = "constant"
+    power: float = 4.0
+    channels: int | str | None = 3
+    interval: tuple[float, float] = (0.28, 5.42)
+    null_class: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown guidance schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.channels == "all":
+            object.__setattr__(self, "channels", None)
+        if self.channels is not None and (not isinstance(self.channels, int) or self.channels < 1):
+            raise ValueError(f"guidance channels must be a positive int, 'all' or None, got {self.channels!r}")
+        lo, hi = self.interval
+        if not 0 <= lo < hi:
+            raise ValueError(f"guidance interval must satisfy 0 ≤ σ_lo < σ_hi, got {self.interval}")
+
+    @property
+    def active(self) -> bool:
+        """False when the scale is 1: the conditional model alone, no doubled batch."""
+        return float(self.scale) != 1.0
+
+
+def power_cosine_scale(w: float, t: Tensor, num_timesteps: int = 1000, power: float = 4.0) -> Tensor:
+    """MDT "improved CFG": s(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)); s(T) = 1, s(0) = w."""
+    u = (1 - t.to(torch.float32) / num_timesteps).clamp(min=0)
+    return 1 + (w - 1) * 0.5 * (1 - torch.cos(math.pi * u**power))
+
+
+def interval_scale(w: float, sigma: Tensor, interval: tuple[float, float]) -> Tensor:
+    """Kynkäänniemi et al. 2024: guidance weight w inside σ ∈ (σ_lo, σ_hi], 1 outside."""
+    lo, hi = interval
+    inside = (sigma > lo) & (sigma <= hi)
+    return torch.where(inside, torch.full_like(sigma, float(w)), torch.ones_like(sigma)).to(torch.float32)
+
+
+def guidance_scale(guidance: Guidance, t_in: Tensor, diffusion: Any) -> Tensor | float:
+    """The scale per row for the network time input ``t_in`` (B,); a float for ``constant``."""
+    w = float(guidance.scale)
+    if guidance.schedule == "constant":
+        return w
+    if guidance.schedule == "power-cosine":
+        t = diffusion.ddpm_t_from_network_time(t_in)
+        return power_cosine_scale(w, t, diffusion.original_num_timesteps, guidance.power)
+    return interval_scale(w, diffusion.sigma_from_network_time(t_in), guidance.interval)
+
+
+def cfg_combine(out: Tensor, in_channels: int, scale: Tensor | float, channels: int | None) -> Tensor:
+    """Combine a [cond; uncond] output (2B, C_out, …) → (B, C_out, …): guide the first ``channels``
+    prediction channels, take the rest from the conditional half (DiT ``forward_with_cfg``)."""
+    cond, uncond = out.chunk(2, dim=0)
+    k = in_channels if channels is None else min(channels, in_channels)
+    if isinstance(scale, Tensor):
+        scale = scale.reshape(-1, *([1] * (out.ndim - 1)))  # (B, 1, …, 1)
+    guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+    return torch.cat([guided, cond[:, k:]], dim=1)
+
+
+def _double(value: Any, batch: int) -> Any:
+    """Repeat a per-row tensor for the doubled batch; anything else passes unchanged."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return torch.cat([value, value], dim=0)
+    return value
+
+
+class GuidedNetwork:
+    """A network with labels bound and CFG applied; called like the raw network (see module doc)."""
+
+    def __init__(self, net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: Any) -> None:
+        self.net, self.y, self.diffusion = net, y, diffusion
+        self.guidance = guidance if guidance is not None and guidance.active else None
+        if self.guidance is None:
+            return
+        if y is None:
+            raise ValueError("classifier-free guidance (scale ≠ 1) needs class labels y")
+        if self.guidance.schedule == "power-cosine":
+            diffusion.ddpm_t_from_network_time(torch.zeros(1))  # raises for diffusions without a DDPM index
+
+    def __call__(self, x: Tensor, t_in: Tensor, y: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if y is not None:
+            raise ValueError("labels are bound in GuidedNetwork; call it with y=None")
+        if self.guidance is None:
+            return self.net(x, t_in, self.y, **kwargs).to(torch.float32)
+        B = x.shape[0]
+        null = torch.full_like(self.y, self.guidance.null_class)
+        kwargs = {k: _double(v, B) for k, v in kwargs.items()}
+        out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, C_out, …)
+        scale = guidance_scale(self.guidance, t_in, self.diffusion)
+        return cfg_combine(out.to(torch.float32), x.shape[1], scale, self.guidance.channels)
+
+
+def guided_network(net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: Any) -> GuidedNetwork:
+    """Bind labels (and CFG when ``guidance.scale != 1``) to ``net``; see :class:`GuidedNetwork`."""
+    return GuidedNetwork(net, y, guidance, diffusion)
+
+
+__all__ = ["Guidance", "GuidedNetwork", "guided_network", "guidance_scale", "power_cosine_scale", "interval_scale", "cfg_combine", "SCHEDULES"]
