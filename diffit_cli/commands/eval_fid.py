@@ -1,11 +1,116 @@
-"""`diffit eval-fid` (not built yet: issue #6)."""
+"""`diffit eval-fid`: FID (and IS, KID, precision/recall) of samples against a reference, via torch-fidelity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from diffit_cli.commands._common import not_built
+from diffit_cli.commands._common import console, fail, user_errors
+
+HELP = """Score samples (image folder, .zip, or .npz with arr_0 uint8 NHWC) against --ref: images, or a
+statistics file (EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz, or one from --save-ref).
+With --save-ref FILE, SAMPLES is a dataset: its statistics are saved for later runs."""
+
+
+def _progress_printer(stack):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = stack.enter_context(Progress(*columns, console=console, transient=True))
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(f"features: {stage}", total=total)
+        bar.update(tasks[stage], completed=done)
+
+    return update
+
+
+def _show(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [
+        ("FID", "fid", None),
+        ("Inception Score", "is_mean", "is_std"),
+        ("KID", "kid_mean", "kid_std"),
+        ("Precision", "precision", None),
+        ("Recall", "recall", None),
+    ]
+    table = Table(title="Sample quality", title_justify="left")
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    for label, key, std in rows:
+        if key in result:
+            value = f"{result[key]:.4f}" + (f" ± {result[std]:.4f}" if std else "")
+            table.add_row(label, value)
+    ref = result["reference"]
+    if ref is not None:
+        kind = "statistics file" if result["reference_kind"] == "stats" else "images"
+        count = f", {result['num_reference']:,} images" if result["num_reference"] else ""
+        ref = f"{ref} ({kind}{count})"
+    out = Console()
+    out.print(table)
+    out.print(f"samples:   {result['samples']} ({result['num_samples']:,} images)", highlight=False)
+    out.print(f"reference: {ref or 'none'}", highlight=False)
+    out.print(f"extractor: {result['extractor']} on {result['device']}", highlight=False)
+    for note in result["notes"]:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+SamplesArg = typer.Argument(..., help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
+RefOpt = typer.Option(None, "--ref", "-r", help="Image folder, .zip, .npz of images, or a mu/sigma statistics .npz.")
+MetricsOpt = typer.Option("fid", "--metrics", "-m", help="Comma-separated: fid, is, kid, pr (precision/recall).")
+BatchOpt = typer.Option(64, "--batch", help="Images per feature-extraction batch.")
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+WeightsOpt = typer.Option(None, "--inception-weights", help="Local Inception weights file (offline machines).")
+ExtractorOpt = typer.Option(
+    None,
+    "--feature-extractor",
+    help="torch-fidelity extractor name (default inception-v3-compat; diffit-randconv-v1: offline smoke test).",
+)
+SaveRefOpt = typer.Option(None, "--save-ref", help="Save mu/sigma of SAMPLES (a dataset) to this .npz and exit.")
+JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval-fid", help="Not built yet (issue #6).")
-    def eval_fid() -> None:
-        not_built("eval-fid", 6)
+    @app.command("eval-fid", help=HELP)
+    @user_errors
+    def eval_fid(
+        samples: Path = SamplesArg,
+        ref: Optional[Path] = RefOpt,
+        metrics: str = MetricsOpt,
+        batch: int = BatchOpt,
+        device: Optional[str] = DeviceOpt,
+        inception_weights: Optional[Path] = WeightsOpt,
+        feature_extractor: Optional[str] = ExtractorOpt,
+        save_ref: Optional[Path] = SaveRefOpt,
+        json_out: Optional[Path] = JsonOpt,
+    ) -> None:
+        import contextlib
+
+        from diffit_cli import metrics as M
+
+        if save_ref is not None and ref is not None:
+            fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
+        common = dict(batch=batch, device=device, feature_extractor=feature_extractor)
+        common["inception_weights"] = inception_weights
+        with contextlib.ExitStack() as stack:
+            progress = _progress_printer(stack)
+            if save_ref is not None:
+                result = M.save_reference(samples, save_ref, progress=progress, **common)
+            else:
+                result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
+        if save_ref is not None:
+            console.print(
+                f"Saved statistics of {result['num_images']:,} images "
+                f"({result['extractor']}, {result['dim']} features) to {result['path']}",
+                highlight=False,
+            )
+        else:
+            _show(result)
+        if json_out is not None:
+            M.write_json(result, json_out)

@@ -1,0 +1,358 @@
+"""Metrics through torch-fidelity, offline: the fixed random-conv extractor stands in for Inception.
+
+Images are drawn in code (colour gradients with a disc and noise); a "shift" brightens them, so
+a bigger shift must give a bigger FID. The Inception path is checked only for its failure modes
+and for where it loads weights from (a random-weight Inception is never used to judge a metric).
+"""
+
+import json
+import os
+import urllib.error
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffit_cli import metrics as M
+from diffit_cli.app import build_app
+from diffit_cli.errors import DiffitError
+
+EXT = M.register_test_extractor()
+N = 96
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def make_images(n, seed, shift=0.0, size=32):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        c0, c1, disc = rng.uniform(0, 255, (3, 3))
+        t = ((np.cos(a := rng.uniform(0, 2 * np.pi)) * xx + np.sin(a) * yy + 1) / 2)[..., None]
+        img = c0 * (1 - t) + c1 * t
+        cx, cy = rng.uniform(0.25, 0.75, 2) * size
+        img[(xx * (size - 1) - cx) ** 2 + (yy * (size - 1) - cy) ** 2 < rng.uniform(3, 10) ** 2] = disc
+        out[i] = np.clip(img + rng.normal(0, 8, img.shape) + shift, 0, 255)
+    return out
+
+
+def write_folder(path, images):
+    path.mkdir(parents=True)
+    for i, im in enumerate(images):
+        sub = path / f"{i // 50:05d}"  # class-style subfolders: the search is recursive
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(im).save(sub / f"img{i:08d}.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics-data")
+    arrays = {
+        "a": make_images(N, 0),
+        "b": make_images(N, 1),  # same distribution, other draws
+        "shift20": make_images(N, 1, 20),
+        "shift60": make_images(N, 1, 60),
+    }
+    d = {k: write_folder(root / k, v) for k, v in arrays.items()}
+    np.savez(root / "a.npz", arr_0=arrays["a"], arr_1=np.zeros(N, np.int64))
+    with zipfile.ZipFile(root / "a.zip", "w") as zf:  # EDM dataset_tool layout
+        for i, im in enumerate(arrays["a"]):
+            buf = root / "tmp.png"
+            Image.fromarray(im).save(buf)
+            zf.write(buf, f"{i // 50:05d}/img{i:08d}.png")
+        zf.writestr("dataset.json", json.dumps({"labels": None}))
+    d.update(root=root, arrays=arrays, npz=root / "a.npz", zip=root / "a.zip")
+    return d
+
+
+def fid(samples, ref, **kw):
+    return M.compute_metrics(samples, ref, feature_extractor=EXT, device="cpu", **kw)["fid"]
+
+
+def features(images):
+    fe = M.RandConvFeatureExtractor(EXT, ["features"])
+    return fe(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())[0].double().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- extractor
+
+
+def test_test_extractor_is_deterministic_and_not_collapsed(data):
+    x = data["arrays"]["a"]
+    f1, f2 = features(x), features(x)
+    assert np.array_equal(f1, f2)
+    assert f1.shape == (N, 128)
+    assert (f1.std(0) > 1e-3).all()  # every feature varies across images
+    s = np.linalg.svd(f1 - f1.mean(0), compute_uv=False)
+    assert (s**2)[:3].sum() / (s**2).sum() < 0.95  # not one or two directions
+    logits = M.RandConvFeatureExtractor(EXT, ["logits"])(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[0]
+    assert len(set(logits.argmax(1).tolist())) >= 3
+    assert M.register_test_extractor() == EXT  # idempotent
+
+
+# ---------------------------------------------------------------------------------------------- FID
+
+
+def test_fid_of_a_set_against_itself_is_zero(data):
+    assert abs(fid(data["a"], data["a"])) < 1e-6
+
+
+def test_fid_grows_with_the_shift(data):
+    same = fid(data["a"], data["b"])
+    small, big = fid(data["a"], data["shift20"]), fid(data["a"], data["shift60"])
+    assert 0 < same < small < big
+    assert big > 3 * same
+
+
+def test_npz_zip_array_and_folder_inputs_agree(data, tmp_path):
+    ref = data["b"]
+    expected = fid(data["a"], ref)
+    assert fid(data["npz"], ref) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert fid(data["zip"], ref) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert fid(data["arrays"]["a"], ref) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    packed = tmp_path / "a-compressed.npz"
+    np.savez_compressed(packed, arr_0=data["arrays"]["a"])
+    assert fid(packed, ref, batch=25) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    # batch size does not change the numbers
+    assert fid(data["npz"], ref, batch=7) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_fid_against_saved_stats_equals_fid_against_the_folder(data, tmp_path):
+    out = tmp_path / "ref" / "b-stats.npz"
+    info = M.save_reference(data["b"], out, feature_extractor=EXT, device="cpu")
+    assert info["num_images"] == N and info["extractor"] == EXT and info["dim"] == 128
+    assert sorted(os.listdir(out.parent)) == ["b-stats.npz"]  # no temp file left behind
+    stats = M.read_stats(out)
+    assert stats["extractor"] == EXT and stats["num_images"] == N
+    assert stats["mu"].shape == (128,) and stats["sigma"].shape == (128, 128)
+    r = M.compute_metrics(data["a"], out, feature_extractor=EXT, device="cpu")
+    assert r["fid"] == pytest.approx(fid(data["a"], data["b"]), rel=1e-9)
+    assert r["reference_kind"] == "stats" and r["num_reference"] == N
+
+
+def test_saved_stats_with_features_serve_kid_and_pr(data, tmp_path):
+    out = M.save_reference(data["b"], tmp_path / "b.npz", feature_extractor=EXT, device="cpu", features=True)["path"]
+    a = M.compute_metrics(data["a"], out, metrics="kid,pr", feature_extractor=EXT, device="cpu")
+    b = M.compute_metrics(data["a"], data["b"], metrics="kid,pr", feature_extractor=EXT, device="cpu")
+    for k in ("kid_mean", "precision", "recall"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9)
+
+
+def test_edm_and_adm_style_stats_files_are_read(data, tmp_path):
+    f = features(data["arrays"]["b"])
+    mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+    expected = fid(data["a"], data["b"])
+    edm = tmp_path / "cifar10-32x32.npz"  # EDM's fid.py: mu, sigma only
+    np.savez(edm, mu=mu, sigma=sigma)
+    assert fid(data["a"], edm) == pytest.approx(expected, rel=1e-6)
+    edm32 = tmp_path / "edm-float32.npz"
+    np.savez(edm32, mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
+    assert fid(data["a"], edm32) == pytest.approx(expected, rel=1e-4)
+    # ADM reference batch: full-dataset mu/sigma (FID) + reference images in arr_0 (KID, P/R) + sFID stats
+    adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(adm, arr_0=data["arrays"]["b"], mu=mu, sigma=sigma, mu_s=np.zeros(4), sigma_s=np.eye(4))
+    r = M.compute_metrics(data["a"], adm, metrics="fid,kid,pr", feature_extractor=EXT, device="cpu")
+    direct = M.compute_metrics(data["a"], data["b"], metrics="kid,pr", feature_extractor=EXT, device="cpu")
+    assert r["fid"] == pytest.approx(expected, rel=1e-6)
+    assert r["precision"] == direct["precision"] and r["recall"] == direct["recall"]
+    assert r["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-6)
+    info = M.read_stats(adm)
+    assert info["extractor"] is None and info["has_images"]
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"mu": np.zeros(128)}, "needs both `mu` and `sigma`"),
+        ({"mu": np.zeros(128), "sigma": np.zeros((128, 5))}, r"must be \(D,\)"),
+        ({"mu": np.zeros(2048), "sigma": np.eye(2048)}, "2048-dimensional"),
+        ({"foo": np.zeros(3)}, "no `arr_0`"),
+        ({"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, "must hold uint8 images"),
+    ],
+)
+def test_bad_reference_files(data, tmp_path, arrays, match):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(DiffitError, match=match):
+        fid(data["a"], bad)
+
+
+def test_stats_from_another_extractor_are_refused(data, tmp_path):
+    out = tmp_path / "s.npz"
+    np.savez(out, mu=np.zeros(128), sigma=np.eye(128), extractor=np.array("inception-v3-compat"))
+    with pytest.raises(DiffitError, match="computed with feature extractor inception-v3-compat"):
+        fid(data["a"], out)
+
+
+def test_other_user_errors(data, tmp_path):
+    with pytest.raises(DiffitError, match="not found"):
+        fid(tmp_path / "missing", data["b"])
+    with pytest.raises(DiffitError, match="unknown metric 'sfid'"):
+        fid(data["a"], data["b"], metrics="fid,sfid")
+    with pytest.raises(DiffitError, match="pass --ref"):
+        M.compute_metrics(data["a"], None, feature_extractor=EXT)
+    with pytest.raises(DiffitError, match="unknown feature extractor"):
+        M.compute_metrics(data["a"], data["b"], feature_extractor="nope")
+    stats = tmp_path / "s.npz"
+    np.savez(stats, mu=np.zeros(128), sigma=np.eye(128))
+    with pytest.raises(DiffitError, match="samples must be images"):
+        fid(stats, data["b"])
+    with pytest.raises(DiffitError, match="need reference images or features"):
+        fid(data["a"], stats, metrics="kid")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / "0.png")
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(mixed / "1.png")
+    with pytest.raises(DiffitError, match="differ in size"):
+        fid(mixed, data["b"])
+    with pytest.raises(DiffitError, match=r"\.npz"):
+        M.save_reference(data["b"], tmp_path / "s.pt", feature_extractor=EXT)
+
+
+# ---------------------------------------------------------------------------------------------- IS, KID, P/R
+
+
+def test_is_kid_pr_in_range(data):
+    r = M.compute_metrics(data["a"], data["shift60"], metrics="fid,is,kid,pr", feature_extractor=EXT, device="cpu")
+    assert 1.0 <= r["is_mean"] <= M.RandConvFeatureExtractor.NUM_LOGITS and r["is_std"] >= 0
+    assert r["kid_mean"] > 0.01 and r["kid_std"] >= 0
+    assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert r["extractor"] == EXT and r["num_samples"] == N
+    assert any("not comparable" in n for n in r["notes"])
+    same = M.compute_metrics(data["a"], data["a"], metrics="kid,pr", feature_extractor=EXT, device="cpu")
+    assert abs(same["kid_mean"]) < 0.01 < r["kid_mean"]
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    only_is = M.compute_metrics(data["a"], metrics=["is"], feature_extractor=EXT, device="cpu")
+    assert only_is["is_mean"] == r["is_mean"] and only_is["reference"] is None
+
+
+# ---------------------------------------------------------------------------------------------- Inception weights
+
+
+def test_offline_without_inception_weights_fails_fast(data, tmp_path):
+    with pytest.raises(DiffitError) as e:
+        M.compute_metrics(data["a"], data["b"])
+    msg = str(e.value)
+    assert "--inception-weights" in msg and "HF_HUB_OFFLINE" in msg
+    expected_name = "weights-inception-2015-12-05-6726825d.pth"
+    assert str(tmp_path / "torch-home" / "hub" / "checkpoints" / expected_name) in msg
+    assert M.inception_weights_cache_path() == tmp_path / "torch-home" / "hub" / "checkpoints" / expected_name
+
+
+def test_failed_download_is_a_clear_error(data, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(inc, "load_state_dict_from_url", no_network)
+    with pytest.raises(DiffitError, match="could not download.*--inception-weights"):
+        M.compute_metrics(data["a"], data["b"])
+
+
+@pytest.fixture(scope="module")
+def inception_state_file(tmp_path_factory):
+    """An Inception state dict with the right keys (random init): only to check where weights load from."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(inc, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+    try:
+        net = inc.FeatureExtractorInceptionV3(M.INCEPTION, ["2048"])
+    finally:
+        mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_weights_path_and_hub_cache_are_used(data, tmp_path, inception_state_file):
+    x = data["arrays"]["a"][:2]
+    r = M.compute_metrics(x, metrics="is", inception_weights=inception_state_file, device="cpu")
+    assert r["extractor"] == M.INCEPTION and r["feature_layers"] == {"is": "logits_unbiased"}
+    assert np.isfinite(r["is_mean"])
+    cached = M.inception_weights_cache_path()
+    cached.parent.mkdir(parents=True)
+    os.symlink(inception_state_file, cached)
+    r2 = M.compute_metrics(x, metrics="is", device="cpu")  # offline, found in the torch hub cache
+    assert r2["is_mean"] == pytest.approx(r["is_mean"], rel=1e-6)
+
+
+def test_bad_inception_weights_file(data, tmp_path):
+    with pytest.raises(DiffitError, match="weights file not found"):
+        M.compute_metrics(data["a"], data["b"], inception_weights=tmp_path / "nope.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(DiffitError, match="not a PyTorch state-dict"):
+        M.compute_metrics(data["a"], data["b"], inception_weights=junk)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(DiffitError, match="does not hold inception-v3-compat weights"):
+        M.compute_metrics(data["a"], data["b"], inception_weights=wrong)
+    cached = M.inception_weights_cache_path()  # a broken download in the torch hub cache
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")
+    with pytest.raises(DiffitError, match="cached Inception weights .* are unreadable"):
+        M.compute_metrics(data["a"], data["b"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cli(*args):
+    return CliRunner().invoke(build_app(), ["eval-fid", *map(str, args)])
+
+
+def test_cli_prints_a_table_and_writes_json(data, tmp_path):
+    out = tmp_path / "res" / "metrics.json"
+    r = cli(data["npz"], "--ref", data["shift20"], "--metrics", "fid,is,kid,pr", "--feature-extractor", EXT,
+            "--device", "cpu", "--batch", "32", "--json", out)
+    assert r.exit_code == 0, r.output
+    for word in ("FID", "Inception Score", "KID", "Precision", "Recall", EXT):
+        assert word in r.output
+    res = json.loads(out.read_text())
+    assert res["fid"] == pytest.approx(fid(data["a"], data["shift20"]), rel=1e-9)
+    assert {"is_mean", "kid_mean", "precision", "recall", "extractor", "num_samples"} <= set(res)
+
+
+def test_cli_save_ref_then_evaluate_against_it(data, tmp_path):
+    stats = tmp_path / "b.npz"
+    r = cli(data["b"], "--save-ref", stats, "--feature-extractor", EXT)
+    assert r.exit_code == 0, r.output
+    assert "Saved statistics of 96 images" in r.output and stats.is_file()
+    r = cli(data["a"], "--ref", stats, "--feature-extractor", EXT, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["fid"] == pytest.approx(fid(data["a"], data["b"]), rel=1e-9)
+
+
+def test_cli_user_errors_exit_2_without_traceback(data, tmp_path):
+    no_arr = tmp_path / "no-arr.npz"
+    np.savez(no_arr, images=np.zeros((2, 8, 8, 3), np.uint8))
+    wrong_keys = tmp_path / "wrong-keys.npz"
+    np.savez(wrong_keys, mu=np.zeros(4), sig=np.eye(4))
+    cases = [
+        ((tmp_path / "missing", "--ref", data["b"]), "samples not found"),
+        ((no_arr, "--ref", data["b"]), "no `arr_0`"),
+        ((data["a"], "--ref", wrong_keys), "needs both `mu` and `sigma`"),
+        ((data["a"], "--ref", data["b"], "--metrics", "fid,bogus"), "unknown metric 'bogus'"),
+        ((data["a"], "--ref", data["b"]), "--inception-weights"),  # offline, no Inception weights
+        ((data["a"], "--ref", data["b"], "--save-ref", tmp_path / "x.npz"), "takes no --ref"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        flat = " ".join(r.output.split())
+        assert "Error:" in flat and message in flat, flat
+        assert "Traceback" not in r.output
