@@ -507,7 +507,9 @@ def write_shard(path: str | Path, mean: torch.Tensor, std: torch.Tensor, labels:
                          f"labels {tuple(labels.shape)}")
     tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous(),
                "labels": labels.to(torch.int64).contiguous()}
-    atomic_write_bytes(path, save(tensors, metadata={"format": LATENT_FORMAT, "count": str(len(labels))}))
+    # one metadata key only: safetensors writes metadata from a hash map, so several keys come out in a
+    # random order and identical shards would differ in bytes
+    atomic_write_bytes(path, save(tensors, metadata={"format": f"{LATENT_FORMAT}/{LATENT_FORMAT_VERSION}"}))
 
 
 def shard_count(path: str | Path) -> int | None:
@@ -517,8 +519,9 @@ def shard_count(path: str | Path) -> int | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             n = f.get_slice("labels").get_shape()[0]
-            meta = f.metadata() or {}
-            return n if meta.get("count") == str(n) and f.get_slice("mean").get_shape()[0] == n else None
+            ok = (f.metadata() or {}).get("format", "").startswith(LATENT_FORMAT) and \
+                f.get_slice("mean").get_shape()[0] == f.get_slice("std").get_shape()[0] == n
+            return n if ok else None
     except Exception:
         return None
 

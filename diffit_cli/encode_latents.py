@@ -1,0 +1,213 @@
+"""Encode an image dataset into SD-VAE latent shards (`diffit encode-latents`, issue #7).
+
+For every image (ADM centre crop at `resolution`) and its horizontal mirror the VAE posterior mean and
+std are stored, so training draws a fresh latent sample and a random mirror at each use (EDM2-style,
+not one frozen sample as in fast-DiT). Output folder:
+
+    manifest.json            format, VAE id + content hash, scaling factor, resolution, latent shape,
+                             crop, count, class names, dtype, shard size, shard list, source fingerprint
+    shard-00000.safetensors  mean, std (N, 2, C, h, w) [index 1 = mirror], labels (N,) int64 (-1: none)
+
+Work is split by shard across Accelerate processes (shard k → process k mod world). Each shard is
+written atomically, so an interrupted run leaves only complete shards; rerunning the same command skips
+them and produces the same bytes as an uninterrupted run. The manifest is written first with
+`"complete": false` (a rerun with different settings is refused) and finalised by the main process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from diffit_cli.codecs import DEFAULT_VAE, VAECodec
+from diffit_cli.data import (
+    LATENT_FORMAT,
+    LATENT_FORMAT_VERSION,
+    MANIFEST_NAME,
+    DataError,
+    open_source,
+    read_manifest,
+    shard_count,
+    shard_name,
+    _unwrap_worker_error,
+    write_manifest,
+    write_shard,
+)
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+# Settings that must agree between a partial output folder and the command that resumes it.
+PLAN_KEYS = ("source", "vae", "scaling_factor", "resolution", "latent_channels", "latent_size", "crop", "count",
+             "dtype", "shard_size", "class_names")
+
+
+@dataclass
+class EncodeProgress:
+    """Reported after each batch and each skipped shard (counts are this process's)."""
+
+    done: int  # images finished (encoded now or found in existing shards)
+    total: int  # images assigned to this process
+    encoded: int  # images encoded in this run (for images/s)
+    shards_done: int
+    shards_total: int
+    skipped: bool = False  # this report is for a shard found complete on disk
+
+
+def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: int = 256, vae: Any = DEFAULT_VAE,
+                   batch: int = 32, precision: str = "fp32", shard_size: int = 1024, dtype: str = "fp16",
+                   num_workers: int = 4, skip_bad_images: bool = False, max_images: int | None = None,
+                   device: str | torch.device | None = None, synthetic_size: int | None = None,
+                   progress: Callable[[EncodeProgress], None] | None = None) -> dict:
+    """Encode `src` (image folder, .zip, .npz; None = built-in synthetic shapes) into `out_dir`.
+
+    Returns the final manifest. Resumable and idempotent (see the module docstring). `vae` is a Hub id, a
+    folder, a .safetensors file or an `AutoencoderKL`; `precision` fp32|bf16 is the VAE compute precision,
+    `dtype` fp16|fp32 the storage type.
+    """
+    from accelerate import PartialState
+
+    if dtype not in DTYPES:
+        raise DataError(f"--dtype must be fp16 or fp32, got {dtype!r}")
+    if resolution % 8 or resolution < 8:
+        raise DataError(f"--resolution {resolution} must be a positive multiple of 8 (the SD VAE downsamples 8×)")
+    if batch < 1 or shard_size < 1:
+        raise DataError("--batch and --shard-size must be positive")
+    if src is not None and not Path(src).exists():
+        raise DataError(f"source {str(src)!r} does not exist; pass an image folder, .zip or .npz")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {str(out)!r} exists and is not a folder")
+
+    state = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
+    dev = torch.device(device) if device is not None else state.device
+    codec = VAECodec(vae, device=dev, precision=precision)
+    if resolution % codec.downsample:
+        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
+    source = open_source(src, resolution, channels=3, skip_bad_images=skip_bad_images,
+                         **({"synthetic_size": synthetic_size} if synthetic_size else {}))
+    if source.kind != "pixel":
+        raise DataError(f"{str(src)!r} already holds latents; encode-latents needs images")
+    count = len(source) if max_images is None else min(len(source), max_images)
+    if count < 1:
+        raise DataError("nothing to encode (--max-images must be at least 1)")
+    n_shards = math.ceil(count / shard_size)
+    plan = {
+        "format": LATENT_FORMAT,
+        "version": LATENT_FORMAT_VERSION,
+        "complete": False,
+        "source": {"name": source.name, "fingerprint": source.fingerprint()},
+        "vae": {"id": codec.vae_id, "hash": codec.content_hash},
+        "scaling_factor": codec.scaling_factor,
+        "resolution": resolution,
+        "latent_channels": codec.latent_channels,
+        "latent_size": resolution // codec.downsample,
+        "crop": "adm-center-crop",
+        "mirror": True,
+        "count": count,
+        "num_classes": source.num_classes,
+        "class_names": list(source.class_names),
+        "dtype": {"fp16": "float16", "fp32": "float32"}[dtype],
+        "shard_size": shard_size,
+        "shards": [],
+    }
+
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / MANIFEST_NAME).exists():
+            _check_same_plan(read_manifest(out), plan, out)
+        for tmp in out.glob(".shard-*.tmp-*"):  # leftovers of a killed run
+            tmp.unlink(missing_ok=True)
+        write_manifest(out, plan)
+    state.wait_for_everyone()
+
+    mine = list(range(state.process_index, n_shards, state.num_processes))
+    sizes = {k: min(shard_size, count - k * shard_size) for k in mine}
+    report = _Reporter(progress, sum(sizes.values()), len(mine))
+    todo = []
+    for k in mine:
+        if shard_count(out / shard_name(k)) == sizes[k]:
+            report.shard(sizes[k], skipped=True)
+        else:
+            todo.append(k)
+    _encode_shards(source, codec, todo, shard_size, sizes, out, DTYPES[dtype], batch, num_workers, report)
+    state.wait_for_everyone()
+
+    manifest = dict(plan, complete=True,
+                    shards=[{"file": shard_name(k), "count": min(shard_size, count - k * shard_size)}
+                            for k in range(n_shards)])
+    if state.is_main_process:
+        missing = [s["file"] for s in manifest["shards"] if shard_count(out / s["file"]) != s["count"]]
+        if missing:
+            raise DataError(f"shards {missing[:3]} are missing or incomplete in {str(out)!r}; rerun the command")
+        write_manifest(out, manifest)
+    state.wait_for_everyone()
+    return manifest
+
+
+def _plan_value(manifest: dict, key: str) -> Any:
+    value = manifest.get(key)
+    if key == "source" and isinstance(value, dict):  # same content, whatever path spelling
+        return value.get("fingerprint")
+    if key == "vae" and isinstance(value, dict):  # same weights, whether from the Hub, a folder or a file
+        return value.get("hash")
+    return value
+
+
+def _check_same_plan(old: dict, new: dict, out: Path) -> None:
+    for key in PLAN_KEYS:
+        if _plan_value(old, key) != _plan_value(new, key):
+            raise DataError(f"{str(out)!r} already holds latents encoded with different settings ({key}: "
+                            f"{_plan_value(old, key)!r} there, {_plan_value(new, key)!r} now); choose another output folder "
+                            "or delete it")
+
+
+class _Reporter:
+    def __init__(self, callback, total: int, shards_total: int):
+        self.callback, self.total, self.shards_total = callback, total, shards_total
+        self.done = self.encoded = self.shards_done = 0
+
+    def images(self, n: int) -> None:
+        self.done += n
+        self.encoded += n
+        self._emit(False)
+
+    def shard(self, n: int, skipped: bool) -> None:
+        self.done += n
+        self.shards_done += 1
+        self._emit(skipped)
+
+    def _emit(self, skipped: bool) -> None:
+        if self.callback is not None:
+            self.callback(EncodeProgress(self.done, self.total, self.encoded, self.shards_done, self.shards_total,
+                                         skipped))
+
+
+def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, sizes: dict[int, int], out: Path,
+                   dtype: torch.dtype, batch: int, num_workers: int, report: _Reporter) -> None:
+    """Encode the given shards through one DataLoader (workers start once); batches never straddle shards,
+    so a shard's bytes do not depend on which shards were already done."""
+    plan = [(k, list(range(a, min(a + batch, k * shard_size + sizes[k]))))
+            for k in shards for a in range(k * shard_size, k * shard_size + sizes[k], batch)]
+    if not plan:
+        return
+    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for _, idx in plan], num_workers=num_workers,
+                                         pin_memory=codec.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))
+    means, stds, labels = [], [], []
+    try:
+        for (k, idx), (images, y) in zip(plan, loader):
+            b = images.shape[0]
+            mean, std = codec.encode_stats(torch.cat([images, images.flip(3)]))
+            means.append(torch.stack([mean[:b], mean[b:]], dim=1).to("cpu", dtype))
+            stds.append(torch.stack([std[:b], std[b:]], dim=1).to("cpu", dtype))
+            labels.append(y)
+            report.images(b)
+            if idx[-1] == k * shard_size + sizes[k] - 1:  # last batch of shard k
+                write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels), dtype)
+                means, stds, labels = [], [], []
+                report.shard(0, skipped=False)
+    except DataError as e:  # re-raised from a worker with its traceback in the message
+        raise DataError(_unwrap_worker_error(str(e))) from None

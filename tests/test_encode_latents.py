@@ -1,0 +1,201 @@
+"""Latent encoding with a tiny random AutoencoderKL (sd-vae-ft-ema block layout, small widths): shards,
+manifest, labels, mirrors, skip/resume to identical bytes; VAE loading from folder/file/Hub (offline)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffit_cli.app import build_app
+from diffit_cli.codecs import DEFAULT_VAE, PixelCodec, VAECodec, VAEError, load_vae, make_codec, vae_config
+from diffit_cli.config import DataConfig
+from diffit_cli.data import DataError, LatentShardSource, make_loader, open_source, shard_name
+from diffit_cli.encode_latents import encode_latents
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    cfg = vae_config()
+    cfg["block_out_channels"] = [32, 32, 64, 64]  # same 4-block layout, tiny widths (groups of 32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(cfg).eval()
+    root = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(root / "folder")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _encode(images, out, vae, **kw):
+    kw = dict(resolution=RES, vae=vae, batch=2, shard_size=4, num_workers=0, device="cpu", **kw)
+    return encode_latents(images, out, **kw)
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_shards_manifest_and_labels(tiny_vae, images, tmp_path):
+    m = _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32")
+    assert m["complete"] and m["count"] == 6 and m["class_names"] == ["cat", "dog"] and m["num_classes"] == 2
+    assert (m["resolution"], m["latent_channels"], m["latent_size"], m["shard_size"]) == (RES, 4, 4, 4)
+    assert m["scaling_factor"] == 0.18215 and m["dtype"] == "float32" and m["crop"] == "adm-center-crop"
+    assert m["vae"]["hash"].startswith("sha256:") and m["vae"]["id"] == str(tiny_vae / "folder")
+    assert [s["count"] for s in m["shards"]] == [4, 2]
+    assert json.loads((tmp_path / "lat" / "manifest.json").read_text()) == m
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["manifest.json", shard_name(0), shard_name(1)]
+
+    src = open_source(DataConfig(path=str(tmp_path / "lat"), space="latent", resolution=RES, channels=4,
+                                 vae="x", use_labels=True))
+    assert isinstance(src, LatentShardSource) and len(src) == 6 and src.labels().tolist() == [0, 0, 0, 1, 1, 1]
+    stats, label = src[4]
+    assert stats.shape == (2, 2, 4, 4, 4) and stats.dtype == torch.float32 and int(label) == 1
+    assert (stats[1] > 0).all()  # std
+
+    # index 0 = the image, index 1 = its mirror, each as the VAE encodes it
+    codec = VAECodec(tiny_vae / "folder", device="cpu")
+    pixels = open_source(images, RES)
+    x = torch.stack([pixels[i][0] for i in range(6)])
+    mean, std = codec.encode_stats(x)
+    fmean, fstd = codec.encode_stats(x.flip(3))
+    got = torch.stack([src[i][0] for i in range(6)])
+    torch.testing.assert_close(got[:, 0, 0], mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[:, 1, 0], std, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[:, 0, 1], fmean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[:, 1, 1], fstd, atol=1e-4, rtol=1e-4)
+
+    # the training path: stats batch → model-space latents; decode → uint8 NHWC
+    batch, _ = next(iter(make_loader(src, 3, num_workers=0)))
+    z = make_codec(DataConfig(space="latent", resolution=RES, channels=4, vae=str(tiny_vae / "folder")),
+                   device="cpu").encode(batch, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (3, 4, 4, 4) and z.dtype == torch.float32
+    out = codec.decode(z)
+    assert out.shape == (3, RES, RES, 3) and out.dtype == torch.uint8
+    assert codec.encode(x[:2]).shape == (2, 4, 4, 4)  # images encoded on the fly
+
+
+def test_rerun_skips_finished_shards(tiny_vae, images, tmp_path):
+    _encode(images, tmp_path / "lat", tiny_vae / "folder")
+    before = _bytes(tmp_path / "lat")
+    events = []
+    _encode(images, tmp_path / "lat", tiny_vae / "folder", progress=events.append)
+    assert [e.skipped for e in events] == [True, True] and events[-1].encoded == 0 and events[-1].done == 6
+    assert _bytes(tmp_path / "lat") == before
+    with pytest.raises(DataError, match="different settings"):
+        _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tiny_vae, images, tmp_path):
+    _encode(images, tmp_path / "full", tiny_vae / "folder")
+
+    def stop_after_first_shard(p):
+        if p.shards_done == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _encode(images, tmp_path / "part", tiny_vae / "folder", progress=stop_after_first_shard)
+    assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
+    with pytest.raises(DataError, match="incomplete"):
+        open_source(tmp_path / "part")
+    events = []
+    _encode(images, tmp_path / "part", tiny_vae / "vae.safetensors",
+            progress=events.append)
+    assert events[0].skipped and events[-1].encoded == 2  # same weights from a single file: accepted
+    full, part = _bytes(tmp_path / "full"), _bytes(tmp_path / "part")
+    assert full.keys() == part.keys()
+    for name in full:
+        if name != "manifest.json":
+            assert full[name] == part[name], name
+    strip = lambda b: {k: v for k, v in json.loads(b).items() if k != "vae"}  # noqa: E731 (vae id differs)
+    assert strip(full["manifest.json"]) == strip(part["manifest.json"])
+
+
+def test_vae_loads_from_folder_file_and_pipeline_folder(tiny_vae, tmp_path):
+    x = torch.randint(0, 256, (2, 3, RES, RES), dtype=torch.uint8)
+    a = VAECodec(tiny_vae / "folder", device="cpu")
+    b = VAECodec(tiny_vae / "vae.safetensors", device="cpu")
+    assert a.content_hash == b.content_hash
+    assert list(b.vae.config.block_out_channels) == [32, 32, 64, 64]
+    torch.testing.assert_close(a.encode_stats(x), b.encode_stats(x))
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "vae").symlink_to(tiny_vae / "folder", target_is_directory=True)
+    assert load_vae(tmp_path / "pipe").config.latent_channels == 4
+    bf16 = VAECodec(tiny_vae / "folder", device="cpu", precision="bf16").encode_stats(x)
+    assert bf16[0].dtype == torch.float32
+
+
+def test_vae_errors_are_clear(tmp_path):
+    with pytest.raises(VAEError, match="does not exist"):
+        load_vae(tmp_path / "missing.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VAEError, match="config.json"):
+        load_vae(tmp_path / "empty")
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(2)}, tmp_path / "junk.safetensors")
+    with pytest.raises(VAEError, match="junk.safetensors"):
+        load_vae(tmp_path / "junk.safetensors")
+
+
+def _cached(repo_id):
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def test_hub_id_offline_fails_fast_with_a_clear_message(images, tmp_path):
+    if _cached(DEFAULT_VAE):
+        pytest.skip(f"{DEFAULT_VAE} is in the local Hugging Face cache")
+    result = CliRunner().invoke(build_app(), ["encode-latents", str(images), str(tmp_path / "out"),
+                                              "--resolution", str(RES), "--vae", DEFAULT_VAE])
+    text = result.output
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text and "HF_HUB_OFFLINE" in text and "--vae /path/to" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_encodes(tiny_vae, images, tmp_path):
+    result = CliRunner().invoke(build_app(), [
+        "encode-latents", str(images), str(tmp_path / "out"), "--resolution", "64", "--vae",
+        str(tiny_vae / "vae.safetensors"), "--batch", "4", "--shard-size", "8", "--dtype", "fp16",
+        "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    src = open_source(tmp_path / "out", 64)
+    assert len(src) == 6 and src[0][0].shape == (2, 2, 4, 8, 8) and src[0][0].dtype == torch.float16
+    bad = CliRunner().invoke(build_app(), ["encode-latents", str(images), str(tmp_path / "o2"),
+                                           "--resolution", "60", "--vae", str(tiny_vae / "folder")])
+    assert bad.exit_code == 2 and "multiple of 8" in bad.output
+
+
+def test_pixel_codec_round_trips():
+    u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    codec = PixelCodec()
+    x = codec.encode(u)
+    assert x.min() == -1 and x.max() == 1
+    back = codec.decode(x)
+    assert back.shape == (2, 16, 16, 3) and torch.equal(back, u.permute(0, 2, 3, 1))
+    assert codec.decode(torch.tensor([[[[-3.0, 3.0, 0.0]]]])).flatten().tolist() == [0, 255, 128]
