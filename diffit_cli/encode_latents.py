@@ -82,7 +82,9 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
         raise DataError(f"output {str(out)!r} exists and is not a folder")
 
     state = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
-    dev = torch.device(device) if device is not None else state.device
+    dev = state.device if device is None else torch.device(device)
+    if dev.type == state.device.type and dev.index is None:  # `--device cuda` under accelerate: this rank's GPU
+        dev = state.device
     codec = VAECodec(vae, device=dev, precision=precision)
     if resolution % codec.downsample:
         raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
@@ -114,13 +116,15 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
         "shards": [],
     }
 
+    existing = read_manifest(out) if (out / MANIFEST_NAME).exists() else None
+    if existing is not None:  # every process checks, so a refusal never leaves others waiting at a barrier
+        _check_same_plan(existing, plan, out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if (out / MANIFEST_NAME).exists():
-            _check_same_plan(read_manifest(out), plan, out)
         for tmp in out.glob(".shard-*.tmp-*"):  # leftovers of a killed run
             tmp.unlink(missing_ok=True)
-        write_manifest(out, plan)
+        if existing is None:
+            write_manifest(out, plan)
     state.wait_for_everyone()
 
     mine = list(range(state.process_index, n_shards, state.num_processes))

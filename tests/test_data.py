@@ -113,7 +113,10 @@ def test_folder_classes_are_sorted_first_level_names(tmp_path):
 def test_npz_keeps_stored_pixels_and_labels(tmp_path):
     path = make_npz(tmp_path / "d.npz")
     src = NpzSource(path, 32)
+    assert isinstance(src._images, np.memmap)  # np.savez stores arrays uncompressed: mapped, not loaded
     arr = np.load(path)["arr_0"]
+    np.savez_compressed(tmp_path / "c.npz", arr_0=arr)
+    assert torch.equal(NpzSource(tmp_path / "c.npz", 32)[3][0], src[3][0])
     assert torch.equal(src[3][0], torch.from_numpy(arr[3].transpose(2, 0, 1).copy()))
     assert [int(src[i][1]) for i in range(6)] == [0, 1, 0, 1, 0, 1]
     np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))

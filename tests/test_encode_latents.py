@@ -199,3 +199,45 @@ def test_pixel_codec_round_trips():
     back = codec.decode(x)
     assert back.shape == (2, 16, 16, 3) and torch.equal(back, u.permute(0, 2, 3, 1))
     assert codec.decode(torch.tensor([[[[-3.0, 3.0, 0.0]]]])).flatten().tolist() == [0, 255, 128]
+
+
+def _ldm_key(key, blocks=4):
+    """diffusers AutoencoderKL key → original LDM checkpoint key (as in vae-ft-ema-560000-ema-pruned)."""
+    import re
+
+    up = lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.{m.group(2)}."  # noqa: E731
+    key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets)\.", up, key).replace(".resnets.", ".block.")
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.(upsamplers)\.0\.", up, key).replace(".upsamplers.", ".upsample.")
+    for a, b in [("mid_block.attentions.0.", "mid.attn_1."), ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"),
+                 ("to_v", "v"), ("to_out.0", "proj_out"), ("conv_shortcut", "nin_shortcut"),
+                 ("conv_norm_out", "norm_out")]:
+        key = key.replace(a, b)
+    return "first_stage_model." + key
+
+
+def test_single_file_in_original_ldm_layout_loads(tiny_vae, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = load_vae(tiny_vae / "folder")
+    sd = {}
+    for k, v in ref.state_dict().items():
+        k = _ldm_key(k)
+        sd[k] = (v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v).contiguous()  # 1×1 convs
+    save_file(sd, tmp_path / "ldm.safetensors")
+    vae = load_vae(tmp_path / "ldm.safetensors")
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, ref.decode(z).sample)
+
+
+def test_shipped_config_is_sd_vae_ft_ema():
+    from diffusers import AutoencoderKL
+
+    cfg = vae_config()
+    assert cfg["block_out_channels"] == [128, 256, 512, 512] and cfg["latent_channels"] == 4
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(cfg)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # 83.7 M (DESIGN §7)
