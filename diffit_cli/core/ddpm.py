@@ -11,8 +11,10 @@ Contracts (other modules rely on them):
   adapter :meth:`GaussianDiffusion.denoiser`). With ``learn_sigma`` it returns (B, 2C, H, W): ε in the
   first C channels and the variance interpolation v in the last C.
 * ``GaussianDiffusion(num_timesteps=1000, schedule="linear", learn_sigma=True)``;
-  ``.loss(net, x0, y=None) -> (B,)`` (hybrid loss, global torch RNG on x0's device: t first, then ε,
-  as DiT draws them); ``.respace("250")`` → a diffusion over the kept steps (ADM ``SpacedDiffusion``);
+  ``.loss(net, x0, y=None, *, t=None, noise=None) -> (B,)`` (hybrid loss; t and ε from the global
+  torch RNG on x0's device, t first as DiT draws them, unless given; ``training_noise(batch, shape,
+  generator) -> {"t", "noise"}`` draws them from a generator for a whole global batch);
+  ``.respace("250")`` → a diffusion over the kept steps (ADM ``SpacedDiffusion``);
   ``.denoiser(net, y=None) -> D(x, sigma)`` the k-diffusion ``DiscreteEpsDDPMDenoiser`` adapter for the
   σ-space samplers; ``.p_sample`` / ``.ddim_sample`` single reverse steps used by ``samplers.py``.
 * Tables are float64 on the host; coefficients are gathered as float32 (as ADM's ``_extract_into_tensor``).
@@ -146,14 +148,22 @@ class GaussianDiffusion:
         self.sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()  # VE noise level of each step
         self.log_sigmas = self.sigmas.log()
         self._cache: dict[tuple, Tensor] = {}
+        self._respaced: dict[str, GaussianDiffusion] = {}
 
     # ---------------------------------------------------------------- respacing (ADM respace.py)
     def respace(self, section_counts: str | int | Sequence[int]) -> "GaussianDiffusion":
         """ADM ``SpacedDiffusion``: keep ``space_timesteps(T, section_counts)``, β_i = 1 − ᾱ_i/ᾱ_prev.
 
         The kept ᾱ are copied, not recomputed, so they equal the original ones bit for bit; the
-        network still receives the original index (``timestep_map``, no rescaling, as DiT).
+        network still receives the original index (``timestep_map``, no rescaling, as DiT). Memoized,
+        so the device copies of its tables are made once per sampling run, not once per batch.
         """
+        key = str(section_counts) if isinstance(section_counts, (str, int)) else ",".join(map(str, section_counts))
+        if key not in self._respaced:
+            self._respaced[key] = self._respace(section_counts)
+        return self._respaced[key]
+
+    def _respace(self, section_counts: str | int | Sequence[int]) -> "GaussianDiffusion":
         keep = sorted(space_timesteps(self.num_timesteps, section_counts))
         keep_t = torch.tensor(keep, dtype=torch.int64)
         alphas_cumprod = self.alphas_cumprod[keep_t]  # (K,)
@@ -185,7 +195,8 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """DDPM eq. 4: x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε."""
-        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        sqrt_ac = self._extract("sqrt_alphas_cumprod", t, x0)
+        return sqrt_ac * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """DDPM eq. 6–7: q(x_{t−1} | x_t, x0) = N(μ̃, β̃); returns (μ̃, β̃, clipped log β̃)."""
@@ -196,11 +207,13 @@ class GaussianDiffusion:
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """DDPM eq. 15: x0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+        return recip * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Inverse of :meth:`predict_xstart_from_eps`."""
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+        return (recip * x_t - x0) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     # ---------------------------------------------------------------- reverse process
     def learned_range_log_variance(self, v: Tensor, t: Tensor) -> Tensor:
@@ -225,7 +238,9 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
-    def p_sample(self, model_output: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None, clip_denoised: bool = False) -> Tensor:
+    def p_sample(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None, clip_denoised: bool = False
+    ) -> Tensor:
         """DDPM Alg. 2 / ADM ``p_sample``: x_{t−1} = μ_θ + exp(½ log Σ_θ)·z (no noise at t = 0: pass None)."""
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
         if noise is None:
@@ -233,7 +248,13 @@ class GaussianDiffusion:
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
 
     def ddim_sample(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None, eta: float = 0.0, clip_denoised: bool = False
+        self,
+        model_output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        noise: Tensor | None,
+        eta: float = 0.0,
+        clip_denoised: bool = False,
     ) -> Tensor:
         """DDIM eq. 12 / ADM ``ddim_sample``: σ_t = η·√((1 − ᾱ_prev)/(1 − ᾱ))·√(1 − ᾱ/ᾱ_prev)."""
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
@@ -277,6 +298,7 @@ class GaussianDiffusion:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
+        t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=torch.float32)
         x_t = self.q_sample(x0, t, noise)
         model_output = call_network(net, autocast_dtype, x_t, self.network_time(t), y)  # (B, 2C, …) or (B, C, …)
         C = x0.shape[1]
@@ -289,9 +311,24 @@ class GaussianDiffusion:
             terms["loss"] = terms["mse"]
         return terms
 
-    def loss(self, net: Callable, x0: Tensor, y: Tensor | None = None, *, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    def loss(
+        self,
+        net: Callable,
+        x0: Tensor,
+        y: Tensor | None = None,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Tensor:
         """Per-sample hybrid loss (B,) (see :meth:`loss_terms`)."""
-        return self.loss_terms(net, x0, y, autocast_dtype=autocast_dtype)["loss"]
+        return self.loss_terms(net, x0, y, t=t, noise=noise, autocast_dtype=autocast_dtype)["loss"]
+
+    def training_noise(self, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
+        """The loss's random draws for a whole (global) batch from ``generator``: t (B,) then ε (B, *shape)."""
+        device = generator.device
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+        return {"t": t, "noise": torch.randn((batch, *shape), generator=generator, device=device)}
 
     # ---------------------------------------------------------------- σ-space view (k-diffusion)
     @property

@@ -5,12 +5,13 @@ Contracts (other modules rely on them):
 * The raw network is called as ``net(x_in, c_noise, y, augment_labels=aug)`` where ``x_in = c_in·x``
   (B, C, H, W), ``c_noise = ¼·ln σ`` has shape (B,) float32, ``y`` is passed positionally (``None`` for
   unconditional models) and the ``augment_labels`` keyword is passed only when it is not ``None``.
-* ``EDM.loss(net, x0, y=None, augment_labels=None) -> (B,)``: per-sample loss, the **mean** over the
-  non-batch dimensions of ``λ(σ)·‖D(x0 + σn; σ) − x0‖²``. EDM's ``training/loss.py`` returns the
-  per-element loss and its training loop sums it (over elements, divided by the batch): the
-  mean differs from that sum by the constant factor C·H·W only. All randomness (σ first, then the noise,
-  the order EDM draws them in) comes from the global torch RNG on ``x0``'s device, so a saved RNG
-  state replays a step.
+* ``EDM.loss(net, x0, y=None, augment_labels=None, *, sigma=None, noise=None) -> (B,)``: per-sample
+  loss, the **mean** over the non-batch dimensions of ``λ(σ)·‖D(x0 + σn; σ) − x0‖²``. EDM's
+  ``training/loss.py`` returns the per-element loss and its training loop sums it (over elements,
+  divided by the batch): the mean differs from that sum by the constant factor C·H·W only. All
+  randomness (σ first, then the noise, the order EDM draws them in) comes from the global torch RNG
+  on ``x0``'s device, so a saved RNG state replays a step. ``training_noise(batch, shape, generator) -> {"sigma", "noise"}`` draws them
+  from a generator instead, for a whole global batch, to be sliced per device and passed back to ``loss``.
 * ``EDM.denoiser(net, y=None) -> D(x, sigma)``: the preconditioned denoiser (EDM Table 1, ``EDMPrecond``);
   ``x`` may be float64 (the samplers accumulate in float64), ``sigma`` has shape (B,); it returns float32.
 * Optional ``autocast_dtype`` (e.g. ``torch.bfloat16``): the network runs under ``torch.autocast`` while
@@ -155,6 +156,14 @@ class EDM:
         rnd_normal = torch.randn([batch], device=device)
         return (rnd_normal * self.p_std + self.p_mean).exp()
 
+    def training_noise(self, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
+        """The loss's random draws for a whole (global) batch from ``generator``: σ (B,) then n (B, *shape),
+        so a training step's noise does not depend on how the batch is split across devices."""
+        device = generator.device
+        rnd_normal = torch.randn([batch], generator=generator, device=device)
+        sigma = (rnd_normal * self.p_std + self.p_mean).exp()
+        return {"sigma": sigma, "noise": torch.randn((batch, *shape), generator=generator, device=device)}
+
     def loss(
         self,
         net: Callable,
@@ -162,12 +171,22 @@ class EDM:
         y: Tensor | None = None,
         augment_labels: Tensor | None = None,
         *,
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """EDM eq. 8 / ``EDMLoss``: λ(σ)·‖D(x0 + n; σ) − x0‖², n ~ N(0, σ²I); mean per sample → (B,)."""
+        """EDM eq. 8 / ``EDMLoss``: λ(σ)·‖D(x0 + σn; σ) − x0‖², n ~ N(0, I); mean per sample → (B,).
+
+        ``sigma`` (B,) and the unit ``noise`` (B, …) may be given (see :meth:`training_noise`);
+        otherwise they are drawn from the global torch RNG on x0's device, σ first as EDM does.
+        """
         x0 = x0.to(torch.float32)
-        sigma = self.sample_sigma(x0.shape[0], x0.device)  # (B,)
-        n = torch.randn_like(x0) * _expand(sigma, x0)
+        if sigma is None:
+            sigma = self.sample_sigma(x0.shape[0], x0.device)  # (B,)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        sigma = sigma.to(device=x0.device, dtype=torch.float32)
+        n = noise.to(device=x0.device, dtype=torch.float32) * _expand(sigma, x0)
         D_yn = self.denoise(net, x0 + n, sigma, y, augment_labels, autocast_dtype=autocast_dtype)
         return self.loss_weight(sigma) * mean_flat((D_yn - x0) ** 2)
 

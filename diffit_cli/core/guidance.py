@@ -69,10 +69,15 @@ def power_cosine_scale(w: float, t: Tensor, num_timesteps: int = 1000, power: fl
     return 1 + (w - 1) * 0.5 * (1 - torch.cos(math.pi * u**power))
 
 
+def in_interval(sigma: Tensor, interval: tuple[float, float]) -> Tensor:
+    """Kynkäänniemi et al. 2024: guidance is on for σ ∈ (σ_lo, σ_hi]; (B,) bool."""
+    lo, hi = interval
+    return (sigma > lo) & (sigma <= hi)
+
+
 def interval_scale(w: float, sigma: Tensor, interval: tuple[float, float]) -> Tensor:
     """Kynkäänniemi et al. 2024: guidance weight w inside σ ∈ (σ_lo, σ_hi], 1 outside."""
-    lo, hi = interval
-    inside = (sigma > lo) & (sigma <= hi)
+    inside = in_interval(sigma, interval)
     return torch.where(inside, torch.full_like(sigma, float(w)), torch.ones_like(sigma)).to(torch.float32)
 
 
@@ -87,14 +92,19 @@ def guidance_scale(guidance: Guidance, t_in: Tensor, diffusion: Any) -> Tensor |
     return interval_scale(w, diffusion.sigma_from_network_time(t_in), guidance.interval)
 
 
-def cfg_combine(out: Tensor, in_channels: int, scale: Tensor | float, channels: int | None) -> Tensor:
+def cfg_combine(
+    out: Tensor, in_channels: int, scale: Tensor | float, channels: int | None, active: Tensor | None = None
+) -> Tensor:
     """Combine a [cond; uncond] output (2B, C_out, …) → (B, C_out, …): guide the first ``channels``
-    prediction channels, take the rest from the conditional half (DiT ``forward_with_cfg``)."""
+    prediction channels, take the rest from the conditional half (DiT ``forward_with_cfg``); rows
+    where ``active`` (B,) is False are exactly the conditional output."""
     cond, uncond = out.chunk(2, dim=0)
     k = in_channels if channels is None else min(channels, in_channels)
     if isinstance(scale, Tensor):
         scale = scale.reshape(-1, *([1] * (out.ndim - 1)))  # (B, 1, …, 1)
     guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+    if active is not None:
+        guided = torch.where(active.reshape(-1, *([1] * (out.ndim - 1))), guided, cond[:, :k])
     return torch.cat([guided, cond[:, k:]], dim=1)
 
 
@@ -126,9 +136,13 @@ class GuidedNetwork:
         B = x.shape[0]
         null = torch.full_like(self.y, self.guidance.null_class)
         kwargs = {k: _double(v, B) for k, v in kwargs.items()}
-        out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, C_out, …)
-        scale = guidance_scale(self.guidance, t_in, self.diffusion)
-        return cfg_combine(out.to(torch.float32), x.shape[1], scale, self.guidance.channels)
+        out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, Co, …)
+        g = self.guidance
+        if g.schedule == "interval":  # outside the interval: exactly the conditional output
+            active = in_interval(self.diffusion.sigma_from_network_time(t_in), g.interval)
+            return cfg_combine(out.to(torch.float32), x.shape[1], float(g.scale), g.channels, active)
+        scale = guidance_scale(g, t_in, self.diffusion)
+        return cfg_combine(out.to(torch.float32), x.shape[1], scale, g.channels)
 
 
 def guided_network(net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: Any) -> GuidedNetwork:
@@ -136,4 +150,7 @@ def guided_network(net: Callable, y: Tensor | None, guidance: Guidance | None, d
     return GuidedNetwork(net, y, guidance, diffusion)
 
 
-__all__ = ["Guidance", "GuidedNetwork", "guided_network", "guidance_scale", "power_cosine_scale", "interval_scale", "cfg_combine", "SCHEDULES"]
+__all__ = [
+    "Guidance", "GuidedNetwork", "guided_network", "guidance_scale", "power_cosine_scale", "interval_scale",
+    "in_interval", "cfg_combine", "SCHEDULES",
+]

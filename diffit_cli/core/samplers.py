@@ -66,7 +66,9 @@ def _full(x: Tensor, value: float, dtype: torch.dtype = torch.float64) -> Tensor
 
 
 # ------------------------------------------------------------------------------------- σ-space samplers
-def _sigma_steps(diffusion: Any, steps: int, sigma_min: float | None, sigma_max: float | None, rho: float | None) -> list[float]:
+def _sigma_steps(
+    diffusion: Any, steps: int, sigma_min: float | None, sigma_max: float | None, rho: float | None
+) -> list[float]:
     """EDM eq. 5 steps; for DDPM the range is clamped to the table (as EDM clamps to the net's range)."""
     lo = diffusion.sigma_min if sigma_min is None else sigma_min
     hi = diffusion.sigma_max if sigma_max is None else sigma_max
@@ -111,7 +113,8 @@ def heun(
     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
 ) -> Tensor:
     """EDM Alg. 2: Heun 2nd order, NFE 2N − 1 (18 steps → 35)."""
-    return _edm_loop(diffusion, net, noise, steps, generators, True, callback, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
+    churn = (S_churn, S_min, S_max, S_noise)
+    return _edm_loop(diffusion, net, noise, steps, generators, True, callback, sigma_min, sigma_max, rho, *churn)
 
 
 def euler(
@@ -120,7 +123,8 @@ def euler(
     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
 ) -> Tensor:
     """EDM Alg. 2 without the correction (k-diffusion ``sample_euler``): NFE N."""
-    return _edm_loop(diffusion, net, noise, steps, generators, False, callback, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
+    churn = (S_churn, S_min, S_max, S_noise)
+    return _edm_loop(diffusion, net, noise, steps, generators, False, callback, sigma_min, sigma_max, rho, *churn)
 
 
 def dpmpp_2m(
@@ -225,7 +229,8 @@ def nfe(sampler: str, steps: int) -> int:
 def _check_options(name: str, spec: SamplerSpec, options: dict[str, Any]) -> dict[str, Any]:
     options = {_ALIASES.get(k, k): v for k, v in options.items()}
     params = inspect.signature(spec.fn).parameters
-    valid = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("steps", "generators")]
+    keyword_only = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    valid = [p for p in keyword_only if p not in ("steps", "generators")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"sampler {name!r} does not take {', '.join(unknown)}; its options: {', '.join(valid)}")
@@ -261,4 +266,7 @@ def sample(
     return x0.to(torch.float32)
 
 
-__all__ = ["sample", "SAMPLERS", "SamplerSpec", "get_sampler", "nfe", "randn_rows", "heun", "euler", "dpmpp_2m", "ddpm", "ddim"]
+__all__ = [
+    "sample", "SAMPLERS", "SamplerSpec", "get_sampler", "nfe", "randn_rows",
+    "heun", "euler", "dpmpp_2m", "ddpm", "ddim",
+]
