@@ -1,6 +1,7 @@
 """Codecs (DESIGN §3): a raw source batch → model space (`encode`), model output → uint8 NHWC (`decode`).
 
-- `PixelCodec`: uint8 images ⇄ [-1, 1]. Decoding rounds half up, `(x + 1)·127.5 + 0.5` truncated, i.e.
+- `PixelCodec`: uint8 images ⇄ [-1, 1]. `decode` of both codecs returns a uint8 NHWC NumPy array on the
+  CPU (`decode_pixels` / `VAECodec.decode_tensor` keep a tensor on the device). Decoding rounds half up, `(x + 1)·127.5 + 0.5` truncated, i.e.
   `clamp(127.5·x + 128, 0, 255)` as DiT's / the DiffiT release's `sample_ddp.py` and EDM write samples.
 - `VAECodec`: the Stable-Diffusion KL-f8 autoencoder (diffusers `AutoencoderKL`), default
   `stabilityai/sd-vae-ft-ema`, latents scaled by 0.18215. It loads from a Hub id, a local folder
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffit_cli.data import DEFAULT_LATENT_SCALE, sample_latent, to_model_space
@@ -54,8 +56,9 @@ class PixelCodec:
             batch = batch.to(self.device, non_blocking=True)
         return to_model_space(batch)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_pixels(x)
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Model-space images → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
+        return decode_pixels(x).cpu().numpy()
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -170,7 +173,7 @@ class VAECodec:
     kind = "latent"
 
     def __init__(self, vae: Any = DEFAULT_VAE, *, device: torch.device | str | None = None,
-                 precision: str = "fp32", scaling_factor: float = DEFAULT_LATENT_SCALE,
+                 precision: str = "fp32", scale: float = DEFAULT_LATENT_SCALE,
                  cache_dir: str | Path | None = None):
         if precision not in ("fp32", "bf16"):
             raise VAEError(f"VAE precision must be fp32 or bf16, got {precision!r}")
@@ -178,7 +181,7 @@ class VAECodec:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.vae = load_vae(vae, cache_dir=cache_dir).to(self.device).eval().requires_grad_(False)
         self.precision = precision
-        self.scaling_factor = float(scaling_factor)
+        self.scaling_factor = float(scale)
         cfg = self.vae.config
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
@@ -219,15 +222,19 @@ class VAECodec:
                              generator=generator)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents → uint8 images (B, H, W, 3)."""
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents → uint8 images (B, H, W, 3) as a tensor on the codec's device."""
         with self._autocast():
             x = self.vae.decode(latents.to(self.device) / self.scaling_factor).sample
         return decode_pixels(x)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Model-space latents → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
+        return self.decode_tensor(latents).cpu().numpy()
 
 
 def make_codec(data_cfg: Any, device: torch.device | str | None = None, **kwargs):
     """The codec a `DataConfig` needs: PixelCodec for `space: pixel`, VAECodec(data.vae) for `latent`."""
     if data_cfg.space == "pixel":
         return PixelCodec(device)
-    return VAECodec(data_cfg.vae, device=device, scaling_factor=data_cfg.latent_scale, **kwargs)
+    return VAECodec(data_cfg.vae, device=device, scale=data_cfg.latent_scale, **kwargs)
