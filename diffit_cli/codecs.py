@@ -1,8 +1,9 @@
 """Codecs (DESIGN §3): a raw source batch → model space (`encode`), model output → uint8 NHWC (`decode`).
 
-- `PixelCodec`: uint8 images ⇄ [-1, 1]. `decode` of both codecs returns a uint8 NHWC NumPy array on the
-  CPU (`decode_pixels` / `VAECodec.decode_tensor` keep a tensor on the device). Decoding rounds half up, `(x + 1)·127.5 + 0.5` truncated, i.e.
+- `PixelCodec`: uint8 images ⇄ [-1, 1]. Decoding rounds half up, `(x + 1)·127.5 + 0.5` truncated, i.e.
   `clamp(127.5·x + 128, 0, 255)` as DiT's / the DiffiT release's `sample_ddp.py` and EDM write samples.
+  `decode` of both codecs returns a uint8 NHWC NumPy array on the CPU (`decode_pixels` and
+  `VAECodec.decode_tensor` keep a tensor on the device).
 - `VAECodec`: the Stable-Diffusion KL-f8 autoencoder (diffusers `AutoencoderKL`), default
   `stabilityai/sd-vae-ft-ema`, latents scaled by 0.18215. It loads from a Hub id, a local folder
   (`save_pretrained` layout, or a pipeline folder with `vae/`) or one `.safetensors` file (diffusers or

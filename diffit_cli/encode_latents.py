@@ -164,8 +164,8 @@ def _check_same_plan(old: dict, new: dict, out: Path) -> None:
     for key in PLAN_KEYS:
         if _plan_value(old, key) != _plan_value(new, key):
             raise DataError(f"{str(out)!r} already holds latents encoded with different settings ({key}: "
-                            f"{_plan_value(old, key)!r} there, {_plan_value(new, key)!r} now); choose another output folder "
-                            "or delete it")
+                            f"{_plan_value(old, key)!r} there, {_plan_value(new, key)!r} now); choose another "
+                            "output folder or delete it")
 
 
 class _Reporter:
