@@ -96,7 +96,8 @@ def test_interval_guides_only_inside():
     c_noise = edm.c_noise(sigma)
     x, y = torch.randn(6, 3, 2, 2), torch.arange(6)
     w = 3.0
-    out = guided_network(LabelNet(k=1), y, Guidance(scale=w, schedule="interval", channels=None, interval=(0.28, 5.42)), edm)(x, c_noise)
+    g = Guidance(scale=w, schedule="interval", channels=None, interval=(0.28, 5.42))
+    out = guided_network(LabelNet(k=1), y, g, edm)(x, c_noise)
     cond, uncond = split(LabelNet(k=1), x, c_noise, y)
     guided = uncond[:, :3] + w * (cond[:, :3] - uncond[:, :3])
     inside = [False, False, True, True, True, False]  # σ ∈ (σ_lo, σ_hi]

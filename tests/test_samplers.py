@@ -1,8 +1,9 @@
 """Samplers against exact (closed-form) denoisers, NFE counts, registry errors, per-seed determinism.
 
-Accuracy criterion: sample mean within 1% of the data std of the data mean, sample std within 1% of the
-data std. Deterministic samplers start from 4,096 (or more) stratified normal quantiles (no Monte-Carlo
-error: the moments then measure the sampler alone); stochastic ones from 65,536 random draws. Known and tested separately: EDM's deterministic samplers at the paper's step counts (Heun 18,
+Accuracy criterion: sample mean within 1% of the data std of the data mean, sample std within 1% of
+the data std. Deterministic samplers start from 4,096 (or more) stratified normal quantiles (no
+Monte-Carlo error: the moments then measure the sampler alone); stochastic ones from 65,536 random
+draws. Known and tested separately: EDM's deterministic samplers at the paper's step counts (Heun 18,
 DPM-Solver++(2M) 20) over-disperse a Gaussian by 3–6% (PF-ODE discretization error, second order in
 the step: ≈1% at 40 steps); at those step counts we check instead that every sample equals the
 closed-form discretized map of an independent scalar float64 reference.

@@ -396,7 +396,7 @@ class GaussianDiffusion:
         """
 
         def D(x: Tensor, sigma: Tensor) -> Tensor:
-            sigma = sigma.reshape(-1)  # (B,)
+            sigma = sigma.reshape(-1).expand(x.shape[0])  # (B,)
             t = self.sigma_to_t(sigma)
             t = t.round() if quantize else t
             t_net = self._network_time_of_index(t).to(torch.float32)

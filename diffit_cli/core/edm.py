@@ -10,8 +10,9 @@ Contracts (other modules rely on them):
   ``training/loss.py`` returns the per-element loss and its training loop sums it (over elements,
   divided by the batch): the mean differs from that sum by the constant factor C·H·W only. All
   randomness (σ first, then the noise, the order EDM draws them in) comes from the global torch RNG
-  on ``x0``'s device, so a saved RNG state replays a step. ``training_noise(batch, shape, generator) -> {"sigma", "noise"}`` draws them
-  from a generator instead, for a whole global batch, to be sliced per device and passed back to ``loss``.
+  on ``x0``'s device, so a saved RNG state replays a step. ``training_noise(batch, shape, generator)
+  -> {"sigma", "noise"}`` draws them from a generator instead, for a whole global batch, to be sliced
+  per device and passed back to ``loss``.
 * ``EDM.denoiser(net, y=None) -> D(x, sigma)``: the preconditioned denoiser (EDM Table 1, ``EDMPrecond``);
   ``x`` may be float64 (the samplers accumulate in float64), ``sigma`` has shape (B,); it returns float32.
 * Optional ``autocast_dtype`` (e.g. ``torch.bfloat16``): the network runs under ``torch.autocast`` while
