@@ -1,4 +1,4 @@
-"""Public network classes (DESIGN §4): the latent DiffiT (release layout, SPEC §5) and the image-space DiffiT (SPEC §4)."""
+"""Public network classes (DESIGN §4): latent DiffiT (release layout, SPEC §5) and image-space DiffiT (SPEC §4)."""
 
 from diffit_cli.core.unet import ImageDiffiT
 from diffit_cli.core.vit import LATENT_SIZES, LatentDiffiT

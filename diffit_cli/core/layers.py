@@ -109,7 +109,7 @@ class LabelEmbedder(nn.Module):
 
 # ------------------------------------------------------------------------------------ relative position / windows
 def relative_position_index(window: int) -> torch.Tensor:
-    """Swin index of each token pair's (Δrow, Δcol) into a (2w−1)² table (SPEC §2, release layout) -> (w², w²)."""
+    """Swin index of each token pair's (Δrow, Δcol) into the (2w−1)² table (SPEC §2, release) -> (w², w²)."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (w², w², 2), in [0, 2w−2]
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (w², w²) int64
@@ -135,6 +135,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 # ------------------------------------------------------------------------------------------------------- TMSA
+def _fused_attention_pays(q: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether SDPA's fused kernel beats the explicit path for this call.
+
+    CUDA: always (the memory-efficient kernel also returns the bias gradient). CPU: the fused flash kernel takes
+    no gradient for a float mask, so training falls back to PyTorch's math path, which is slower than the explicit
+    path of TMSA.attend (it adds NaN-safe softmax passes and upcasts bf16); without gradients the fused kernel wins
+    in fp32 only (measured on a 2-core AVX-512-bf16 EPYC with benchmarks/bench_networks.py-sized shapes).
+    """
+    if q.device.type != "cpu":
+        return True
+    grad = torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)
+    return not grad and q.dtype == torch.float32
+
+
 class TMSA(nn.Module):
     """Time-dependent multi-head self-attention (SPEC §2, Eq. 3–6) with a Swin relative position bias.
 
@@ -181,14 +195,18 @@ class TMSA(nn.Module):
         return table[:, :, self.relative_position_index.view(-1)].view(x_t.shape[0], self.num_heads, n, n)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Softmax(q·kᵀ·scale + bias)·v by SDPA, or by the plain reference path; (B', heads, N, d)."""
+        """Softmax(q·kᵀ·scale + bias)·v: (B', heads, N, d). Fast path (use_sdpa) or the plain reference path."""
         bias = bias.to(q.dtype)
-        if self.use_sdpa and not self.store_attn:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B', heads, N, N')
-        if self.store_attn:
-            self.last_attn = attn.detach()
-        return attn @ v
+        if self.store_attn or not self.use_sdpa:
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B', heads, N, N')
+            if self.store_attn:
+                self.last_attn = attn.detach()
+            return attn @ v
+        if _fused_attention_pays(q, bias):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if bias.dim() == 4 else bias.unsqueeze(0))
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B', heads, N, N')
+        return attn.add_(bias).softmax(dim=-1) @ v  # in-place bias: matmul's backward never needs its output
+
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
                 hw: tuple[int, int] | None = None) -> torch.Tensor:
@@ -196,9 +214,12 @@ class TMSA(nn.Module):
         H, W = hw if hw is not None else (math.isqrt(N), math.isqrt(N))
         w, heads, d = self.window_size, self.num_heads, self.head_dim
         n, nW = w * w, (H // w) * (W // w)
-        qkv = self.qkv(x)  # (B, N, 3C)
-        if self.time_mode == "tmsa":
-            qkv = qkv + self.qkv_temb(x_t).unsqueeze(1).to(qkv.dtype)  # x_t broadcast to every token
+        if self.time_mode == "tmsa":  # spatial GEMM, then qkv bias + x_t·W_t added in place, broadcast over tokens
+            qkv = F.linear(x, self.qkv.weight)  # (B, N, 3C)
+            temb = self.qkv_temb(x_t) if self.qkv.bias is None else self.qkv_temb(x_t) + self.qkv.bias
+            qkv = qkv.add_(temb.unsqueeze(1).to(qkv.dtype))
+        else:
+            qkv = self.qkv(x)  # (B, N, 3C)
         if nW > 1:
             qkv = window_partition(qkv.view(B, H, W, 3 * C), w)  # (B·nW, w², 3C)
         q, k, v = qkv.reshape(B * nW, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B·nW, heads, n, d)
@@ -217,7 +238,7 @@ class TMSA(nn.Module):
 
 # --------------------------------------------------------------------------------------------- DiffiT block
 class Mlp(nn.Module):
-    """Linear → GELU(tanh) → Linear, ratio 4 (SPEC §3); `temb` adds the time token to the hidden layer (Table 6 G)."""
+    """Linear → GELU(tanh) → Linear, ratio 4 (SPEC §3); `temb` adds x_t to the hidden layer (Table 6 G)."""
 
     def __init__(self, dim: int, hidden: int, time_dim: int | None = None, dropout: float = 0.0):
         super().__init__()

@@ -1,0 +1,272 @@
+"""Train-step throughput of the DiffiT networks vs. this machine's own GEMM rate (never asserted in tests).
+
+For each network: images/s of one AdamW train step (forward + backward + optimizer), achieved FLOP/s (matmul and
+conv FLOPs of forward + backward, counted by torch.utils.flop_counter.FlopCounterMode), the fraction of the GEMM
+rate measured in the same run (fp32 and bf16), peak memory, for SDPA and for the plain reference attention path.
+
+    python benchmarks/bench_networks.py [--quick] [--steps N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffit_cli.core.layers import TMSA
+from diffit_cli.models import LATENT_SIZES, ImageDiffiT, LatentDiffiT
+
+CIFAR10 = dict(img_resolution=32, channels=(128, 256, 256), blocks=(2, 2, 2), window_size=4, head_dim=32,
+               time_dim=512)
+FFHQ64 = dict(img_resolution=64, channels=(128, 256, 256, 256), blocks=(1, 2, 2, 2), window_size=8, head_dim=32,
+              time_dim=512)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """Dense square matmul FLOP/s (best single product), the machine's practical ceiling for this dtype."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def set_sdpa(model: torch.nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, TMSA):
+            m.use_sdpa = on
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA allocator peak, or the process's peak RSS (VmHWM, reset via clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, float("nan")
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError, StopIteration):
+                self.peak = self._status("VmHWM:")
+
+
+def make_case(name: str, device: torch.device):
+    """(model, batch builder) for a named case; inputs mimic training (noisy x, t, labels)."""
+    torch.manual_seed(0)
+    if name.startswith("latent"):
+        size, batch, res = name.split()[1], int(name.split()[-1]), 32
+        model = LatentDiffiT(input_size=res, **LATENT_SIZES[size])
+
+        def inputs():
+            return (torch.randn(batch, 4, res, res, device=device), torch.randint(0, 1000, (batch,), device=device),
+                    torch.randint(0, 1000, (batch,), device=device))
+        target_ch = 8
+    else:
+        cfg = FFHQ64 if "ffhq64" in name else CIFAR10
+        batch, res = int(name.split()[-1]), cfg["img_resolution"]
+        model = ImageDiffiT(**cfg, dropout=0.0)
+
+        def inputs():
+            return (torch.randn(batch, 3, res, res, device=device), torch.randn(batch, device=device))
+        target_ch = 3
+    last = model.final_layer.linear if isinstance(model, LatentDiffiT) else model.head[-1]
+    torch.nn.init.normal_(last.weight, std=0.02)  # a realistic (non-zero) head
+    model.to(device).train()
+    target = torch.randn(batch, target_ch, res, res, device=device)
+    return model, inputs, target, batch
+
+
+def step_fn(model, opt, inputs, target, bf16: bool, device: torch.device):
+    def step():
+        args = inputs()
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            loss = F.mse_loss(model(*args).float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def count_step_flops(model, inputs, target, bf16, device) -> int:
+    """Matmul/conv FLOPs of forward + backward (plain attention path, so the attention matmuls are visible)."""
+    set_sdpa(model, False)
+    with FlopCounterMode(display=False) as counter:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            loss = F.mse_loss(model(*inputs()).float(), target)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def run_case(name, device, steps, rates):
+    """Time every (dtype, attention path) variant round-robin, so load from other processes hits all alike;
+    report each variant's best step (the least disturbed one) and its peak memory."""
+    model, inputs, target, batch = make_case(name, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    flops = count_step_flops(model, inputs, target, False, device)
+    variants = [(bf16, sdpa) for bf16 in (False, True) for sdpa in (True, False)]
+    steps_of = {v: step_fn(model, opt, inputs, target, v[0], device) for v in variants}
+    best = {v: float("inf") for v in variants}
+    peak = {v: 0.0 for v in variants}
+    for i in range(steps + 1):  # round 0 is warm-up
+        for v in variants:
+            set_sdpa(model, v[1])
+            sync(device)
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                steps_of[v]()
+                sync(device)
+                dt = time.perf_counter() - start
+            if i:
+                best[v], peak[v] = min(best[v], dt), max(peak[v], mem.peak)
+    rows = []
+    for (bf16, sdpa), dt in best.items():
+        rate = rates["bf16" if bf16 else "fp32"]
+        rows.append(dict(case=name, dtype="bf16" if bf16 else "fp32", attn="sdpa" if sdpa else "plain",
+                         img_s=batch / dt, step_ms=dt * 1e3, tflops=flops / dt / 1e12, of_gemm=flops / dt / rate,
+                         peak_gib=peak[(bf16, sdpa)] / 2 ** 30))
+    del model, opt
+    return rows, flops
+
+
+def parameter_counts() -> list[tuple[str, int]]:
+    with torch.device("meta"):
+        nets = [("ImageDiffiT cifar10 (128/256/256, 2-2-2, w4, t512, hd32)", ImageDiffiT(**CIFAR10)),
+                ("ImageDiffiT ffhq64 (128/256/256/256, 1-2-2-2, w8, t512)", ImageDiffiT(**FFHQ64)),
+                ("LatentDiffiT XL/2 input 32 (ImageNet-256)", LatentDiffiT(input_size=32)),
+                ("LatentDiffiT XL/2 input 64 (ImageNet-512)", LatentDiffiT(input_size=64))]
+        return [(n, sum(p.numel() for p in m.parameters())) for n, m in nets]
+
+
+def print_table(title, header, rows):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="left" if h in ("case", "network") else "right")
+        for r in rows:
+            table.add_row(*[str(c) for c in r])
+        Console(width=160).print(table)
+    except ImportError:
+        print(f"\n{title}")
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        for r in [header, *rows]:
+            print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+def measure_case(case: str, args) -> dict:
+    """One case in this process: GEMM probes before and after (best kept), then the round-robin train steps."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for both the probe and the step
+        torch.backends.cudnn.allow_tf32 = False
+    probe = 1.0 if args.quick else 2.0
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rates = {k: gemm_rate(device, dt, probe) for k, dt in dtypes.items()}
+    rows, flops = run_case(case, device, args.steps or (2 if args.quick else 5), rates)
+    after = {k: gemm_rate(device, dt, probe) for k, dt in dtypes.items()}
+    if any(after[k] > rates[k] for k in rates):  # a probe disturbed by other load: rescale to the better one
+        for r in rows:
+            r["of_gemm"] *= rates[r["dtype"]] / max(rates[r["dtype"]], after[r["dtype"]])
+        rates = {k: max(rates[k], after[k]) for k in rates}
+    return dict(case=case, rows=rows, flops=flops, rates=rates, threads=torch.get_num_threads())
+
+
+def report(results: list[dict], args) -> None:
+    device = args.device
+    steps = args.steps or (2 if args.quick else 5)
+    print(f"device {device}, {results[0]['threads']} threads, torch {torch.__version__}; GEMM rate per case "
+          "(2048² CPU / 8192² CUDA matmul, best of a probe before and after the case):")
+    for res in results:
+        rates = res["rates"]
+        print(f"  {res['case']}: fp32 {rates['fp32'] / 1e12:.3f} TFLOP/s, bf16 {rates['bf16'] / 1e12:.3f} TFLOP/s")
+    rows = [r for res in results for r in res["rows"]]
+    header = ["case", "dtype", "attn", "img/s", "ms/step", "TFLOP/s", "of GEMM",
+              "peak GiB" + (" (RSS)" if device == "cpu" else "")]
+    print_table(f"DiffiT train step (AdamW), best of {steps}; FLOPs = matmul+conv fwd+bwd; 'of GEMM' vs same dtype",
+                header, [[r["case"], r["dtype"], r["attn"], f"{r['img_s']:.1f}", f"{r['step_ms']:.0f}",
+                          f"{r['tflops']:.3f}", f"{r['of_gemm']:.0%}", f"{r['peak_gib']:.2f}"] for r in rows])
+    print("FLOPs per train step: " + ", ".join(f"{res['case']}: {res['flops'] / 1e9:.1f} GFLOP" for res in results))
+    print("Ratios (targets: latent fp32 step >= 80% of fp32 GEMM; bf16 step >= 2.5x fp32 step; "
+          "SDPA >= plain on CPU; image fp32 step >= 40% of fp32 GEMM):")
+    for res in results:
+        get = {(r["dtype"], r["attn"]): r for r in res["rows"]}
+        fp32, bf16, rates = get[("fp32", "sdpa")], get[("bf16", "sdpa")], res["rates"]
+        print(f"  {res['case']}: fp32 step {fp32['of_gemm']:.0%} of fp32 GEMM; bf16/fp32 step speed "
+              f"{bf16['img_s'] / fp32['img_s']:.2f}x (bf16/fp32 GEMM {rates['bf16'] / rates['fp32']:.2f}x); "
+              f"SDPA/plain fp32 {fp32['img_s'] / get[('fp32', 'plain')]['img_s']:.2f}x, "
+              f"bf16 {bf16['img_s'] / get[('bf16', 'plain')]['img_s']:.2f}x")
+    print_table("Parameter counts (all parameters(), frozen pos_embed included)", ["network", "parameters"],
+                [[n, f"{c:,}"] for n, c in parameter_counts()])
+    if device == "cpu":
+        print(f"note: CPU figures come from a machine shared with other jobs ({os.cpu_count()} cores); they are noisy.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and a shorter GEMM probe")
+    ap.add_argument("--steps", type=int, default=None, help="timed rounds per case (default 5, quick 2)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(measure_case(args.case, args)))
+        return
+    cases = ["latent B/2 batch 8", "image cifar10 batch 16"]
+    if args.device.startswith("cuda"):
+        cases += ["latent XL/2 batch 32", "image cifar10 batch 128", "image ffhq64 batch 64"]
+    passthrough = [a for a in sys.argv[1:]]
+    results = []
+    for case in cases:  # one process per case: clean peak memory, no allocator state carried over
+        proc = subprocess.run([sys.executable, __file__, *passthrough, "--case", case], capture_output=True,
+                              text=True, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"case {case!r} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
