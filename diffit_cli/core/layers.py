@@ -207,7 +207,6 @@ class TMSA(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B', heads, N, N')
         return attn.add_(bias).softmax(dim=-1) @ v  # in-place bias: matmul's backward never needs its output
 
-
     def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
                 hw: tuple[int, int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
