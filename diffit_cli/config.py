@@ -143,7 +143,7 @@ class TrainConfig(_Section):
     ema_rampup_ratio: Annotated[float, Field(gt=0)] | None = None
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None  # per-step EMA (latent space, DiT)
     augment_p: Prob = 0.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 0
     report_kimg: Annotated[float, Field(gt=0)] = 50.0
     snapshot_kimg: Annotated[float, Field(gt=0)] = 500.0

@@ -1,11 +1,79 @@
-"""`diffit sample` (not built yet: issue #6)."""
+"""`diffit sample`: a thin wrapper over `diffit_cli.generate.run_sample` with rich progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import not_built
+from diffit_cli.commands._common import SetOpt, console, user_errors
+
+HELP = """Generate images from a checkpoint into a PNG folder or an ADM-style .npz.
+
+Image i depends only on seed i (any batch size, any number of processes); rerunning the same
+command finishes what a killed run left. Release weights: --ckpt nvidia/DiffiT:FILE --preset imagenet256."""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("sample", help="Not built yet (issue #6).")
-    def sample() -> None:
-        not_built("sample", 6)
+    app.command("sample", help=HELP)(sample_cmd)
+
+
+@user_errors
+def sample_cmd(
+    ckpt: str = typer.Option(..., "--ckpt", help="Our .pt/.safetensors checkpoint, a release file, or REPO:FILE on the Hub."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Architecture for weight files without a preset (release files)."),
+    overrides: Optional[List[str]] = SetOpt,
+    seeds: str = typer.Option("0-63", "--seeds", help="Seeds: ranges and lists, e.g. 0-49999 or 1,5,7."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder of PNGs, or FILE.npz."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images per forward batch (per process)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="'random' (per seed), a class, or a list 1,2,3."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="heun | euler | dpmpp-2m | ddpm | ddim."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0, help="Classifier-free guidance scale (1 = off)."),
+    cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | power-cosine | interval."),
+    cfg_power: Optional[float] = typer.Option(None, "--cfg-power", min=0.0, help="Power p of the power-cosine schedule."),
+    cfg_channels: Optional[str] = typer.Option(None, "--cfg-channels", help="Guided ε channels: 3 (release) or all."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="SD VAE for latent models: Hub id, folder or .safetensors."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (network under autocast)."),
+    raw: bool = typer.Option(False, "--raw", help="Use the trained weights instead of the EMA."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of the first 64 images."),
+) -> None:
+    from diffit_cli.config import load_preset
+    from diffit_cli.generate import parse_seeds, run_sample
+
+    flags = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "cfg_schedule": cfg_schedule,
+             "cfg_power": cfg_power, "cfg_channels": cfg_channels}
+    sets = list(overrides or []) + [f"sample.{k}={v}" for k, v in flags.items() if v is not None]
+    with _Progress() as progress:
+        result = run_sample(ckpt, parse_seeds(seeds), out, preset=load_preset(preset) if preset else None,
+                            overrides=sets, precision=precision, batch=batch, classes=classes, vae=vae, raw=raw,
+                            grid=grid, progress=progress)
+    if "recipe" in result:
+        console.print(f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
+                      f"recipe {result['recipe']})")
+
+
+class _Progress:
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]sample"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)
+        self.bar.__enter__()
+        self.task, self.t0, self.n = None, None, 0
+        return self
+
+    def __call__(self, e: dict) -> None:
+        import time
+
+        if e["event"] == "start":
+            self.task = self.bar.add_task("sample", total=e["total"], completed=e["total"] - e["todo"], rate="")
+            self.t0 = time.perf_counter()
+        elif e["event"] == "batch":
+            self.n += e["images"]
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=e["images"], rate=f"{rate:.2f} img/s")
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)

@@ -58,8 +58,9 @@ def train_cmd(
     with _Progress() as progress:
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
                       tensorboard=tensorboard, progress=progress)
-    console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
-                  f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'})")
+    if state.main_process:
+        console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
+                      f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'})")
 
 
 class _Progress:

@@ -1,0 +1,91 @@
+"""Checkpoints: atomic writes, the latest pointer, keep-last-K, safe loading, release-format import."""
+
+import pytest
+import torch
+
+from diffit_cli import checkpoint as ck
+from diffit_cli.build import build_network
+from diffit_cli.config import load_preset
+
+from helpers import TINY_VIT, tiny_unet, tiny_vit
+
+
+def _state(preset, net):
+    from diffit_cli.config import dump_preset
+
+    return {"model": net.state_dict(), "ema": net.state_dict(), "optimizer": {}, "nimg": 0, "step": 0,
+            "skipped": 0, "preset": dump_preset(preset)}
+
+
+def test_latest_and_keep(tmp_path):
+    p = tiny_unet()
+    net = build_network(p.model)
+    for nimg in (8, 16, 24, 32):
+        ck.save_checkpoint(tmp_path, _state(p, net), nimg, keep=2)
+    files = sorted(f.name for f in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert files == [ck.checkpoint_name(24), ck.checkpoint_name(32)]
+    assert ck.latest_checkpoint(tmp_path).name == ck.checkpoint_name(32)
+
+
+def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
+    p = tiny_unet()
+    net = build_network(p.model)
+    ck.save_checkpoint(tmp_path, _state(p, net), 8, keep=3)
+
+    def crashing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ck.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, _state(p, net), 16, keep=3)
+    assert ck.latest_checkpoint(tmp_path).name == ck.checkpoint_name(8)
+    assert [f.name for f in (tmp_path / "checkpoints").iterdir() if f.name.startswith(".")] == []
+    ck.load_checkpoint(ck.latest_checkpoint(tmp_path))  # still loads
+
+
+def test_corrupt_and_foreign_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ck.CheckpointError, match="corrupt"):
+        ck.load_checkpoint(bad)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ck.CheckpointError, match="not a diffit"):
+        ck.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load_snapshot(tmp_path / "missing.pt")
+
+
+def test_snapshot_roundtrip_pt_and_safetensors(tmp_path):
+    p = tiny_unet()
+    net = build_network(p.model)
+    ck.save_checkpoint(tmp_path, _state(p, net), 8, keep=1)
+    loaded, preset = ck.load_snapshot(ck.latest_checkpoint(tmp_path))
+    assert preset == p
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    ck.save_safetensors(tmp_path / "w.safetensors", net, p)
+    loaded2, preset2 = ck.load_snapshot(tmp_path / "w.safetensors")
+    assert preset2 == p and all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                                   loaded2.state_dict().values()))
+
+
+def test_release_style_file_needs_preset_and_matching_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tiny_vit()
+    net = build_network(p.model)
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, tmp_path / "release.safetensors")  # no preset metadata, like NVIDIA's files
+    with pytest.raises(ck.CheckpointError, match="--preset"):
+        ck.load_snapshot(tmp_path / "release.safetensors")
+    loaded, _ = ck.load_snapshot(tmp_path / "release.safetensors", preset=p)
+    assert all(torch.equal(a, b) for a, b in zip(sd.values(), loaded.state_dict().values()))
+    wrong = load_preset("imagenet256", [s for s in TINY_VIT if "hidden" not in s] + ["model.hidden_size=64"])
+    with pytest.raises(ck.CheckpointError, match="x_embedder.proj.weight"):
+        ck.load_snapshot(tmp_path / "release.safetensors", preset=wrong)
+
+
+def test_strip_prefixes():
+    sd = {"module._orig_mod.a": 1, "module.b": 2, "c": 3}
+    assert ck.strip_prefixes(sd) == {"a": 1, "b": 2, "c": 3}

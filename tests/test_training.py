@@ -1,0 +1,204 @@
+"""Training loop: loss decreases, exact resume after a kill, one process = two processes, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffit_cli.app import build_app
+from diffit_cli.build import build_diffusion, build_network
+from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
+from diffit_cli.config import dump_preset, load_preset
+from diffit_cli.training import train
+
+from helpers import TINY_UNET, tiny_unet, tiny_vit
+
+
+def _fit_fixed_batch(preset, x0, y=None, steps=25):
+    """Adam on one fixed batch with fixed diffusion noise: the loss must fall."""
+    torch.manual_seed(0)
+    net = build_network(preset.model)
+    diffusion = build_diffusion(preset.diffusion, preset.model)
+    draws = diffusion.training_noise(x0.shape[0], tuple(x0.shape[1:]), torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(steps):
+        loss = diffusion.loss(net, x0, y, **draws).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+    return losses
+
+
+def test_demo_preset_learns_a_fixed_batch():
+    from diffit_cli.data import SyntheticShapes, to_model_space
+
+    p = load_preset("demo")
+    src = SyntheticShapes(32)
+    x0 = to_model_space(torch.stack([src[i][0] for i in range(8)]))
+    _fit_fixed_batch(p, x0)
+
+
+def test_ffhq64_shaped_unet_learns_a_fixed_batch():
+    p = load_preset("ffhq64", ["model.channels=[16, 32, 32, 32]", "model.head_dim=16", "model.time_dim=32",
+                               "model.dropout=0"])
+    assert p.model.blocks == (1, 2, 2, 2) and p.model.window_size == (8, 8, 8, 8)
+    x0 = torch.rand(2, 3, 64, 64) * 2 - 1
+    _fit_fixed_batch(p, x0, steps=15)
+
+
+def test_tiny_latent_vit_learns_fake_latents():
+    p = tiny_vit()
+    x0 = torch.randn(8, 4, 8, 8) * 0.8
+    _fit_fixed_batch(p, x0, y=torch.arange(8) % 4)
+
+
+def _final(run_dir):
+    return load_checkpoint(latest_checkpoint(run_dir))
+
+
+def _assert_same_state(a, b, exact=True):
+    for key in ("model", "ema"):
+        for k in a[key]:
+            if exact:
+                assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
+            else:
+                torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-5, msg=f"{key}.{k}")
+    if exact:
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        for i in sa:
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(sa[i][k], sb[i][k]), f"optimizer {i}.{k}"
+    assert (a["nimg"], a["step"]) == (b["nimg"], b["step"])
+
+
+def test_exact_resume_after_a_kill(tmp_path):
+    p = tiny_unet("train.augment_p=0.5", "model.dropout=0.1")  # randomness in every part of the step
+    train(p, tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_3(event):
+        if event["event"] == "report" and event["step"] == 3:
+            raise Killed  # after the checkpoint at step 2, before the one at step 4
+
+    with pytest.raises(Killed):
+        train(p, tmp_path / "resumed", progress=kill_after_step_3)
+    assert _final(tmp_path / "resumed")["step"] == 2
+    state = train(p, tmp_path / "resumed")
+    assert state.step == 4
+    _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "resumed"), exact=True)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 3, 4]  # step 3 ran twice: once before the kill
+    assert (tmp_path / "resumed" / "samples" / "grid-latest.png").is_file()
+
+
+def test_resume_refuses_a_changed_preset(tmp_path):
+    train(tiny_unet("train.total_kimg=0.008"), tmp_path)
+    with pytest.raises(Exception, match="model.dropout"):
+        train(tiny_unet("train.total_kimg=0.016", "model.dropout=0.2"), tmp_path)
+    state = train(tiny_unet("train.total_kimg=0.016"), tmp_path)  # a longer run is not a different preset
+    assert state.step == 2
+
+
+# Adam turns float-noise gradients of ~0 (e.g. biases feeding a norm) into lr-sized steps; a larger ε
+# keeps those parameters still, so the comparisons below test the batch split, not rounding noise.
+ADAM_EPS = "train.eps=1e-4"
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    p = tiny_unet("train.total_kimg=0.016", ADAM_EPS)
+    train(p, tmp_path / "full")
+    train(p, tmp_path / "accum", batch_gpu=2)  # 4 rounds of 2
+    _assert_same_state(_final(tmp_path / "full"), _final(tmp_path / "accum"), exact=False)
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the one-process result."""
+    p = tiny_unet("train.total_kimg=0.016", "train.batch_gpu=4", ADAM_EPS)
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    train(p, tmp_path / "one")  # one process: 2 accumulation rounds of 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
+           "-m", "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "two")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "× 2 (" in out.stderr, out.stderr[-2000:]  # really two processes
+    _assert_same_state(_final(tmp_path / "one"), _final(tmp_path / "two"), exact=False)
+
+
+def run_cli(*args):
+    return CliRunner().invoke(build_app(), list(args))
+
+
+def test_cli_dry_run_prints_preset_and_parameters():
+    r = run_cli("train", "--preset", "cifar10", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "channels:" in r.output and "# parameters:" in r.output
+
+
+def test_cli_bad_data_path(tmp_path):
+    r = run_cli("train", "--data", str(tmp_path / "nope.zip"), "--run-dir", str(tmp_path / "run"))
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_fp16_on_cpu_is_refused(tmp_path):
+    args = sum([["--set", s] for s in TINY_UNET + ["train.mixed_precision=fp16"]], [])
+    r = run_cli("train", "--run-dir", str(tmp_path / "run"), *args)
+    assert r.exit_code == 2 and "fp16" in r.output and "Traceback" not in r.output
+
+
+def test_cli_preset_errors_exit_2():
+    r = run_cli("train", "--preset", "cifar100", "--dry-run")
+    assert r.exit_code == 2 and "available" in r.output and "Traceback" not in r.output
+    r = run_cli("train", "--set", "model.chanels=3", "--dry-run")
+    assert r.exit_code == 2 and "model.chanels" in r.output and "channels" in r.output
+    r = run_cli("train", "--set", "train.lr", "--dry-run")
+    assert r.exit_code == 2 and "section.key=value" in r.output
+
+
+def test_cli_latents_with_a_pixel_preset(tmp_path):
+    from diffit_cli.data import write_manifest, write_shard  # noqa: F401  (format owned by data.py)
+
+    shards = _fake_latent_shards(tmp_path / "lat")
+    args = sum([["--set", s] for s in TINY_UNET], [])
+    r = run_cli("train", "--data", str(shards), "--run-dir", str(tmp_path / "run"), *args)
+    assert r.exit_code == 2 and "latent" in r.output and "Traceback" not in r.output
+
+
+def _fake_latent_shards(root: Path, n=16, size=8, classes=4):
+    """Latent shards in the encode-latents format with random stats (no VAE needed)."""
+    from diffit_cli.data import read_manifest, shard_name, write_manifest, write_shard
+
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    write_shard(root / shard_name(0), torch.randn(n, 2, 4, size, size, generator=g),
+                torch.rand(n, 2, 4, size, size, generator=g) * 0.1, torch.arange(n) % classes)
+    write_manifest(root, {
+        "format": "diffit-latents", "version": 1, "complete": True, "resolution": size * 8, "latent_channels": 4,
+        "latent_size": size, "scaling_factor": 0.18215, "count": n, "num_classes": classes,
+        "class_names": [f"c{i}" for i in range(classes)], "dtype": "fp32", "shard_size": n,
+        "shards": [{"file": shard_name(0), "count": n}], "vae": "test", "mirror": True,
+    })
+    read_manifest(root)
+    return root
+
+
+def test_tiny_latent_vit_trains_on_shards(tmp_path):
+    shards = _fake_latent_shards(tmp_path / "lat")
+    p = tiny_vit(f"data.path={shards}")
+    state = train(p, tmp_path / "run")
+    assert state.step == 2 and all(np.isfinite(r["loss"]) for r in state.history)
+    assert latest_checkpoint(tmp_path / "run") is not None
