@@ -24,3 +24,20 @@ def tiny_unet(*extra: str):
 
 def tiny_vit(*extra: str):
     return load_preset("imagenet256", TINY_VIT + list(extra))
+
+
+def save_tiny_vae(root):
+    """A random AutoencoderKL with sd-vae-ft-ema's 4-block layout at tiny widths, saved as a folder and a file."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from diffit_cli.codecs import vae_config
+
+    cfg = vae_config()
+    cfg["block_out_channels"] = [32, 32, 64, 64]  # same 4-block layout, tiny widths (groups of 32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(cfg).eval()
+    vae.save_pretrained(root / "folder")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae.safetensors")
+    return root

@@ -15,23 +15,14 @@ from diffit_cli.config import DataConfig
 from diffit_cli.data import DataError, LatentShardSource, make_loader, open_source, shard_name
 from diffit_cli.encode_latents import encode_latents
 
+from helpers import save_tiny_vae
+
 RES = 32
 
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    cfg = vae_config()
-    cfg["block_out_channels"] = [32, 32, 64, 64]  # same 4-block layout, tiny widths (groups of 32)
-    torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(cfg).eval()
-    root = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(root / "folder")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae.safetensors")
-    return root
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")

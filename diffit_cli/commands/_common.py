@@ -28,7 +28,7 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a preset value: sectio
 
 def fail(message: str) -> None:
     """Print one readable error and exit with code 2."""
-    console.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True)
+    console.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
