@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -28,7 +29,8 @@ from diffit_cli.errors import DiffitError
 
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
 RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
-                  "train.batch_gpu", "data.num_workers", "description")
+                  "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
+                  "sample.", "eval.")
 GRID_SEEDS = 64
 
 
@@ -90,14 +92,16 @@ def _resume_check(saved_yaml: str, preset: Preset, force: bool, path: Path) -> N
 
 
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:
-    """Recompute each transformer/res block in the backward pass (memory for compute); returns the count."""
+    """Recompute each outermost DiffiT block / ResBlock in the backward pass (memory for compute); returns the count."""
     from torch.utils.checkpoint import checkpoint
 
-    blocks = [m for m in net.modules() if type(m).__name__ in ("DiffiTBlock", "DiffiTResBlock")]
-    blocks = [m for m in blocks if not any(p is not m and m in list(p.modules()) for p in blocks)]
+    from diffit_cli.core.layers import DiffiTBlock
+    from diffit_cli.core.unet import ResBlock
+
+    inner = {id(c) for m in net.modules() if isinstance(m, ResBlock) for c in m.modules() if c is not m}
+    blocks = [m for m in net.modules() if isinstance(m, (DiffiTBlock, ResBlock)) and id(m) not in inner]
     for m in blocks:
-        fwd = m.forward
-        m.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
     return len(blocks)
 
 
@@ -142,6 +146,12 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
 
     run_dir = Path(run_dir)
     tc = preset.train
+    if tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install 'diffit-cli[tensorboard]'") \
+                from None
     mp = tc.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
@@ -194,14 +204,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     noise_gen = torch.Generator(device)
     total_nimg = int(tc.total_kimg * 1000)
     log_path = run_dir / "log.jsonl"
-    writer = None
-    if tensorboard and accelerator.is_main_process:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install 'diffit-cli[tensorboard]'") \
-                from None
-        writer = SummaryWriter(run_dir / "tensorboard")
+    writer = SummaryWriter(run_dir / "tensorboard") if tensorboard and accelerator.is_main_process else None
 
     def snapshot() -> None:
         accelerator.wait_for_everyone()
@@ -226,7 +229,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
           "params": count_parameters(net)})
     report_every, snap_every = int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
     loss_sum, loss_n = torch.zeros((), device=device), 0
-    t_report, n_report = time.perf_counter(), state.nimg
+    t_report, n_report, data_s = time.perf_counter(), state.nimg, 0.0
     model.train()
     while state.nimg < total_nimg:
         torch.manual_seed(_seed(tc.seed, state.step, rank))  # dropout, label dropout, augmentation
@@ -235,7 +238,10 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, state.nimg)
         for a in range(accum):
-            x0, y = _to_model_space(next(batches), preset, codec, device)
+            t_wait = time.perf_counter()
+            raw_batch = next(batches)
+            data_s += time.perf_counter() - t_wait
+            x0, y = _to_model_space(raw_batch, preset, codec, device)
             aug = None
             if augment is not None:
                 x0, aug = augment(x0)
@@ -271,7 +277,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
             now = time.perf_counter()
             rec = {"kimg": round(state.nimg / 1000, 3), "step": state.step, "loss": loss_avg,
                    "lr": opt.param_groups[0]["lr"], "img_per_s": (state.nimg - n_report) / max(now - t_report, 1e-9),
-                   "skipped": state.skipped,
+                   "data_share": data_s / max(now - t_report, 1e-9), "skipped": state.skipped,
                    "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
             state.history.append(rec)
             if accelerator.is_main_process:
@@ -281,10 +287,10 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
                     for k in ("loss", "lr", "img_per_s"):
                         writer.add_scalar(f"train/{k}", rec[k], state.step)
             emit({"event": "report", **rec, "total_kimg": tc.total_kimg})
-            loss_sum, loss_n, t_report, n_report = torch.zeros((), device=device), 0, now, state.nimg
+            loss_sum, loss_n, t_report, n_report, data_s = torch.zeros((), device=device), 0, now, state.nimg, 0.0
         if done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
             snapshot()
-            t_report, n_report = time.perf_counter(), state.nimg  # img/s counts training time only
+            t_report, n_report, data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
     if writer is not None:
         writer.close()
     emit({"event": "done", "kimg": state.nimg / 1000, "skipped": state.skipped})

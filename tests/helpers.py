@@ -41,3 +41,23 @@ def save_tiny_vae(root):
     vae.save_pretrained(root / "folder")
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae.safetensors")
     return root
+
+
+def fake_latent_shards(root, n=16, size=8, classes=4):
+    """Latent shards in the encode-latents format with random stats (no VAE needed)."""
+    import torch
+
+    from diffit_cli.data import read_manifest, shard_name, write_manifest, write_shard
+
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    write_shard(root / shard_name(0), torch.randn(n, 2, 4, size, size, generator=g),
+                torch.rand(n, 2, 4, size, size, generator=g) * 0.1, torch.arange(n) % classes)
+    write_manifest(root, {
+        "format": "diffit-latents", "version": 1, "complete": True, "resolution": size * 8, "latent_channels": 4,
+        "latent_size": size, "scaling_factor": 0.18215, "count": n, "num_classes": classes,
+        "class_names": [f"c{i}" for i in range(classes)], "dtype": "fp32", "shard_size": n,
+        "shards": [{"file": shard_name(0), "count": n}], "vae": "test", "mirror": True,
+    })
+    read_manifest(root)
+    return root

@@ -113,6 +113,21 @@ def test_fid_grows_with_the_shift(data):
     assert big > 3 * same
 
 
+def test_two_draws_are_much_closer_than_noise(data):
+    noise = np.random.default_rng(5).integers(0, 256, data["arrays"]["a"].shape, dtype=np.uint8)
+    assert fid(data["a"], data["b"]) < 0.1 * fid(data["a"], noise)
+
+
+def test_frechet_distance_matches_the_closed_form():
+    """‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), computed independently for commuting (diagonal) covariances."""
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    v1, v2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    got = M._fid({"mu": mu1, "sigma": np.diag(v1)}, {"mu": mu2, "sigma": np.diag(v2)})
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
 def test_npz_zip_array_and_folder_inputs_agree(data, tmp_path):
     ref = data["b"]
     expected = fid(data["a"], ref)

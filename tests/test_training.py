@@ -17,7 +17,7 @@ from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.config import dump_preset, load_preset
 from diffit_cli.training import train
 
-from helpers import TINY_UNET, tiny_unet, tiny_vit
+from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
 
 
 def _fit_fixed_batch(preset, x0, y=None, steps=25):
@@ -170,35 +170,41 @@ def test_cli_preset_errors_exit_2():
 
 
 def test_cli_latents_with_a_pixel_preset(tmp_path):
-    from diffit_cli.data import write_manifest, write_shard  # noqa: F401  (format owned by data.py)
-
-    shards = _fake_latent_shards(tmp_path / "lat")
+    shards = fake_latent_shards(tmp_path / "lat")
     args = sum([["--set", s] for s in TINY_UNET], [])
     r = run_cli("train", "--data", str(shards), "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 2 and "latent" in r.output and "Traceback" not in r.output
 
 
-def _fake_latent_shards(root: Path, n=16, size=8, classes=4):
-    """Latent shards in the encode-latents format with random stats (no VAE needed)."""
-    from diffit_cli.data import read_manifest, shard_name, write_manifest, write_shard
-
-    root.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    write_shard(root / shard_name(0), torch.randn(n, 2, 4, size, size, generator=g),
-                torch.rand(n, 2, 4, size, size, generator=g) * 0.1, torch.arange(n) % classes)
-    write_manifest(root, {
-        "format": "diffit-latents", "version": 1, "complete": True, "resolution": size * 8, "latent_channels": 4,
-        "latent_size": size, "scaling_factor": 0.18215, "count": n, "num_classes": classes,
-        "class_names": [f"c{i}" for i in range(classes)], "dtype": "fp32", "shard_size": n,
-        "shards": [{"file": shard_name(0), "count": n}], "vae": "test", "mirror": True,
-    })
-    read_manifest(root)
-    return root
-
-
 def test_tiny_latent_vit_trains_on_shards(tmp_path):
-    shards = _fake_latent_shards(tmp_path / "lat")
+    shards = fake_latent_shards(tmp_path / "lat")
     p = tiny_vit(f"data.path={shards}")
     state = train(p, tmp_path / "run")
     assert state.step == 2 and all(np.isfinite(r["loss"]) for r in state.history)
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    from diffit_cli.training import enable_activation_checkpointing
+
+    assert enable_activation_checkpointing(build_network(tiny_unet().model)) == 3  # ResBlocks: 1 + 1 encoder (incl. bottleneck), 1 decoder
+    train(tiny_unet("train.total_kimg=0.008"), tmp_path / "plain")
+    train(tiny_unet("train.total_kimg=0.008", "train.grad_checkpointing=true"), tmp_path / "ckpt")
+    _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "ckpt"), exact=False)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    args = sum([["--set", s] for s in TINY_UNET], [])
+    r = run_cli("train", "--run-dir", str(tmp_path / "run"), "--tensorboard", *args)
+    assert r.exit_code == 2 and "tensorboard" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()  # nothing half-written
