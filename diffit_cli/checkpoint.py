@@ -10,16 +10,14 @@ preset in their metadata; NVIDIA's released DiffiT files do not, so their archit
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from diffit_cli.config import Preset, preset_from_yaml
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import atomic_write, atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
@@ -27,27 +25,6 @@ LATEST = "latest.pt"
 
 class CheckpointError(DiffitError):
     """A missing, corrupt or mismatching checkpoint."""
-
-
-def atomic_write(path: Path | str, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
 
 
 def checkpoint_name(nimg: int) -> str:

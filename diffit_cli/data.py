@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import atomic_write_bytes
 
 NO_LABEL = -1
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"})
@@ -484,17 +485,6 @@ DEFAULT_LATENT_SCALE = 0.18215
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush and fsync, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(path: str | Path, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,

@@ -7,6 +7,7 @@ the batch size and the number of processes never change an image.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from diffit_cli.config import Preset
 from diffit_cli.core.guidance import Guidance
 from diffit_cli.core.samplers import sample as run_sampler
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import atomic_write, atomic_write_bytes
 
 Decode = Callable[[torch.Tensor], np.ndarray]  # model-space batch → uint8 NHWC
 
@@ -154,11 +156,7 @@ def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
 
 def save_png(path: Path | str, image: np.ndarray) -> Path:
     """Write one uint8 HWC image as PNG, atomically."""
-    import io
-
     from PIL import Image
-
-    from diffit_cli.checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, format="PNG")
@@ -217,10 +215,6 @@ class NpzSink:
         return have & set(seeds)
 
     def write(self, seeds: list[int], labels: np.ndarray | None, images: np.ndarray) -> None:
-        import io
-
-        from diffit_cli.checkpoint import atomic_write_bytes
-
         buf = io.BytesIO()
         arrays = {"seeds": np.asarray(seeds, dtype=np.int64), "images": images}
         if labels is not None:
@@ -238,8 +232,6 @@ class NpzSink:
         return np.stack([found[s] for s in seeds])
 
     def finish(self, seeds: list[int]) -> Path:
-        import os
-        import tempfile
         import zipfile
 
         index: dict[int, tuple[Path, int]] = {}
@@ -253,29 +245,26 @@ class NpzSink:
                               "rerun the same command to finish them")
         with np.load(index[seeds[0]][0]) as z:
             h, w, c = z["images"].shape[1:]
-            has_labels = "labels" in z.files
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for key, dtype, shape in [("arr_0", np.uint8, (len(seeds), h, w, c)),
-                                          ("arr_1", np.int64, (len(seeds),))][:2 if has_labels else 1]:
-                    with zf.open(f"{key}.npy", "w", force_zip64=True) as fp:
-                        np.lib.format.write_array_header_2_0(
-                            fp, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                                 "shape": shape})
-                        cache: dict[Path, np.ndarray] = {}
+            members = [("arr_0", "images", np.uint8, (len(seeds), h, w, c))]
+            if "labels" in z.files:
+                members.append(("arr_1", "labels", np.int64, (len(seeds),)))
+
+        def write(f) -> None:  # one .npy member at a time, rows in seed order, one part file in memory
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for member, key, dtype, shape in members:
+                    with zf.open(f"{member}.npy", "w", force_zip64=True) as fp:
+                        np.lib.format.write_array_header_2_0(fp, {
+                            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                            "shape": shape})
+                        loaded: tuple[Path | None, np.ndarray | None] = (None, None)
                         for s in seeds:
-                            f, i = index[s]
-                            if f not in cache:
-                                cache.clear()
-                                with np.load(f) as z:
-                                    cache[f] = z["images" if key == "arr_0" else "labels"]
-                            fp.write(np.ascontiguousarray(cache[f][i], dtype=dtype).tobytes())
-            os.replace(tmp, self.out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                            part, row = index[s]
+                            if loaded[0] != part:
+                                with np.load(part) as z:
+                                    loaded = (part, z[key])
+                            fp.write(np.ascontiguousarray(loaded[1][row], dtype=dtype).tobytes())
+
+        atomic_write(self.out, write)
         for f in self._part_files():
             f.unlink()
         self.parts.rmdir()
@@ -329,7 +318,7 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
 
     from diffit_cli import __version__
     from diffit_cli.build import build_diffusion
-    from diffit_cli.checkpoint import atomic_write_bytes, file_sha256, load_snapshot
+    from diffit_cli.checkpoint import file_sha256, load_snapshot
     from diffit_cli.config import apply_overrides, preset_to_dict, validate_preset
 
     if not seeds:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 import urllib.error
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -61,6 +60,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import atomic_write
 
 __all__ = [
     "INCEPTION",
@@ -727,21 +727,6 @@ def _same_dim(f1: torch.Tensor, f2: torch.Tensor, what: str) -> None:
         )
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_reference(
     dataset,
     out_file,
@@ -784,7 +769,7 @@ def save_reference(
     )
     if features:
         arrays["features"] = feats.numpy().astype(np.float32)
-    _atomic_write(out, lambda f: np.savez(f, **arrays))
+    atomic_write(out, lambda f: np.savez(f, **arrays))
     dim = int(stats["mu"].shape[0])
     return {"path": str(out), "num_images": images.count, "extractor": name, "feature_layer": layer, "dim": dim}
 
@@ -793,5 +778,5 @@ def write_json(data: dict, path) -> Path:
     """Write `data` as indented JSON, atomically (temp file + rename)."""
     path = Path(os.fspath(path)).expanduser()
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path

@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 
 from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters
-from diffit_cli.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffit_cli.config import Preset, diff_presets, dump_preset, preset_from_yaml, preset_to_dict
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import atomic_write_bytes
 
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
 RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",

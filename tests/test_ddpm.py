@@ -14,12 +14,8 @@ from diffit_cli.core.ddpm import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# element-wise loops gain nothing from threads; avoid spin-waits on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D = GaussianDiffusion()

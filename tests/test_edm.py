@@ -8,12 +8,8 @@ import torch
 from diffit_cli.core.edm import EDM, karras_sigmas
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# element-wise loops gain nothing from threads; avoid spin-waits on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zero_net(x_in, c_noise, y=None, **kwargs):

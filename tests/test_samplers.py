@@ -21,13 +21,8 @@ from diffit_cli.core.samplers import SAMPLERS, nfe, sample
 SHAPE = (1, 64, 64)  # per-sample shape: 4,096 scalar samples per row
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These element-wise loops gain nothing from threads; avoid spin-waits on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# element-wise loops gain nothing from threads; avoid spin-waits on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------- exact denoisers
