@@ -19,6 +19,7 @@ import torch
 
 from diffit_cli.config import Preset
 from diffit_cli.core.guidance import Guidance
+from diffit_cli.core.samplers import nfe
 from diffit_cli.core.samplers import sample as run_sampler
 from diffit_cli.errors import DiffitError
 from diffit_cli.fileio import atomic_write, atomic_write_bytes
@@ -338,13 +339,7 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     opts = SamplingOptions.from_preset(preset, precision=precision)
     batch = batch or preset.sample.batch
     class_list = parse_classes(classes, preset.model.num_classes)
-    make_guidance(opts, preset.model.num_classes)  # validate before any work
-    from diffit_cli.core.samplers import get_sampler
-
-    try:
-        get_sampler(opts.sampler)
-    except ValueError as e:
-        raise DiffitError(str(e)) from None
+    make_guidance(opts, preset.model.num_classes)  # validate before any work (the preset checked the rest)
     diffusion = build_diffusion(preset.diffusion, preset.model)
     decode, vae_id = make_decoder(preset, vae, device, opts.precision)
     out = Path(out)
@@ -370,8 +365,6 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         if grid is not None:
             save_png(grid, image_grid(sink.images(seeds[:64])))
         out_path = sink.finish(seeds)
-        from diffit_cli.core.samplers import nfe
-
         recipe = {
             "diffit_version": __version__, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(path, 16),
             "weights": "raw" if raw else "ema", "preset": preset.name, "sampler": opts.sampler, "steps": opts.steps,

@@ -217,9 +217,12 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
             }, state.nimg, tc.keep_checkpoints)
             if codec is not None:  # trained from shards there is no VAE loaded: `diffit sample` decodes those
                 opts = SamplingOptions.from_preset(preset, precision="bf16" if mp == "bf16" else "fp32")
+                k = preset.model.num_classes
+                classes = list(range(min(k, 8))) if k else None  # class-conditional: one class per column
                 images = [imgs for _, _, imgs in generate(ema.net, diffusion, preset, list(range(GRID_SEEDS)),
-                                                          codec.decode, opts=opts, batch=GRID_SEEDS, device=device)]
-                grid = image_grid(images[0])
+                                                          codec.decode, opts=opts, batch=GRID_SEEDS, device=device,
+                                                          classes=classes)]
+                grid = image_grid(images[0], ncol=len(classes) if classes else None)
                 path = save_png(run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", grid)
                 save_png(run_dir / "samples" / "grid-latest.png", grid)
                 emit({"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)})

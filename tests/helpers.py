@@ -7,7 +7,7 @@ TINY_UNET = [
     "model.window_size=[4, 4]", "model.head_dim=8", "model.time_dim=32", "model.mlp_ratio=2.0",
     "train.batch=8", "train.total_kimg=0.032", "train.report_kimg=0.008", "train.snapshot_kimg=0.016",
     "train.lr_rampup_kimg=0", "train.mixed_precision=fp32", "data.num_workers=0", "sample.steps=4",
-    "sample.batch=8",
+    "sample.batch=8", "model.num_classes=0", "data.use_labels=false",
 ]
 
 TINY_VIT = [

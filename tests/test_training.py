@@ -45,7 +45,7 @@ def test_demo_preset_learns_a_fixed_batch():
     p = load_preset("demo")
     src = SyntheticShapes(32)
     x0 = to_model_space(torch.stack([src[i][0] for i in range(8)]))
-    _fit_fixed_batch(p, x0)
+    _fit_fixed_batch(p, x0, y=torch.stack([src[i][1] for i in range(8)]))
 
 
 def test_ffhq64_shaped_unet_learns_a_fixed_batch():
