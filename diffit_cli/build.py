@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from diffit_cli.config import DDPMConfig, EDMConfig, ModelConfig, TrainConfig, UNetConfig, ViTConfig
+from diffit_cli.config import (DDPMConfig, DDPMppConfig, EDMConfig, EDMVEConfig, EDMVPConfig, EncDecConfig, ModelConfig,
+                               TrainConfig, UNetConfig, ViTConfig)
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.edm import EDM
 from diffit_cli.core.unet import ImageDiffiT
@@ -15,12 +16,20 @@ from diffit_cli.core.vit import LatentDiffiT
 
 
 def build_network(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
-    """Network from `preset.model` (ImageDiffiT for `unet`, LatentDiffiT for `vit`)."""
+    """Network from `preset.model` (ImageDiffiT for `unet`, LatentDiffiT for `vit`, ablation baselines otherwise)."""
     kwargs = cfg.model_dump(exclude={"kind"})
     if isinstance(cfg, UNetConfig):
         net = ImageDiffiT(**kwargs)
     elif isinstance(cfg, ViTConfig):
         net = LatentDiffiT(**kwargs)
+    elif isinstance(cfg, EncDecConfig):  # Table 4 baselines
+        from diffit_cli.core.baselines import EncoderDecoder
+
+        net = EncoderDecoder(**kwargs)
+    elif isinstance(cfg, DDPMppConfig):  # Table 5 baseline
+        from diffit_cli.core.ddpmpp import DDPMpp
+
+        net = DDPMpp(**kwargs)
     else:
         raise TypeError(f"unknown model config {type(cfg).__name__}")
     return net if device is None else net.to(device)
@@ -30,6 +39,10 @@ def build_diffusion(cfg: EDMConfig | DDPMConfig, model: ModelConfig):
     """Diffusion object from `preset.diffusion`; the DDPM variance type follows the network's `learn_sigma`."""
     if isinstance(cfg, EDMConfig):
         return EDM(**cfg.model_dump(exclude={"kind"}))
+    if isinstance(cfg, (EDMVPConfig, EDMVEConfig)):  # Table 5: EDM's VP / VE preconditioning
+        from diffit_cli.core.precond import VEPrecond, VPPrecond
+
+        return (VPPrecond if isinstance(cfg, EDMVPConfig) else VEPrecond)(**cfg.model_dump(exclude={"kind"}))
     learn_sigma = getattr(model, "learn_sigma", False)
     return GaussianDiffusion(num_timesteps=cfg.num_timesteps, schedule=cfg.schedule, learn_sigma=learn_sigma)
 

@@ -88,6 +88,107 @@ class ViTConfig(_Section):
         return self
 
 
+def _check_stages(img_resolution: int, channels: tuple, blocks: tuple, window_size: tuple, head_dim: int) -> None:
+    """Per-stage checks shared by the U-shaped baselines (same rules as UNetConfig)."""
+    n = len(channels)
+    if not (len(blocks) == len(window_size) == n) or n == 0:
+        raise ValueError(f"channels, blocks and window_size need one entry per stage; got {len(channels)}, "
+                         f"{len(blocks)} and {len(window_size)}")
+    for i, (c, w) in enumerate(zip(channels, window_size)):
+        res = img_resolution // 2**i
+        if img_resolution % 2**i or res % w:
+            raise ValueError(f"stage {i} has resolution {res}, which window size {w} does not divide")
+        if c % head_dim:
+            raise ValueError(f"stage {i} width {c} is not a multiple of head_dim {head_dim}")
+
+
+class EncDecConfig(_Section):
+    """Table 4 encoder/decoder baselines (SPEC §8; `diffit_cli.core.baselines.EncoderDecoder`).
+
+    The U-shaped fields mean what they mean for `unet`, so a study switches `model.kind` between the two.
+    `encoder`: vit (ViT-Base-style isotropic encoder, `vit_*`, `patch_size`), multires (conv-downsampled stages
+    of plain windowed attention) or diffit (DiffiT ResBlocks with TMSA); `decoder`: setr-mla, multires or
+    diffit. Outside the DiffiT parts time is "adaptively scaled and added" (scale-shift of normalised features).
+    """
+
+    kind: Literal["encdec"]
+    encoder: Literal["vit", "multires", "diffit"] = "multires"
+    decoder: Literal["setr-mla", "multires", "diffit"] = "multires"
+    img_resolution: Pos
+    in_channels: Pos = 3
+    channels: tuple[Pos, ...]
+    blocks: tuple[Annotated[int, Field(ge=0)], ...]
+    window_size: tuple[Pos, ...]
+    head_dim: Pos = 32
+    time_dim: Pos = 512
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    num_classes: Annotated[int, Field(ge=0)] = 0
+    label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    augment_dim: Annotated[int, Field(ge=0)] = 9
+    time_mode: TimeMode = "tmsa"  # of the DiffiT parts
+    time_embedding: Literal["positional", "fourier"] = "positional"
+    patch_size: Pos = 2  # ViT encoder
+    vit_depth: Pos = 12
+    vit_width: Pos = 768
+    vit_heads: Pos = 12
+    mla_channels: Pos = 256  # SETR-MLA decoder
+
+    @property
+    def input_size(self) -> int:
+        """Square input size (what the sampler reads for non-`unet` kinds)."""
+        return self.img_resolution
+
+    @model_validator(mode="after")
+    def _valid(self) -> "EncDecConfig":
+        _check_stages(self.img_resolution, self.channels, self.blocks, self.window_size, self.head_dim)
+        if self.encoder == "vit":
+            if self.decoder != "setr-mla":
+                raise ValueError("a ViT encoder has one resolution: pair it with decoder setr-mla (Table 4 A)")
+            if self.img_resolution % self.patch_size or self.vit_width % self.vit_heads:
+                raise ValueError(f"ViT encoder: img_resolution {self.img_resolution} must be a multiple of patch_size "
+                                 f"{self.patch_size} and vit_width {self.vit_width} of vit_heads {self.vit_heads}")
+        return self
+
+
+class DDPMppConfig(_Section):
+    """DDPM++ U-Net (Song et al. 2021, EDM's CIFAR-10 configuration) whose self-attention is plain or TMSA (Table 5)."""
+
+    kind: Literal["ddpmpp"]
+    img_resolution: Pos
+    in_channels: Pos = 3
+    model_channels: Pos = 128
+    channel_mult: tuple[Pos, ...] = (2, 2, 2)
+    channel_mult_emb: Pos = 4
+    num_blocks: Pos = 4
+    attn_resolutions: tuple[Pos, ...] = (16,)
+    attention: Literal["plain", "tmsa"] = "plain"
+    num_heads: Pos = 1
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.13
+    num_classes: Annotated[int, Field(ge=0)] = 0
+    label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    augment_dim: Annotated[int, Field(ge=0)] = 9
+    time_embedding: Literal["positional", "fourier"] = "positional"
+
+    @property
+    def input_size(self) -> int:
+        """Square input size (what the sampler reads for non-`unet` kinds)."""
+        return self.img_resolution
+
+    @model_validator(mode="after")
+    def _valid(self) -> "DDPMppConfig":
+        levels = [self.img_resolution // 2**i for i in range(len(self.channel_mult))]
+        if self.img_resolution % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"img_resolution {self.img_resolution} cannot be halved {len(self.channel_mult) - 1} times")
+        bad = [r for r in self.attn_resolutions if r not in levels]
+        if bad:
+            raise ValueError(f"attn_resolutions {bad} are not among the U-Net's resolutions {levels}")
+        for m in self.channel_mult:
+            if (self.model_channels * m) % self.num_heads:
+                raise ValueError(f"width {self.model_channels * m} is not a multiple of num_heads {self.num_heads}")
+        return self
+
+
 # ------------------------------------------------------------------------------------------------- diffusion
 class EDMConfig(_Section):
     """EDM preconditioning, loss and σ range (Karras et al. 2022; SPEC §6a)."""
@@ -107,6 +208,33 @@ class DDPMConfig(_Section):
     kind: Literal["ddpm"]
     num_timesteps: Pos = 1000
     schedule: Literal["linear", "cosine"] = "linear"
+
+
+class EDMVPConfig(_Section):
+    """EDM framework with the VP preconditioning and loss (EDM Table 1 "VP"; constants as EDM's VPPrecond).
+
+    `sigma_min`/`sigma_max` are the sampling range (EDM's generate clamps VP's range to [0.002, 80])."""
+
+    kind: Literal["edm-vp"]
+    beta_d: Annotated[float, Field(gt=0)] = 19.9
+    beta_min: Annotated[float, Field(gt=0)] = 0.1
+    M: Pos = 1000
+    epsilon_t: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    sigma_min: Annotated[float, Field(gt=0)] = 0.002
+    sigma_max: Annotated[float, Field(gt=0)] = 80.0
+    rho: Annotated[float, Field(gt=0)] = 7.0
+
+
+class EDMVEConfig(_Section):
+    """EDM framework with the VE preconditioning and loss (EDM Table 1 "VE"; σ trained on [0.02, 100] log-uniform).
+
+    Sampling runs over [sigma_min, min(sigma_max, sample_sigma_max)] (EDM's generate clamps to 80)."""
+
+    kind: Literal["edm-ve"]
+    sigma_min: Annotated[float, Field(gt=0)] = 0.02
+    sigma_max: Annotated[float, Field(gt=0)] = 100.0
+    sample_sigma_max: Annotated[float, Field(gt=0)] = 80.0
+    rho: Annotated[float, Field(gt=0)] = 7.0
 
 
 # ------------------------------------------------------------------------------------------- data / train
@@ -184,8 +312,10 @@ class EvalConfig(_Section):
     batch: Pos = 64
 
 
-ModelConfig = Annotated[Union[UNetConfig, ViTConfig], Field(discriminator="kind")]
-DiffusionConfig = Annotated[Union[EDMConfig, DDPMConfig], Field(discriminator="kind")]
+ModelConfig = Annotated[Union[UNetConfig, ViTConfig, EncDecConfig, DDPMppConfig], Field(discriminator="kind")]
+DiffusionConfig = Annotated[Union[EDMConfig, DDPMConfig, EDMVPConfig, EDMVEConfig], Field(discriminator="kind")]
+_KINDS = {"unet": UNetConfig, "vit": ViTConfig, "encdec": EncDecConfig, "ddpmpp": DDPMppConfig, "edm": EDMConfig,
+          "ddpm": DDPMConfig, "edm-vp": EDMVPConfig, "edm-ve": EDMVEConfig}
 
 
 class Preset(_Section):
@@ -214,6 +344,9 @@ class Preset(_Section):
             raise ValueError("sample.cfg_scale != 1 needs a class-conditional model (model.num_classes > 0)")
         if self.sample.sampler in ("ddpm", "ddim") and self.diffusion.kind != "ddpm":
             raise ValueError(f"sampler {self.sample.sampler!r} needs diffusion.kind ddpm; EDM uses heun/euler/dpmpp-2m")
+        if self.sample.cfg_schedule == "power-cosine" and self.diffusion.kind != "ddpm":
+            raise ValueError("sample.cfg_schedule power-cosine is defined on DDPM steps t (diffusion.kind ddpm); "
+                             "EDM models use constant or interval")
         return self
 
 
@@ -343,8 +476,8 @@ def _section_fields(loc: tuple) -> list[str]:
         if isinstance(part, str) and model is not None and part in getattr(model, "model_fields", {}):
             ann = model.model_fields[part].annotation
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        elif isinstance(part, str) and part in ("unet", "vit", "edm", "ddpm"):
-            model = {"unet": UNetConfig, "vit": ViTConfig, "edm": EDMConfig, "ddpm": DDPMConfig}[part]
+        elif isinstance(part, str) and part in _KINDS:
+            model = _KINDS[part]
     return list(getattr(model, "model_fields", {}) or [])
 
 
@@ -352,7 +485,7 @@ def _explain(err: ValidationError, raw: dict, source: str) -> str:
     lines = []
     for e in err.errors():
         # drop the union tag pydantic inserts (model.unet.channels → model.channels)
-        loc = tuple(p for p in e["loc"] if p not in ("unet", "vit", "edm", "ddpm") or p == e["loc"][-1])
+        loc = tuple(p for p in e["loc"] if p not in _KINDS or p == e["loc"][-1])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(str(loc[-1]), _section_fields(e["loc"]), n=1)

@@ -1,11 +1,138 @@
-"""`diffit ablate` (not built yet: issue #8)."""
+"""`diffit ablate`: a thin wrapper over `diffit_cli.ablation` (the paper's ablation studies) with rich tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import not_built
+from diffit_cli.commands._common import SetOpt, console, user_errors
+
+HELP = """Run one of the paper's ablation studies (SPEC §8: Tables 3-8, Figs. 2, 7a, 7b, 8), or list them.
+
+Each variant is trained, sampled and scored with the same code as `diffit train/sample/eval-fid`, in its own
+run dir under RUNS_DIR (default runs/ablations/STUDY/BUDGET), and the table, CSV, JSON and plots land there.
+Rerunning skips finished variants and resumes unfinished ones. --budget tiny runs on a laptop CPU in minutes
+(built-in data; offline feature extractor when no Inception weights are present: the table says so)."""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("ablate", help="Not built yet (issue #8).")
-    def ablate() -> None:
-        not_built("ablate", 8)
+    app.command("ablate", help=HELP)(ablate_cmd)
+
+
+@user_errors
+def ablate_cmd(
+    study: Optional[str] = typer.Argument(None, help="Study name (see --list) or a study .yaml file."),
+    budget: str = typer.Option("tiny", "--budget", "-b", help="tiny | small | paper."),
+    overrides: Optional[List[str]] = SetOpt,
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Study folder (default runs/ablations/STUDY/BUDGET)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the variants and their resolved differences, then exit."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this variant (repeatable)."),
+    list_: bool = typer.Option(False, "--list", help="List the studies."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint",
+                                             help="Sample-only studies (cfg-scale): a trained .pt/.safetensors or "
+                                                  "REPO:FILE instead of training the base."),
+    feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor",
+                                                    help="torch-fidelity extractor (default: inception-v3-compat; "
+                                                         "at tiny without its weights: diffit-randconv-v1)."),
+) -> None:
+    from diffit_cli import ablation as A
+
+    if list_ or study is None:
+        _list(A)
+        return
+    s = A.load_study(study)
+    if dry_run:
+        _show_plan(A.plan_study(s, budget, overrides, runs_dir, only))
+        return
+    r = A.run_study(s, budget, overrides=overrides, runs_dir=runs_dir, only=only, checkpoint=checkpoint,
+                    feature_extractor=feature_extractor, progress=_Printer())
+    if r.files:
+        _show_result(s, r)
+
+
+def _list(A) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Ablation studies: diffit ablate STUDY [--budget tiny|small|paper] [--dry-run]",
+                  title_justify="left")
+    for col in ("Study", "Kind", "Variants", "Reproduces"):
+        table.add_column(col, no_wrap=col != "Reproduces")
+    for name in A.available_studies():
+        s = A.load_study(name)
+        table.add_row(name, s.kind, str(len(s.variants)), s.source)
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return "–" if v is None else str(v)
+
+
+def _show_plan(plan) -> None:
+    from rich.console import Console
+
+    out = Console()
+    out.print(f"[bold]{plan.title}[/] ({plan.study}, {plan.kind} study)", highlight=False)
+    out.print(f"budget {plan.budget}: {plan.budget_summary}", highlight=False)
+    out.print(f"base preset {plan.base}; runs in {plan.study_dir}", highlight=False)
+    for v in plan.variants:
+        paper = "" if v.paper is None else f", paper {v.paper:g}"
+        out.print(f"\n[bold]{v.name}[/]" + (f" — {v.label}" if v.label else "")
+                  + f"  ({v.network} / {v.diffusion}, {v.parameters:,} parameters{paper}, {v.status})", highlight=False)
+        out.print(f"  overrides: {' '.join(v.overrides) or '–'}", highlight=False)
+        if not v.changes:
+            out.print("  resolved: the base preset", highlight=False)
+        for k, (a, b) in v.changes.items():
+            out.print(f"  {k}: {_fmt(a)} → {_fmt(b)}", highlight=False)
+
+
+def _show_result(study, r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = {"fid": "FID", "attention-change": "attention change"}[study.metric]
+    table = Table(title=f"{study.title} — budget {r.budget}" + (f", extractor {r.extractor}" if r.extractor else ""),
+                  title_justify="left")
+    for col in ("Variant", metric, "Paper", "Difference", "kimg", ""):
+        table.add_column(col, justify="left" if col in ("Variant", "") else "right")
+    for row in r.rows:
+        value, paper, diff = row.get("value"), row.get("paper"), row.get("difference")
+        table.add_row(row["variant"], "–" if value is None else f"{value:.4g}", "–" if paper is None else f"{paper:g}",
+                      "–" if diff is None else f"{diff:+.3g}", "–" if row.get("kimg") is None else f"{row['kimg']:g}",
+                      "skipped (done before)" if row["variant"] in r.skipped else row["status"])
+    out = Console()
+    out.print(table)
+    if r.extractor == "diffit-randconv-v1":
+        out.print("[yellow]note:[/] FID from the offline stand-in extractor diffit-randconv-v1: not comparable with "
+                  "the paper's Inception FID", highlight=False)
+    out.print(f"results: {r.study_dir / 'results.md'} (and .csv, .json, plots)", highlight=False)
+
+
+class _Printer:
+    """One line per variant, stage and training report (stderr)."""
+
+    def __call__(self, e: dict) -> None:
+        kind = e["event"]
+        if kind == "variant":
+            if e["status"] == "start":
+                console.print(f"[bold]variant {e['variant']}[/] ({e['index']}/{e['total']})", highlight=False)
+            elif e["status"] == "skipped":
+                console.print(f"variant {e['variant']}: finished before, skipped", highlight=False)
+            else:
+                value = e.get("value")
+                console.print(f"variant {e['variant']}: [green]done[/]" + (f" ({value:.4g})" if value is not None
+                                                                          else ""), highlight=False)
+        elif kind == "stage":
+            extra = {"train": f" to {e.get('total_kimg', 0):g} kimg", "sample": f" {e.get('images', '')} images",
+                     "reference": f" statistics of {e.get('images', '')} training images",
+                     "metrics": f" ({e.get('extractor')})"}.get(e["stage"], "")
+            console.print(f"  {e['stage']}{extra}", highlight=False)
+        elif kind == "train-report":
+            console.print(f"    {e['kimg']:g}/{e['total_kimg']:g} kimg  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s",
+                          highlight=False)
+        elif kind == "point":
+            console.print(f"  FID at {e['kimg']:g} kimg: {e['value']:.4g}", highlight=False)
