@@ -73,6 +73,8 @@ def test_override_applies_before_validation():
         (["model.window_size=[3, 3, 3]"], ["window size 3"]),
         (["train.augment_p=1.5"], ["train.augment_p", "less than or equal to 1"]),
         (["sample.cfg_scale=2"], ["class-conditional"]),
+        (["sample.sampler=ddpm"], ["diffusion.kind ddpm"]),
+        (["model.num_classes=10", "sample.cfg_scale=2", "sample.cfg_schedule=power-cosine"], ["power-cosine"]),
     ],
 )
 def test_bad_values_name_the_key(override, named):
