@@ -154,6 +154,7 @@ def _draw_panel(panel: Panel, size: tuple[int, int]) -> Image.Image:
         _text(d, (x0 - 7 - lw, yy - lh / 2 - 2), label, fs)
     d.rectangle([x0, y0, x1, y1], outline="black")
 
+    drawn: list[tuple[float, float]] = []  # pixel positions of data, to keep the legend off them
     if bars:
         cats = panel.categories or []
         n_s = max(len(panel.series), 1)
@@ -169,6 +170,7 @@ def _draw_panel(panel: Panel, size: tuple[int, int]) -> Image.Image:
                     continue
                 bx = cx - slot * 0.4 + si * bw
                 d.rectangle([bx + 1, Y(v), bx + bw - 1, Y(max(ylo, 0.0))], fill=PALETTE[si % len(PALETTE)])
+                drawn.extend((bx + bw * k / 4, yy) for k in range(5) for yy in (Y(v), Y(v) - 14))
                 vw, vh = _text_size(d, _fmt(v), fs)
                 _text(d, (bx + bw / 2 - vw / 2, Y(v) - vh - 5), _fmt(v), fs, (60, 60, 60))
     else:
@@ -199,6 +201,9 @@ def _draw_panel(panel: Panel, size: tuple[int, int]) -> Image.Image:
         for si, s in enumerate(panel.series):
             color = PALETTE[si % len(PALETTE)]
             pts = [(X(x), Y(v)) for x, v in sorted(zip(s.x, s.y)) if v is not None and math.isfinite(v)]
+            for (ax, ay), (bx_, by) in zip(pts[:-1], pts[1:]):  # sample the segments for legend placement
+                drawn.extend((ax + (bx_ - ax) * k / 8, ay + (by - ay) * k / 8) for k in range(9))
+            drawn.extend(pts)
             if len(pts) > 1:
                 d.line(pts, fill=color, width=2)
             for px, py in pts:
@@ -225,7 +230,14 @@ def _draw_panel(panel: Panel, size: tuple[int, int]) -> Image.Image:
     if rows and (len(named) > 1 or bars):
         width = max(_text_size(d, n, fs)[0] for n, _ in rows) + 28
         height = 16 * len(rows) + 6
-        lx, ly = x1 - width - 6, y0 + 6
+        corners = [(x1 - width - 6, y0 + 6), (x0 + 6, y0 + 6), (x1 - width - 6, y1 - height - 6),
+                   (x0 + 6, y1 - height - 6)]
+
+        def covered(c: tuple[float, float]) -> int:  # data points (and their segments' samples) under the box
+            return sum(c[0] - 6 <= px <= c[0] + width + 6 and c[1] - 6 <= py <= c[1] + height + 6
+                       for px, py in drawn)
+
+        lx, ly = min(corners, key=covered)
         d.rectangle([lx, ly, lx + width, ly + height], fill="white", outline=(160, 160, 160))
         for i, (name, color) in enumerate(rows):
             yy = ly + 4 + 16 * i
