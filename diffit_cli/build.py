@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from diffit_cli.config import (DDPMConfig, DDPMppConfig, EDMConfig, EDMVEConfig, EDMVPConfig, EncDecConfig, ModelConfig,
-                               TrainConfig, UNetConfig, ViTConfig)
+from diffit_cli.config import DDPMConfig, EDMConfig, EDMVEConfig, EDMVPConfig, ModelConfig, TrainConfig
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.edm import EDM
 from diffit_cli.core.unet import ImageDiffiT
@@ -18,20 +17,20 @@ from diffit_cli.core.vit import LatentDiffiT
 def build_network(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
     """Network from `preset.model` (ImageDiffiT for `unet`, LatentDiffiT for `vit`, ablation baselines otherwise)."""
     kwargs = cfg.model_dump(exclude={"kind"})
-    if isinstance(cfg, UNetConfig):
+    if cfg.kind == "unet":
         net = ImageDiffiT(**kwargs)
-    elif isinstance(cfg, ViTConfig):
+    elif cfg.kind == "vit":
         net = LatentDiffiT(**kwargs)
-    elif isinstance(cfg, EncDecConfig):  # Table 4 baselines
+    elif cfg.kind == "encdec":  # Table 4 baselines
         from diffit_cli.core.baselines import EncoderDecoder
 
         net = EncoderDecoder(**kwargs)
-    elif isinstance(cfg, DDPMppConfig):  # Table 5 baseline
+    elif cfg.kind == "ddpmpp":  # Table 5 baseline
         from diffit_cli.core.ddpmpp import DDPMpp
 
         net = DDPMpp(**kwargs)
     else:
-        raise TypeError(f"unknown model config {type(cfg).__name__}")
+        raise TypeError(f"unknown model kind {cfg.kind!r}")
     return net if device is None else net.to(device)
 
 

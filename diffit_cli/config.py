@@ -88,21 +88,7 @@ class ViTConfig(_Section):
         return self
 
 
-def _check_stages(img_resolution: int, channels: tuple, blocks: tuple, window_size: tuple, head_dim: int) -> None:
-    """Per-stage checks shared by the U-shaped baselines (same rules as UNetConfig)."""
-    n = len(channels)
-    if not (len(blocks) == len(window_size) == n) or n == 0:
-        raise ValueError(f"channels, blocks and window_size need one entry per stage; got {len(channels)}, "
-                         f"{len(blocks)} and {len(window_size)}")
-    for i, (c, w) in enumerate(zip(channels, window_size)):
-        res = img_resolution // 2**i
-        if img_resolution % 2**i or res % w:
-            raise ValueError(f"stage {i} has resolution {res}, which window size {w} does not divide")
-        if c % head_dim:
-            raise ValueError(f"stage {i} width {c} is not a multiple of head_dim {head_dim}")
-
-
-class EncDecConfig(_Section):
+class EncDecConfig(UNetConfig):
     """Table 4 encoder/decoder baselines (SPEC §8; `diffit_cli.core.baselines.EncoderDecoder`).
 
     The U-shaped fields mean what they mean for `unet`, so a study switches `model.kind` between the two.
@@ -111,23 +97,9 @@ class EncDecConfig(_Section):
     diffit. Outside the DiffiT parts time is "adaptively scaled and added" (scale-shift of normalised features).
     """
 
-    kind: Literal["encdec"]
+    kind: Literal["encdec"]  # the U-shaped fields (channels, blocks, ...) are UNetConfig's
     encoder: Literal["vit", "multires", "diffit"] = "multires"
     decoder: Literal["setr-mla", "multires", "diffit"] = "multires"
-    img_resolution: Pos
-    in_channels: Pos = 3
-    channels: tuple[Pos, ...]
-    blocks: tuple[Annotated[int, Field(ge=0)], ...]
-    window_size: tuple[Pos, ...]
-    head_dim: Pos = 32
-    time_dim: Pos = 512
-    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    num_classes: Annotated[int, Field(ge=0)] = 0
-    label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    augment_dim: Annotated[int, Field(ge=0)] = 9
-    time_mode: TimeMode = "tmsa"  # of the DiffiT parts
-    time_embedding: Literal["positional", "fourier"] = "positional"
     patch_size: Pos = 2  # ViT encoder
     vit_depth: Pos = 12
     vit_width: Pos = 768
@@ -141,7 +113,6 @@ class EncDecConfig(_Section):
 
     @model_validator(mode="after")
     def _valid(self) -> "EncDecConfig":
-        _check_stages(self.img_resolution, self.channels, self.blocks, self.window_size, self.head_dim)
         if self.encoder == "vit":
             if self.decoder != "setr-mla":
                 raise ValueError("a ViT encoder has one resolution: pair it with decoder setr-mla (Table 4 A)")

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import TMSA, LabelEmbedder, Mlp, TimestepEmbedder, check_time_mode, init_rpb_and_time
+from .layers import TMSA, LabelEmbedder, Mlp, TimestepEmbedder, check_time_mode, init_rpb_and_time, time_token
 from .unet import Downsample, ResBlock, Upsample, group_norm
 from .vit import sincos_pos_embed_2d
 
@@ -243,13 +243,7 @@ class EncoderDecoder(nn.Module):
 
     def time_token(self, t: torch.Tensor, y: torch.Tensor | None = None,
                    augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t = MLP(emb(t) + A·augment_labels) + label embedding (null class when y is None): (B, time_dim)."""
-        x_t = self.t_embedder(t, augment_labels)
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
-            x_t = x_t + self.y_embedder(y)
-        return x_t
+        return time_token(self.t_embedder, self.y_embedder, t, y, augment_labels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -108,6 +108,17 @@ class LabelEmbedder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ relative position / windows
+def time_token(t_embedder: nn.Module, y_embedder: nn.Module | None, t: torch.Tensor, y: torch.Tensor | None = None,
+               augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC §3: x_t = MLP(emb(t) + A·augment_labels) + label embedding (null class when y is None): (B, time_dim)."""
+    x_t = t_embedder(t, augment_labels)
+    if y_embedder is not None:
+        if y is None:
+            y = torch.full((t.shape[0],), y_embedder.num_classes, dtype=torch.long, device=t.device)
+        x_t = x_t + y_embedder(y)
+    return x_t
+
+
 def relative_position_index(window: int) -> torch.Tensor:
     """Swin index of each token pair's (Δrow, Δcol) into the (2w−1)² table (SPEC §2, release) -> (w², w²)."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import DiffiTBlock, LabelEmbedder, TimestepEmbedder, check_time_mode, init_rpb_and_time
+from .layers import DiffiTBlock, LabelEmbedder, TimestepEmbedder, check_time_mode, init_rpb_and_time, time_token
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -146,13 +146,7 @@ class ImageDiffiT(nn.Module):
 
     def time_token(self, t: torch.Tensor, y: torch.Tensor | None = None,
                    augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t = MLP(emb(t) + A·augment_labels) + label embedding (null class when y is None): (B, time_dim)."""
-        x_t = self.t_embedder(t, augment_labels)
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
-            x_t = x_t + self.y_embedder(y)
-        return x_t
+        return time_token(self.t_embedder, self.y_embedder, t, y, augment_labels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
