@@ -23,6 +23,7 @@ everything up front for those who want it.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -90,7 +91,7 @@ def _check_channels(channels: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- sources
-class Source(torch.utils.data.Dataset):
+class Source(torch.utils.data.Dataset, abc.ABC):
     """Common attributes of every source (see the module docstring for the item contract)."""
 
     kind = "pixel"
@@ -103,13 +104,13 @@ class Source(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @abc.abstractmethod
     def labels(self) -> np.ndarray:
         """All labels in item order (int64, NO_LABEL when unconditional)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:
         """A short hash identifying the content list (names, labels), used by latent manifests."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, {len(self)} items, {self.resolution}², "
@@ -142,8 +143,9 @@ class PixelSource(Source):
     def labels(self) -> np.ndarray:
         return np.tile(self._raw_labels, 2) if self.xflip else self._raw_labels.copy()
 
+    @abc.abstractmethod
     def _decode(self, i: int) -> np.ndarray:
-        raise NotImplementedError
+        """Stored image i → CHW uint8 at `resolution`."""
 
     def _item_name(self, i: int) -> str:
         return f"{self.name}[{i}]"
