@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import TMSA, LabelEmbedder, Mlp, TimestepEmbedder, check_time_mode, init_rpb_and_time, time_token
-from .unet import Downsample, ResBlock, Upsample, group_norm
+from .unet import Downsample, ResBlock, Upsample, group_norm, init_linears_and_conditioning
 from .vit import sincos_pos_embed_2d
 
 ENCODERS = ("vit", "multires", "diffit")
@@ -222,17 +222,7 @@ class EncoderDecoder(nn.Module):
     def _init(self) -> None:
         """ImageDiffiT's scheme: xavier linears, zero biases, N(0, .02) time MLP, zero-init conditioning maps and
         output conv (so every baseline starts from output 0 and unconditioned features)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        init_linears_and_conditioning(self)
         for m in self.modules():
             if isinstance(m, AdaptiveScaleShift):
                 nn.init.zeros_(m.map.weight)

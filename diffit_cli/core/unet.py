@@ -162,9 +162,9 @@ class ImageDiffiT(nn.Module):
         return self.head(h)  # (B, C_out, H, W)
 
 
-def init_image_diffit(model: ImageDiffiT) -> None:
-    """Initialisation following SPEC §5's scheme: xavier linears / zero bias, conv biases zero, time-MLP and label
-    weights N(0, .02), RPB trunc-normal .02, adaLN zero, zero-init head conv (output 0 at init)."""
+def init_linears_and_conditioning(model: nn.Module) -> None:
+    """SPEC §5's scheme for the image-space networks: xavier linears / zero bias, conv biases zero, time-MLP and
+    label weights N(0, .02). The model has `t_embedder` and `y_embedder` (or None)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -176,6 +176,12 @@ def init_image_diffit(model: ImageDiffiT) -> None:
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
     if model.y_embedder is not None:
         nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+
+
+def init_image_diffit(model: ImageDiffiT) -> None:
+    """Initialisation following SPEC §5's scheme (`init_linears_and_conditioning`), RPB trunc-normal .02,
+    adaLN zero, zero-init head conv (output 0 at init)."""
+    init_linears_and_conditioning(model)
     init_rpb_and_time(model)
     nn.init.zeros_(model.head[-1].weight)
     nn.init.zeros_(model.head[-1].bias)
