@@ -1,0 +1,115 @@
+"""CUDA paths (skipped without a GPU; CI has none): fused attention with a bias gradient, bf16/fp16 training,
+checkpoints that load on a CPU, seed-only sampling and pinned-memory loading on the GPU."""
+
+import math
+
+import pytest
+import torch
+
+from diffit_cli.build import build_diffusion, build_network
+from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
+from diffit_cli.core.layers import TMSA
+from diffit_cli.generate import SamplingOptions, sample_batch
+from diffit_cli.training import train
+
+from helpers import fake_latent_shards, tiny_unet, tiny_vit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, sdpa: bool, dtype):
+    attn.use_sdpa = sdpa
+    attn.zero_grad()
+    x = x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        out = attn(x, x_t, hw)
+    (out.float() * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()
+    return out.float(), x.grad.float(), attn.relative_position_bias_table.grad.float().clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window,grid", [(4, 8), (8, 8)], ids=["windowed", "global"])
+def test_fused_attention_matches_the_reference_with_bias_gradient(dtype, window, grid):
+    torch.manual_seed(0)
+    attn = TMSA(64, 4, 32, window).to(CUDA)
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_(0, 1.0)  # a bias that matters
+    x, x_t = torch.randn(3, grid * grid, 64, device=CUDA), torch.randn(3, 32, device=CUDA)
+    ref = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), False, torch.float32)
+    got = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), True, dtype)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    for a, b, name in zip(got, ref, ("output", "input grad", "bias-table grad")):
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < tol, f"{name}: relative error {err:.2e} ({dtype})"
+
+
+def test_latent_vit_bf16_is_close_to_fp32():
+    p = tiny_vit("model.hidden_size=64", "model.num_heads=4")
+    torch.manual_seed(0)
+    net = build_network(p.model, CUDA)
+    for prm in net.parameters():  # leave the zero-initialised output path: random weights everywhere
+        prm.data.normal_(0, 0.05)
+    x, t, y = torch.randn(4, 4, 8, 8, device=CUDA), torch.tensor([1.0, 100, 500, 999], device=CUDA), \
+        torch.arange(4, device=CUDA)
+    with torch.no_grad():
+        ref = net(x, t, y)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = net(x, t, y).float()
+    assert ((got - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def _reports(preset, run_dir):
+    reports = []
+    state = train(preset, run_dir, progress=lambda e: reports.append(e) if e["event"] == "report" else None)
+    return state, reports
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_image_training_on_cuda_and_checkpoint_loads_on_cpu(tmp_path, precision):
+    p = tiny_unet(f"train.mixed_precision={precision}", "train.total_kimg=0.08", "train.snapshot_kimg=0.08",
+                  "train.augment_p=0.3", "data.num_workers=2")
+    state, reports = _reports(p, tmp_path)
+    assert state.step == 10 and all(math.isfinite(r["loss"]) for r in reports)
+    assert reports[-1]["mem_gb"] > 0
+    assert state.skipped < state.step  # fp16: the grad scaler may skip the first steps, never all of them
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path))
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+    net = build_network(p.model)
+    net.load_state_dict(ckpt["ema"])  # a GPU run's weights load on a CPU-only machine
+    assert (tmp_path / "samples" / "grid-latest.png").is_file()
+
+
+def test_latent_training_on_cuda(tmp_path):
+    shards = fake_latent_shards(tmp_path / "lat", n=16)
+    p = tiny_vit("train.mixed_precision=bf16", f"data.path={shards}")
+    state, reports = _reports(p, tmp_path / "run")
+    assert state.step == 2 and all(math.isfinite(r["loss"]) for r in reports)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_each_image_depends_only_on_its_seed_on_cuda(precision):
+    p = tiny_unet("model.num_classes=4")
+    torch.manual_seed(0)
+    net = build_network(p.model, CUDA).eval()
+    for prm in net.parameters():
+        prm.data.normal_(0, 0.05)
+    diffusion = build_diffusion(p.diffusion, p.model)
+    opts = SamplingOptions(steps=4, precision=precision)
+    seeds, labels = [5, 6, 7, 8], torch.tensor([0, 1, 2, 3])
+    whole = sample_batch(net, diffusion, (3, 16, 16), seeds, labels, opts, CUDA, 4)
+    parts = torch.cat([sample_batch(net, diffusion, (3, 16, 16), seeds[:1], labels[:1], opts, CUDA, 4),
+                       sample_batch(net, diffusion, (3, 16, 16), seeds[1:], labels[1:], opts, CUDA, 4)])
+    # kernels may differ with the batch size: equal up to float rounding, far from another seed's image
+    tol = 1e-4 if precision == "fp32" else 3e-2
+    assert (whole - parts).abs().max().item() < tol
+    assert (whole[0] - whole[1]).abs().max().item() > 0.5
+
+
+def test_loader_pins_memory_on_cuda():
+    from diffit_cli.data import SyntheticShapes, make_loader
+
+    loader = make_loader(SyntheticShapes(16, size=64), 8, num_workers=2)
+    images, labels = next(iter(loader))
+    assert images.is_pinned() and images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= set(range(8))
