@@ -139,6 +139,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
           progress: Callable[[dict], None] | None = None) -> TrainState:
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from diffit_cli.augment import AugmentPipe
     from diffit_cli.codecs import make_codec
@@ -157,6 +158,9 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     if mp == "fp16" and not torch.cuda.is_available():
         raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
                          "use --set train.mixed_precision=bf16 (or fp32)")
+    # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
+    # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
+    AcceleratorState._reset_state()
     # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
     accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available())
     device = accelerator.device
@@ -262,12 +266,13 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
                 accelerator.backward(loss.mean() / accum)
             loss_sum += loss.detach().mean()
             loss_n += 1
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if tc.grad_clip is not None:
+        if tc.grad_clip is not None:  # (unscales fp16 gradients first)
             accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip)
-        if bool(finite):  # one host sync per optimizer step: EDM skips non-finite updates
+        if accelerator.scaler is not None:  # fp16: the grad scaler skips non-finite steps and lowers its scale
             opt.step()
+            state.skipped += int(accelerator.optimizer_step_was_skipped)
+        elif bool(torch.stack([torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None]).all()):
+            opt.step()  # one host sync per optimizer step: EDM skips non-finite updates
         else:
             state.skipped += 1
         opt.zero_grad(set_to_none=True)

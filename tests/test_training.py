@@ -103,6 +103,11 @@ def test_exact_resume_after_a_kill(tmp_path):
     assert (tmp_path / "resumed" / "samples" / "grid-latest.png").is_file()
 
 
+def test_one_process_trains_twice_with_different_precisions(tmp_path):
+    assert train(tiny_unet("train.total_kimg=0.008"), tmp_path / "fp32").step == 1
+    assert train(tiny_unet("train.total_kimg=0.008", "train.mixed_precision=bf16"), tmp_path / "bf16").step == 1
+
+
 def test_resume_refuses_a_changed_preset(tmp_path):
     train(tiny_unet("train.total_kimg=0.008"), tmp_path)
     with pytest.raises(Exception, match="model.dropout"):
