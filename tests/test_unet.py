@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffit_cli.core.layers import TIME_MODES, TMSA
-from diffit_cli.core.unet import ResBlock
+from diffit_cli.core.unet import ResBlock, group_norm
 from diffit_cli.models import ImageDiffiT
 
 CIFAR_LIKE = dict(img_resolution=32, channels=(32, 64, 64), blocks=(1, 1, 1), window_size=(4, 4, 4), head_dim=16,
@@ -126,3 +126,24 @@ def test_bf16_autocast_and_plain_attention_path():
         if isinstance(m, TMSA):
             m.use_sdpa = False
     assert torch.allclose(model(x, t), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_on_channels_last_cpu_tensors_matches_plain_group_norm(dtype):
+    torch.manual_seed(0)
+    norm = group_norm(64).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    ref = torch.nn.GroupNorm(32, 64, eps=1e-6).to(dtype)
+    ref.load_state_dict(norm.state_dict())
+    x = (torch.randn(2, 64, 8, 8) * 3 + 1).to(dtype)
+    a = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = x.clone().requires_grad_()
+    out_a, out_b = norm(a), ref(b)
+    assert out_a.is_contiguous(memory_format=torch.channels_last)  # the next conv keeps its memory format
+    g = torch.randn_like(out_b)
+    out_a.backward(g), out_b.backward(g)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(out_a, out_b, **tol)
+    torch.testing.assert_close(a.grad, b.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad, ref.weight.grad, **tol)
