@@ -211,6 +211,7 @@ class EDMVEConfig(_Section):
 # ------------------------------------------------------------------------------------------- data / train
 class DataConfig(_Section):
     path: str | None = None  # None → the built-in synthetic dataset
+    synthetic: Literal["varied", "simple"] = "varied"  # style of the built-in dataset (data.SYNTHETIC_STYLES)
     space: Literal["pixel", "latent"] = "pixel"
     resolution: Pos = 32  # image resolution (latent grid = resolution / 8)
     channels: Pos = 3  # channels the network sees (4 for SD-VAE latents)

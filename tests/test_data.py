@@ -144,6 +144,29 @@ def test_synthetic_is_deterministic_and_classes_differ():
     assert (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).min() > 80
 
 
+def test_simple_synthetic_style_is_centred_upright_and_bright_on_dark():
+    from diffit_cli.config import load_preset
+
+    simple = open_source(load_preset("demo", ["data.synthetic=simple"]).data, synthetic_size=64)
+    assert isinstance(simple, SyntheticShapes) and simple.style == "simple"
+    assert simple.fingerprint() != SyntheticShapes(32, size=64).fingerprint()
+    v = torch.stack([simple[i][0] for i in range(64)]).amax(1)  # HSV value (64, 32, 32)
+    fg = v > 150  # bright shapes (value ≥ 0.8, shading ≥ 0.82) on dark backgrounds (value ≤ 0.42)
+    assert (v.flatten(1).median(1).values < 110).all()  # mostly dark background
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    area = fg.sum((1, 2))
+    cy, cx = (fg * ys).sum((1, 2)) / area, (fg * xs).sum((1, 2)) / area
+    assert ((cy - 15.5).abs().max() < 5) and ((cx - 15.5).abs().max() < 5)  # near the centre
+    assert area.float().mean() > 150 and area.min() > 60  # shapes of 55-75 % of the width
+    squares = fg[1::8].float()  # class 1: upright squares fill their bounding box
+    for m in squares:
+        rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert m.sum() / box > 0.8
+    with pytest.raises(Exception, match="synthetic"):
+        load_preset("demo", ["data.synthetic=hard"])
+
+
 def test_synthetic_is_fast():
     src = SyntheticShapes(32, size=1000)
     best = float("inf")
