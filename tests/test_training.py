@@ -129,6 +129,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     _assert_same_state(_final(tmp_path / "full"), _final(tmp_path / "accum"), exact=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="two processes on one GPU: NCCL needs a GPU per process")
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the one-process result."""
     p = tiny_unet("train.total_kimg=0.016", "train.batch_gpu=4", ADAM_EPS)
