@@ -416,16 +416,16 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def choose_extractor(budget: str, requested: str | None = None) -> str:
-    """Inception (`inception-v3-compat`) when its weights are on this machine or the budget is small/paper; at the
-    tiny/test budgets without them, the offline stand-in `diffit-randconv-v1` (results say so)."""
+def choose_extractor(budget: str, requested: str | None = None, have_weights: bool = False) -> str:
+    """Inception (`inception-v3-compat`) when its weights are on this machine (cached or `have_weights`) or the budget
+    is small/paper; at the tiny/test budgets without them, the offline stand-in `diffit-randconv-v1` (results say so)."""
     from diffit_cli import metrics as M
 
     if requested:
         if requested == M.TEST_EXTRACTOR:
             M.register_test_extractor()
         return requested
-    if get_budget(budget).offline_extractor and not M.inception_weights_cache_path().is_file():
+    if get_budget(budget).offline_extractor and not have_weights and not M.inception_weights_cache_path().is_file():
         return M.register_test_extractor()
     return M.INCEPTION
 
@@ -434,7 +434,7 @@ class _Runner:
     """One `run_study` call: shared state (directory, extractor, reference, process role) and the per-kind steps."""
 
     def __init__(self, study: Study, budget: str, overrides: list[str] | None, sdir: Path, extractor: str | None,
-                 checkpoint: str | None, progress: Progress | None):
+                 checkpoint: str | None, progress: Progress | None, inception_weights: Path | None = None):
         import torch
         from accelerate import PartialState
 
@@ -443,7 +443,7 @@ class _Runner:
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state.is_main_process
         self.emit = progress if (progress is not None and self.main) else (lambda e: None)
-        self.extractor = extractor
+        self.extractor, self.inception_weights = extractor, inception_weights
         self._reference: tuple[str, str] | None = None
         self.base_kimg: float | None = None  # sample studies: training of the sampled network (None: --checkpoint)
 
@@ -466,7 +466,8 @@ class _Runner:
             return {}
         ref, ref_desc = self.reference(preset)
         self.emit({"event": "stage", "stage": "metrics", "extractor": self.extractor})
-        r = compute_metrics(out, ref, metrics=("fid",), feature_extractor=self.extractor, batch=preset.eval.batch)
+        r = compute_metrics(out, ref, metrics=("fid",), feature_extractor=self.extractor, batch=preset.eval.batch,
+                            inception_weights=self.inception_weights)
         return {"value": r["fid"], "num_samples": r["num_samples"], "reference": ref_desc, "precision": precision,
                 "notes": r["notes"]}
 
@@ -501,7 +502,8 @@ class _Runner:
                 dataset = preset.data.path  # folder, zip or npz: streamed
             else:
                 dataset = np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(n)])  # uint8 NHWC
-            save_reference(dataset, path, feature_extractor=self.extractor, batch=preset.eval.batch)
+            save_reference(dataset, path, feature_extractor=self.extractor, batch=preset.eval.batch,
+                           inception_weights=self.inception_weights)
         return str(path), what
 
     def record(self, variant: Variant, preset: Preset, payload: dict, started: float) -> dict:
@@ -623,10 +625,15 @@ class _Runner:
                 "timesteps": list(self.study.timesteps)}
 
 
-def _check_extractor_available(extractor: str | None) -> None:
+def _check_extractor_available(extractor: str | None, inception_weights: Path | None) -> None:
     import os
 
     from diffit_cli import metrics as M
+
+    if inception_weights is not None:
+        if not inception_weights.is_file():
+            raise StudyError(f"--inception-weights {str(inception_weights)!r} is not a file")
+        return
 
     offline = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
                   for k in ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE"))
@@ -653,12 +660,14 @@ def _check_dir(sdir: Path, study: Study, budget: str, extractor: str | None) -> 
 
 def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] | None = None,
               runs_dir: Path | str | None = None, only: list[str] | None = None, checkpoint: str | None = None,
-              feature_extractor: str | None = None, progress: Progress | None = None) -> StudyResult:
+              feature_extractor: str | None = None, inception_weights: Path | str | None = None,
+              progress: Progress | None = None) -> StudyResult:
     """Run (or resume) a study; returns its rows and writes results.{md,csv,json} and plots into the study dir.
 
     `only`: variant names to run (results still list every finished variant). `checkpoint`: for `sample`
     studies, a trained network to sample instead of training the base (a `.pt`, `.safetensors` or REPO:FILE).
-    `progress(event)` receives dict events: variant (status start|skipped|done), stage, train-*, sample-*, point."""
+    `inception_weights`: a local Inception weights file (offline machines; also lifts the tiny budget's fallback to
+    the offline extractor). `progress(event)` receives dict events: variant (status start|skipped|done), stage, train-*, sample-*, point."""
     study = load_study(study) if isinstance(study, (str, Path)) else study
     get_budget(budget)
     sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
@@ -668,9 +677,11 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
     presets = {v.name: resolve_preset(study, v, budget, overrides) for v in study.variants}
     base = resolve_preset(study, None, budget, overrides)
     pinned = _check_dir(sdir, study, budget, feature_extractor)
-    extractor = choose_extractor(budget, feature_extractor or pinned) if study.metric == "fid" else None
-    _check_extractor_available(extractor)
-    runner = _Runner(study, budget, overrides, sdir, extractor, checkpoint, progress)
+    weights = Path(inception_weights).expanduser() if inception_weights is not None else None
+    extractor = choose_extractor(budget, feature_extractor or pinned, weights is not None) \
+        if study.metric == "fid" else None
+    _check_extractor_available(extractor, weights)
+    runner = _Runner(study, budget, overrides, sdir, extractor, checkpoint, progress, weights)
     if runner.main:
         write_json(sdir / "study.json", {"study": study.name, "budget": budget, "extractor": extractor,
                                          "base": study.base})

@@ -280,6 +280,31 @@ def test_cli_list_and_errors():
     assert "window-size" in cli("ablate", "nope").output  # the message lists the valid studies
 
 
+def test_inception_weights_reach_the_metrics(tmp_path, monkeypatch):
+    from diffit_cli import metrics as M
+
+    r = cli("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "a"),
+            "--inception-weights", str(tmp_path / "missing.pth"))
+    assert r.exit_code == 2 and "missing.pth" in r.output and "is not a file" in r.output
+    assert A.choose_extractor("tiny") == TEST_EXTRACTOR  # no weights cached in the tests' TORCH_HOME
+    assert A.choose_extractor("tiny", have_weights=True) == M.INCEPTION
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"weights")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_save_reference(dataset, out_file, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(M, "save_reference", fake_save_reference)
+    with pytest.raises(Stop):  # the reference is computed before any training
+        A.run_study("window-size", "test", runs_dir=tmp_path / "b", inception_weights=weights)
+    assert seen["feature_extractor"] == M.INCEPTION and seen["inception_weights"] == weights
+
+
 def test_plot_helpers():
     from diffit_cli.plots import Panel, Series, colormap, nice_ticks, render_plot
 

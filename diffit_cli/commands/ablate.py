@@ -36,6 +36,8 @@ def ablate_cmd(
     feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor",
                                                     help="torch-fidelity extractor (default: inception-v3-compat; "
                                                          "at tiny without its weights: diffit-randconv-v1)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
+                                                     help="Local Inception weights file (offline machines)."),
 ) -> None:
     from diffit_cli import ablation as A
 
@@ -47,7 +49,7 @@ def ablate_cmd(
         _show_plan(A.plan_study(s, budget, overrides, runs_dir, only))
         return
     r = A.run_study(s, budget, overrides=overrides, runs_dir=runs_dir, only=only, checkpoint=checkpoint,
-                    feature_extractor=feature_extractor, progress=_Printer())
+                    feature_extractor=feature_extractor, inception_weights=inception_weights, progress=_Printer())
     if r.files:
         _show_result(s, r)
 
