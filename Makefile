@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DIFFIT := $(VENV)/bin/diffit
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-cuda install clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# the CUDA checks (the main suite hides GPUs: it pins CPU semantics); needs a GPU
+test-cuda: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 DIFFIT_TEST_CUDA=1 $(PY) -m pytest -q tests/test_cuda.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_networks.py --quick

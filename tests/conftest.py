@@ -1,4 +1,4 @@
-"""Test-wide settings: nothing downloads (HF_HUB_OFFLINE, a private TORCH_HOME)."""
+"""Test-wide settings: nothing downloads (HF_HUB_OFFLINE, a private TORCH_HOME); GPUs hidden unless asked for."""
 
 import os
 import tempfile
@@ -6,6 +6,10 @@ import tempfile
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The suite pins CPU semantics (bit-exact resume, gloo processes, exact seed equality), so it hides GPUs unless
+# DIFFIT_TEST_CUDA=1 asks for the CUDA checks (`make test-cuda` runs tests/test_cuda.py that way).
+if os.environ.get("DIFFIT_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="diffit-torch-home-"))
 os.environ.pop("DIFFIT_DEBUG", None)
 

@@ -1,5 +1,6 @@
-"""CUDA paths (skipped without a GPU; CI has none): fused attention with a bias gradient, bf16/fp16 training,
-checkpoints that load on a CPU, seed-only sampling and pinned-memory loading on the GPU."""
+"""CUDA paths, run by `make test-cuda` (skipped without a GPU or without DIFFIT_TEST_CUDA=1; CI has none): fused
+attention with a bias gradient, bf16/fp16 training, checkpoints that load on a CPU, seed-only sampling and
+pinned-memory loading on the GPU."""
 
 import math
 
@@ -14,7 +15,7 @@ from diffit_cli.training import train
 
 from helpers import fake_latent_shards, tiny_unet, tiny_vit
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and DIFFIT_TEST_CUDA=1")
 CUDA = torch.device("cuda")
 
 
