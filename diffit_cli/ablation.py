@@ -667,7 +667,8 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
     `only`: variant names to run (results still list every finished variant). `checkpoint`: for `sample`
     studies, a trained network to sample instead of training the base (a `.pt`, `.safetensors` or REPO:FILE).
     `inception_weights`: a local Inception weights file (offline machines; also lifts the tiny budget's fallback to
-    the offline extractor). `progress(event)` receives dict events: variant (status start|skipped|done), stage, train-*, sample-*, point."""
+    the offline extractor). `progress(event)` receives dict events: variant (status start|skipped|done), stage,
+    train-*, sample-*, point."""
     study = load_study(study) if isinstance(study, (str, Path)) else study
     get_budget(budget)
     sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
