@@ -43,10 +43,10 @@ def test_demo_preset_learns_a_fixed_batch():
     from diffit_cli.data import SyntheticShapes, to_model_space
 
     p = load_preset("demo")
-    assert p.model.num_classes == 0 and p.data.synthetic == "simple"
+    assert p.model.num_classes == 8 and p.data.synthetic == "simple"
     src = SyntheticShapes(32, style=p.data.synthetic)
     x0 = to_model_space(torch.stack([src[i][0] for i in range(8)]))
-    _fit_fixed_batch(p, x0)
+    _fit_fixed_batch(p, x0, y=torch.stack([src[i][1] for i in range(8)]))
 
 
 def test_ffhq64_shaped_unet_learns_a_fixed_batch():

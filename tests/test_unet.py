@@ -147,3 +147,16 @@ def test_group_norm_on_channels_last_cpu_tensors_matches_plain_group_norm(dtype)
     torch.testing.assert_close(out_a, out_b, **tol)
     torch.testing.assert_close(a.grad, b.grad, **tol)
     torch.testing.assert_close(norm.weight.grad, ref.weight.grad, **tol)
+
+
+def test_label_table_init_follows_edm_in_image_space_and_the_release_in_latent_space():
+    from diffit_cli.models import LatentDiffiT
+
+    torch.manual_seed(0)
+    image = ImageDiffiT(channels=(32, 32), blocks=(1, 1), window_size=4, head_dim=16, time_dim=256, num_classes=10)
+    latent = LatentDiffiT(input_size=8, patch_size=2, in_channels=4, hidden_size=256, depth=1, num_heads=4,
+                          num_classes=10)
+    # EDM's map_label gives unit-scale label rows; DiT/the release keep N(0, .02)
+    assert image.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, abs=0.05)
+    assert latent.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, abs=0.002)
+    assert image.t_embedder.mlp[0].weight.std().item() == pytest.approx(0.02, abs=0.002)

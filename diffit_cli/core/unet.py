@@ -173,8 +173,11 @@ class ImageDiffiT(nn.Module):
 
 
 def init_linears_and_conditioning(model: nn.Module) -> None:
-    """SPEC §5's scheme for the image-space networks: xavier linears / zero bias, conv biases zero, time-MLP and
-    label weights N(0, .02). The model has `t_embedder` and `y_embedder` (or None)."""
+    """SPEC §5's scheme for the image-space networks: xavier linears / zero bias, conv biases zero, time-MLP weights
+    N(0, .02); the label table N(0, 1) as EDM's `map_label` (the paper is silent on image-space labels, EDM is its
+    source there; the latent model keeps the release's .02). With .02 a small class-conditional model ignores its
+    labels for a long time: the demo's grid columns were random shapes after 90 kimg, and are the right classes with
+    unit-scale rows. The model has `t_embedder` and `y_embedder` (or None)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -185,7 +188,7 @@ def init_linears_and_conditioning(model: nn.Module) -> None:
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
     if model.y_embedder is not None:
-        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=1.0)
 
 
 def init_image_diffit(model: ImageDiffiT) -> None:
