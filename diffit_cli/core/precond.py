@@ -30,7 +30,26 @@ from .edm import EDM
 Tensor = torch.Tensor
 
 
-class VPPrecond(EDM):
+class _NoisePrecond(EDM):
+    """What VP and VE share (Table 1): c_skip = 1, λ(σ) = 1/σ², and training σ = `_sigma_from_uniform(u)`, u ~ U(0, 1)
+    (each subclass defines that map: its training distribution)."""
+
+    def c_skip(self, sigma: Tensor) -> Tensor:
+        return torch.ones_like(sigma)
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        return 1 / sigma**2
+
+    def sample_sigma(self, batch: int, device: torch.device | str) -> Tensor:
+        return self._sigma_from_uniform(torch.rand([batch], device=device))
+
+    def training_noise(self, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
+        device = generator.device
+        sigma = self._sigma_from_uniform(torch.rand([batch], generator=generator, device=device))
+        return {"sigma": sigma, "noise": torch.randn((batch, *shape), generator=generator, device=device)}
+
+
+class VPPrecond(_NoisePrecond):
     """VP preconditioning and loss (EDM ``VPPrecond`` / ``VPLoss`` constants)."""
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
@@ -51,9 +70,6 @@ class VPPrecond(EDM):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
 
-    def c_skip(self, sigma: Tensor) -> Tensor:
-        return torch.ones_like(sigma)
-
     def c_out(self, sigma: Tensor) -> Tensor:
         return -sigma
 
@@ -63,25 +79,14 @@ class VPPrecond(EDM):
     def c_noise(self, sigma: Tensor) -> Tensor:
         return ((self.M - 1) * self.sigma_inv(sigma)).to(sigma.dtype)
 
-    def loss_weight(self, sigma: Tensor) -> Tensor:
-        return 1 / sigma**2
-
     def sigma_from_network_time(self, c_noise: Tensor) -> Tensor:
         return self.sigma(c_noise.to(torch.float64) / (self.M - 1)).to(torch.float32)
 
     def _sigma_from_uniform(self, u: Tensor) -> Tensor:
         return self.sigma(1 + u.to(torch.float64) * (self.epsilon_t - 1)).to(torch.float32)
 
-    def sample_sigma(self, batch: int, device: torch.device | str) -> Tensor:
-        return self._sigma_from_uniform(torch.rand([batch], device=device))
 
-    def training_noise(self, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
-        device = generator.device
-        sigma = self._sigma_from_uniform(torch.rand([batch], generator=generator, device=device))
-        return {"sigma": sigma, "noise": torch.randn((batch, *shape), generator=generator, device=device)}
-
-
-class VEPrecond(EDM):
+class VEPrecond(_NoisePrecond):
     """VE preconditioning and loss (EDM ``VEPrecond`` / ``VELoss``): σ log-uniform on [σ_min, σ_max] for training."""
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0, sample_sigma_max: float = 80.0,
@@ -92,9 +97,6 @@ class VEPrecond(EDM):
     def __repr__(self) -> str:
         return f"VEPrecond(sigma_min={self.train_sigma_min}, sigma_max={self.train_sigma_max})"
 
-    def c_skip(self, sigma: Tensor) -> Tensor:
-        return torch.ones_like(sigma)
-
     def c_out(self, sigma: Tensor) -> Tensor:
         return sigma
 
@@ -104,20 +106,9 @@ class VEPrecond(EDM):
     def c_noise(self, sigma: Tensor) -> Tensor:
         return (0.5 * sigma).log()
 
-    def loss_weight(self, sigma: Tensor) -> Tensor:
-        return 1 / sigma**2
-
     def sigma_from_network_time(self, c_noise: Tensor) -> Tensor:
         return 2 * c_noise.to(torch.float32).exp()
 
     def _sigma_from_uniform(self, u: Tensor) -> Tensor:
         lo, hi = math.log(self.train_sigma_min), math.log(self.train_sigma_max)
         return (lo + u * (hi - lo)).exp()
-
-    def sample_sigma(self, batch: int, device: torch.device | str) -> Tensor:
-        return self._sigma_from_uniform(torch.rand([batch], device=device))
-
-    def training_noise(self, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
-        device = generator.device
-        sigma = self._sigma_from_uniform(torch.rand([batch], generator=generator, device=device))
-        return {"sigma": sigma, "noise": torch.randn((batch, *shape), generator=generator, device=device)}
