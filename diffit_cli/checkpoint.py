@@ -39,9 +39,35 @@ def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> P
     link_tmp.unlink(missing_ok=True)
     link_tmp.symlink_to(path.name)
     os.replace(link_tmp, folder / LATEST)  # the pointer moves only once the file is complete
-    for old in sorted(folder.glob("ckpt-*.pt"))[:-keep]:
+    for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
     return path
+
+
+def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
+    """(nimg, path) of every `checkpoints/ckpt-<kimg>.pt`, oldest first."""
+    found = []
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("ckpt-*.pt"):
+        try:
+            found.append((round(float(path.stem[len("ckpt-"):]) * 1000), path))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def last_checkpoint_before(run_dir: Path | str, nimg: int) -> Path | None:
+    """The newest checkpoint saved at or before `nimg` images (the last good one before a loss spike)."""
+    before = [path for n, path in list_checkpoints(run_dir) if n <= nimg]
+    return before[-1] if before else None
+
+
+def set_aside_checkpoints_after(run_dir: Path | str, keep: Path) -> list[Path]:
+    """Rename the checkpoints newer than `keep` to `*.pt.spiked` (kept for inspection, never resumed from)."""
+    moved = []
+    for n, path in list_checkpoints(run_dir):
+        if path.name > keep.name:
+            moved.append(path.rename(path.with_name(path.name + ".spiked")))
+    return moved
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:

@@ -250,6 +250,12 @@ class TrainConfig(_Section):
     keep_checkpoints: Pos = 3
     compile: bool = False
     grad_checkpointing: bool = False
+    # loss-spike watch (diffit_cli.monitor): `spike_patience` reports in a row above `spike_factor` × the running
+    # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`
+    on_spike: Literal["warn", "stop", "rollback"] = "warn"
+    spike_factor: Annotated[float, Field(gt=1)] = 2.0
+    spike_patience: Pos = 3
+    spike_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
 
     @model_validator(mode="after")
     def _one_ema(self) -> "TrainConfig":

@@ -23,16 +23,20 @@ from typing import Callable
 import torch
 
 from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters
-from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffit_cli.checkpoint import (last_checkpoint_before, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                   set_aside_checkpoints_after)
 from diffit_cli.config import Preset, diff_presets, dump_preset, preset_from_yaml, preset_to_dict
+from diffit_cli.core.layers import attention_logit_max
 from diffit_cli.errors import DiffitError
 from diffit_cli.fileio import atomic_write_bytes
+from diffit_cli.monitor import Spike, SpikeDetector
 
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
 RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
                   "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
-                  "sample.", "eval.")
+                  "train.on_spike", "train.spike_", "sample.", "eval.")
 GRID_SEEDS = 64
+PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
 
 class TrainError(DiffitError):
@@ -44,6 +48,10 @@ class TrainState:
     nimg: int = 0  # images seen (global)
     step: int = 0  # optimizer steps
     skipped: int = 0  # steps skipped for non-finite gradients
+    lr_scale: float = 1.0  # learning-rate multiplier, lowered by each spike rollback (train.spike_lr_factor)
+    rollbacks: int = 0
+    stopped: str | None = None  # why the run stopped early (train.on_spike=stop)
+    data_s: float = 0.0  # seconds spent waiting for the data loader since the last report
     history: list = field(default_factory=list)
     main_process: bool = True
 
@@ -134,26 +142,91 @@ def _to_model_space(batch, preset: Preset, codec, device: torch.device):
     return x, y
 
 
+@dataclass
+class _Run:
+    """Everything one `train` call holds: placement, network, optimizer, data stream and the spike monitor."""
+
+    preset: Preset
+    run_dir: Path
+    accelerator: object
+    net: torch.nn.Module  # the raw network (checkpoints, EMA, probes)
+    model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped `net`
+    ema: _Ema
+    opt: torch.optim.Optimizer
+    diffusion: object
+    codec: object
+    dataset: object
+    batch_gpu: int
+    accum: int
+    monitor: SpikeDetector
+    state: TrainState
+    emit: Callable[[dict], None]
+    augment: object = None
+    batches: object = None
+    probe: tuple | None = None  # a few samples of the last micro-batch: the report's attention-logit probe
+    grad_norm_sum: torch.Tensor | None = None
+    grad_norm_max: torch.Tensor | None = None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
 def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, force: bool = False,
           skip_bad_images: bool = False, tensorboard: bool = False,
           progress: Callable[[dict], None] | None = None) -> TrainState:
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists."""
+    summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
+    run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
+    tc, state, acc = preset.train, run.state, run.accelerator
+    ckpt_path = latest_checkpoint(run.run_dir)
+    if ckpt_path is not None:
+        _restore(run, ckpt_path, force)
+    elif acc.is_main_process:
+        atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
+    writer = summary_writer(run.run_dir / "tensorboard") if summary_writer and acc.is_main_process else None
+    _start_stream(run)
+    run.emit({"event": "start", "kimg": state.nimg / 1000, "total_kimg": tc.total_kimg, "world": run.world,
+              "batch_gpu": run.batch_gpu, "accum": run.accum, "device": str(acc.device),
+              "resumed": ckpt_path is not None, "params": count_parameters(run.net)})
+    total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
+    loss_sum, loss_n, t_report, n_report = _zero(run), 0, time.perf_counter(), state.nimg
+    run.model.train()
+    while state.nimg < total_nimg:
+        loss_sum += _step(run)
+        loss_n += run.accum
+        done = state.nimg >= total_nimg
+        if done or state.nimg // report_every > (state.nimg - tc.batch) // report_every:
+            rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report, writer)
+            loss_sum, loss_n, t_report, n_report = _zero(run), 0, time.perf_counter(), state.nimg
+            spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
+            if spike is not None and _on_spike(run, spike):
+                if tc.on_spike == "stop":
+                    break
+                n_report, t_report = state.nimg, time.perf_counter()  # rolled back: continue from the checkpoint
+                continue
+        if done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
+            _snapshot(run)
+            t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
+    if writer is not None:
+        writer.close()
+    run.emit({"event": "done", "kimg": state.nimg / 1000, "skipped": state.skipped, "stopped": state.stopped})
+    acc.end_training()
+    state.main_process = acc.is_main_process
+    return state
+
+
+def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool,
+           progress: Callable[[dict], None] | None) -> _Run:
+    """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from diffit_cli.augment import AugmentPipe
     from diffit_cli.codecs import make_codec
-    from diffit_cli.data import make_loader, open_source
-    from diffit_cli.generate import SamplingOptions, generate, image_grid, save_png
+    from diffit_cli.data import open_source
 
-    run_dir = Path(run_dir)
     tc = preset.train
-    if tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install 'diffit-cli[tensorboard]'") \
-                from None
     mp = tc.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
@@ -164,8 +237,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
     accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available())
     device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batch_gpu, accum = _split_batch(tc.batch, batch_gpu or tc.batch_gpu, world)
+    batch_gpu, accum = _split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = progress if (progress is not None and accelerator.is_main_process) else (lambda e: None)
 
     dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
@@ -184,128 +256,216 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     if tc.grad_checkpointing:
         enable_activation_checkpointing(net)
     opt = build_optimizer(net.parameters(), tc)
-    state = TrainState()
-
-    ckpt_path = latest_checkpoint(run_dir)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-        _resume_check(ckpt["preset"], preset, force, ckpt_path)
-        net.load_state_dict(ckpt["model"])
-        ema.net.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state = TrainState(nimg=ckpt["nimg"], step=ckpt["step"], skipped=ckpt["skipped"])
-        del ckpt
-    elif accelerator.is_main_process:
-        atomic_write_bytes(run_dir / "preset.yaml", dump_preset(preset).encode())
-
     model = torch.compile(net) if tc.compile else net
     model, opt = accelerator.prepare(model, opt)
-    augment = AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None
-    aug_dim = getattr(preset.model, "augment_dim", 0)
-    loader = make_loader(dataset, batch_gpu * world, seed=tc.seed, rank=rank, world_size=world,
-                         num_workers=preset.data.num_workers, pin_memory=device.type == "cuda",
-                         start_index=state.nimg)
-    batches = iter(loader)
-    noise_gen = torch.Generator(device)
-    total_nimg = int(tc.total_kimg * 1000)
-    log_path = run_dir / "log.jsonl"
-    writer = SummaryWriter(run_dir / "tensorboard") if tensorboard and accelerator.is_main_process else None
+    monitor = SpikeDetector(factor=tc.spike_factor, patience=tc.spike_patience)
+    return _Run(preset, run_dir, accelerator, net, model, ema, opt, diffusion, codec, dataset, batch_gpu, accum,
+                monitor, TrainState(), emit, augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None)
 
-    def snapshot() -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_checkpoint(run_dir, {
-                "model": net.state_dict(), "ema": ema.net.state_dict(), "optimizer": opt.state_dict(),
-                "nimg": state.nimg, "step": state.step, "skipped": state.skipped,
-                "preset": dump_preset(preset),
-            }, state.nimg, tc.keep_checkpoints)
-            if codec is not None:  # trained from shards there is no VAE loaded: `diffit sample` decodes those
-                opts = SamplingOptions.from_preset(preset, precision="bf16" if mp == "bf16" else "fp32")
-                k = preset.model.num_classes
-                classes = list(range(min(k, 8))) if k else None  # class-conditional: one class per column
-                images = [imgs for _, _, imgs in generate(ema.net, diffusion, preset, list(range(GRID_SEEDS)),
-                                                          codec.decode, opts=opts, batch=GRID_SEEDS, device=device,
-                                                          classes=classes)]
-                grid = image_grid(images[0], ncol=len(classes) if classes else None)
-                path = save_png(run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", grid)
-                save_png(run_dir / "samples" / "grid-latest.png", grid)
-                emit({"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)})
-        accelerator.wait_for_everyone()
 
-    emit({"event": "start", "kimg": state.nimg / 1000, "total_kimg": tc.total_kimg, "world": world,
-          "batch_gpu": batch_gpu, "accum": accum, "device": str(device), "resumed": ckpt_path is not None,
-          "params": count_parameters(net)})
-    report_every, snap_every = int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
-    loss_sum, loss_n = torch.zeros((), device=device), 0
-    t_report, n_report, data_s = time.perf_counter(), state.nimg, 0.0
-    model.train()
-    while state.nimg < total_nimg:
-        torch.manual_seed(_seed(tc.seed, state.step, rank))  # dropout, label dropout, augmentation
-        noise_gen.manual_seed(_seed(tc.seed, state.step, 1 << 20))
-        draws = None  # diffusion noise (σ or t, and n) for the whole global batch of this step
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(tc, state.nimg)
-        for a in range(accum):
-            t_wait = time.perf_counter()
-            raw_batch = next(batches)
-            data_s += time.perf_counter() - t_wait
-            x0, y = _to_model_space(raw_batch, preset, codec, device)
-            aug = None
-            if augment is not None:
-                x0, aug = augment(x0)
-            elif aug_dim:  # zero labels = "not augmented" (bias-free map): keeps every parameter in the DDP graph
-                aug = x0.new_zeros(x0.shape[0], aug_dim)
-            if draws is None:
-                draws = diffusion.training_noise(tc.batch, tuple(x0.shape[1:]), noise_gen)
-            lo = (a * world + rank) * batch_gpu  # global index of this rank's first sample in this round
-            loss_kwargs = {k: v[lo:lo + batch_gpu] for k, v in draws.items()}
-            sync = a == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = diffusion.loss(model, x0, y, **({"augment_labels": aug} if aug is not None else {}),
-                                      **loss_kwargs)
-                accelerator.backward(loss.mean() / accum)
-            loss_sum += loss.detach().mean()
-            loss_n += 1
-        if tc.grad_clip is not None:  # (unscales fp16 gradients first)
-            accelerator.clip_grad_norm_(net.parameters(), tc.grad_clip)
-        if accelerator.scaler is not None:  # fp16: the grad scaler skips non-finite steps and lowers its scale
-            opt.step()
-            state.skipped += int(accelerator.optimizer_step_was_skipped)
-        elif bool(torch.stack([torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None]).all()):
-            opt.step()  # one host sync per optimizer step: EDM skips non-finite updates
-        else:
-            state.skipped += 1
-        opt.zero_grad(set_to_none=True)
-        state.nimg += tc.batch
-        state.step += 1
-        ema.update(net, edm_ema_beta(tc, state.nimg, tc.batch))
+def _restore(run: _Run, ckpt_path: Path, force: bool = False) -> None:
+    """Load weights, optimizer, counters, learning-rate scale and monitor state from a training checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    _resume_check(ckpt["preset"], run.preset, force, ckpt_path)
+    run.net.load_state_dict(ckpt["model"])
+    run.ema.net.load_state_dict(ckpt["ema"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.state.nimg, run.state.step, run.state.skipped = ckpt["nimg"], ckpt["step"], ckpt["skipped"]
+    run.state.lr_scale = ckpt.get("lr_scale", 1.0)
+    run.state.rollbacks = ckpt.get("rollbacks", 0)
+    if "monitor" in ckpt:
+        run.monitor.load_state_dict(ckpt["monitor"])
 
-        done = state.nimg >= total_nimg
-        if done or state.nimg // report_every > (state.nimg - tc.batch) // report_every:
-            loss_avg = accelerator.reduce(loss_sum / max(loss_n, 1), "mean").item()
-            now = time.perf_counter()
-            rec = {"kimg": round(state.nimg / 1000, 3), "step": state.step, "loss": loss_avg,
-                   "lr": opt.param_groups[0]["lr"], "img_per_s": (state.nimg - n_report) / max(now - t_report, 1e-9),
-                   "data_share": data_s / max(now - t_report, 1e-9), "skipped": state.skipped,
-                   "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-            state.history.append(rec)
-            if accelerator.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if writer is not None:
-                    for k in ("loss", "lr", "img_per_s"):
-                        writer.add_scalar(f"train/{k}", rec[k], state.step)
-            emit({"event": "report", **rec, "total_kimg": tc.total_kimg})
-            loss_sum, loss_n, t_report, n_report, data_s = torch.zeros((), device=device), 0, now, state.nimg, 0.0
-        if done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
-            snapshot()
-            t_report, n_report, data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
-    if writer is not None:
-        writer.close()
-    emit({"event": "done", "kimg": state.nimg / 1000, "skipped": state.skipped})
-    accelerator.end_training()
-    state.main_process = accelerator.is_main_process
-    return state
+
+def _start_stream(run: _Run) -> None:
+    """(Re)open the data stream at the current image count (keyed order: the same batches after a resume)."""
+    from diffit_cli.data import make_loader
+
+    device = run.accelerator.device
+    run.batches = iter(make_loader(run.dataset, run.batch_gpu * run.world, seed=run.preset.train.seed,
+                                   rank=run.accelerator.process_index, world_size=run.world,
+                                   num_workers=run.preset.data.num_workers, pin_memory=device.type == "cuda",
+                                   start_index=run.state.nimg))
+    run.grad_norm_sum, run.grad_norm_max, run.state.data_s = _zero(run), _zero(run), 0.0
+
+
+def _zero(run: _Run) -> torch.Tensor:
+    return torch.zeros((), device=run.accelerator.device)
+
+
+def _step(run: _Run) -> torch.Tensor:
+    """One optimizer step over `accum` micro-batches; returns the summed per-micro-batch mean loss (device)."""
+    tc, state, acc, opt = run.preset.train, run.state, run.accelerator, run.opt
+    rank, world = acc.process_index, run.world
+    torch.manual_seed(_seed(tc.seed, state.step, rank))  # dropout, label dropout, augmentation
+    noise_gen = torch.Generator(acc.device).manual_seed(_seed(tc.seed, state.step, 1 << 20))
+    draws = None  # diffusion noise (σ or t, and n) for the whole global batch of this step
+    for g in opt.param_groups:
+        g["lr"] = learning_rate(tc, state.nimg) * state.lr_scale
+    aug_dim = getattr(run.preset.model, "augment_dim", 0)
+    loss_sum = _zero(run)
+    for a in range(run.accum):
+        t_wait = time.perf_counter()
+        raw_batch = next(run.batches)
+        state.data_s += time.perf_counter() - t_wait
+        x0, y = _to_model_space(raw_batch, run.preset, run.codec, acc.device)
+        aug = None
+        if run.augment is not None:
+            x0, aug = run.augment(x0)
+        elif aug_dim:  # zero labels = "not augmented" (bias-free map): keeps every parameter in the DDP graph
+            aug = x0.new_zeros(x0.shape[0], aug_dim)
+        if draws is None:
+            draws = run.diffusion.training_noise(tc.batch, tuple(x0.shape[1:]), noise_gen)
+        lo = (a * world + rank) * run.batch_gpu  # global index of this rank's first sample in this round
+        kwargs = {k: v[lo:lo + run.batch_gpu] for k, v in draws.items()}
+        if aug is not None:
+            kwargs["augment_labels"] = aug
+        with contextlib.nullcontext() if a == run.accum - 1 else acc.no_sync(run.model):
+            loss = run.diffusion.loss(run.model, x0, y, **kwargs)
+            acc.backward(loss.mean() / run.accum)
+        loss_sum += loss.detach().mean()
+    k = min(PROBE_SAMPLES, run.batch_gpu)
+    run.probe = (x0[:k], None if y is None else y[:k], {n: v[:k] for n, v in kwargs.items()})
+    grad_norm = _clip_and_step(run)
+    opt.zero_grad(set_to_none=True)
+    state.nimg += tc.batch
+    state.step += 1
+    run.ema.update(run.net, edm_ema_beta(tc, state.nimg, tc.batch))
+    finite = torch.isfinite(grad_norm)
+    run.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
+    run.grad_norm_max = torch.maximum(run.grad_norm_max, torch.where(finite, grad_norm, 0.0))
+    return loss_sum
+
+
+def _clip_and_step(run: _Run) -> torch.Tensor:
+    """Global gradient norm (before clipping), optional clipping to `train.grad_clip`, then the optimizer step;
+    a step whose gradients are not finite is skipped (EDM), through the grad scaler for fp16."""
+    tc, acc, state = run.preset.train, run.accelerator, run.state
+    if acc.scaler is not None:  # fp16: unscale first; the grad scaler skips non-finite steps and lowers its scale
+        acc.unscale_gradients()
+    grads = [p.grad for p in run.net.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()  # (no host sync)
+    if tc.grad_clip is not None:
+        torch._foreach_mul_(grads, (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+    if acc.scaler is not None:
+        run.opt.step()
+        state.skipped += int(acc.optimizer_step_was_skipped)
+    elif bool(torch.isfinite(grad_norm)):  # one host sync per optimizer step: EDM skips non-finite updates
+        run.opt.step()
+    else:
+        state.skipped += 1
+    return grad_norm
+
+
+def _attention_logit_max(run: _Run) -> float | None:
+    """Largest pre-softmax attention logit over the network's TMSA layers, probed on a few samples of the last
+    micro-batch under the training precision (at report time only); None for networks without TMSA."""
+    if run.probe is None:
+        return None
+    x0, y, kwargs = run.probe
+    run.net.eval()
+    with run.accelerator.autocast():
+        found = attention_logit_max(run.net, lambda: run.diffusion.loss(run.net, x0, y, **kwargs))
+    run.net.train()
+    return max(v.item() for v in found.values()) if found else None
+
+
+def _report(run: _Run, loss_mean: torch.Tensor, n_report: int, seconds: float, writer) -> dict:
+    """Reduce the interval's figures across processes, append them to log.jsonl and emit a report event."""
+    acc, state, tc = run.accelerator, run.state, run.preset.train
+    steps = max((state.nimg - n_report) // tc.batch, 1)
+    loss, grad_mean, grad_max = acc.reduce(torch.stack([loss_mean, run.grad_norm_sum / steps, run.grad_norm_max]),
+                                           "mean").tolist()
+    rec = {"kimg": round(state.nimg / 1000, 3), "step": state.step, "loss": loss,
+           "lr": run.opt.param_groups[0]["lr"], "img_per_s": (state.nimg - n_report) / max(seconds, 1e-9),
+           "data_share": state.data_s / max(seconds, 1e-9), "skipped": state.skipped,
+           "grad_norm": grad_mean, "grad_norm_max": grad_max, "attn_logit_max": _attention_logit_max(run),
+           "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if acc.device.type == "cuda" else None}
+    run.grad_norm_sum, run.grad_norm_max, state.data_s = _zero(run), _zero(run), 0.0
+    state.history.append(rec)
+    _log(run, rec, writer)
+    run.emit({"event": "report", **rec, "total_kimg": tc.total_kimg})
+    return {**rec, "interval_start": n_report}
+
+
+def _log(run: _Run, rec: dict, writer=None) -> None:
+    if run.accelerator.is_main_process:
+        with open(run.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if writer is not None and "loss" in rec:
+            for k in ("loss", "lr", "img_per_s", "grad_norm", "attn_logit_max"):
+                if rec.get(k) is not None:
+                    writer.add_scalar(f"train/{k}", rec[k], rec["step"])
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--tensorboard needs the tensorboard package: pip install 'diffit-cli[tensorboard]'") from None
+    return SummaryWriter
+
+
+def _on_spike(run: _Run, spike: Spike) -> bool:
+    """Warn about a loss spike (log.jsonl and a `spike` event) and apply `train.on_spike`; True when the loop must
+    stop (stop) or continue from a rolled-back state (rollback), False to go on (warn)."""
+    tc, acc = run.preset.train, run.accelerator
+    good = last_checkpoint_before(run.run_dir, spike.start_nimg)
+    action = tc.on_spike if (tc.on_spike != "rollback" or good is not None) else "stop"
+    event = {"event": "spike", "kimg": spike.kimg, "first_kimg": spike.first_kimg, "loss": spike.loss,
+             "median": spike.median, "ratio": spike.ratio, "checkpoint": None if good is None else str(good),
+             "action": action}
+    if action == "rollback":  # set the newer (suspect) checkpoints aside, lower the good one's lr scale, load it
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            set_aside_checkpoints_after(run.run_dir, good)
+            ckpt = load_checkpoint(good)
+            ckpt["lr_scale"] = ckpt.get("lr_scale", 1.0) * tc.spike_lr_factor
+            ckpt["rollbacks"] = ckpt.get("rollbacks", 0) + 1
+            save_checkpoint(run.run_dir, ckpt, ckpt["nimg"], tc.keep_checkpoints)
+        acc.wait_for_everyone()
+        _restore(run, good, force=True)
+        _start_stream(run)
+        event.update(lr_scale=run.state.lr_scale, rollback_kimg=run.state.nimg / 1000)
+    elif action == "stop":
+        run.state.stopped = (f"loss spike at {spike.kimg:g} kimg ({spike.ratio:.1f}× the running median); "
+                             + (f"last good checkpoint: {good}" if good else "no checkpoint was saved before it"))
+    _log(run, event)
+    run.emit(event)
+    return action != "warn"
+
+
+def _snapshot(run: _Run) -> None:
+    """Checkpoint (weights, EMA, optimizer, counters, lr scale, monitor, preset) and a sample grid of the EMA."""
+    acc, state, tc, preset = run.accelerator, run.state, run.preset.train, run.preset
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_checkpoint(run.run_dir, {
+            "model": run.net.state_dict(), "ema": run.ema.net.state_dict(), "optimizer": run.opt.state_dict(),
+            "nimg": state.nimg, "step": state.step, "skipped": state.skipped, "lr_scale": state.lr_scale,
+            "rollbacks": state.rollbacks, "monitor": run.monitor.state_dict(), "preset": dump_preset(preset),
+        }, state.nimg, tc.keep_checkpoints)
+        if run.codec is not None:  # trained from shards there is no VAE loaded: `diffit sample` decodes those
+            path = _save_grid(run)
+            run.emit({"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)})
+    acc.wait_for_everyone()
+
+
+def _save_grid(run: _Run) -> Path:
+    """64 EMA samples (one class per column when class-conditional) as samples/grid-<kimg>.png and grid-latest.png."""
+    from diffit_cli.generate import SamplingOptions, generate, image_grid, save_png
+
+    preset = run.preset
+    opts = SamplingOptions.from_preset(preset, precision="bf16" if preset.train.mixed_precision == "bf16" else "fp32")
+    k = preset.model.num_classes
+    classes = list(range(min(k, 8))) if k else None  # class-conditional: one class per column
+    images = [imgs for _, _, imgs in generate(run.ema.net, run.diffusion, preset, list(range(GRID_SEEDS)),
+                                              run.codec.decode, opts=opts, batch=GRID_SEEDS,
+                                              device=run.accelerator.device, classes=classes)]
+    grid = image_grid(images[0], ncol=len(classes) if classes else None)
+    path = save_png(run.run_dir / "samples" / f"grid-{run.state.nimg / 1000:012.3f}.png", grid)
+    save_png(run.run_dir / "samples" / "grid-latest.png", grid)
+    return path
 
 
 def dry_run_summary(preset: Preset) -> dict:

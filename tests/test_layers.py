@@ -157,6 +157,26 @@ def test_store_attn_and_key_time_projection_cancels():
 
 
 @pytest.mark.parametrize("mode", TIME_MODES)
+def test_softmax_invariant_key_terms_get_no_gradient(mode):
+    """docs/stability.md: the key's shared term (x_t·W_kt + b_k) cannot change the output, so it must get exactly
+    zero gradient (Adam would turn rounding noise there into steps that grow the logits without bound)."""
+    torch.manual_seed(0)
+    C = 16
+    attn = TMSA(C, 2, 12, window_size=4, time_mode=mode)
+    x, x_t = torch.randn(2, 64, C), torch.randn(2, 12)
+    for autocast in (False, True):
+        attn.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            attn(x, x_t, (8, 8)).float().square().mean().backward()
+        assert torch.count_nonzero(attn.qkv.bias.grad[C:2 * C]) == 0
+        assert torch.count_nonzero(attn.qkv.bias.grad[:C]) > 0
+        if mode == "tmsa":
+            assert torch.count_nonzero(attn.qkv_temb.weight.grad[C:2 * C]) == 0
+            assert torch.count_nonzero(attn.qkv_temb.bias.grad[C:2 * C]) == 0
+            assert torch.count_nonzero(attn.qkv_temb.weight.grad[:C]) > 0
+
+
+@pytest.mark.parametrize("mode", TIME_MODES)
 def test_block_time_modes_forward_backward(mode):
     torch.manual_seed(0)
     block = DiffiTBlock(16, 2, 12, window_size=4, time_mode=mode)

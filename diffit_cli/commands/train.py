@@ -62,9 +62,24 @@ def train_cmd(
     with _Progress() as progress:
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
                       tensorboard=tensorboard, progress=progress)
+    if state.stopped:
+        if state.main_process:
+            console.print(f"[bold red]stopped:[/] {state.stopped} (train.on_spike=stop)", highlight=False)
+        raise typer.Exit(code=1)
     if state.main_process:
         console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
                       f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'})")
+
+
+def _spike_message(e: dict) -> str:
+    where = f"last good checkpoint: {e['checkpoint']}" if e["checkpoint"] else "no checkpoint was saved before it"
+    head = (f"[bold yellow]warning:[/] loss spike at {e['kimg']:g} kimg: {e['loss']:.4g} is {e['ratio']:.1f}× the "
+            f"running median {e['median']:.4g} since {e['first_kimg']:g} kimg; {where}")
+    if e["action"] == "rollback":
+        return head + f" — rolled back to it with the learning rate × {e['lr_scale']:g}"
+    if e["action"] == "warn":
+        return head + " — continuing (set train.on_spike=rollback or stop to act on spikes)"
+    return head
 
 
 class _Progress:
@@ -90,6 +105,10 @@ class _Progress:
         elif kind == "report" and self.task is not None:
             info = f"loss {e['loss']:.4f}  {e['img_per_s']:.1f} img/s" + (f"  skipped {e['skipped']}" if e["skipped"] else "")
             self.bar.update(self.task, completed=e["kimg"], info=info)
+        elif kind == "spike":
+            self.bar.console.print(_spike_message(e), highlight=False)
+            if e["action"] == "rollback":
+                self.bar.update(self.task, completed=e["rollback_kimg"])
         elif kind == "snapshot":
             self.bar.console.print(f"snapshot at {e['kimg']:.1f} kimg → {e['grid']}")
 

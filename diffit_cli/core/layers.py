@@ -218,18 +218,31 @@ class TMSA(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B', heads, N, N')
         return attn.add_(bias).softmax(dim=-1) @ v  # in-place bias: matmul's backward never needs its output
 
-    def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
-                hw: tuple[int, int] | None = None) -> torch.Tensor:
+    def shared_qkv(self, x_t: torch.Tensor | None) -> torch.Tensor | None:
+        """What every token of a sample adds to its q, k, v: x_t·W_t (Eq. 3–5, TMSA) plus the qkv bias, as
+        (B or 1, 1, 3C), with the **key** third left out. A key term shared by all tokens adds q·k_t to every logit
+        of a query's row, which softmax ignores (Eq. 6), so the output is exactly the paper's. Kept in, its true
+        gradient is zero and its computed one rounding noise, which Adam turns into learning-rate-sized steps: W_kt
+        grew without bound on real data until the logits lost their bf16 precision (docs/stability.md)."""
+        shared = self.qkv.bias
+        if self.time_mode == "tmsa":
+            shared = self.qkv_temb(x_t) if shared is None else self.qkv_temb(x_t) + shared  # (B, 3C)
+        if shared is None:
+            return None
+        q_t, _, v_t = shared.chunk(3, dim=-1)
+        return torch.cat([q_t, torch.zeros_like(q_t), v_t], dim=-1).unsqueeze(-2)  # (B or 1, 1, 3C)
+
+    def heads(self, x: torch.Tensor, x_t: torch.Tensor | None, hw: tuple[int, int] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 3–5: (B, N, C) tokens → q, k, v (B·nW, heads, n, d) per window and the bias B (…, n, n[+1])."""
         B, N, C = x.shape
         H, W = hw if hw is not None else (math.isqrt(N), math.isqrt(N))
         w, heads, d = self.window_size, self.num_heads, self.head_dim
         n, nW = w * w, (H // w) * (W // w)
-        if self.time_mode == "tmsa":  # spatial GEMM, then qkv bias + x_t·W_t added in place, broadcast over tokens
-            qkv = F.linear(x, self.qkv.weight)  # (B, N, 3C)
-            temb = self.qkv_temb(x_t) if self.qkv.bias is None else self.qkv_temb(x_t) + self.qkv.bias
-            qkv = qkv.add_(temb.unsqueeze(1).to(qkv.dtype))
-        else:
-            qkv = self.qkv(x)  # (B, N, 3C)
+        qkv = F.linear(x, self.qkv.weight)  # (B, N, 3C): spatial GEMM, then the per-sample term broadcast over tokens
+        shared = self.shared_qkv(x_t)
+        if shared is not None:
+            qkv = qkv.add_(shared.to(qkv.dtype))
         if nW > 1:
             qkv = window_partition(qkv.view(B, H, W, 3 * C), w)  # (B·nW, w², 3C)
         q, k, v = qkv.reshape(B * nW, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B·nW, heads, n, d)
@@ -240,10 +253,45 @@ class TMSA(nn.Module):
             kt, vt = self.kv_temb(x_t).to(k.dtype).view(B, 2, heads, 1, d).repeat_interleave(nW, dim=0).unbind(1)
             k, v = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)  # (B·nW, heads, n+1, d)
             bias = F.pad(bias, (0, 1))  # (heads, n, n+1): no positional bias towards the time token
-        out = self.attend(q, k, v, bias).transpose(1, 2).reshape(B * nW, n, C)  # (B·nW, n, C)
-        if nW > 1:
-            out = window_merge(out, w, H, W)  # (B, H, W, C)
+        return q, k, v, bias
+
+    def logits(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
+               hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """The pre-softmax attention logits q·kᵀ/√d + B (Eq. 6), in float32: (B·nW, heads, n, n[+1])."""
+        q, k, _, bias = self.heads(x, x_t, hw)
+        return (q.float() * self.scale) @ k.float().transpose(-2, -1) + bias.float()
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
+                hw: tuple[int, int] | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = hw if hw is not None else (math.isqrt(N), math.isqrt(N))
+        q, k, v, bias = self.heads(x, x_t, hw)
+        out = self.attend(q, k, v, bias).transpose(1, 2).reshape(-1, self.window_size ** 2, C)  # (B·nW, n, C)
+        if out.shape[0] > B:
+            out = window_merge(out, self.window_size, H, W)  # (B, H, W, C)
         return self.proj(out.reshape(B, N, C))
+
+
+def attention_logit_max(net: nn.Module, run) -> dict[str, torch.Tensor]:
+    """Largest pre-softmax logit of every TMSA in `net` during the forward pass `run()`, as 0-dim device tensors
+    keyed by module name (no host sync; a diagnostic: it recomputes each layer's logits explicitly)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, kwargs, output):
+            inputs = dict(zip(("x", "x_t", "hw"), args), **kwargs)
+            found[name] = module.logits(**inputs).amax()
+        return record
+
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in net.named_modules()
+               if isinstance(m, TMSA)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 # --------------------------------------------------------------------------------------------- DiffiT block
