@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from diffit_cli.codecs import DEFAULT_VAE, VAECodec
+from diffit_cli.data.loader import unwrap_worker_error
 from diffit_cli.data import (
     LATENT_FORMAT,
     LATENT_FORMAT_VERSION,
@@ -33,7 +34,6 @@ from diffit_cli.data import (
     read_manifest,
     shard_count,
     shard_name,
-    _unwrap_worker_error,
     write_manifest,
     write_shard,
 )
@@ -214,4 +214,4 @@ def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, 
                 means, stds, labels = [], [], []
                 report.shard(0, skipped=False)
     except DataError as e:  # re-raised from a worker with its traceback in the message
-        raise DataError(_unwrap_worker_error(str(e))) from None
+        raise DataError(unwrap_worker_error(str(e))) from None

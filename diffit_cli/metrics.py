@@ -59,6 +59,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
+from diffit_cli.data.images import IMAGE_EXTENSIONS, folder_image_names, npz_batches, npz_header, zip_image_names
 from diffit_cli.errors import DiffitError
 from diffit_cli.fileio import atomic_write
 
@@ -80,7 +81,6 @@ METRICS = ("fid", "is", "kid", "pr")
 _ALIASES = {"fid": "fid", "is": "is", "isc": "is", "kid": "kid", "pr": "pr", "prc": "pr"}
 _ALIASES.update(precision="pr", recall="pr")
 _LABEL = {"fid": "FID", "is": "IS", "kid": "KID", "pr": "precision/recall"}
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FID_PROTOCOL_SAMPLES = 50_000
 DOWNLOAD_TIMEOUT_S = 30
 SEED = 2020  # torch-fidelity's default rng_seed: IS split shuffle, KID subsets
@@ -208,9 +208,9 @@ def _decoded_batches(names: list[str], load: Callable[[str], np.ndarray], size: 
 
 
 def _folder_images(path: Path) -> _Images:
-    files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = [str(path / name) for name in folder_image_names(path)]  # the image set training reads, too
     if not files:
-        raise DiffitError(f"no images ({', '.join(IMAGE_EXTS)}) found under folder {path}")
+        raise DiffitError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under folder {path}")
 
     def load(f: str) -> np.ndarray:
         try:
@@ -225,13 +225,11 @@ def _folder_images(path: Path) -> _Images:
 def _zip_images(path: Path) -> _Images:
     try:
         with zipfile.ZipFile(path) as zf:
-            names = sorted(
-                n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTS) and not n.startswith("__MACOSX/")
-            )
+            names = zip_image_names(zf)
     except (zipfile.BadZipFile, OSError) as e:
         raise DiffitError(f"{path} is not a readable zip file: {e}") from None
     if not names:
-        raise DiffitError(f"zip {path} contains no images ({', '.join(IMAGE_EXTS)})")
+        raise DiffitError(f"zip {path} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
 
     def batches(size: int) -> Iterator[np.ndarray]:
         with zipfile.ZipFile(path) as zf:
@@ -257,43 +255,12 @@ def _rgb(batch: np.ndarray) -> np.ndarray:
     return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
 
 
-def _read_npy_header(f) -> tuple:
-    version = np.lib.format.read_magic(f)
-    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return reader(f)
-
-
-def _npz_member_header(path: Path, member: str = "arr_0") -> tuple:
-    """(shape, fortran_order, dtype) of one npz member, without reading its data."""
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open(member + ".npy") as f:
-            return _read_npy_header(f)
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise DiffitError(f"cannot read {member} in {path}: {e}") from None
-
-
 def _npz_member_images(path: Path, member: str = "arr_0") -> _Images:
     """Stream `member` of an npz in batches (works for np.savez and np.savez_compressed)."""
-    shape, fortran, dtype = _npz_member_header(path, member)
+    shape, _, dtype = npz_header(path, member)
     _check_image_array(shape, dtype, f"{member} in {path}")
-    per_image = int(np.prod(shape[1:]))
-
-    def batches(size: int) -> Iterator[np.ndarray]:
-        if fortran:  # rare; fall back to loading the whole array
-            arr = np.load(path, allow_pickle=False)[member]
-            for start in range(0, len(arr), size):
-                yield _rgb(np.ascontiguousarray(arr[start : start + size]))
-            return
-        with zipfile.ZipFile(path) as zf, zf.open(member + ".npy") as f:
-            _read_npy_header(f)
-            for start in range(0, shape[0], size):
-                n = min(size, shape[0] - start)
-                buf = f.read(n * per_image)
-                if len(buf) != n * per_image:
-                    raise DiffitError(f"{path} is truncated ({member} ends after {start} images)")
-                yield _rgb(np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape[1:]).copy())
-
-    return _Images(f"{path} ({member})", int(shape[0]), batches)
+    return _Images(f"{path} ({member})", int(shape[0]),
+                   lambda size: (_rgb(batch) for batch in npz_batches(path, member, size)))
 
 
 def _array_images(arr) -> _Images:
@@ -356,7 +323,7 @@ def _read_stats(path: Path, keys: list[str]) -> _Stats:
         raise DiffitError(f"statistics file {path}: `features` must be (N, {mu.shape[0]}); got {features.shape}")
     images = None
     if "arr_0" in keys and features is None:
-        shape = _npz_member_header(path)[0]
+        shape = npz_header(path)[0]
         if len(shape) == 2:  # per-image features rather than images
             with np.load(path, allow_pickle=False) as z:
                 features = np.asarray(z["arr_0"], dtype=np.float32)
