@@ -142,11 +142,9 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
 
 
-def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True,
-                  device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Preset]:
-    """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file (DESIGN §3)."""
-    from diffit_cli.build import build_network
-
+def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True) -> tuple[dict, Preset]:
+    """(weights, preset) from a `.pt` checkpoint or a `.safetensors` file, without building a network (DESIGN §3):
+    callers check their settings against the preset before any model exists."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -161,11 +159,25 @@ def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool =
         state = load_checkpoint(path)
         preset = preset if preset is not None else preset_from_yaml(state["preset"], str(path))
         weights = state["ema" if ema else "model"]
-    weights = strip_prefixes(weights)
+    return strip_prefixes(weights), preset
+
+
+def snapshot_network(weights: dict, preset: Preset, source: str, device: torch.device | str = "cpu"
+                     ) -> torch.nn.Module:
+    """The preset's network with `weights` loaded (checked key by key), in eval mode without gradients."""
+    from diffit_cli.build import build_network
+
     net = build_network(preset.model)
-    check_state_dict(net, weights, repr(str(path)))
+    check_state_dict(net, weights, repr(source))
     net.load_state_dict(weights, strict=True)
-    return net.eval().requires_grad_(False).to(device), preset
+    return net.eval().requires_grad_(False).to(device)
+
+
+def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True,
+                  device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Preset]:
+    """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file (DESIGN §3)."""
+    weights, preset = read_snapshot(path, preset=preset, ema=ema)
+    return snapshot_network(weights, preset, str(path), device), preset
 
 
 def save_safetensors(path: Path | str, net: torch.nn.Module, preset: Preset) -> Path:

@@ -7,6 +7,7 @@ that names the key. Every value that SPEC.md fixes is cited in the shipped YAML 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -266,14 +267,32 @@ class TrainConfig(_Section):
         return self
 
 
+class GuidanceConfig(_Section):
+    """Classifier-free guidance: exactly the fields of `core.guidance.Guidance` (its null class is the model's
+    `num_classes`). `channels`: how many prediction channels are guided (3 = the release's three-channel CFG)."""
+
+    scale: Annotated[float, Field(ge=0)] = 1.0
+    schedule: Literal["constant", "power-cosine", "interval"] = "constant"
+    power: Annotated[float, Field(gt=0)] = 4.0
+    channels: Pos | Literal["all"] = 3
+    interval: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.28, 5.42)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "GuidanceConfig":
+        if not self.interval[0] < self.interval[1]:
+            raise ValueError(f"interval must be (σ_lo, σ_hi) with σ_lo < σ_hi, got {self.interval}")
+        return self
+
+
+# Flat `sample.cfg_*` keys of presets and checkpoints written before `sample.guidance` existed (read only).
+_LEGACY_GUIDANCE_KEYS = {"cfg_scale": "scale", "cfg_schedule": "schedule", "cfg_power": "power",
+                         "cfg_channels": "channels", "cfg_interval": "interval"}
+
+
 class SampleConfig(_Section):
     sampler: Literal["heun", "euler", "ddpm", "ddim", "dpmpp-2m"] = "heun"
     steps: Pos = 18
-    cfg_scale: Annotated[float, Field(ge=0)] = 1.0
-    cfg_schedule: Literal["constant", "power-cosine", "interval"] = "constant"
-    cfg_power: Annotated[float, Field(gt=0)] = 4.0
-    cfg_channels: Pos | Literal["all"] = 3
-    cfg_interval: tuple[float, float] = (0.28, 5.42)
+    guidance: GuidanceConfig = GuidanceConfig()
     s_churn: Annotated[float, Field(ge=0)] = 0.0
     s_min: Annotated[float, Field(ge=0)] = 0.0
     s_max: float = float("inf")
@@ -281,6 +300,26 @@ class SampleConfig(_Section):
     eta: Annotated[float, Field(ge=0, le=1)] = 0.0
     batch: Pos = 64
     num_images: Pos = 50000
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_guidance_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and any(k in raw for k in _LEGACY_GUIDANCE_KEYS):
+            raw = dict(raw)
+            guidance = dict(raw.get("guidance") or {})
+            for old, new in _LEGACY_GUIDANCE_KEYS.items():
+                if old in raw:
+                    guidance[new] = raw.pop(old)
+            raw["guidance"] = guidance
+        return raw
+
+    def sampler_kwargs(self) -> dict:
+        """The stochastic settings the chosen sampler takes (EDM Alg. 2 churn for heun/euler, η for ddim)."""
+        if self.sampler in ("heun", "euler"):
+            return {"S_churn": self.s_churn, "S_min": self.s_min, "S_max": self.s_max, "S_noise": self.s_noise}
+        if self.sampler == "ddim":
+            return {"eta": self.eta}
+        return {}
 
 
 class EvalConfig(_Section):
@@ -318,12 +357,16 @@ class Preset(_Section):
             )
         if m.in_channels != d.channels:
             raise ValueError(f"model.in_channels {m.in_channels} does not match data.channels {d.channels}")
-        if self.sample.cfg_scale != 1.0 and m.num_classes == 0:
-            raise ValueError("sample.cfg_scale != 1 needs a class-conditional model (model.num_classes > 0)")
+        g = self.sample.guidance
+        if g.scale != 1.0 and m.num_classes == 0:
+            raise ValueError("sample.guidance.scale != 1 needs a class-conditional model (model.num_classes > 0)")
+        if g.channels != "all" and g.channels > m.in_channels:
+            raise ValueError(f"sample.guidance.channels {g.channels}: the model predicts {m.in_channels} channels; "
+                             f"use 1..{m.in_channels} or all")
         if self.sample.sampler in ("ddpm", "ddim") and self.diffusion.kind != "ddpm":
             raise ValueError(f"sampler {self.sample.sampler!r} needs diffusion.kind ddpm; EDM uses heun/euler/dpmpp-2m")
-        if self.sample.cfg_schedule == "power-cosine" and self.diffusion.kind != "ddpm":
-            raise ValueError("sample.cfg_schedule power-cosine is defined on DDPM steps t (diffusion.kind ddpm); "
+        if g.schedule == "power-cosine" and self.diffusion.kind != "ddpm":
+            raise ValueError("sample.guidance.schedule power-cosine is defined on DDPM steps t (diffusion.kind ddpm); "
                              "EDM models use constant or interval")
         return self
 
@@ -372,8 +415,6 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Return a copy of the raw preset dict with `--set` overrides applied (before validation)."""
-    import copy
-
     out = copy.deepcopy(raw)
     for keys, value in parse_overrides(overrides):
         node = out
@@ -382,6 +423,30 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                 raise PresetError(f"--set {'.'.join(keys)}: {'.'.join(keys[:depth + 1])} is a value, not a section")
             node = node.setdefault(k, {})
         node[keys[-1]] = value
+    return out
+
+
+def check_sample_values(values: dict[str, Any]) -> None:
+    """Validate typed `sample` values (the `diffit sample` flags) on their own, before any checkpoint is read: a bad
+    enumerated value names the valid ones. Checks that need the model (guidance channels) come with the preset."""
+    try:
+        SampleConfig.model_validate(set_values({}, values))
+    except ValidationError as e:
+        raise PresetError(_explain(e, values, "sampling flags").replace("fix the preset file or the --set value",
+                                                                         "fix the flag")) from None
+
+
+def set_values(raw: dict, values: dict[str, Any] | None) -> dict:
+    """A copy of the raw preset dict with typed values set by dotted key (CLI flags; validated afterwards)."""
+    out = copy.deepcopy(raw)
+    for key, value in (values or {}).items():
+        if value is None:
+            continue
+        *path, last = key.split(".")
+        node = out
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
     return out
 
 

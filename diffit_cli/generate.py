@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from diffit_cli.config import Preset
+from diffit_cli.config import Preset, SampleConfig
 from diffit_cli.core.guidance import Guidance
 from diffit_cli.core.samplers import nfe
 from diffit_cli.core.samplers import sample as run_sampler
@@ -56,47 +55,13 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
     return classes
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Everything that decides an image besides its seed (the `sample` preset section, after flags)."""
-
-    sampler: str = "heun"
-    steps: int = 18
-    cfg_scale: float = 1.0
-    cfg_schedule: str = "constant"
-    cfg_power: float = 4.0
-    cfg_channels: int | str = 3
-    cfg_interval: tuple[float, float] = (0.28, 5.42)
-    s_churn: float = 0.0
-    s_min: float = 0.0
-    s_max: float = float("inf")
-    s_noise: float = 1.0
-    eta: float = 0.0
-    precision: str = "fp32"
-
-    @classmethod
-    def from_preset(cls, preset: Preset, **overrides) -> "SamplingOptions":
-        s = preset.sample
-        fields = {k: getattr(s, k) for k in cls.__dataclass_fields__ if hasattr(s, k)}
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**fields)
-
-    def sampler_kwargs(self) -> dict:
-        if self.sampler in ("heun", "euler"):
-            return {"S_churn": self.s_churn, "S_min": self.s_min, "S_max": self.s_max, "S_noise": self.s_noise}
-        if self.sampler == "ddim":
-            return {"eta": self.eta}
-        return {}
-
-
-def make_guidance(opts: SamplingOptions, num_classes: int) -> Guidance | None:
-    if opts.cfg_scale == 1.0:
+def make_guidance(sample: SampleConfig, num_classes: int) -> Guidance | None:
+    """`core.guidance.Guidance` from `sample.guidance` (validated with the preset); None when the scale is 1."""
+    if sample.guidance.scale == 1.0:
         return None
     if num_classes == 0:
         raise DiffitError("classifier-free guidance (--cfg-scale != 1) needs a class-conditional model")
-    return Guidance(scale=opts.cfg_scale, schedule=opts.cfg_schedule, power=opts.cfg_power,
-                    channels=None if opts.cfg_channels == "all" else int(opts.cfg_channels),
-                    interval=tuple(opts.cfg_interval), null_class=num_classes)
+    return Guidance(**sample.guidance.model_dump(), null_class=num_classes)
 
 
 def seed_labels(seeds: list[int], num_classes: int, classes: list[int] | None) -> torch.Tensor | None:
@@ -115,22 +80,22 @@ def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]
 
 @torch.no_grad()
 def sample_batch(net: torch.nn.Module, diffusion, shape: tuple[int, int, int], seeds: list[int],
-                 labels: torch.Tensor | None, opts: SamplingOptions, device: torch.device,
-                 num_classes: int) -> torch.Tensor:
+                 labels: torch.Tensor | None, sample: SampleConfig, device: torch.device, num_classes: int,
+                 precision: str = "fp32") -> torch.Tensor:
     """Model-space samples (B, C, H, W) float32 for `seeds`; each row depends only on its seed."""
     gens = _generators(seeds, device)
     noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # (B, C, H, W)
     y = labels.to(device) if labels is not None else None
-    autocast = torch.bfloat16 if opts.precision == "bf16" else None
-    return run_sampler(diffusion, net, noise, y=y, sampler=opts.sampler, steps=opts.steps,
-                       guidance=make_guidance(opts, num_classes), generators=gens, autocast_dtype=autocast,
-                       **opts.sampler_kwargs())
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    return run_sampler(diffusion, net, noise, y=y, sampler=sample.sampler, steps=sample.steps,
+                       guidance=make_guidance(sample, num_classes), generators=gens, autocast_dtype=autocast,
+                       **sample.sampler_kwargs())
 
 
 def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], decode: Decode, *,
-             opts: SamplingOptions, batch: int = 64, device: torch.device | str = "cpu",
+             precision: str = "fp32", batch: int = 64, device: torch.device | str = "cpu",
              classes: list[int] | None = None) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
-    """Yield `(seeds, labels, uint8 NHWC images)` batches (DESIGN §3)."""
+    """Yield `(seeds, labels, uint8 NHWC images)` batches sampled with `preset.sample` (DESIGN §3)."""
     device = torch.device(device)
     m = preset.model
     size = m.img_resolution if m.kind == "unet" else m.input_size
@@ -139,7 +104,7 @@ def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], 
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
         y = labels[i:i + batch] if labels is not None else None
-        x = sample_batch(net, diffusion, shape, chunk, y, opts, device, m.num_classes)
+        x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision)
         yield chunk, (y.numpy() if y is not None else None), decode(x)
 
 
@@ -303,14 +268,16 @@ def make_decoder(preset: Preset, vae: str | None, device: torch.device, precisio
 
 
 def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset | None = None,
-               overrides: list[str] | None = None, precision: str = "fp32", batch: int | None = None,
-               classes: str | None = None,
+               overrides: list[str] | None = None, sample: dict | None = None, precision: str = "fp32",
+               batch: int | None = None, classes: str | None = None,
                vae: str | None = None, raw: bool = False, grid: Path | str | None = None,
                progress: Callable[[dict], None] | None = None) -> dict:
     """`diffit sample`: generate images for `seeds` into a PNG folder or an `.npz`, resumably, on every process.
 
     `preset` is needed only for weight files that carry none (the release); `overrides` are
-    `sample.key=value` settings applied to the checkpoint's preset and validated like any preset.
+    `sample.key=value` strings (`--set`) and `sample` typed values by dotted key within the section (the command's
+    flags, e.g. {"guidance.scale": 4.6}), both applied to the checkpoint's preset and validated like any preset
+    before a network is built.
     """
     import json
     import platform
@@ -319,8 +286,8 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
 
     from diffit_cli import __version__
     from diffit_cli.build import build_diffusion
-    from diffit_cli.checkpoint import file_sha256, load_snapshot
-    from diffit_cli.config import apply_overrides, preset_to_dict, validate_preset
+    from diffit_cli.checkpoint import file_sha256, read_snapshot, snapshot_network
+    from diffit_cli.config import apply_overrides, preset_to_dict, set_values, validate_preset
 
     if not seeds:
         raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
@@ -334,14 +301,17 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         raise DiffitError(f"sampling can only change sample.* settings, not {bad[0]!r}")
     if precision not in ("fp32", "bf16"):
         raise DiffitError(f"precision {precision!r}: choose fp32 or bf16")
-    net, preset = load_snapshot(path, preset=preset, ema=not raw, device=device)
-    preset = validate_preset(apply_overrides(preset_to_dict(preset), overrides), f"{ckpt} with sampling flags")
-    opts = SamplingOptions.from_preset(preset, precision=precision)
-    batch = batch or preset.sample.batch
+    weights, preset = read_snapshot(path, preset=preset, ema=not raw)
+    raw_preset = set_values(apply_overrides(preset_to_dict(preset), overrides),
+                            {f"sample.{k}": v for k, v in (sample or {}).items()})
+    preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
+    sample_cfg = preset.sample
+    batch = batch or sample_cfg.batch
     class_list = parse_classes(classes, preset.model.num_classes)
-    make_guidance(opts, preset.model.num_classes)  # validate before any work (the preset checked the rest)
+    net = snapshot_network(weights, preset, str(path), device)
+    del weights
     diffusion = build_diffusion(preset.diffusion, preset.model)
-    decode, vae_id = make_decoder(preset, vae, device, opts.precision)
+    decode, vae_id = make_decoder(preset, vae, device, precision)
     out = Path(out)
     sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
 
@@ -355,7 +325,7 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
         fixed = None if class_list is None else [class_list[position[s] % len(class_list)] for s in chunk]
-        for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, opts=opts, batch=batch,
+        for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, precision=precision, batch=batch,
                                                 device=device, classes=fixed):
             sink.write(s_chunk, labels, images)
             emit({"event": "batch", "images": len(s_chunk) * state.num_processes})
@@ -367,13 +337,13 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         out_path = sink.finish(seeds)
         recipe = {
             "diffit_version": __version__, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(path, 16),
-            "weights": "raw" if raw else "ema", "preset": preset.name, "sampler": opts.sampler, "steps": opts.steps,
-            "nfe": nfe(opts.sampler, opts.steps),  # a guided step is one forward of the doubled batch
-            "guidance": {"scale": opts.cfg_scale, "schedule": opts.cfg_schedule, "power": opts.cfg_power,
-                         "channels": opts.cfg_channels, "interval": list(opts.cfg_interval)},
-            "stochastic": {"s_churn": opts.s_churn, "s_min": opts.s_min, "s_max": opts.s_max,
-                           "s_noise": opts.s_noise, "eta": opts.eta},
-            "vae": vae_id, "precision": opts.precision, "classes": classes or "random",
+            "weights": "raw" if raw else "ema", "preset": preset.name, "sampler": sample_cfg.sampler,
+            "steps": sample_cfg.steps,
+            "nfe": nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step is one forward of the doubled batch
+            "guidance": sample_cfg.guidance.model_dump(mode="json"),
+            "stochastic": {"s_churn": sample_cfg.s_churn, "s_min": sample_cfg.s_min, "s_max": sample_cfg.s_max,
+                           "s_noise": sample_cfg.s_noise, "eta": sample_cfg.eta},
+            "vae": vae_id, "precision": precision, "classes": classes or "random",
             "seeds": _compact_seeds(seeds), "count": len(seeds), "processes": state.num_processes,
             "torch": torch.__version__, "python": platform.python_version(),
         }

@@ -453,14 +453,14 @@ def _snapshot(run: _Run) -> None:
 
 def _save_grid(run: _Run) -> Path:
     """64 EMA samples (one class per column when class-conditional) as samples/grid-<kimg>.png and grid-latest.png."""
-    from diffit_cli.generate import SamplingOptions, generate, image_grid, save_png
+    from diffit_cli.generate import generate, image_grid, save_png
 
     preset = run.preset
-    opts = SamplingOptions.from_preset(preset, precision="bf16" if preset.train.mixed_precision == "bf16" else "fp32")
     k = preset.model.num_classes
     classes = list(range(min(k, 8))) if k else None  # class-conditional: one class per column
     images = [imgs for _, _, imgs in generate(run.ema.net, run.diffusion, preset, list(range(GRID_SEEDS)),
-                                              run.codec.decode, opts=opts, batch=GRID_SEEDS,
+                                              run.codec.decode, batch=GRID_SEEDS,
+                                              precision="bf16" if preset.train.mixed_precision == "bf16" else "fp32",
                                               device=run.accelerator.device, classes=classes)]
     grid = image_grid(images[0], ncol=len(classes) if classes else None)
     path = save_png(run.run_dir / "samples" / f"grid-{run.state.nimg / 1000:012.3f}.png", grid)

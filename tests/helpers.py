@@ -14,7 +14,7 @@ TINY_VIT = [
     "model.input_size=8", "data.resolution=64", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
     "model.num_classes=4", "train.batch=8", "train.total_kimg=0.016", "train.report_kimg=0.008",
     "train.snapshot_kimg=0.008", "train.mixed_precision=fp32", "data.num_workers=0", "sample.steps=4",
-    "sample.sampler=ddpm", "sample.batch=4", "sample.cfg_scale=2.0",
+    "sample.sampler=ddpm", "sample.batch=4", "sample.guidance.scale=2.0",
 ]
 
 

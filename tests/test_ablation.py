@@ -58,7 +58,7 @@ def test_sample_study_changes_only_sampling():
     for v in plan.variants:
         assert all(k.startswith("sample.") for k in v.changes)
     cos46 = next(v for v in plan.variants if v.name == "cos-4.6")
-    assert cos46.changes == {"sample.cfg_scale": (4.4, 4.6)} and cos46.paper == 1.73
+    assert cos46.changes == {"sample.guidance.scale": (4.4, 4.6)} and cos46.paper == 1.73
 
 
 def test_dry_run_lists_the_resolved_overrides():
@@ -96,7 +96,7 @@ def test_tiny_budget_turns_the_latent_model_into_a_pixel_stand_in():
     p = A.resolve_preset(s, s.variant("adaln"), "tiny")
     assert (p.data.space, p.data.path, p.data.vae, p.model.in_channels) == ("pixel", None, None, 3)
     assert (p.model.kind, p.model.time_mode, p.model.num_classes, p.data.use_labels) == ("vit", "adaln", 8, True)
-    assert p.sample.cfg_scale == 1.0 and p.train.ema_decay is None and A.load_study("tmsa-vs-adaln").points("tiny") == 4
+    assert p.sample.guidance.scale == 1.0 and p.train.ema_decay is None and A.load_study("tmsa-vs-adaln").points("tiny") == 4
     paper = A.resolve_preset(s, s.variant("adaln"), "paper")
     assert (paper.data.space, paper.model.depth, paper.train.total_kimg) == ("latent", 28, 256000)
 

@@ -42,11 +42,11 @@ def test_paper_values():
     assert (i256.model.depth, i256.model.hidden_size, i256.model.num_heads, i256.model.input_size) == (28, 1152, 16, 32)
     assert (i256.diffusion.kind, i256.diffusion.num_timesteps, i256.diffusion.schedule) == ("ddpm", 1000, "linear")
     assert (i256.train.lr, i256.train.batch, i256.train.ema_decay, i256.model.class_dropout_prob) == (3e-4, 256, 0.9999, 0.1)
-    assert (i256.sample.steps, i256.sample.cfg_scale, i256.sample.cfg_schedule, i256.sample.cfg_power) == (
+    assert (i256.sample.steps, i256.sample.guidance.scale, i256.sample.guidance.schedule, i256.sample.guidance.power) == (
         250, 4.4, "power-cosine", 4.0)
-    assert i256.sample.cfg_channels == 3
+    assert i256.sample.guidance.channels == 3
     assert (i512.model.input_size, i512.train.lr, i512.train.batch) == (64, 1e-4, 512)
-    assert (i512.sample.cfg_scale, i512.sample.cfg_schedule) == (1.49, "constant")
+    assert (i512.sample.guidance.scale, i512.sample.guidance.schedule) == (1.49, "constant")
 
 
 def test_presets_are_frozen():
@@ -56,10 +56,10 @@ def test_presets_are_frozen():
 
 
 def test_override_applies_before_validation():
-    p = load_preset("cifar10", ["train.lr=2e-4", "model.blocks=[4, 4, 4]", "sample.cfg_channels=all"])
-    assert p.train.lr == 2e-4 and p.model.blocks == (4, 4, 4) and p.sample.cfg_channels == "all"
+    p = load_preset("cifar10", ["train.lr=2e-4", "model.blocks=[4, 4, 4]", "sample.guidance.channels=all"])
+    assert p.train.lr == 2e-4 and p.model.blocks == (4, 4, 4) and p.sample.guidance.channels == "all"
     base = preset_to_dict(load_preset("cifar10"))
-    assert diff_presets(base, preset_to_dict(p)) == ["model.blocks", "sample.cfg_channels", "train.lr"]
+    assert diff_presets(base, preset_to_dict(p)) == ["model.blocks", "sample.guidance.channels", "train.lr"]
     assert preset_from_yaml(dump_preset(p)) == p
 
 
@@ -72,9 +72,9 @@ def test_override_applies_before_validation():
         (["diffusion.kind=vp"], ["diffusion", "kind must be one of"]),
         (["model.window_size=[3, 3, 3]"], ["window size 3"]),
         (["train.augment_p=1.5"], ["train.augment_p", "less than or equal to 1"]),
-        (["sample.cfg_scale=2"], ["class-conditional"]),
+        (["sample.guidance.scale=2"], ["class-conditional"]),
         (["sample.sampler=ddpm"], ["diffusion.kind ddpm"]),
-        (["model.num_classes=10", "sample.cfg_scale=2", "sample.cfg_schedule=power-cosine"], ["power-cosine"]),
+        (["model.num_classes=10", "sample.guidance.scale=2", "sample.guidance.schedule=power-cosine"], ["power-cosine"]),
     ],
 )
 def test_bad_values_name_the_key(override, named):
@@ -130,3 +130,42 @@ def test_presets_ship_inside_the_wheel(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ffhq64"
+
+
+def test_schema_literals_equal_the_core_registries():
+    """The preset schema and core/ name the same time modes, samplers, schedules and baseline parts."""
+    from typing import get_args
+
+    from diffit_cli.config import DDPMppConfig, EncDecConfig, GuidanceConfig, SampleConfig, UNetConfig, ViTConfig
+    from diffit_cli.core.baselines import DECODERS, ENCODERS
+    from diffit_cli.core.ddpmpp import ATTENTIONS
+    from diffit_cli.core.guidance import SCHEDULES
+    from diffit_cli.core.layers import TIME_EMBEDDINGS, TIME_MODES
+    from diffit_cli.core.samplers import SAMPLERS
+
+    def literal(model, field):
+        return set(get_args(model.model_fields[field].annotation))
+
+    assert literal(UNetConfig, "time_mode") == literal(ViTConfig, "time_mode") == set(TIME_MODES)
+    assert literal(UNetConfig, "time_embedding") == set(TIME_EMBEDDINGS)
+    assert literal(SampleConfig, "sampler") == set(SAMPLERS)
+    assert literal(GuidanceConfig, "schedule") == set(SCHEDULES)
+    assert literal(EncDecConfig, "encoder") == set(ENCODERS) and literal(EncDecConfig, "decoder") == set(DECODERS)
+    assert literal(DDPMppConfig, "attention") == set(ATTENTIONS)
+
+
+def test_guidance_is_one_subsection_and_old_flat_keys_still_read():
+    from diffit_cli.core.guidance import Guidance
+    from diffit_cli.generate import make_guidance
+
+    p = load_preset("imagenet256")
+    assert p.sample.guidance.model_dump() == {"scale": 4.4, "schedule": "power-cosine", "power": 4.0, "channels": 3,
+                                              "interval": (0.28, 5.42)}
+    g = make_guidance(p.sample, p.model.num_classes)
+    assert g == Guidance(scale=4.4, schedule="power-cosine", power=4.0, channels=3, null_class=1000)
+    old = load_preset("imagenet256", ["sample.cfg_scale=4.6", "sample.cfg_channels=all"])  # checkpoints before
+    assert old.sample.guidance.scale == 4.6 and old.sample.guidance.channels == "all"
+    with pytest.raises(PresetError, match=r"guidance.channels 7: the model predicts 4 channels; use 1..4 or all"):
+        load_preset("imagenet256", ["sample.guidance.channels=7"])
+    with pytest.raises(PresetError, match="σ_lo < σ_hi"):
+        load_preset("imagenet256", ["sample.guidance.interval=[5, 1]"])

@@ -10,7 +10,8 @@ import torch
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.core.layers import TMSA
-from diffit_cli.generate import SamplingOptions, sample_batch
+from diffit_cli.config import SampleConfig
+from diffit_cli.generate import sample_batch
 from diffit_cli.training import train
 
 from helpers import fake_latent_shards, tiny_unet, tiny_vit
@@ -96,11 +97,11 @@ def test_each_image_depends_only_on_its_seed_on_cuda(precision):
     for prm in net.parameters():
         prm.data.normal_(0, 0.05)
     diffusion = build_diffusion(p.diffusion, p.model)
-    opts = SamplingOptions(steps=4, precision=precision)
+    sample = SampleConfig(steps=4)
     seeds, labels = [5, 6, 7, 8], torch.tensor([0, 1, 2, 3])
-    whole = sample_batch(net, diffusion, (3, 16, 16), seeds, labels, opts, CUDA, 4)
-    parts = torch.cat([sample_batch(net, diffusion, (3, 16, 16), seeds[:1], labels[:1], opts, CUDA, 4),
-                       sample_batch(net, diffusion, (3, 16, 16), seeds[1:], labels[1:], opts, CUDA, 4)])
+    whole = sample_batch(net, diffusion, (3, 16, 16), seeds, labels, sample, CUDA, 4, precision)
+    parts = torch.cat([sample_batch(net, diffusion, (3, 16, 16), seeds[:1], labels[:1], sample, CUDA, 4, precision),
+                       sample_batch(net, diffusion, (3, 16, 16), seeds[1:], labels[1:], sample, CUDA, 4, precision)])
     # kernels may differ with the batch size: equal up to float rounding, far from another seed's image
     tol = 1e-4 if precision == "fp32" else 3e-2
     assert (whole - parts).abs().max().item() < tol

@@ -43,7 +43,7 @@ def test_q_sample_and_posterior_closed_form():
     b = D.betas
     ac = torch.cumprod(1 - b, 0)
     for i, ti in enumerate(t.tolist()):
-        a_prev, a_t, alpha = ac[ti - 1], ac[ti], 1 - b[ti]
+        a_prev, alpha = ac[ti - 1], 1 - b[ti]
         # Gaussian conditioning: q(x_{t−1}|x0) = N(√ᾱ_{t−1}x0, 1 − ᾱ_{t−1}),
         # q(x_t|x_{t−1}) = N(√α_t x_{t−1}, β_t)
         precision = 1 / (1 - a_prev) + alpha / b[ti]

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
 from diffit_cli.build import build_network
-from diffit_cli.checkpoint import save_checkpoint, save_safetensors
+from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
 from diffit_cli.errors import DiffitError
 from diffit_cli.generate import _compact_seeds, parse_classes, parse_seeds, png_path, run_sample
@@ -120,6 +120,31 @@ def test_cli_errors_exit_2(unet_ckpt, tmp_path):
     r = run("--ckpt", str(bad))
     assert r.exit_code == 2 and "corrupt" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, valid", [
+    ("--sampler", "heun2", ["heun", "euler", "dpmpp-2m", "ddpm", "ddim"]),
+    ("--cfg-schedule", "cosine", ["constant", "power-cosine", "interval"]),
+    ("--cfg-channels", "some", ["all"]),
+    ("--precision", "fp64", ["fp32", "bf16"]),
+])
+def test_bad_enumerated_flags_name_the_valid_values_before_reading_anything(tmp_path, flag, value, valid):
+    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(tmp_path / "not-read.pt"), flag, value,
+                                         "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "does not exist" not in r.output  # refused before the checkpoint was looked at
+    assert all(v in r.output for v in valid) and not (tmp_path / "o").exists()
+
+
+def test_cfg_channels_beyond_the_models_channels_is_refused(unet_ckpt, tmp_path, monkeypatch):
+    import diffit_cli.checkpoint as ck
+
+    built = []
+    monkeypatch.setattr(ck, "snapshot_network", lambda *a, **k: built.append(a))
+    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt),
+                                         "--cfg-channels", "7", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "guidance.channels 7" in r.output and "1..3 or all" in r.output, r.output
+    assert built == [] and not (tmp_path / "o").exists()  # no network was built
 
 
 def test_cli_sample_writes_pngs(unet_ckpt, tmp_path):

@@ -38,14 +38,14 @@ def test_trains_on_shards_and_samples_through_the_vae(setup, tmp_path):
     assert state.step == 2 and all(np.isfinite(r["loss"]) for r in state.history)
     ckpt = latest_checkpoint(root / "run")
     out = tmp_path / "s.npz"
-    run_sample(str(ckpt), [0, 1, 2], out, batch=2, overrides=["sample.cfg_scale=3.0",
-                                                               "sample.cfg_schedule=power-cosine"])
+    run_sample(str(ckpt), [0, 1, 2], out, batch=2, overrides=["sample.guidance.scale=3.0",
+                                                               "sample.guidance.schedule=power-cosine"])
     with np.load(out) as z:
         assert z["arr_0"].shape == (3, 32, 32, 3) and z["arr_0"].dtype == np.uint8
         assert z["arr_1"].shape == (3,) and set(z["arr_1"]) <= {0, 1, 2, 3}
     # image i depends only on seed i, also through CFG and the VAE
-    run_sample(str(ckpt), [2], tmp_path / "one.npz", batch=1, overrides=["sample.cfg_scale=3.0",
-                                                                         "sample.cfg_schedule=power-cosine"])
+    run_sample(str(ckpt), [2], tmp_path / "one.npz", batch=1, overrides=["sample.guidance.scale=3.0",
+                                                                         "sample.guidance.schedule=power-cosine"])
     with np.load(out) as a, np.load(tmp_path / "one.npz") as b:
         assert np.array_equal(a["arr_0"][2], b["arr_0"][0]) and a["arr_1"][2] == b["arr_1"][0]
 

@@ -39,16 +39,20 @@ def sample_cmd(
     raw: bool = typer.Option(False, "--raw", help="Use the trained weights instead of the EMA."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of the first 64 images."),
 ) -> None:
-    from diffit_cli.config import load_preset
+    from diffit_cli.config import check_sample_values, load_preset
+    from diffit_cli.errors import DiffitError
     from diffit_cli.generate import parse_seeds, run_sample
 
-    flags = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "cfg_schedule": cfg_schedule,
-             "cfg_power": cfg_power, "cfg_channels": cfg_channels}
-    sets = list(overrides or []) + [f"sample.{k}={v}" for k, v in flags.items() if v is not None]
+    values = {"sampler": sampler, "steps": steps, "guidance.scale": cfg_scale, "guidance.schedule": cfg_schedule,
+              "guidance.power": cfg_power,
+              "guidance.channels": int(cfg_channels) if cfg_channels and cfg_channels.isdigit() else cfg_channels}
+    check_sample_values(values)  # a bad enumerated flag fails here, before any file is read
+    if precision not in ("fp32", "bf16"):
+        raise DiffitError(f"--precision {precision!r}: choose fp32 or bf16")
     with _Progress() as progress:
         result = run_sample(ckpt, parse_seeds(seeds), out, preset=load_preset(preset) if preset else None,
-                            overrides=sets, precision=precision, batch=batch, classes=classes, vae=vae, raw=raw,
-                            grid=grid, progress=progress)
+                            overrides=overrides, sample=values, precision=precision, batch=batch, classes=classes,
+                            vae=vae, raw=raw, grid=grid, progress=progress)
     if "recipe" in result:
         console.print(f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
                       f"recipe {result['recipe']})")
