@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from diffit_cli.core.schedules import space_timesteps
 from diffit_cli.core.ddpm import (
     GaussianDiffusion,
     approx_standard_normal_cdf,
     cosine_betas,
     linear_betas,
-    space_timesteps,
 )
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from diffit_cli.core.edm import EDM, karras_sigmas
+from diffit_cli.core.edm import EDM
+from diffit_cli.core.schedules import karras_sigmas
 
 
 # element-wise loops gain nothing from threads; avoid spin-waits on shared cores

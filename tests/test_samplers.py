@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from diffit_cli.core.ddpm import GaussianDiffusion
-from diffit_cli.core.edm import EDM, karras_sigmas
+from diffit_cli.core.edm import EDM
+from diffit_cli.core.schedules import karras_sigmas
 from diffit_cli.core.samplers import SAMPLERS, nfe, sample
 
 SHAPE = (1, 64, 64)  # per-sample shape: 4,096 scalar samples per row
@@ -229,6 +230,33 @@ def test_registry_and_errors():
         sample(EDM(), net, noise, sampler="heun", generators=gens, eta=1.0)
     with pytest.raises(ValueError, match="unknown sampler"):
         nfe("nope", 3)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler", "dpmpp-2m"])
+def test_sigma_samplers_take_a_user_sigma_list(sampler):
+    """A σ list passed by the caller drives the solver exactly as the Karras list built from the same values."""
+    net = edm_net_for(mixture_D)
+    noise, _ = seeded(range(3), (1, 8, 8))
+    churn = {"S_churn": 5.0} if sampler != "dpmpp-2m" else {}  # the per-row noise stream is used too
+
+    def run(**kw):
+        return sample(EDM(), net, noise, sampler=sampler, generators=[torch.Generator().manual_seed(i)
+                                                                      for i in range(3)], **churn, **kw)
+
+    karras = run(steps=12, sigma_max=40.0, rho=5.0)
+    assert torch.equal(karras, run(sigmas=karras_sigmas(12, 0.002, 40.0, 5.0)))
+    assert not torch.equal(karras, run(sigmas=[40.0, 10.0, 1.0, 0.1, 0.0]))
+    with pytest.raises(ValueError, match="decreasing list ending in 0"):
+        run(sigmas=[1.0, 2.0, 0.0])
+
+
+def test_diffusions_satisfy_the_sampler_protocols():
+    from diffit_cli.core.precond import VEPrecond, VPPrecond
+    from diffit_cli.core.samplers import AncestralDiffusion, SigmaDiffusion
+
+    for d in (EDM(), VPPrecond(), VEPrecond(), GaussianDiffusion()):
+        assert isinstance(d, SigmaDiffusion)
+    assert isinstance(GaussianDiffusion(), AncestralDiffusion) and not isinstance(EDM(), AncestralDiffusion)
 
 
 def test_output_is_float32_and_autocast_path_runs():

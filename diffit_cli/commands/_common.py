@@ -45,10 +45,3 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(e).replace("[", r"\["))
 
     return wrapper
-
-
-def not_built(command: str, issue: int) -> None:
-    """A command whose implementation has not landed yet says so plainly (no fake output)."""
-    fail(f"`diffit {command}` is not built yet (tracked in issue #{issue}); nothing was done.")
-
-

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffit_cli.core.edm import call_network, karras_sigmas, mean_flat
+from diffit_cli.core.edm import call_network, mean_flat
+from diffit_cli.core.schedules import interp, space_timesteps
 
 Tensor = torch.Tensor
 
@@ -57,30 +58,6 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> Tensor:
     if name == "cosine":
         return cosine_betas(num_timesteps)
     raise ValueError(f"unknown beta schedule {name!r}; valid: 'linear', 'cosine'")
-
-
-def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> set[int]:
-    """ADM ``space_timesteps``: "250" (evenly strided, ends kept), "10,15,20" (per section) or "ddim50"."""
-    if isinstance(section_counts, int):
-        section_counts = [section_counts]
-    elif isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim") :])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
-        section_counts = [int(x) for x in section_counts.split(",")]
-    size_per, extra = divmod(num_timesteps, len(section_counts))
-    start, steps = 0, []
-    for i, count in enumerate(section_counts):
-        size = size_per + (1 if i < extra else 0)
-        if size < count or count < 1:
-            raise ValueError(f"cannot divide a section of {size} steps into {count}")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(stride * k) for k in range(count)]
-        start += size
-    return set(steps)
 
 
 # ------------------------------------------------------------------------------------- likelihood terms
@@ -352,25 +329,17 @@ class GaussianDiffusion:
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """k-diffusion ``DiscreteSchedule.t_to_sigma``: σ at a fractional index, interpolated in log σ."""
-        log_sigmas = self._table("log_sigmas", t.device, _table_dtype(t.device))
-        t = t.to(log_sigmas.dtype)
-        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
-        return ((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]).exp()
+        return interp(self._table("log_sigmas", t.device, _table_dtype(t.device)), t).exp()
 
     def _network_time_of_index(self, t: Tensor) -> Tensor:
         """Fractional (respaced) index → fractional original index (linear between kept steps)."""
         if self.num_timesteps == self.original_num_timesteps:
             return t
-        tmap = self._table("timestep_map", t.device, t.dtype)
-        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
-        return (1 - w) * tmap[low_idx] + w * tmap[high_idx]
+        return interp(self._table("timestep_map", t.device, t.dtype), t)
 
     def sigma_from_network_time(self, t: Tensor) -> Tensor:
         """σ of an original DDPM index (integer or fractional), from the original ᾱ table."""
-        log_sigmas = self._table("_original_log_sigmas", t.device, _table_dtype(t.device))
-        t = t.to(log_sigmas.dtype)
-        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
-        return ((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]).exp()
+        return interp(self._table("_original_log_sigmas", t.device, _table_dtype(t.device)), t).exp()
 
     @property
     def _original_log_sigmas(self) -> Tensor:
@@ -407,10 +376,6 @@ class GaussianDiffusion:
 
         return D
 
-    def sigma_schedule(self, steps: int, rho: float = 7.0) -> list[float]:
-        """Karras et al. σ steps (EDM eq. 5) spanning this table's [σ_min, σ_max], then 0."""
-        return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
-
 
 def _table_dtype(device: torch.device) -> torch.dtype:
     """float64 tables wherever the device has float64 (all but Apple MPS)."""
@@ -422,7 +387,6 @@ __all__ = [
     "linear_betas",
     "cosine_betas",
     "get_named_beta_schedule",
-    "space_timesteps",
     "normal_kl",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",

@@ -106,21 +106,13 @@ class EDM:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     # ------------------------------------------------------------------ network time ↔ σ (used by guidance)
-    def network_time(self, sigma: Tensor) -> Tensor:
-        """The network's time input for σ: c_noise = ¼·ln σ."""
-        return self.c_noise(sigma)
-
     def sigma_from_network_time(self, c_noise: Tensor) -> Tensor:
-        """Inverse of :meth:`network_time`: σ = exp(4·c_noise)."""
+        """σ of the network's time input c_noise = ¼·ln σ: σ = exp(4·c_noise)."""
         return (4 * c_noise.to(torch.float32)).exp()
 
     def ddpm_t_from_network_time(self, c_noise: Tensor) -> Tensor:
         """EDM has no discrete DDPM index (power-cosine guidance needs one)."""
         raise ValueError("EDM has no DDPM timestep index; use guidance schedule 'constant' or 'interval'")
-
-    def round_sigma(self, sigma: float) -> float:
-        """EDM ``round_sigma``: the identity for continuous-σ networks."""
-        return sigma
 
     # ------------------------------------------------------------------ denoiser D(x; σ)
     def denoise(
@@ -191,24 +183,4 @@ class EDM:
         D_yn = self.denoise(net, x0 + n, sigma, y, augment_labels, autocast_dtype=autocast_dtype)
         return self.loss_weight(sigma) * mean_flat((D_yn - x0) ** 2)
 
-    def sigma_schedule(self, steps: int) -> list[float]:
-        """EDM eq. 5 time steps for this diffusion's (σ_min, σ_max, ρ), followed by σ_N = 0."""
-        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
-
-
-def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i < N, then σ_N = 0.
-
-    Computed on the host in float64 (Python floats), so the sampling loops need no device syncs.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
-    if steps == 1:
-        return [float(sigma_max), 0.0]
-    inv_rho = 1.0 / rho
-    lo, hi = sigma_min**inv_rho, sigma_max**inv_rho
-    sigmas = [(hi + i / (steps - 1) * (lo - hi)) ** rho for i in range(steps)]
-    return sigmas + [0.0]
-
-
-__all__ = ["EDM", "karras_sigmas", "call_network", "autocast_network", "mean_flat"]
+__all__ = ["EDM", "call_network", "autocast_network", "mean_flat"]

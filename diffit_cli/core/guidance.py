@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from diffit_cli.core.diffusion import SigmaDiffusion
+
 Tensor = torch.Tensor
 SCHEDULES = ("constant", "power-cosine", "interval")
 
@@ -75,21 +77,14 @@ def in_interval(sigma: Tensor, interval: tuple[float, float]) -> Tensor:
     return (sigma > lo) & (sigma <= hi)
 
 
-def interval_scale(w: float, sigma: Tensor, interval: tuple[float, float]) -> Tensor:
-    """Kynkäänniemi et al. 2024: guidance weight w inside σ ∈ (σ_lo, σ_hi], 1 outside."""
-    inside = in_interval(sigma, interval)
-    return torch.where(inside, torch.full_like(sigma, float(w)), torch.ones_like(sigma)).to(torch.float32)
-
-
-def guidance_scale(guidance: Guidance, t_in: Tensor, diffusion: Any) -> Tensor | float:
-    """The scale per row for the network time input ``t_in`` (B,); a float for ``constant``."""
+def guidance_scale(guidance: Guidance, t_in: Tensor, diffusion: SigmaDiffusion) -> Tensor | float:
+    """The scale for the network time input ``t_in`` (B,): a float for ``constant`` and ``interval`` (applied
+    only inside the interval, see :class:`GuidedNetwork`), per row for ``power-cosine``."""
     w = float(guidance.scale)
-    if guidance.schedule == "constant":
+    if guidance.schedule != "power-cosine":
         return w
-    if guidance.schedule == "power-cosine":
-        t = diffusion.ddpm_t_from_network_time(t_in)
-        return power_cosine_scale(w, t, diffusion.original_num_timesteps, guidance.power)
-    return interval_scale(w, diffusion.sigma_from_network_time(t_in), guidance.interval)
+    t = diffusion.ddpm_t_from_network_time(t_in)
+    return power_cosine_scale(w, t, diffusion.original_num_timesteps, guidance.power)
 
 
 def cfg_combine(
@@ -118,7 +113,7 @@ def _double(value: Any, batch: int) -> Any:
 class GuidedNetwork:
     """A network with labels bound and CFG applied; called like the raw network (see module doc)."""
 
-    def __init__(self, net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: Any) -> None:
+    def __init__(self, net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: SigmaDiffusion) -> None:
         self.net, self.y, self.diffusion = net, y, diffusion
         self.guidance = guidance if guidance is not None and guidance.active else None
         if self.guidance is None:
@@ -138,19 +133,20 @@ class GuidedNetwork:
         kwargs = {k: _double(v, B) for k, v in kwargs.items()}
         out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, Co, …)
         g = self.guidance
-        if g.schedule == "interval":  # outside the interval: exactly the conditional output
+        active = None  # interval: outside it, exactly the conditional output
+        if g.schedule == "interval":
             active = in_interval(self.diffusion.sigma_from_network_time(t_in), g.interval)
-            return cfg_combine(out.to(torch.float32), x.shape[1], float(g.scale), g.channels, active)
-        scale = guidance_scale(g, t_in, self.diffusion)
-        return cfg_combine(out.to(torch.float32), x.shape[1], scale, g.channels)
+        return cfg_combine(out.to(torch.float32), x.shape[1], guidance_scale(g, t_in, self.diffusion), g.channels,
+                           active)
 
 
-def guided_network(net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: Any) -> GuidedNetwork:
+def guided_network(net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: SigmaDiffusion
+                   ) -> GuidedNetwork:
     """Bind labels (and CFG when ``guidance.scale != 1``) to ``net``; see :class:`GuidedNetwork`."""
     return GuidedNetwork(net, y, guidance, diffusion)
 
 
 __all__ = [
-    "Guidance", "GuidedNetwork", "guided_network", "guidance_scale", "power_cosine_scale", "interval_scale",
+    "Guidance", "GuidedNetwork", "guided_network", "guidance_scale", "power_cosine_scale",
     "in_interval", "cfg_combine", "SCHEDULES",
 ]
