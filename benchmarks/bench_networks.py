@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffit_cli.build import count_parameters
 from diffit_cli.core.layers import TMSA
 from diffit_cli.models import LATENT_SIZES, ImageDiffiT, LatentDiffiT
 
@@ -171,7 +172,7 @@ def parameter_counts() -> list[tuple[str, int]]:
                 ("ImageDiffiT ffhq64 (128/256/256/256, 1-2-2-2, w8, t512)", ImageDiffiT(**FFHQ64)),
                 ("LatentDiffiT XL/2 input 32 (ImageNet-256)", LatentDiffiT(input_size=32)),
                 ("LatentDiffiT XL/2 input 64 (ImageNet-512)", LatentDiffiT(input_size=64))]
-        return [(n, sum(p.numel() for p in m.parameters())) for n, m in nets]
+        return [(n, count_parameters(m)) for n, m in nets]
 
 
 def print_table(title, header, rows):

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from diffit_cli.config import (Preset, apply_overrides, diff_presets, dump_preset, preset_dir, preset_from_yaml,
                                preset_to_dict, read_preset_file, validate_preset)
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import offline, read_json, write_json
 
 Progress = Callable[[dict], None]
 SYNTHETIC_CLASSES = 8  # data.SYNTHETIC_CLASSES (not imported: this module stays light for `--list`)
@@ -403,19 +404,6 @@ class StudyResult:
     files: list[Path] = field(default_factory=list)
 
 
-def write_json(path: Path, data: Any) -> Path:
-    from diffit_cli.fileio import atomic_write_bytes
-
-    return atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def choose_extractor(budget: str, requested: str | None = None, have_weights: bool = False) -> str:
     """Inception (`inception-v3-compat`) when its weights are on this machine (cached or `have_weights`) or the budget
     is small/paper; at the tiny/test budgets without them, the offline stand-in `diffit-randconv-v1` (results say so)."""
@@ -508,13 +496,10 @@ class _Runner:
 
     def record(self, variant: Variant, preset: Preset, payload: dict, started: float) -> dict:
         """Write the variant's result.json (atomically, last: its existence means finished)."""
-        import torch
-
         from diffit_cli import __version__
-        from diffit_cli.build import count_parameters, build_network
+        from diffit_cli.build import parameter_count
 
-        with torch.device("meta"):
-            params = count_parameters(build_network(preset.model))
+        params = parameter_count(preset.model)
         value, paper = payload.get("value"), variant.paper
         res = {
             "study": self.study.name, "variant": variant.name, "label": variant.label, "group": variant.group,
@@ -626,8 +611,6 @@ class _Runner:
 
 
 def _check_extractor_available(extractor: str | None, inception_weights: Path | None) -> None:
-    import os
-
     from diffit_cli import metrics as M
 
     if inception_weights is not None:
@@ -635,9 +618,7 @@ def _check_extractor_available(extractor: str | None, inception_weights: Path | 
             raise StudyError(f"--inception-weights {str(inception_weights)!r} is not a file")
         return
 
-    offline = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-                  for k in ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE"))
-    if extractor == M.INCEPTION and offline and not M.inception_weights_cache_path().is_file():
+    if extractor == M.INCEPTION and offline() and not M.inception_weights_cache_path().is_file():
         raise StudyError(f"FID needs the Inception weights, which are not at {M.inception_weights_cache_path()} and "
                          "downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE); copy them there (see `diffit eval-fid "
                          f"--help`), or pass --feature-extractor {M.TEST_EXTRACTOR} for a smoke run")

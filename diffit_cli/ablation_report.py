@@ -11,7 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from diffit_cli.ablation import CHANGE_FLOOR, RESULT, Study, get_budget, read_json, write_json
+from diffit_cli.ablation import CHANGE_FLOOR, RESULT, Study, get_budget
+from diffit_cli.fileio import read_json, write_json
 
 RESULT_FIELDS = ["study", "variant", "label", "group", "x", "metric", "value", "paper", "difference", "extractor",
                  "budget", "kimg", "parameters", "num_samples", "seconds", "status", "paper_note"]

@@ -27,6 +27,7 @@ import torch
 
 from diffit_cli.data import DEFAULT_LATENT_SCALE, sample_latent, to_model_space
 from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import offline
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 VAE_CONFIG_PATH = Path(__file__).resolve().parent / "assets" / "sd-vae-ft-ema.json"
@@ -63,13 +64,6 @@ class PixelCodec:
 
 
 # -------------------------------------------------------------------------------------------- loading
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "")
-    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _looks_like_path(spec: str) -> bool:
     return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
             or spec.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")))
@@ -147,13 +141,14 @@ def load_vae(spec: Any = DEFAULT_VAE, *, cache_dir: str | Path | None = None):
     if _looks_like_path(text):
         raise VAEError(f"--vae {text!r} does not exist (expected a Hub id such as {DEFAULT_VAE}, a folder or "
                        "a .safetensors file)")
-    offline = _offline()
+    no_downloads = offline()
     try:
         with warnings.catch_warnings():  # diffusers passes a deprecated huggingface_hub argument
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            return AutoencoderKL.from_pretrained(text, local_files_only=offline, cache_dir=cache_dir)
+            return AutoencoderKL.from_pretrained(text, local_files_only=no_downloads, cache_dir=cache_dir)
     except Exception as e:
-        reason = ("HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache" if offline
+        reason = ("downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE) and it is not in the local Hugging Face cache"
+                  if no_downloads
                   else f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         raise VAEError(f"cannot load the VAE {text!r} from the Hugging Face Hub: {reason}; "
                        + LOCAL_HINT.format(id=text)) from None
@@ -234,8 +229,9 @@ class VAECodec:
         return self.decode_tensor(latents).cpu().numpy()
 
 
-def make_codec(data_cfg: Any, device: torch.device | str | None = None, **kwargs):
-    """The codec a `DataConfig` needs: PixelCodec for `space: pixel`, VAECodec(data.vae) for `latent`."""
+def make_codec(data_cfg: Any, device: torch.device | str | None = None, vae: str | None = None, **kwargs):
+    """The codec a `DataConfig` needs: PixelCodec for `space: pixel`, VAECodec for `latent` (`vae` if given,
+    else `data.vae`)."""
     if data_cfg.space == "pixel":
         return PixelCodec(device)
-    return VAECodec(data_cfg.vae, device=device, scale=data_cfg.latent_scale, **kwargs)
+    return VAECodec(vae or data_cfg.vae, device=device, scale=data_cfg.latent_scale, **kwargs)

@@ -258,13 +258,11 @@ def resolve_weights(ref: str) -> Path:
 
 def make_decoder(preset: Preset, vae: str | None, device: torch.device, precision: str) -> tuple[Decode, str | None]:
     """Pixel models decode directly; latent models through the SD VAE (preset's, or `vae` if given)."""
-    from diffit_cli.codecs import PixelCodec, VAECodec
+    from diffit_cli.codecs import make_codec
 
     if preset.data.space == "pixel":
-        return PixelCodec().decode, None
-    vae_id = vae or preset.data.vae
-    codec = VAECodec(vae_id, scale=preset.data.latent_scale, device=device, precision=precision)
-    return codec.decode, vae_id
+        return make_codec(preset.data).decode, None
+    return make_codec(preset.data, device, vae=vae, precision=precision).decode, vae or preset.data.vae
 
 
 def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset | None = None,

@@ -32,7 +32,6 @@ FID and every result computed with it says so.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import socket
@@ -61,7 +60,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from diffit_cli.data.images import IMAGE_EXTENSIONS, folder_image_names, npz_batches, npz_header, zip_image_names
 from diffit_cli.errors import DiffitError
-from diffit_cli.fileio import atomic_write
+from diffit_cli.fileio import atomic_write, offline
 
 __all__ = [
     "INCEPTION",
@@ -72,7 +71,6 @@ __all__ = [
     "read_stats",
     "register_test_extractor",
     "inception_weights_cache_path",
-    "write_json",
 ]
 
 INCEPTION = "inception-v3-compat"
@@ -390,11 +388,6 @@ def inception_weights_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE"))
-    return any(v in ("1", "true", "yes", "on") for v in flags)
-
-
 def _where_to_put_weights() -> str:
     return (
         f"Download {URL_INCEPTION_V3} on a machine with network, then pass --inception-weights PATH "
@@ -449,7 +442,7 @@ def _make_extractor(name: str, layers: Sequence[str], device: torch.device, weig
                 f"{path} is not a PyTorch state-dict file of {name} weights ({type(e).__name__}: {e})"
             ) from None
         kwargs["feature_extractor_weights_path"] = str(path)
-    elif name == INCEPTION and not inception_weights_cache_path().is_file() and _offline():
+    elif name == INCEPTION and not inception_weights_cache_path().is_file() and offline():
         raise DiffitError(
             "FID needs the Inception-v3 weights (torch-fidelity's inception-v3-compat, 91 MB), which are not on this "
             "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). " + _where_to_put_weights()
@@ -739,11 +732,3 @@ def save_reference(
     atomic_write(out, lambda f: np.savez(f, **arrays))
     dim = int(stats["mu"].shape[0])
     return {"path": str(out), "num_images": images.count, "extractor": name, "feature_layer": layer, "dim": dim}
-
-
-def write_json(data: dict, path) -> Path:
-    """Write `data` as indented JSON, atomically (temp file + rename)."""
-    path = Path(os.fspath(path)).expanduser()
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path

@@ -93,6 +93,7 @@ def register(app: typer.Typer) -> None:
         import contextlib
 
         from diffit_cli import metrics as M
+        from diffit_cli.fileio import write_json
 
         if save_ref is not None and ref is not None:
             fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
@@ -113,4 +114,4 @@ def register(app: typer.Typer) -> None:
         else:
             _show(result)
         if json_out is not None:
-            M.write_json(result, json_out)
+            write_json(json_out, result)

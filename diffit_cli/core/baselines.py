@@ -22,12 +22,14 @@ Design choices where the paper is silent (documented ASSUMPTIONs):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import TMSA, LabelEmbedder, Mlp, TimestepEmbedder, check_time_mode, init_rpb_and_time, time_token
-from .unet import Downsample, ResBlock, Upsample, group_norm, init_linears_and_conditioning
+from .unet import ResBlock, Stage, group_norm, init_linears_and_conditioning
 from .vit import sincos_pos_embed_2d
 
 ENCODERS = ("vit", "multires", "diffit")
@@ -88,29 +90,9 @@ class AdaResBlock(nn.Module):
         return tokens.view(B, H, W, C).permute(0, 3, 1, 2) + x
 
 
-def _block(kind: str, c: int, heads: int, window: int, **kw) -> nn.Module:
+def _block(kind: str, c: int, heads: int, window: int, **kw) -> Callable[[], nn.Module]:
     """A DiffiT ResBlock (TMSA) for `diffit`, else the adaptive multi-resolution block."""
-    return (ResBlock if kind == "diffit" else AdaResBlock)(c, heads, window_size=window, **kw)
-
-
-class Stage(nn.Module):
-    """One U-Net resolution: encoder [Downsample] → [Conv width match], or decoder Upsample → concat skip → Conv;
-    then `depth` blocks of `kind` (diffit | multires)."""
-
-    def __init__(self, kind: str, c_in: int, c: int, depth: int, heads: int, window: int, *, down: bool = False,
-                 c_skip: int = 0, up: bool = False, **kw):
-        super().__init__()
-        self.resample = Downsample(c_in) if down else Upsample(c_in) if up else nn.Identity()
-        c_cat = c_in + c_skip
-        self.proj = nn.Conv2d(c_cat, c, 3, padding=1) if c_cat != c or up else nn.Identity()
-        self.blocks = nn.ModuleList(_block(kind, c, heads, window, **kw) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor, x_t: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.resample(x)
-        x = self.proj(x if skip is None else torch.cat([x, skip], dim=1))
-        for block in self.blocks:
-            x = block(x, x_t)
-        return x
+    return lambda: (ResBlock if kind == "diffit" else AdaResBlock)(c, heads, window_size=window, **kw)
 
 
 class ViTEncoder(nn.Module):
@@ -206,15 +188,17 @@ class EncoderDecoder(nn.Module):
         else:
             self.tokenizer = nn.Conv2d(in_channels, channels[0], 3, padding=1)
             self.enc = nn.ModuleList(
-                Stage(encoder, channels[max(i - 1, 0)], channels[i], blocks[i], channels[i] // head_dim, windows[i],
-                      down=i > 0, **kw) for i in range(n))
+                Stage(channels[max(i - 1, 0)], channels[i], blocks[i],
+                      _block(encoder, channels[i], channels[i] // head_dim, windows[i], **kw), down=i > 0)
+                for i in range(n))
             feat_channels = list(channels)
         if decoder == "setr-mla":
             self.mla = SETRMLA(feat_channels, mla_channels, in_channels, img_resolution, time_dim)
         else:
             self.dec = nn.ModuleList(
-                Stage(decoder, channels[i + 1], channels[i], blocks[i], channels[i] // head_dim, windows[i],
-                      c_skip=channels[i], up=True, **kw) for i in reversed(range(n - 1)))
+                Stage(channels[i + 1], channels[i], blocks[i],
+                      _block(decoder, channels[i], channels[i] // head_dim, windows[i], **kw), up=True,
+                      c_skip=channels[i]) for i in reversed(range(n - 1)))
             self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(),
                                       nn.Conv2d(channels[0], in_channels, 3, padding=1))
         self._init()

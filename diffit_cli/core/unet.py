@@ -15,6 +15,7 @@ Tensors run channels-last (NHWC memory) so the token view of a feature map is fr
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -77,33 +78,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class EncoderStage(nn.Module):
-    """One encoder resolution (SPEC §4): [Downsample] → [Conv3×3 width match] → L DiffiT ResBlocks."""
+class Stage(nn.Module):
+    """One U-Net resolution (SPEC §4), shared with the Table 4 baselines. Encoder: [Downsample] → [Conv3×3 width
+    match]; decoder (`up`): Upsample → concat skip → Conv3×3 to the width. Then `depth` blocks made by `block()`."""
 
-    def __init__(self, c_in: int, c: int, depth: int, down: bool, heads: int, window: int, **kw):
+    def __init__(self, c_in: int, c: int, depth: int, block: Callable[[], nn.Module], *, down: bool = False,
+                 up: bool = False, c_skip: int = 0):
         super().__init__()
-        self.down = Downsample(c_in) if down else nn.Identity()
-        self.proj = nn.Conv2d(c_in, c, 3, padding=1) if c_in != c else nn.Identity()
-        self.blocks = nn.ModuleList(ResBlock(c, heads, window_size=window, **kw) for _ in range(depth))
+        if down:
+            self.down = Downsample(c_in)
+        if up:
+            self.up = Upsample(c_in)
+        c_cat = c_in + c_skip
+        self.proj = nn.Conv2d(c_cat, c, 3, padding=1) if c_cat != c or up else nn.Identity()
+        self.blocks = nn.ModuleList(block() for _ in range(depth))
 
-    def forward(self, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        x = self.proj(self.down(x))
-        for block in self.blocks:
-            x = block(x, x_t)
-        return x
-
-
-class DecoderStage(nn.Module):
-    """One decoder resolution (SPEC §4): Upsample → concat skip → Conv3×3 to width → L DiffiT ResBlocks."""
-
-    def __init__(self, c_below: int, c_skip: int, c: int, depth: int, heads: int, window: int, **kw):
-        super().__init__()
-        self.up = Upsample(c_below)
-        self.proj = nn.Conv2d(c_below + c_skip, c, 3, padding=1)
-        self.blocks = nn.ModuleList(ResBlock(c, heads, window_size=window, **kw) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        x = self.proj(torch.cat([self.up(x), skip], dim=1))  # (B, c_below + c_skip, H, W) -> (B, c, H, W)
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self, "down"):
+            x = self.down(x)
+        if hasattr(self, "up"):
+            x = self.up(x)
+        x = self.proj(x if skip is None else torch.cat([x, skip], dim=1))  # (B, c_in + c_skip, H, W) -> (B, c, H, W)
         for block in self.blocks:
             x = block(x, x_t)
         return x
@@ -140,16 +135,13 @@ class ImageDiffiT(nn.Module):
         self.t_embedder = TimestepEmbedder(time_dim, channels[0], time_embedding, augment_dim)
         self.y_embedder = LabelEmbedder(num_classes, time_dim, label_dropout) if num_classes else None
         self.tokenizer = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        self.enc = nn.ModuleList(
-            EncoderStage(channels[max(i - 1, 0)], channels[i], blocks[i], i > 0, channels[i] // head_dim,
-                         windows[i], **kw)
-            for i in range(n)
-        )
-        self.dec = nn.ModuleList(
-            DecoderStage(channels[i + 1], channels[i], channels[i], blocks[i], channels[i] // head_dim,
-                         windows[i], **kw)
-            for i in reversed(range(n - 1))
-        )
+        def res_block(i: int) -> Callable[[], nn.Module]:
+            return lambda: ResBlock(channels[i], channels[i] // head_dim, window_size=windows[i], **kw)
+
+        self.enc = nn.ModuleList(Stage(channels[max(i - 1, 0)], channels[i], blocks[i], res_block(i), down=i > 0)
+                                 for i in range(n))
+        self.dec = nn.ModuleList(Stage(channels[i + 1], channels[i], blocks[i], res_block(i), up=True,
+                                       c_skip=channels[i]) for i in reversed(range(n - 1)))
         self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], out_channels, 3,
                                                                                 padding=1))
         init_image_diffit(self)
@@ -168,7 +160,7 @@ class ImageDiffiT(nn.Module):
             skips.append(h)
         skips.pop()  # the bottleneck output is `h` itself
         for stage in self.dec:
-            h = stage(h, skips.pop(), x_t)
+            h = stage(h, x_t, skips.pop())
         return self.head(h)  # (B, C_out, H, W)
 
 
