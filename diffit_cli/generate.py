@@ -98,7 +98,7 @@ def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], 
     """Yield `(seeds, labels, uint8 NHWC images)` batches sampled with `preset.sample` (DESIGN §3)."""
     device = torch.device(device)
     m = preset.model
-    size = m.img_resolution if m.kind == "unet" else m.input_size
+    size = m.spatial_size
     shape = (m.in_channels, size, size)
     labels = seed_labels(seeds, m.num_classes, classes)
     for i in range(0, len(seeds), batch):

@@ -349,7 +349,7 @@ def test_workers_give_the_same_batches(tmp_path):
 @pytest.mark.parametrize("container", ["folder", "zip"])
 def test_training_and_fid_read_the_same_image_set(tmp_path, container):
     """Issue #12: one extension list and one hidden-file rule for `train --data` and `eval-fid`."""
-    from diffit_cli.metrics import _open
+    from diffit_cli.fid.inputs import open_input
 
     root = tmp_path / "imgs"
     files = {"a/1.png": "PNG", "a/2.JPEG": "JPEG", "b/3.webp": "WEBP", "b/4.Tif": "TIFF", "b/5.gif": "GIF",
@@ -367,7 +367,7 @@ def test_training_and_fid_read_the_same_image_set(tmp_path, container):
                 if f.is_file():
                     z.write(f, f.relative_to(root).as_posix())
     train_src = open_source(str(path), 8)
-    fid_src = _open(path, "samples", allow_stats=False)
+    fid_src = open_input(path, "samples", allow_stats=False)
     assert train_src.files == ["a/1.png", "a/2.JPEG", "b/3.webp", "b/4.Tif", "b/5.gif"]
     assert fid_src.count == len(train_src) == 5
     train_pixels = np.stack([train_src[i][0].numpy().transpose(1, 2, 0) for i in range(5)])

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from diffit_cli import metrics as M
 from diffit_cli.app import build_app
 from diffit_cli.errors import DiffitError
+from diffit_cli.fid.metrics import fid_distance
 
 EXT = M.register_test_extractor()
 N = 96
@@ -124,7 +125,7 @@ def test_frechet_distance_matches_the_closed_form():
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     v1, v2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
     expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
-    got = M._fid({"mu": mu1, "sigma": np.diag(v1)}, {"mu": mu2, "sigma": np.diag(v2)})
+    got = fid_distance({"mu": mu1, "sigma": np.diag(v1)}, {"mu": mu2, "sigma": np.diag(v2)})
     assert got == pytest.approx(expected, rel=1e-6)
 
 

@@ -1,0 +1,229 @@
+"""The paper's preset sections (pydantic v2, frozen, extra="forbid"): networks, diffusions, data, training,
+sampling and evaluation. Every value that SPEC.md fixes is cited in the shipped YAML files under `presets/`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TimeMode = Literal["tmsa", "bias", "mlp", "adaln", "separate"]
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+Pos = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------------- model
+class UNetConfig(Section):
+    """Image-space U-shaped DiffiT (SPEC §4); one entry per stage in `channels`/`blocks`/`window_size`."""
+
+    kind: Literal["unet"]
+    img_resolution: Pos
+    in_channels: Pos = 3
+    channels: tuple[Pos, ...]
+    blocks: tuple[Annotated[int, Field(ge=0)], ...]
+    window_size: tuple[Pos, ...]
+    head_dim: Pos = 32
+    time_dim: Pos = 512
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    num_classes: Annotated[int, Field(ge=0)] = 0
+    label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    augment_dim: Annotated[int, Field(ge=0)] = 9
+    time_mode: TimeMode = "tmsa"
+    time_embedding: Literal["positional", "fourier"] = "positional"
+
+    @property
+    def spatial_size(self) -> int:
+        """Side of the square input the network sees (pixels here; latent cells for `vit`)."""
+        return self.img_resolution
+
+    @model_validator(mode="after")
+    def _stages_agree(self) -> "UNetConfig":
+        n = len(self.channels)
+        if not (len(self.blocks) == len(self.window_size) == n) or n == 0:
+            raise ValueError(
+                f"channels, blocks and window_size need one entry per stage; got {len(self.channels)}, "
+                f"{len(self.blocks)} and {len(self.window_size)}"
+            )
+        for i, (c, w) in enumerate(zip(self.channels, self.window_size)):
+            res = self.img_resolution // 2**i
+            if self.img_resolution % 2**i or res % w:
+                raise ValueError(f"stage {i} has resolution {res}, which window size {w} does not divide")
+            if c % self.head_dim:
+                raise ValueError(f"stage {i} width {c} is not a multiple of head_dim {self.head_dim}")
+        return self
+
+
+class ViTConfig(Section):
+    """Latent DiffiT ViT (SPEC §5); field names are the release constructor's arguments."""
+
+    kind: Literal["vit"]
+    input_size: Pos = 32
+    patch_size: Pos = 2
+    in_channels: Pos = 4
+    hidden_size: Pos = 1152
+    depth: Pos = 28
+    num_heads: Pos = 16
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    class_dropout_prob: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    num_classes: Annotated[int, Field(ge=0)] = 1000
+    learn_sigma: bool = True
+    time_mode: TimeMode = "tmsa"
+
+    @property
+    def spatial_size(self) -> int:
+        """Side of the square latent grid the network sees."""
+        return self.input_size
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "ViTConfig":
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------- diffusion
+class EDMConfig(Section):
+    """EDM preconditioning, loss and σ range (Karras et al. 2022; SPEC §6a)."""
+
+    kind: Literal["edm"]
+    sigma_data: Annotated[float, Field(gt=0)] = 0.5
+    p_mean: float = -1.2
+    p_std: Annotated[float, Field(gt=0)] = 1.2
+    sigma_min: Annotated[float, Field(gt=0)] = 0.002
+    sigma_max: Annotated[float, Field(gt=0)] = 80.0
+    rho: Annotated[float, Field(gt=0)] = 7.0
+
+
+class DDPMConfig(Section):
+    """ADM Gaussian diffusion with learned-range variance (SPEC §6b)."""
+
+    kind: Literal["ddpm"]
+    num_timesteps: Pos = 1000
+    schedule: Literal["linear", "cosine"] = "linear"
+
+
+# ------------------------------------------------------------------------------------------- data / train
+class DataConfig(Section):
+    path: str | None = None  # None → the built-in synthetic dataset
+    synthetic: Literal["varied", "simple"] = "varied"  # style of the built-in dataset (data.SYNTHETIC_STYLES)
+    space: Literal["pixel", "latent"] = "pixel"
+    resolution: Pos = 32  # image resolution (latent grid = resolution / 8)
+    channels: Pos = 3  # channels the network sees (4 for SD-VAE latents)
+    use_labels: bool = False
+    xflip: bool = False
+    vae: str | None = None  # latent space: Hub id, folder or .safetensors file of the SD VAE
+    latent_scale: Annotated[float, Field(gt=0)] = 0.18215
+    num_workers: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="after")
+    def _latent_has_vae(self) -> "DataConfig":
+        if self.space == "latent" and not self.vae:
+            raise ValueError("latent-space data needs data.vae (e.g. stabilityai/sd-vae-ft-ema)")
+        return self
+
+
+class TrainConfig(Section):
+    total_kimg: Annotated[float, Field(gt=0)]
+    batch: Pos  # global batch, split into per-device batch × gradient accumulation
+    batch_gpu: Pos | None = None
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0)]
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr_rampup_kimg: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    ema_halflife_kimg: Annotated[float, Field(gt=0)] | None = None  # EDM-style EMA (image space)
+    ema_rampup_ratio: Annotated[float, Field(gt=0)] | None = None
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None  # per-step EMA (latent space, DiT)
+    augment_p: Prob = 0.0
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 0
+    report_kimg: Annotated[float, Field(gt=0)] = 50.0
+    snapshot_kimg: Annotated[float, Field(gt=0)] = 500.0
+    keep_checkpoints: Pos = 3
+    compile: bool = False
+    grad_checkpointing: bool = False
+    # loss-spike watch (diffit_cli.monitor): `spike_patience` reports in a row above `spike_factor` × the running
+    # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`
+    on_spike: Literal["warn", "stop", "rollback"] = "warn"
+    spike_factor: Annotated[float, Field(gt=1)] = 2.0
+    spike_patience: Pos = 3
+    spike_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _one_ema(self) -> "TrainConfig":
+        if (self.ema_halflife_kimg is None) == (self.ema_decay is None):
+            raise ValueError("set exactly one of train.ema_halflife_kimg (EDM) and train.ema_decay (per step)")
+        if self.batch_gpu is not None and self.batch % self.batch_gpu:
+            raise ValueError(f"train.batch {self.batch} is not a multiple of train.batch_gpu {self.batch_gpu}")
+        return self
+
+
+class GuidanceConfig(Section):
+    """Classifier-free guidance: exactly the fields of `core.guidance.Guidance` (its null class is the model's
+    `num_classes`). `channels`: how many prediction channels are guided (3 = the release's three-channel CFG)."""
+
+    scale: Annotated[float, Field(ge=0)] = 1.0
+    schedule: Literal["constant", "power-cosine", "interval"] = "constant"
+    power: Annotated[float, Field(gt=0)] = 4.0
+    channels: Pos | Literal["all"] = 3
+    interval: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.28, 5.42)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "GuidanceConfig":
+        if not self.interval[0] < self.interval[1]:
+            raise ValueError(f"interval must be (σ_lo, σ_hi) with σ_lo < σ_hi, got {self.interval}")
+        return self
+
+
+# Flat `sample.cfg_*` keys of presets and checkpoints written before `sample.guidance` existed (read only).
+_LEGACY_GUIDANCE_KEYS = {"cfg_scale": "scale", "cfg_schedule": "schedule", "cfg_power": "power",
+                         "cfg_channels": "channels", "cfg_interval": "interval"}
+
+
+class SampleConfig(Section):
+    sampler: Literal["heun", "euler", "ddpm", "ddim", "dpmpp-2m"] = "heun"
+    steps: Pos = 18
+    guidance: GuidanceConfig = GuidanceConfig()
+    s_churn: Annotated[float, Field(ge=0)] = 0.0
+    s_min: Annotated[float, Field(ge=0)] = 0.0
+    s_max: float = float("inf")
+    s_noise: Annotated[float, Field(gt=0)] = 1.0
+    eta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    batch: Pos = 64
+    num_images: Pos = 50000
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_guidance_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and any(k in raw for k in _LEGACY_GUIDANCE_KEYS):
+            raw = dict(raw)
+            guidance = dict(raw.get("guidance") or {})
+            for old, new in _LEGACY_GUIDANCE_KEYS.items():
+                if old in raw:
+                    guidance[new] = raw.pop(old)
+            raw["guidance"] = guidance
+        return raw
+
+    def sampler_kwargs(self) -> dict:
+        """The stochastic settings the chosen sampler takes (EDM Alg. 2 churn for heun/euler, η for ddim)."""
+        if self.sampler in ("heun", "euler"):
+            return {"S_churn": self.s_churn, "S_min": self.s_min, "S_max": self.s_max, "S_noise": self.s_noise}
+        if self.sampler == "ddim":
+            return {"eta": self.eta}
+        return {}
+
+
+class EvalConfig(Section):
+    metrics: tuple[Literal["fid", "is", "kid", "pr"], ...] = ("fid",)
+    num_samples: Pos = 50000
+    reference: str | None = None  # statistics file, image folder or dataset; None → the training data
+    batch: Pos = 64

@@ -1,0 +1,215 @@
+"""Feature extractors for the metrics: torch-fidelity's registry (Inception-v3 `inception-v3-compat`, weights
+downloaded or given as a file, a clear message offline) and `diffit-randconv-v1`, a fixed random conv net that
+runs anywhere with no files (its numbers are not comparable with Inception FID; results say so)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import urllib.error
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+
+from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import offline
+from diffit_cli.fid.inputs import Images, rgb
+
+INCEPTION = "inception-v3-compat"
+TEST_EXTRACTOR = "diffit-randconv-v1"
+DOWNLOAD_TIMEOUT_S = 30
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class RandConvFeatureExtractor(FeatureExtractorBase):
+    """A fixed random 3-stage conv net (seeded, so identical on every machine): offline stand-in for Inception.
+
+    Images are resized to 64² (antialiased bilinear), mapped to [-1, 1] and passed through three
+    stride-2 3×3 convolutions (32, 32, 64 channels, He-scaled Gaussian weights from a fixed seed,
+    leaky ReLU). `features` is the spatial mean of every stage (128 values: colour, edges, texture
+    at three scales); `logits` is a fixed random projection of the per-image standardised features
+    onto 10 pseudo-classes, so IS is defined (between 1 and 10). Meant for tests and smoke runs
+    where no Inception weights exist; FID computed with it is not comparable with published FID.
+    """
+
+    SEED = 20231204
+    SIZE = 64
+    WIDTHS = (32, 32, 64)
+    NUM_LOGITS = 10
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        g = torch.Generator().manual_seed(self.SEED)
+        convs, cin = [], 3
+        for width in self.WIDTHS:
+            conv = nn.Conv2d(cin, width, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / (cin * 9)))
+                conv.bias.copy_(torch.randn(width, generator=g) * 0.1)
+            convs.append(conv)
+            cin = width
+        self.convs = nn.ModuleList(convs)
+        dim = sum(self.WIDTHS)
+        self.register_buffer("proj", torch.randn(dim, self.NUM_LOGITS, generator=g) * (3.0 / math.sqrt(dim)))
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+            raise ValueError("expecting a uint8 tensor of shape (B, 3, H, W)")
+        x = x.float() / 127.5 - 1.0
+        if tuple(x.shape[-2:]) != (self.SIZE, self.SIZE):
+            x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False, antialias=True)
+        pooled = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.2)
+            pooled.append(x.mean(dim=(2, 3)))
+        feats = torch.cat(pooled, dim=1)
+        z = (feats - feats.mean(1, keepdim=True)) / (feats.std(1, keepdim=True) + 1e-6)
+        out = {"features": feats, "logits": z @ self.proj}
+        return tuple(out[name] for name in self.features_list)
+
+
+def register_test_extractor() -> str:
+    """Register `diffit-randconv-v1` with torch-fidelity (idempotent) and return its name."""
+    if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(TEST_EXTRACTOR, RandConvFeatureExtractor)
+    return TEST_EXTRACTOR
+
+
+def inception_weights_cache_path() -> Path:
+    """Where torch-fidelity keeps (and looks for) the Inception weights: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
+
+
+def _where_to_put_weights() -> str:
+    return (
+        f"Download {URL_INCEPTION_V3} on a machine with network, then pass --inception-weights PATH "
+        f"(Python: inception_weights=PATH) or copy it to {inception_weights_cache_path()} "
+        "(the torch hub cache; set TORCH_HOME to move it)."
+    )
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DiffitError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise DiffitError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
+def extractor_class(name: str):
+    if name == TEST_EXTRACTOR:
+        register_test_extractor()
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        known = ", ".join(sorted(FEATURE_EXTRACTORS_REGISTRY))
+        raise DiffitError(f"unknown feature extractor {name!r}; registered: {known}")
+    return FEATURE_EXTRACTORS_REGISTRY[name]
+
+
+def make_extractor(name: str, layers: Sequence[str], device: torch.device, weights) -> FeatureExtractorBase:
+    kwargs = {}
+    if weights is not None:
+        path = Path(os.fspath(weights)).expanduser()
+        if not path.is_file():
+            raise DiffitError(f"feature-extractor weights file not found: {path}")
+        try:  # refuse arbitrary pickles before torch-fidelity loads the file
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DiffitError(
+                f"{path} is not a PyTorch state-dict file of {name} weights ({type(e).__name__}: {e})"
+            ) from None
+        kwargs["feature_extractor_weights_path"] = str(path)
+    elif name == INCEPTION and not inception_weights_cache_path().is_file() and offline():
+        raise DiffitError(
+            "FID needs the Inception-v3 weights (torch-fidelity's inception-v3-compat, 91 MB), which are not on this "
+            "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). " + _where_to_put_weights()
+        )
+    downloading = weights is None and name == INCEPTION and not inception_weights_cache_path().is_file()
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            fe = create_feature_extractor(name, list(layers), cuda=False, verbose=downloading, **kwargs)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, socket.gaierror) as e:
+        raise DiffitError(
+            f"could not download the weights of feature extractor {name} ({e}). " + _where_to_put_weights()
+        ) from None
+    except Exception as e:  # a file that is not (complete) weights of this extractor
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        if weights is not None:
+            raise DiffitError(f"{weights} does not hold {name} weights: {first_line}") from None
+        if name == INCEPTION and inception_weights_cache_path().is_file():
+            raise DiffitError(
+                f"the cached Inception weights {inception_weights_cache_path()} are unreadable ({first_line}); "
+                "delete the file to download it again, or pass --inception-weights PATH"
+            ) from None
+        raise
+    return fe.to(device)
+
+
+@contextlib.contextmanager
+def exact_convolutions():
+    """TF32 off while extracting features, so numbers match the fp32 reference implementations."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def extract_features(images: Images, fe: FeatureExtractorBase, device, batch: int, progress, stage: str) -> dict:
+    out: dict[str, list[torch.Tensor]] = {}
+    done = 0
+    if progress:
+        progress(stage, 0, images.count)
+    with torch.no_grad(), exact_convolutions():
+        for arr in images.batches(batch):
+            x = torch.from_numpy(rgb(arr)).permute(0, 3, 1, 2).contiguous().to(device)
+            for k, v in fe.convert_features_tuple_to_dict(fe(x)).items():
+                out.setdefault(k, []).append(v.detach().float().cpu())
+            done += len(arr)
+            if progress:
+                progress(stage, done, images.count)
+    return {k: torch.cat(v) for k, v in out.items()}

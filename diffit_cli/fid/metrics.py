@@ -1,0 +1,295 @@
+"""Sample-quality metrics through torch-fidelity: FID, IS, KID, precision/recall, reference statistics.
+
+Inputs are uint8 images from an image folder (searched recursively), an EDM `dataset_tool` zip, an
+ADM-style `.npz` (`arr_0`, uint8 NHWC; read in batches, never loaded whole) or an in-memory uint8
+NHWC array. A reference is any of those or a **statistics file** (`.npz` with `mu`, `sigma`):
+
+- EDM reference files (`cifar10-32x32.npz`, `ffhq-64x64.npz`): `mu`, `sigma` of the full training set.
+- ADM reference batches (`VIRTUAL_imagenet256_labeled.npz`): `mu`, `sigma` of the full training set
+  (used for FID, as the ADM evaluator does) plus `arr_0`, 10,000 reference *images* whose features
+  feed KID and precision/recall. `mu_s`/`sigma_s` (sFID) are ignored.
+- Files written by :func:`save_reference`: `mu`, `sigma`, `extractor`, `feature_layer`,
+  `num_images`, and optionally `features` (per-image features, for KID and precision/recall).
+
+Both published families were computed with the TensorFlow Inception-v3 graph of 2015-12-05
+(`pool_3`, 2048 features; EDM through its TorchScript port of that graph). torch-fidelity's
+`inception-v3-compat` extractor is a PyTorch port of the same graph, TF1-style bilinear resize to
+299 included, and reproduces those features to float precision, so FID against these files is
+comparable; small device- and precision-dependent differences remain (cuDNN TF32 is switched off
+while features are extracted). The Fréchet distance itself is torch-fidelity's
+(`fid_statistics_to_metric`), as are IS, KID and precision/recall (k = 3 neighbours, as in ADM's
+evaluator; unlike torch-fidelity's default, precision/recall use the same extractor as FID, i.e.
+Inception pool features as in ADM, not VGG-16).
+
+Feature extractors are torch-fidelity registry names. `inception-v3-compat` (default) downloads its
+weights into the torch hub cache on first use, or loads `inception_weights=PATH`; offline
+(`HF_HUB_OFFLINE=1` or `DIFFIT_OFFLINE=1`) without weights it fails at once with a message saying
+where the file goes. :func:`register_test_extractor` registers `diffit-randconv-v1`, a small fixed
+random conv net that runs anywhere with no files; its numbers are **not** comparable with Inception
+FID and every result computed with it says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+from diffit_cli.errors import DiffitError
+from diffit_cli.fid.extractors import (INCEPTION, TEST_EXTRACTOR, Progress, extract_features, extractor_class,
+                                       make_extractor, resolve_device)
+from diffit_cli.fid.inputs import Images, Statistics, open_input
+from diffit_cli.fileio import atomic_write
+
+METRICS = ("fid", "is", "kid", "pr")
+_ALIASES = {"fid": "fid", "is": "is", "isc": "is", "kid": "kid", "pr": "pr", "prc": "pr"}
+_ALIASES.update(precision="pr", recall="pr")
+_LABEL = {"fid": "FID", "is": "IS", "kid": "KID", "pr": "precision/recall"}
+FID_PROTOCOL_SAMPLES = 50_000
+SEED = 2020  # torch-fidelity's default rng_seed: IS split shuffle, KID subsets
+
+
+def _statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    s = fid_features_to_statistics(features.double())
+    return {"mu": np.asarray(s["mu"], np.float64), "sigma": np.atleast_2d(np.asarray(s["sigma"], np.float64))}
+
+
+def fid_distance(a: dict, b: dict) -> float:
+    if a["mu"].shape != b["mu"].shape:
+        raise DiffitError(
+            f"feature sizes differ ({a['mu'].shape[0]} vs {b['mu'].shape[0]}); statistics from different extractors"
+        )
+    return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _parse_metrics(metrics) -> list[str]:
+    if isinstance(metrics, str):
+        metrics = metrics.split(",")
+    wanted = []
+    for m in metrics:
+        key = _ALIASES.get(str(m).strip().lower())
+        if key is None:
+            raise DiffitError(f"unknown metric {str(m).strip()!r}; choose from {', '.join(METRICS)}")
+        if key not in wanted:
+            wanted.append(key)
+    if not wanted:
+        raise DiffitError(f"no metric asked for; choose from {', '.join(METRICS)}")
+    return [m for m in METRICS if m in wanted]
+
+
+def _describe(source) -> str:
+    if isinstance(source, np.ndarray) or torch.is_tensor(source):
+        return f"array {tuple(source.shape)}"
+    return str(source)
+
+
+def compute_metrics(
+    samples,
+    reference=None,
+    *,
+    metrics: Iterable[str] | str = ("fid",),
+    batch: int = 64,
+    device=None,
+    inception_weights=None,
+    feature_extractor: str | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Compute FID (default), IS, KID and precision/recall of `samples` against `reference`.
+
+    samples: an image folder, a `.zip` of images, an `.npz` with `arr_0` (uint8 N×H×W×3, the ADM
+    evaluator's layout) or a uint8 NHWC array. reference: the same kinds, or a statistics `.npz`
+    (`mu`, `sigma`: EDM's `cifar10-32x32.npz`, ADM's `VIRTUAL_imagenet256_labeled.npz`, or a file
+    from :func:`save_reference`). IS needs no reference. metrics: names from `fid, is, kid, pr`
+    (aliases: isc, prc). feature_extractor: a torch-fidelity registry name; default
+    `inception-v3-compat` (TF Inception pool_3, the features behind the ADM and EDM references).
+    inception_weights: a local weights file for offline machines. progress(stage, done, total) is
+    called as images are processed (stage `samples` or `reference`).
+
+    Returns a flat dict: the metric values (`fid`, `is_mean`, `is_std`, `kid_mean`, `kid_std`,
+    `precision`, `recall`), then `extractor`, `feature_layers`, `num_samples`, `num_reference`,
+    `reference_kind` (images | stats), `samples`, `reference`, `device`, `notes`.
+    Raises DiffitError for anything the user can fix.
+    """
+    wanted = _parse_metrics(metrics)
+    if int(batch) < 1:
+        raise DiffitError(f"batch must be at least 1 (got {batch})")
+    name = feature_extractor or INCEPTION
+    cls = extractor_class(name)
+    dev = resolve_device(device)
+    sample_images = open_input(samples, "samples", allow_stats=False)
+    paired = [m for m in wanted if m != "is"]
+    ref = None
+    if paired:
+        if reference is None:
+            raise DiffitError(
+                f"{' and '.join(_LABEL[m] for m in paired)} compare samples with a reference: "
+                "pass --ref (images or a statistics file)"
+            )
+        ref = open_input(reference, "reference", allow_stats=True)
+    if isinstance(ref, Statistics):
+        if ref.extractor is not None and ref.extractor != name:
+            raise DiffitError(
+                f"{ref.path} was computed with feature extractor {ref.extractor}, but this run uses {name}; "
+                f"distances across extractors mean nothing "
+                f"(use --feature-extractor {ref.extractor} or recompute the reference)"
+            )
+        need_ref_features = [m for m in paired if m != "fid"]
+        if need_ref_features and ref.features is None and ref.images is None:
+            what = " and ".join(_LABEL[m] for m in need_ref_features)
+            raise DiffitError(
+                f"{what} need reference images or features, but {ref.path} holds only "
+                "mu/sigma; pass the dataset (folder, zip or npz) as the reference, or save statistics with features"
+            )
+
+    fidelity_name = {"fid": "fid", "is": "isc", "kid": "kid", "pr": "prc"}
+    layers = {m: cls.get_default_feature_layer_for_metric(fidelity_name[m]) for m in wanted}
+    fe = make_extractor(name, sorted(set(layers.values())), dev, inception_weights)
+    feats = extract_features(sample_images, fe, dev, int(batch), progress, "samples")
+    n = sample_images.count
+
+    ref_feats = None
+    if isinstance(ref, Images):
+        ref_feats = extract_features(ref, fe, dev, int(batch), progress, "reference")
+    elif isinstance(ref, Statistics) and any(m in ("kid", "pr") for m in wanted):
+        if ref.features is not None:
+            for m in ("kid", "pr"):
+                if m in wanted and ref.feature_layer not in (None, layers[m]):
+                    raise DiffitError(
+                        f"{ref.path} stores {ref.feature_layer} features but {_LABEL[m]} uses {layers[m]} "
+                        "with this extractor; pass the dataset as the reference"
+                    )
+            ref_feats = {layers[m]: torch.from_numpy(ref.features) for m in wanted if m in ("kid", "pr")}
+        else:
+            ref_feats = extract_features(ref.images, fe, dev, int(batch), progress, "reference")
+    n_ref = None
+    if isinstance(ref, Images):
+        n_ref = ref.count
+    elif isinstance(ref, Statistics):
+        n_ref = ref.num_images
+
+    result: dict = {}
+    notes: list[str] = []
+    if "fid" in wanted:
+        if n < 2:
+            raise DiffitError("FID needs at least 2 samples")
+        s_stats = _statistics(feats[layers["fid"]])
+        if isinstance(ref, Statistics):
+            r_stats = {"mu": ref.mu, "sigma": ref.sigma}
+            if ref.mu.shape[0] != s_stats["mu"].shape[0]:
+                raise DiffitError(
+                    f"{ref.path} holds {ref.mu.shape[0]}-dimensional statistics (EDM/ADM files: Inception pool_3, "
+                    f"2048) but feature extractor {name} gives {s_stats['mu'].shape[0]} features; "
+                    "use the extractor the file was made with"
+                )
+            if ref.extractor is None and name != INCEPTION:
+                notes.append(f"{ref.path} does not name its extractor; assumed it matches {name}")
+        else:
+            r_stats = _statistics(ref_feats[layers["fid"]])
+        result["fid"] = fid_distance(s_stats, r_stats)
+    if "is" in wanted:
+        r = isc_features_to_metric(feats[layers["is"]], splits=max(1, min(10, n)), shuffle=True, rng_seed=SEED)
+        result["is_mean"], result["is_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
+    if "kid" in wanted:
+        f1, f2 = feats[layers["kid"]], ref_feats[layers["kid"]]
+        _same_dim(f1, f2, "KID")
+        subset = min(1000, len(f1), len(f2))
+        if subset < 2:
+            raise DiffitError("KID needs at least 2 samples and 2 reference images")
+        r = kid_features_to_metric(f1, f2, kid_subsets=100, kid_subset_size=subset, rng_seed=SEED, verbose=False)
+        result["kid_mean"], result["kid_std"] = r[KEY_METRIC_KID_MEAN], r[KEY_METRIC_KID_STD]
+        if subset < 1000:
+            notes.append(f"KID used subsets of {subset} (fewer than the usual 1000 images)")
+    if "pr" in wanted:
+        f1, f2 = feats[layers["pr"]], ref_feats[layers["pr"]]
+        _same_dim(f1, f2, "precision/recall")
+        if min(len(f1), len(f2)) < 4:
+            raise DiffitError("precision/recall need at least 4 samples and 4 reference images (k = 3 neighbours)")
+        r = prc_features_to_metric(f1, f2, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+        result["precision"], result["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
+
+    if name == TEST_EXTRACTOR:
+        notes.append(
+            f"features from {TEST_EXTRACTOR} (fixed random conv net), not Inception: "
+            "not comparable with published numbers"
+        )
+    if "fid" in wanted and n != FID_PROTOCOL_SAMPLES:
+        notes.append(
+            f"{n} samples; published FID (FID-50K) uses {FID_PROTOCOL_SAMPLES:,}, and FID grows as the count shrinks"
+        )
+    result.update(
+        extractor=name,
+        feature_layers=layers,
+        num_samples=n,
+        num_reference=n_ref,
+        reference_kind=None if ref is None else ("stats" if isinstance(ref, Statistics) else "images"),
+        samples=_describe(samples),
+        reference=None if reference is None else _describe(reference),
+        device=str(dev),
+        notes=notes,
+    )
+    return result
+
+
+def _same_dim(f1: torch.Tensor, f2: torch.Tensor, what: str) -> None:
+    if f1.shape[1] != f2.shape[1]:
+        raise DiffitError(
+            f"{what}: sample features have {f1.shape[1]} dims, reference features {f2.shape[1]}; different extractors"
+        )
+
+
+def save_reference(
+    dataset,
+    out_file,
+    *,
+    batch: int = 64,
+    device=None,
+    inception_weights=None,
+    feature_extractor: str | None = None,
+    features: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Compute `mu`/`sigma` of a dataset (folder, zip, npz or array) and save them to `out_file` (.npz).
+
+    The file also records `extractor`, `feature_layer` and `num_images`, and with `features=True`
+    the per-image features (so KID and precision/recall can run against it later). It is written
+    atomically and reads back in EDM's and ADM's tools too (they read `mu` and `sigma`).
+    Returns a summary dict (path, num_images, extractor, feature_layer, dim).
+    """
+    out = Path(os.fspath(out_file)).expanduser()
+    if out.suffix.lower() != ".npz":
+        raise DiffitError(f"reference statistics are saved as .npz; got {out}")
+    if int(batch) < 1:
+        raise DiffitError(f"batch must be at least 1 (got {batch})")
+    name = feature_extractor or INCEPTION
+    cls = extractor_class(name)
+    dev = resolve_device(device)
+    images = open_input(dataset, "dataset", allow_stats=False)
+    if images.count < 2:
+        raise DiffitError("reference statistics need at least 2 images")
+    layer = cls.get_default_feature_layer_for_metric("fid")
+    fe = make_extractor(name, [layer], dev, inception_weights)
+    feats = extract_features(images, fe, dev, int(batch), progress, "reference")[layer]
+    stats = _statistics(feats)
+    arrays = dict(
+        mu=stats["mu"],
+        sigma=stats["sigma"],
+        extractor=np.array(name),
+        feature_layer=np.array(layer),
+        num_images=np.array(images.count, dtype=np.int64),
+    )
+    if features:
+        arrays["features"] = feats.numpy().astype(np.float32)
+    atomic_write(out, lambda f: np.savez(f, **arrays))
+    dim = int(stats["mu"].shape[0])
+    return {"path": str(out), "num_images": images.count, "extractor": name, "feature_layer": layer, "dim": dim}
