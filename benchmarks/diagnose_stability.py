@@ -31,7 +31,7 @@ from diffit_cli.config import load_preset
 from diffit_cli.core.layers import TMSA
 from diffit_cli.core.unet import ResBlock
 from diffit_cli.data import make_loader, open_source
-from diffit_cli.training import _seed, _to_model_space, learning_rate
+from diffit_cli.training.recipe import keyed_seed, learning_rate, to_model_space
 
 
 def stage_of(name: str) -> str:
@@ -100,11 +100,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for _ in range(args.steps):
-            torch.manual_seed(_seed(tc.seed, step, 0))
-            noise_gen.manual_seed(_seed(tc.seed, step, 1 << 20))
+            torch.manual_seed(keyed_seed(tc.seed, step, 0))
+            noise_gen.manual_seed(keyed_seed(tc.seed, step, 1 << 20))
             for g in opt.param_groups:
                 g["lr"] = learning_rate(tc, nimg)
-            x0, y = _to_model_space(next(batches), preset, codec, torch.device("cpu"))
+            x0, y = to_model_space(next(batches), preset, codec, torch.device("cpu"))
             aug = x0.new_zeros(x0.shape[0], preset.model.augment_dim) if preset.model.augment_dim else None
             draws = diffusion.training_noise(tc.batch, tuple(x0.shape[1:]), noise_gen)
             stats: dict = defaultdict(lambda: defaultdict(list))

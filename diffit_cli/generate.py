@@ -108,6 +108,20 @@ def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], 
         yield chunk, (y.numpy() if y is not None else None), decode(x)
 
 
+def preview_grid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, path: Path | str,
+                 device: torch.device | str = "cpu", seeds: int = 64) -> Path:
+    """Training's preview: `seeds` samples of `net` with the preset's sampler (one class per column when
+    class-conditional), saved as a grid PNG at `path` and as `grid-latest.png` beside it."""
+    k = preset.model.num_classes
+    classes = list(range(min(k, 8))) if k else None
+    precision = "bf16" if preset.train.mixed_precision == "bf16" else "fp32"
+    _, _, images = next(generate(net, diffusion, preset, list(range(seeds)), decode, precision=precision,
+                                 batch=seeds, device=device, classes=classes))
+    grid = image_grid(images, ncol=len(classes) if classes else None)
+    save_png(Path(path).with_name("grid-latest.png"), grid)
+    return save_png(path, grid)
+
+
 def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
     """uint8 NHWC → one uint8 HWC grid image (ncol defaults to ⌈√N⌉)."""
     n, h, w, c = images.shape

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
 from diffit_cli.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
-from diffit_cli.monitor import SpikeDetector
+from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training import train
 
 from helpers import TINY_UNET, tiny_unet
@@ -92,7 +92,7 @@ def _spike_at(monkeypatch, kimg: float):
         out = real(self, k, start_nimg, loss)
         if abs(k - kimg) < 1e-9 and not getattr(self, "_fired", False):
             self._fired = True
-            from diffit_cli.monitor import Spike
+            from diffit_cli.training.monitor import Spike
             return Spike(k, k, start_nimg, loss * 10, loss)
         return out
 

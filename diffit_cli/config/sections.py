@@ -151,7 +151,7 @@ class TrainConfig(Section):
     keep_checkpoints: Pos = 3
     compile: bool = False
     grad_checkpointing: bool = False
-    # loss-spike watch (diffit_cli.monitor): `spike_patience` reports in a row above `spike_factor` × the running
+    # loss-spike watch (diffit_cli.training.monitor): `spike_patience` reports in a row above `spike_factor` × the running
     # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`
     on_spike: Literal["warn", "stop", "rollback"] = "warn"
     spike_factor: Annotated[float, Field(gt=1)] = 2.0

@@ -219,6 +219,11 @@ class EncoderDecoder(nn.Module):
                    augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         return time_token(self.t_embedder, self.y_embedder, t, y, augment_labels)
 
+    def checkpointable_blocks(self) -> list[nn.Module]:
+        """The blocks activation checkpointing recomputes: the ViT encoder's and every stage's blocks."""
+        stages = [*getattr(self, "enc", []), *getattr(self, "dec", [])]
+        return [*(self.vit.blocks if self.tokenizer is None else []), *(b for s in stages for b in s.blocks)]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         x_t = self.time_token(t, y, augment_labels)

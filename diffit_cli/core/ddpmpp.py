@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import TMSA, LabelEmbedder, TimestepEmbedder, init_rpb_and_time
+from .layers import TMSA, LabelEmbedder, TimestepEmbedder, init_rpb_and_time, time_token
 from .unet import group_norm
 
 ATTENTIONS = ("plain", "tmsa")
@@ -162,14 +162,13 @@ class DDPMpp(nn.Module):
         init_rpb_and_time(self)
         nn.init.zeros_(self.head[-1].weight)
 
+    def checkpointable_blocks(self) -> list[nn.Module]:
+        """The blocks activation checkpointing recomputes: every encoder and decoder block."""
+        return [*self.enc, *self.dec]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.t_embedder(t, augment_labels)
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
-            emb = emb + self.y_embedder(y)
-        emb = F.silu(emb)
+        emb = F.silu(time_token(self.t_embedder, self.y_embedder, t, y, augment_labels))  # (B, emb)
         h = self.conv_in(x)
         skips = [h]
         for block in self.enc:

@@ -150,6 +150,10 @@ class ImageDiffiT(nn.Module):
                    augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         return time_token(self.t_embedder, self.y_embedder, t, y, augment_labels)
 
+    def checkpointable_blocks(self) -> list[nn.Module]:
+        """The blocks activation checkpointing recomputes: every DiffiT ResBlock."""
+        return [b for stage in (*self.enc, *self.dec) for b in stage.blocks]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         x_t = self.time_token(t, y, augment_labels)

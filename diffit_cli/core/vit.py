@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import DiffiTBlock, LabelEmbedder, TimestepEmbedder, check_time_mode, init_rpb_and_time, modulate
+from .layers import (DiffiTBlock, LabelEmbedder, TimestepEmbedder, check_time_mode, init_rpb_and_time, modulate,
+                     time_token)
 
 # Named sizes as in DiT (depth, hidden, heads) × patch 2/4/8; "XL/2" is the release's DiffiT-XL/2 (SPEC §5).
 _DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -92,9 +93,13 @@ class LatentDiffiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
+    def checkpointable_blocks(self) -> list[nn.Module]:
+        """The blocks activation checkpointing recomputes: every DiffiT block."""
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D): the time token x_t
+        c = time_token(self.t_embedder, self.y_embedder, t, y)  # (B, D): the time token x_t
         for block in self.blocks:
             x = block(x, c, (self.grid, self.grid))
         return self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)

@@ -1,145 +1,36 @@
-"""The training loop (DESIGN §5): Accelerate placement, kimg counters, EMA, warm-up, clipping, resume.
-
-One loop trains every preset: pixel and latent data differ only in how a raw batch becomes model
-space (`_to_model_space`). Randomness is keyed, not carried: at optimizer step *k* the global torch
-RNG of rank *r* is seeded from (seed, k, r), and the diffusion noise of every sample is drawn for the
-*global* batch from a generator seeded from (seed, k) and sliced per rank. So rerunning the same
-command resumes bit-exactly from the last checkpoint, and N processes compute the same update as one
-process with the same global batch.
+"""The training loop (DESIGN §5): Accelerate placement, kimg counters, EMA, warm-up, clipping, resume, reports
+with the gradient norm and the largest attention logit, the loss-spike watch (warn, stop or roll back), and
+snapshots with a preview grid. One loop trains every preset: pixel and latent data differ only in how a raw batch
+becomes model space (`recipe.to_model_space`); the randomness is keyed (see `recipe`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters
+from diffit_cli.augment import AugmentPipe
+from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters, parameter_count
 from diffit_cli.checkpoint import (last_checkpoint_before, latest_checkpoint, load_checkpoint, save_checkpoint,
                                    set_aside_checkpoints_after)
-from diffit_cli.config import Preset, diff_presets, dump_preset, preset_from_yaml, preset_to_dict
+from diffit_cli.codecs import make_codec
+from diffit_cli.config import Preset, dump_preset
 from diffit_cli.core.layers import attention_logit_max
-from diffit_cli.errors import DiffitError
+from diffit_cli.data import make_loader, open_source
 from diffit_cli.fileio import atomic_write_bytes
-from diffit_cli.monitor import Spike, SpikeDetector
+from diffit_cli.generate import preview_grid
+from diffit_cli.training.monitor import Spike, SpikeDetector
+from diffit_cli.training.recipe import (Ema, TrainError, TrainState, edm_ema_beta, enable_activation_checkpointing,
+                                        keyed_seed, learning_rate, resume_check, split_batch, to_model_space)
 
-# Keys that may change when a run resumes: they schedule the run but do not change its maths.
-RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
-                  "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
-                  "train.on_spike", "train.spike_", "sample.", "eval.")
-GRID_SEEDS = 64
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
-
-
-class TrainError(DiffitError):
-    """A training setup that cannot work (batch split, precision, changed preset on resume)."""
-
-
-@dataclass
-class TrainState:
-    nimg: int = 0  # images seen (global)
-    step: int = 0  # optimizer steps
-    skipped: int = 0  # steps skipped for non-finite gradients
-    lr_scale: float = 1.0  # learning-rate multiplier, lowered by each spike rollback (train.spike_lr_factor)
-    rollbacks: int = 0
-    stopped: str | None = None  # why the run stopped early (train.on_spike=stop)
-    data_s: float = 0.0  # seconds spent waiting for the data loader since the last report
-    history: list = field(default_factory=list)
-    main_process: bool = True
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style mixing, stable across platforms)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def edm_ema_beta(cfg, nimg: int, batch: int) -> float:
-    """EDM training loop: half-life in images with ramp-up, β = 0.5^(batch / half-life); else DiT's decay."""
-    if cfg.ema_decay is not None:
-        return cfg.ema_decay
-    halflife = cfg.ema_halflife_kimg * 1000
-    if cfg.ema_rampup_ratio is not None:
-        halflife = min(halflife, nimg * cfg.ema_rampup_ratio)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-def learning_rate(cfg, nimg: int) -> float:
-    """EDM linear warm-up over `lr_rampup_kimg`, then constant."""
-    if cfg.lr_rampup_kimg > 0:
-        return cfg.lr * min(nimg / (cfg.lr_rampup_kimg * 1000), 1.0)
-    return cfg.lr
-
-
-def _split_batch(batch: int, batch_gpu: int | None, world: int) -> tuple[int, int]:
-    per_rank = batch // world
-    if batch % world:
-        raise TrainError(f"global batch {batch} is not divisible by {world} processes")
-    batch_gpu = batch_gpu or per_rank
-    if per_rank % batch_gpu:
-        raise TrainError(f"per-process batch {per_rank} is not a multiple of --batch-gpu {batch_gpu}")
-    return batch_gpu, per_rank // batch_gpu
-
-
-def _resume_check(saved_yaml: str, preset: Preset, force: bool, path: Path) -> None:
-    saved = preset_to_dict(preset_from_yaml(saved_yaml, str(path)))
-    changed = [k for k in diff_presets(saved, preset_to_dict(preset)) if not k.startswith(RESUMABLE_KEYS)]
-    if changed and not force:
-        raise TrainError(f"the run in {str(path.parent.parent)!r} was made with a different preset "
-                         f"(changed: {', '.join(changed)}); rerun with the same settings, pick a new --run-dir, "
-                         "or pass --force to resume anyway")
-
-
-def enable_activation_checkpointing(net: torch.nn.Module) -> int:
-    """Recompute each outermost DiffiT block / ResBlock in the backward pass (memory for compute); returns the count."""
-    from torch.utils.checkpoint import checkpoint
-
-    from diffit_cli.core.layers import DiffiTBlock
-    from diffit_cli.core.unet import ResBlock
-
-    inner = {id(c) for m in net.modules() if isinstance(m, ResBlock) for c in m.modules() if c is not m}
-    blocks = [m for m in net.modules() if isinstance(m, (DiffiTBlock, ResBlock)) and id(m) not in inner]
-    for m in blocks:
-        m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
-    return len(blocks)
-
-
-class _Ema:
-    """EMA of the trained weights, kept on every rank so resume is symmetric (no host syncs)."""
-
-    def __init__(self, net: torch.nn.Module):
-        self.net = copy.deepcopy(net).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, net: torch.nn.Module, beta: float) -> None:
-        ema_p = list(self.net.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - beta)
-        for b_ema, b in zip(self.net.buffers(), net.buffers()):
-            b_ema.copy_(b)
-
-
-def _to_model_space(batch, preset: Preset, codec, device: torch.device):
-    """Raw loader batch (uint8 images, or latent stats from shards) → (x0 in model space, labels or None)."""
-    from diffit_cli.data import sample_latent
-
-    x, y = batch
-    x = x.to(device, non_blocking=True)
-    if codec is None:  # latent shards: z = (mean + std·ε)·scale, mirror with probability ½
-        x = sample_latent(x, scale=preset.data.latent_scale, xflip=preset.data.xflip)
-    else:
-        x = codec.encode(x, None, xflip=preset.data.xflip) if preset.data.space == "latent" else codec.encode(x)
-    y = y.to(device, non_blocking=True) if preset.model.num_classes > 0 else None
-    return x, y
 
 
 @dataclass
@@ -151,7 +42,7 @@ class _Run:
     accelerator: object
     net: torch.nn.Module  # the raw network (checkpoints, EMA, probes)
     model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped `net`
-    ema: _Ema
+    ema: Ema
     opt: torch.optim.Optimizer
     diffusion: object
     codec: object
@@ -219,12 +110,8 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
 def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool,
            progress: Callable[[dict], None] | None) -> _Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # here, not at the top: `diffit train --dry-run` needs no Accelerate
     from accelerate.state import AcceleratorState
-
-    from diffit_cli.augment import AugmentPipe
-    from diffit_cli.codecs import make_codec
-    from diffit_cli.data import open_source
 
     tc = preset.train
     mp = tc.mixed_precision
@@ -237,7 +124,7 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
     accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available())
     device = accelerator.device
-    batch_gpu, accum = _split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
+    batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = progress if (progress is not None and accelerator.is_main_process) else (lambda e: None)
 
     dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
@@ -252,7 +139,7 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     diffusion = build_diffusion(preset.diffusion, preset.model)
     torch.manual_seed(tc.seed)
     net = build_network(preset.model, device)
-    ema = _Ema(net)  # before activation checkpointing patches the blocks' forward
+    ema = Ema(net)  # before activation checkpointing patches the blocks' forward
     if tc.grad_checkpointing:
         enable_activation_checkpointing(net)
     opt = build_optimizer(net.parameters(), tc)
@@ -266,7 +153,7 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
 def _restore(run: _Run, ckpt_path: Path, force: bool = False) -> None:
     """Load weights, optimizer, counters, learning-rate scale and monitor state from a training checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
-    _resume_check(ckpt["preset"], run.preset, force, ckpt_path)
+    resume_check(ckpt["preset"], run.preset, force, ckpt_path)
     run.net.load_state_dict(ckpt["model"])
     run.ema.net.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["optimizer"])
@@ -279,8 +166,6 @@ def _restore(run: _Run, ckpt_path: Path, force: bool = False) -> None:
 
 def _start_stream(run: _Run) -> None:
     """(Re)open the data stream at the current image count (keyed order: the same batches after a resume)."""
-    from diffit_cli.data import make_loader
-
     device = run.accelerator.device
     run.batches = iter(make_loader(run.dataset, run.batch_gpu * run.world, seed=run.preset.train.seed,
                                    rank=run.accelerator.process_index, world_size=run.world,
@@ -297,8 +182,8 @@ def _step(run: _Run) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the summed per-micro-batch mean loss (device)."""
     tc, state, acc, opt = run.preset.train, run.state, run.accelerator, run.opt
     rank, world = acc.process_index, run.world
-    torch.manual_seed(_seed(tc.seed, state.step, rank))  # dropout, label dropout, augmentation
-    noise_gen = torch.Generator(acc.device).manual_seed(_seed(tc.seed, state.step, 1 << 20))
+    torch.manual_seed(keyed_seed(tc.seed, state.step, rank))  # dropout, label dropout, augmentation
+    noise_gen = torch.Generator(acc.device).manual_seed(keyed_seed(tc.seed, state.step, 1 << 20))
     draws = None  # diffusion noise (σ or t, and n) for the whole global batch of this step
     for g in opt.param_groups:
         g["lr"] = learning_rate(tc, state.nimg) * state.lr_scale
@@ -308,7 +193,7 @@ def _step(run: _Run) -> torch.Tensor:
         t_wait = time.perf_counter()
         raw_batch = next(run.batches)
         state.data_s += time.perf_counter() - t_wait
-        x0, y = _to_model_space(raw_batch, run.preset, run.codec, acc.device)
+        x0, y = to_model_space(raw_batch, run.preset, run.codec, acc.device)
         aug = None
         if run.augment is not None:
             x0, aug = run.augment(x0)
@@ -446,31 +331,13 @@ def _snapshot(run: _Run) -> None:
             "rollbacks": state.rollbacks, "monitor": run.monitor.state_dict(), "preset": dump_preset(preset),
         }, state.nimg, tc.keep_checkpoints)
         if run.codec is not None:  # trained from shards there is no VAE loaded: `diffit sample` decodes those
-            path = _save_grid(run)
+            path = preview_grid(run.ema.net, run.diffusion, preset, run.codec.decode,
+                                run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", acc.device)
             run.emit({"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)})
     acc.wait_for_everyone()
 
 
-def _save_grid(run: _Run) -> Path:
-    """64 EMA samples (one class per column when class-conditional) as samples/grid-<kimg>.png and grid-latest.png."""
-    from diffit_cli.generate import generate, image_grid, save_png
-
-    preset = run.preset
-    k = preset.model.num_classes
-    classes = list(range(min(k, 8))) if k else None  # class-conditional: one class per column
-    images = [imgs for _, _, imgs in generate(run.ema.net, run.diffusion, preset, list(range(GRID_SEEDS)),
-                                              run.codec.decode, batch=GRID_SEEDS,
-                                              precision="bf16" if preset.train.mixed_precision == "bf16" else "fp32",
-                                              device=run.accelerator.device, classes=classes)]
-    grid = image_grid(images[0], ncol=len(classes) if classes else None)
-    path = save_png(run.run_dir / "samples" / f"grid-{run.state.nimg / 1000:012.3f}.png", grid)
-    save_png(run.run_dir / "samples" / "grid-latest.png", grid)
-    return path
-
-
 def dry_run_summary(preset: Preset) -> dict:
     """What `diffit train --dry-run` prints: the resolved preset and the network's parameter count."""
-    from diffit_cli.build import parameter_count
-
     return {"preset": dump_preset(preset), "parameters": parameter_count(preset.model),
             "images_per_step": preset.train.batch, "steps": math.ceil(preset.train.total_kimg * 1000 / preset.train.batch)}
