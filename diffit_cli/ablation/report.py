@@ -1,4 +1,4 @@
-"""Results of an ablation study (`diffit_cli.ablation`): results.md / .csv / .json and the PIL plots.
+"""Results of an ablation study (`diffit_cli.ablation.run`): results.md / .csv / .json and the PIL plots.
 
 Rows come from the variants' result.json files, so a table can be rebuilt at any time from a study directory
 (`write_results(study, budget, dir, collect_rows(study, dir), extractor)`), finished or not.
@@ -11,7 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from diffit_cli.ablation import CHANGE_FLOOR, RESULT, Study, get_budget
+from diffit_cli.ablation.budget import get_budget
+from diffit_cli.ablation.study import CHANGE_FLOOR, RESULT, Study
 from diffit_cli.fileio import read_json, write_json
 
 RESULT_FIELDS = ["study", "variant", "label", "group", "x", "metric", "value", "paper", "difference", "extractor",

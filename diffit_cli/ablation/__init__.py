@@ -1,0 +1,24 @@
+"""Ablation studies (SPEC §8): `study` (schema and loading), `budget`, `plan`, `run`, `attention`, `report`.
+
+Importing this package stays light (no torch) so `diffit ablate --list` starts fast; `run_study` and
+`choose_extractor` load the running machinery on first use.
+"""
+
+import importlib
+
+from diffit_cli.ablation.budget import BUDGETS, PUBLIC_BUDGETS, Budget, apply_budget, get_budget
+from diffit_cli.ablation.plan import StudyPlan, VariantPlan, default_runs_dir, plan_study, resolve_preset
+from diffit_cli.ablation.study import RESULT, Study, StudyError, Variant, available_studies, load_study
+
+_LAZY = {"run_study": "run", "choose_extractor": "run", "StudyResult": "run", "attention_maps": "attention"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"diffit_cli.ablation.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'diffit_cli.ablation' has no attribute {name!r}")
+
+
+__all__ = ["BUDGETS", "PUBLIC_BUDGETS", "Budget", "apply_budget", "get_budget", "StudyPlan", "VariantPlan",
+           "default_runs_dir", "plan_study", "resolve_preset", "RESULT", "Study", "StudyError", "Variant",
+           "available_studies", "load_study", "run_study", "choose_extractor", "StudyResult", "attention_maps"]

@@ -1,0 +1,112 @@
+"""Resolving a study into presets (base + variant overrides + budget) and the plan `--dry-run` shows."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffit_cli.ablation.budget import apply_budget, get_budget
+from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, Variant, load_study
+from diffit_cli.config import (Preset, apply_overrides, diff_presets, preset_to_dict, read_preset_file,
+                               validate_preset)
+
+
+def resolve_preset(study: Study, variant: Variant | None, budget: str = "tiny",
+                   overrides: list[str] | None = None) -> Preset:
+    """The preset a variant trains with (variant None: the study's base) at `budget`, after user `--set` values.
+
+    Order: base preset → `sections` → study overrides → variant overrides → budget shrink → the study's
+    per-budget overrides → user overrides (so a user can pin anything, e.g. --set data.path=cifar10.zip)."""
+    b = get_budget(budget)
+    raw, _ = read_preset_file(study.base)
+    for section, value in study.sections.items():
+        raw[section] = copy.deepcopy(value)
+    raw = apply_overrides(raw, study.overrides)
+    if variant is not None:
+        raw = apply_overrides(raw, variant.overrides)
+    raw = apply_budget(raw, b)
+    raw = apply_overrides(raw, study.budgets.get(budget, []))
+    raw = apply_overrides(raw, overrides)
+    vname = variant.name if variant is not None else "base"
+    raw["name"] = f"{study.name}-{vname}"
+    raw["description"] = f"ablation {study.name} ({study.source}), variant {vname}, budget {budget}"
+    return validate_preset(raw, f"study {study.name}, variant {vname}, budget {budget}")
+
+
+def _changes(base: Preset, other: Preset) -> dict[str, tuple[Any, Any]]:
+    a, b = preset_to_dict(base), preset_to_dict(other)
+
+    def get(d: dict, key: str) -> Any:
+        for k in key.split("."):
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    return {k: (get(a, k), get(b, k)) for k in diff_presets(a, b) if k not in SKIP_DIFF}
+
+
+@dataclass
+class VariantPlan:
+    name: str
+    label: str
+    overrides: list[str]
+    changes: dict[str, tuple[Any, Any]]  # key → (base value, variant value), resolved
+    parameters: int
+    network: str
+    diffusion: str
+    module_types: dict[str, int]
+    paper: float | None
+    status: str  # done | partial | new
+
+
+@dataclass
+class StudyPlan:
+    study: str
+    title: str
+    kind: str
+    budget: str
+    budget_summary: str
+    study_dir: str
+    base: str
+    variants: list[VariantPlan]
+
+
+def default_runs_dir(study: Study, budget: str) -> Path:
+    return Path("runs") / "ablations" / study.name / budget
+
+
+def _network_summary(preset: Preset) -> tuple[int, str, dict[str, int]]:
+    import torch
+
+    from diffit_cli.build import build_network, count_parameters
+
+    with torch.device("meta"):
+        net = build_network(preset.model)
+    types: dict[str, int] = {}
+    for mod in net.modules():
+        types[type(mod).__name__] = types.get(type(mod).__name__, 0) + 1
+    return count_parameters(net), type(net).__name__, types
+
+
+def select_variants(study: Study, only: list[str] | None) -> list[Variant]:
+    if not only:
+        return list(study.variants)
+    return [study.variant(n) for n in dict.fromkeys(only)]
+
+
+def plan_study(study: Study | str, budget: str = "tiny", overrides: list[str] | None = None,
+               runs_dir: Path | str | None = None, only: list[str] | None = None) -> StudyPlan:
+    """What `--dry-run` shows: every variant's overrides, its resolved differences from the base, its network."""
+    study = load_study(study) if isinstance(study, (str, Path)) else study
+    sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
+    base = resolve_preset(study, None, budget, overrides)
+    plans = []
+    for v in select_variants(study, only):
+        p = resolve_preset(study, v, budget, overrides)
+        params, net, types = _network_summary(p)
+        vdir = sdir / v.name
+        status = "done" if (vdir / RESULT).is_file() else "partial" if vdir.exists() else "new"
+        plans.append(VariantPlan(v.name, v.label, list(v.overrides), _changes(base, p), params, net, p.diffusion.kind,
+                                 types, v.paper, status))
+    return StudyPlan(study.name, study.title, study.kind, budget, get_budget(budget).summary, str(sdir), study.base, plans)

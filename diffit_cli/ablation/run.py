@@ -1,0 +1,344 @@
+"""Running a study: every variant trained, sampled and scored by the functions behind the commands, resumably."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffit_cli.ablation.budget import get_budget
+from diffit_cli.ablation.attention import attention_maps, save_map_pngs
+from diffit_cli.ablation.report import collect_rows, write_results
+from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
+from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Progress, Study, StudyError, Variant, load_study
+from diffit_cli.config import (Preset, apply_overrides, diff_presets, dump_preset, preset_from_yaml, preset_to_dict,
+                               validate_preset)
+from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import offline, read_json, write_json
+
+
+@dataclass
+class StudyResult:
+    study: str
+    budget: str
+    study_dir: Path
+    extractor: str | None
+    rows: list[dict]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def choose_extractor(budget: str, requested: str | None = None, have_weights: bool = False) -> str:
+    """Inception (`inception-v3-compat`) when its weights are on this machine (cached or `have_weights`) or the budget
+    is small/paper; at the tiny/test budgets without them, the offline stand-in `diffit-randconv-v1` (results say so)."""
+    from diffit_cli import metrics as M
+
+    if requested:
+        if requested == M.TEST_EXTRACTOR:
+            M.register_test_extractor()
+        return requested
+    if get_budget(budget).offline_extractor and not have_weights and not M.inception_weights_cache_path().is_file():
+        return M.register_test_extractor()
+    return M.INCEPTION
+
+
+class _Runner:
+    """One `run_study` call: shared state (directory, extractor, reference, process role) and the per-kind steps."""
+
+    def __init__(self, study: Study, budget: str, overrides: list[str] | None, sdir: Path, extractor: str | None,
+                 checkpoint: str | None, progress: Progress | None, inception_weights: Path | None = None):
+        import torch
+        from accelerate import PartialState
+
+        self.study, self.budget, self.overrides, self.dir = study, budget, list(overrides or []), sdir
+        self.checkpoint = checkpoint
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.main = self.state.is_main_process
+        self.emit = progress if (progress is not None and self.main) else (lambda e: None)
+        self.extractor, self.inception_weights = extractor, inception_weights
+        self._reference: tuple[str, str] | None = None
+        self.base_kimg: float | None = None  # sample studies: training of the sampled network (None: --checkpoint)
+
+    # ---------------------------------------------------------------- shared pieces
+    def sample_and_score(self, ckpt: Path | str, out: Path, preset: Preset, sample_overrides: list[str],
+                         weights_preset: Preset | None = None) -> dict:
+        """`run_sample` (resumable NPZ of eval.num_samples seeds) then `compute_metrics` FID against the reference."""
+        import torch
+
+        from diffit_cli.generate import run_sample
+        from diffit_cli.metrics import compute_metrics
+
+        n = preset.eval.num_samples
+        precision = "bf16" if (preset.train.mixed_precision == "bf16" and torch.cuda.is_available()) else "fp32"
+        self.emit({"event": "stage", "stage": "sample", "images": n})
+        run_sample(str(ckpt), list(range(n)), out, preset=weights_preset, overrides=sample_overrides,
+                   precision=precision, batch=preset.sample.batch,
+                   progress=lambda e: self.emit({**e, "event": f"sample-{e['event']}"}))
+        if not self.main:
+            return {}
+        ref, ref_desc = self.reference(preset)
+        self.emit({"event": "stage", "stage": "metrics", "extractor": self.extractor})
+        r = compute_metrics(out, ref, metrics=("fid",), feature_extractor=self.extractor, batch=preset.eval.batch,
+                            inception_weights=self.inception_weights)
+        return {"value": r["fid"], "num_samples": r["num_samples"], "reference": ref_desc, "precision": precision,
+                "notes": r["notes"]}
+
+    def reference(self, preset: Preset) -> tuple[str, str]:
+        """FID reference: `eval.reference` if set, else statistics of the training data with this extractor."""
+        if preset.eval.reference:
+            return preset.eval.reference, preset.eval.reference
+        if self._reference is None:
+            self._reference = self._training_reference(preset)
+        return self._reference
+
+    def _training_reference(self, preset: Preset) -> tuple[str, str]:
+        import hashlib
+
+        import numpy as np
+
+        from diffit_cli.data import open_source
+        from diffit_cli.metrics import save_reference
+
+        if preset.data.space == "latent":
+            raise StudyError("FID of a latent model needs a reference: --set eval.reference=VIRTUAL_imagenet256_"
+                             "labeled.npz (ADM's reference batch) or another statistics file")
+        limit = get_budget(self.budget).reference_images
+        src = open_source(preset.data)
+        n = len(src) if limit is None else min(limit, len(src))
+        what = f"{n} training images ({src.name}, {preset.data.resolution}px)"
+        key = hashlib.sha256(f"{src.fingerprint()}|{preset.data.resolution}|{n}".encode()).hexdigest()[:10]
+        path = self.dir / f"reference-{self.extractor}-{key}.npz"
+        if not path.is_file():
+            self.emit({"event": "stage", "stage": "reference", "images": n})
+            if preset.data.path is not None and limit is None:
+                dataset = preset.data.path  # folder, zip or npz: streamed
+            else:
+                dataset = np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(n)])  # uint8 NHWC
+            save_reference(dataset, path, feature_extractor=self.extractor, batch=preset.eval.batch,
+                           inception_weights=self.inception_weights)
+        return str(path), what
+
+    def record(self, variant: Variant, preset: Preset, payload: dict, started: float) -> dict:
+        """Write the variant's result.json (atomically, last: its existence means finished)."""
+        from diffit_cli import __version__
+        from diffit_cli.build import parameter_count
+
+        params = parameter_count(preset.model)
+        value, paper = payload.get("value"), variant.paper
+        res = {
+            "study": self.study.name, "variant": variant.name, "label": variant.label, "group": variant.group,
+            "x": variant.x, "metric": self.study.metric, "value": value, "paper": paper,
+            "difference": None if value is None or paper is None else value - paper,
+            "extractor": self.extractor if self.study.metric == "fid" else None, "budget": self.budget,
+            "parameters": params, "seconds": round(time.time() - started, 1), "paper_note": variant.paper_note,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "diffit_version": __version__,
+            "preset": dump_preset(preset), **{k: v for k, v in payload.items() if k != "value"},
+        }
+        if self.main:
+            write_json(self.dir / variant.name / RESULT, res)
+        return res
+
+    # ---------------------------------------------------------------- kinds
+    def train(self, preset: Preset, run_dir: Path, label: str):
+        from diffit_cli import training
+
+        self.emit({"event": "stage", "stage": "train", "variant": label, "total_kimg": preset.train.total_kimg})
+        return training.train(preset, run_dir, progress=lambda e: self.emit({**e, "event": f"train-{e['event']}"}))
+
+    def run_train(self, v: Variant, preset: Preset, vdir: Path) -> dict:
+        from diffit_cli.checkpoint import latest_checkpoint
+
+        state = self.train(preset, vdir, v.name)
+        out = self.sample_and_score(latest_checkpoint(vdir), vdir / "samples.npz", preset, [])
+        return {**out, "kimg": state.nimg / 1000}
+
+    def run_curve(self, v: Variant, preset: Preset, vdir: Path) -> dict:
+        """Train to each of `curve_points` equal shares of total_kimg and score there. `train` stops at the point
+        and snapshots it, so `latest` is the point's checkpoint, also after an interruption (a point's JSON is
+        written once scored; periodic snapshots in between keep long runs safe)."""
+        from diffit_cli.checkpoint import latest_checkpoint
+
+        total, n = preset.train.total_kimg, self.study.points(self.budget)
+        points = []
+        for i in range(1, n + 1):
+            kimg = round(total * i / n, 6)
+            pfile = vdir / "points" / f"kimg-{kimg:012.3f}.json"
+            done = read_json(pfile)
+            if done is None:
+                p = validate_preset(apply_overrides(preset_to_dict(preset), [f"train.total_kimg={kimg}"]), preset.name)
+                state = self.train(p, vdir, f"{v.name} to {kimg:g} kimg")
+                out = self.sample_and_score(latest_checkpoint(vdir), vdir / f"samples-kimg{kimg:g}.npz", preset, [])
+                done = {"kimg": state.nimg / 1000, "value": out.get("value"), "reference": out.get("reference"),
+                        "notes": out.get("notes", [])}
+                if self.main:
+                    write_json(pfile, done)
+                self.emit({"event": "point", "variant": v.name, **done})
+            points.append(done)
+        last = points[-1]
+        return {"value": last["value"], "kimg": last["kimg"], "reference": last.get("reference"),
+                "num_samples": preset.eval.num_samples, "notes": last.get("notes", []),
+                "points": [{"kimg": p["kimg"], "value": p["value"]} for p in points]}
+
+    def base_checkpoint(self, base: Preset) -> tuple[str, Preset | None]:
+        """The network a sample study samples: --checkpoint, or the base preset trained once in <dir>/base."""
+        from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
+
+        if self.checkpoint is not None:
+            from diffit_cli.generate import resolve_weights
+
+            path = resolve_weights(self.checkpoint)
+            try:
+                load_snapshot(path)
+                return str(path), None
+            except CheckpointError as e:
+                if "carries no preset" not in str(e):
+                    raise
+                return str(path), base  # a released weight file: architecture from the base preset
+        state = self.train(base, self.dir / "base", "base")
+        self.base_kimg = state.nimg / 1000
+        return str(latest_checkpoint(self.dir / "base")), None
+
+    def run_sample(self, v: Variant, preset: Preset, vdir: Path, ckpt: str, weights_preset: Preset | None,
+                   base: Preset) -> dict:
+        a, b = preset_to_dict(base), preset_to_dict(preset)
+        keys = [k for k in diff_presets(a, b) if k.startswith(("sample.", "eval."))]
+        sets = []
+        for k in keys:
+            node: Any = b
+            for part in k.split("."):
+                node = node[part]
+            sets.append(f"{k}={json.dumps(node)}")
+        out = self.sample_and_score(ckpt, vdir / "samples.npz", preset, sets, weights_preset)
+        return {**out, "checkpoint": ckpt, "kimg": self.base_kimg}
+
+    def run_attention(self, v: Variant, preset: Preset, vdir: Path) -> dict:
+        import numpy as np
+
+        from diffit_cli.checkpoint import latest_checkpoint, load_snapshot
+        from diffit_cli.build import build_diffusion
+
+        state = self.train(preset, vdir, v.name)
+        if not self.main:
+            return {}
+        self.emit({"event": "stage", "stage": "attention"})
+        net, _ = load_snapshot(latest_checkpoint(vdir), device="cpu")
+        maps = attention_maps(net, build_diffusion(preset.diffusion, preset.model), preset, self.study.timesteps,
+                              self.study.attention_layer)
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v_ for k, v_ in maps.items() if isinstance(v_, np.ndarray)})
+        from diffit_cli.fileio import atomic_write_bytes
+
+        atomic_write_bytes(vdir / "attention.npz", buf.getvalue())
+        save_map_pngs(vdir / "attention", maps)
+        return {"value": maps["change"], "kimg": state.nimg / 1000, "layer": maps["layer"],
+                "timesteps": list(self.study.timesteps)}
+
+
+def _check_extractor_available(extractor: str | None, inception_weights: Path | None) -> None:
+    from diffit_cli import metrics as M
+
+    if inception_weights is not None:
+        if not inception_weights.is_file():
+            raise StudyError(f"--inception-weights {str(inception_weights)!r} is not a file")
+        return
+
+    if extractor == M.INCEPTION and offline() and not M.inception_weights_cache_path().is_file():
+        raise StudyError(f"FID needs the Inception weights, which are not at {M.inception_weights_cache_path()} and "
+                         "downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE); copy them there (see `diffit eval-fid "
+                         f"--help`), or pass --feature-extractor {M.TEST_EXTRACTOR} for a smoke run")
+
+
+def _check_dir(sdir: Path, study: Study, budget: str, extractor: str | None) -> str | None:
+    """study.json pins a directory to one budget and one feature extractor; returns the pinned extractor."""
+    info = read_json(sdir / "study.json")
+    if info is None:
+        return None
+    if info.get("budget") != budget:
+        raise StudyError(f"{sdir} holds the {info.get('budget')!r} budget of study {study.name!r}, not {budget!r}; "
+                         "pass another --runs-dir")
+    pinned = info.get("extractor")
+    if extractor and pinned and extractor != pinned:
+        raise StudyError(f"{sdir} was scored with feature extractor {pinned}; mixing extractors makes FIDs "
+                         "incomparable (pass another --runs-dir or the same extractor)")
+    return pinned
+
+
+def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] | None = None,
+              runs_dir: Path | str | None = None, only: list[str] | None = None, checkpoint: str | None = None,
+              feature_extractor: str | None = None, inception_weights: Path | str | None = None,
+              progress: Progress | None = None) -> StudyResult:
+    """Run (or resume) a study; returns its rows and writes results.{md,csv,json} and plots into the study dir.
+
+    `only`: variant names to run (results still list every finished variant). `checkpoint`: for `sample`
+    studies, a trained network to sample instead of training the base (a `.pt`, `.safetensors` or REPO:FILE).
+    `inception_weights`: a local Inception weights file (offline machines; also lifts the tiny budget's fallback to
+    the offline extractor). `progress(event)` receives dict events: variant (status start|skipped|done), stage,
+    train-*, sample-*, point."""
+    study = load_study(study) if isinstance(study, (str, Path)) else study
+    get_budget(budget)
+    sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
+    selected = select_variants(study, only)
+    if checkpoint is not None and study.kind != "sample":
+        raise StudyError(f"--checkpoint is for studies that only sample (cfg-scale); {study.name!r} trains its variants")
+    presets = {v.name: resolve_preset(study, v, budget, overrides) for v in study.variants}
+    base = resolve_preset(study, None, budget, overrides)
+    pinned = _check_dir(sdir, study, budget, feature_extractor)
+    weights = Path(inception_weights).expanduser() if inception_weights is not None else None
+    extractor = choose_extractor(budget, feature_extractor or pinned, weights is not None) \
+        if study.metric == "fid" else None
+    _check_extractor_available(extractor, weights)
+    runner = _Runner(study, budget, overrides, sdir, extractor, checkpoint, progress, weights)
+    if runner.main:
+        write_json(sdir / "study.json", {"study": study.name, "budget": budget, "extractor": extractor,
+                                         "base": study.base})
+    result = StudyResult(study.name, budget, sdir, extractor, [])
+    todo = []
+    for v in selected:
+        done = read_json(sdir / v.name / RESULT)
+        if done is not None:
+            _same_preset(done, presets[v.name], sdir / v.name)
+            result.skipped.append(v.name)
+            runner.emit({"event": "variant", "variant": v.name, "status": "skipped", "value": done.get("value")})
+        else:
+            todo.append(v)
+    if study.metric == "fid" and todo and runner.main:
+        runner.reference(base)  # before any training: a missing reference or extractor fails now, not in hours
+    ckpt = weights_preset = None
+    if study.kind == "sample" and todo:
+        ckpt, weights_preset = runner.base_checkpoint(base)
+    for i, v in enumerate(todo):
+        preset, vdir = presets[v.name], sdir / v.name
+        runner.emit({"event": "variant", "variant": v.name, "status": "start", "index": i + 1, "total": len(todo)})
+        started = time.time()
+        if study.kind == "train":
+            payload = runner.run_train(v, preset, vdir)
+        elif study.kind == "curve":
+            payload = runner.run_curve(v, preset, vdir)
+        elif study.kind == "sample":
+            payload = runner.run_sample(v, preset, vdir, ckpt, weights_preset, base)
+        else:
+            payload = runner.run_attention(v, preset, vdir)
+        res = runner.record(v, preset, payload, started)
+        result.ran.append(v.name)
+        runner.emit({"event": "variant", "variant": v.name, "status": "done", "value": res.get("value")})
+    runner.state.wait_for_everyone()
+    result.rows = collect_rows(study, sdir)
+    if runner.main:
+        result.files = write_results(study, budget, sdir, result.rows, extractor)
+    return result
+
+
+def _same_preset(done: dict, preset: Preset, vdir: Path) -> None:
+    try:
+        old = preset_to_dict(preset_from_yaml(done["preset"], str(vdir / RESULT)))
+    except (KeyError, DiffitError):
+        return
+    changed = [k for k in diff_presets(old, preset_to_dict(preset)) if k not in SKIP_DIFF]
+    if changed:
+        raise StudyError(f"variant {vdir.name!r} in {vdir.parent} was finished with other settings (changed: "
+                         f"{', '.join(changed)}); rerun with the same --set values, pass another --runs-dir, or "
+                         f"delete {vdir} to redo it")
