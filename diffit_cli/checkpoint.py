@@ -14,22 +14,22 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save
 
-from diffit_cli.config import Preset, preset_from_yaml
+from diffit_cli.build import build_network
+from diffit_cli.config import Preset, dump_preset, preset_from_yaml
 from diffit_cli.errors import DiffitError
 from diffit_cli.fileio import atomic_write, atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
 
-
 class CheckpointError(DiffitError):
     """A missing, corrupt or mismatching checkpoint."""
 
-
 def checkpoint_name(nimg: int) -> str:
     return f"ckpt-{nimg / 1000:012.3f}.pt"  # ckpt-<kimg>.pt, sortable
-
 
 def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> Path:
     """Write `checkpoints/ckpt-<kimg>.pt` atomically, repoint `latest.pt`, keep the newest `keep` files."""
@@ -43,7 +43,6 @@ def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> P
         old.unlink()
     return path
 
-
 def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     """(nimg, path) of every `checkpoints/ckpt-<kimg>.pt`, oldest first."""
     found = []
@@ -54,12 +53,10 @@ def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
             continue
     return sorted(found)
 
-
 def last_checkpoint_before(run_dir: Path | str, nimg: int) -> Path | None:
     """The newest checkpoint saved at or before `nimg` images (the last good one before a loss spike)."""
     before = [path for n, path in list_checkpoints(run_dir) if n <= nimg]
     return before[-1] if before else None
-
 
 def set_aside_checkpoints_after(run_dir: Path | str, keep: Path) -> list[Path]:
     """Rename the checkpoints newer than `keep` to `*.pt.spiked` (kept for inspection, never resumed from)."""
@@ -69,11 +66,9 @@ def set_aside_checkpoints_after(run_dir: Path | str, keep: Path) -> list[Path]:
             moved.append(path.rename(path.with_name(path.name + ".spiked")))
     return moved
 
-
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
     link = Path(run_dir) / CHECKPOINT_DIR / LATEST
     return link.resolve() if link.exists() else None
-
 
 def load_checkpoint(path: Path | str) -> dict:
     """Load a training checkpoint on the CPU with `weights_only=True`; corrupt files get a clear error."""
@@ -91,7 +86,6 @@ def load_checkpoint(path: Path | str) -> dict:
         raise CheckpointError(f"{str(path)!r} is not a diffit training checkpoint (no preset/ema inside)")
     return state
 
-
 def strip_prefixes(state_dict: dict) -> dict:
     """Remove DDP `module.` and torch.compile `_orig_mod.` prefixes."""
     out = {}
@@ -102,14 +96,12 @@ def strip_prefixes(state_dict: dict) -> dict:
         out[k] = v
     return out
 
-
 def file_sha256(path: Path | str, limit: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:limit]
-
 
 def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Compare keys and shapes before loading; a mismatch names the offending keys."""
@@ -129,10 +121,7 @@ def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str) -> Non
         raise CheckpointError(f"{source} does not fit the preset's network: " + ", ".join(parts)
                               + "; pass the --preset the weights were trained with")
 
-
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -140,7 +129,6 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
-
 
 def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True) -> tuple[dict, Preset]:
     """(weights, preset) from a `.pt` checkpoint or a `.safetensors` file, without building a network (DESIGN §3):
@@ -161,17 +149,14 @@ def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool =
         weights = state["ema" if ema else "model"]
     return strip_prefixes(weights), preset
 
-
 def snapshot_network(weights: dict, preset: Preset, source: str, device: torch.device | str = "cpu"
                      ) -> torch.nn.Module:
     """The preset's network with `weights` loaded (checked key by key), in eval mode without gradients."""
-    from diffit_cli.build import build_network
 
     net = build_network(preset.model)
     check_state_dict(net, weights, repr(source))
     net.load_state_dict(weights, strict=True)
     return net.eval().requires_grad_(False).to(device)
-
 
 def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True,
                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Preset]:
@@ -179,12 +164,8 @@ def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool =
     weights, preset = read_snapshot(path, preset=preset, ema=ema)
     return snapshot_network(weights, preset, str(path), device), preset
 
-
 def save_safetensors(path: Path | str, net: torch.nn.Module, preset: Preset) -> Path:
     """Export weights with the preset in the metadata (self-describing, loadable by `load_snapshot`)."""
-    from safetensors.torch import save
-
-    from diffit_cli.config import dump_preset
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(net.state_dict()).items()}
     return atomic_write_bytes(path, save(tensors, metadata={"preset": dump_preset(preset)}))

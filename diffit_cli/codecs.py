@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from diffit_cli.data import DEFAULT_LATENT_SCALE, sample_latent, to_model_space
 from diffit_cli.errors import DiffitError
@@ -35,15 +36,12 @@ LOCAL_HINT = ("pass a local copy instead: --vae /path/to/folder (holding config.
               "diffusion_pytorch_model.safetensors, e.g. from `huggingface-cli download {id}`) or "
               "--vae /path/to/weights.safetensors")
 
-
 class VAEError(DiffitError):
     """The VAE cannot be found, downloaded or loaded."""
-
 
 def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     """Model-space images (B, C, H, W) in [-1, 1] → uint8 (B, H, W, C), clamped, rounded half up."""
     return (x.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
 
 class PixelCodec:
     """Image-space codec: uint8 NCHW ⇄ float [-1, 1]."""
@@ -62,17 +60,14 @@ class PixelCodec:
         """Model-space images → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
         return decode_pixels(x).cpu().numpy()
 
-
 # -------------------------------------------------------------------------------------------- loading
 def _looks_like_path(spec: str) -> bool:
     return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
             or spec.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")))
 
-
 def vae_config() -> dict:
     """The shipped sd-vae-ft-ema `AutoencoderKL` config."""
     return json.loads(VAE_CONFIG_PATH.read_text())
-
 
 def _config_from_weights(sd: dict[str, torch.Tensor]) -> dict:
     """The shipped config, with block widths, depth and channels read from the weights' shapes."""
@@ -91,10 +86,8 @@ def _config_from_weights(sd: dict[str, torch.Tensor]) -> dict:
         cfg["out_channels"] = sd["decoder.conv_out.weight"].shape[0]
     return cfg
 
-
 def _load_single_file(path: Path):
-    from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
+    from diffusers import AutoencoderKL  # here: diffusers takes seconds to import and pixel runs never need it
 
     try:
         sd = load_file(str(path))
@@ -102,7 +95,7 @@ def _load_single_file(path: Path):
         raise VAEError(f"cannot read VAE weights {str(path)!r}: {e}") from None
     if not any(k.startswith("encoder.down_blocks.") for k in sd):  # original LDM names (encoder.down.0 ...)
         try:
-            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # (diffusers: slow import)
 
             sd = convert_ldm_vae_checkpoint(sd, vae_config())
         except Exception as e:
@@ -116,10 +109,9 @@ def _load_single_file(path: Path):
                        f"(e.g. {unexpected[:2]})")
     return vae
 
-
 def load_vae(spec: Any = DEFAULT_VAE, *, cache_dir: str | Path | None = None):
     """`AutoencoderKL` from a Hub id, a local folder, a `.safetensors` file, or an instance (returned as is)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # here: diffusers takes seconds to import and pixel runs never need it
 
     if isinstance(spec, torch.nn.Module):
         return spec
@@ -153,14 +145,12 @@ def load_vae(spec: Any = DEFAULT_VAE, *, cache_dir: str | Path | None = None):
         raise VAEError(f"cannot load the VAE {text!r} from the Hugging Face Hub: {reason}; "
                        + LOCAL_HINT.format(id=text)) from None
 
-
 def _module_hash(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return "sha256:" + h.hexdigest()
-
 
 class VAECodec:
     """SD-VAE latent codec. `encode_stats(uint8 images)` → posterior (mean, std); `encode(raw batch)` →
@@ -227,7 +217,6 @@ class VAECodec:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Model-space latents → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
         return self.decode_tensor(latents).cpu().numpy()
-
 
 def make_codec(data_cfg: Any, device: torch.device | str | None = None, vae: str | None = None, **kwargs):
     """The codec a `DataConfig` needs: PixelCodec for `space: pixel`, VAECodec for `latent` (`vae` if given,

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate import PartialState
 
 from diffit_cli.codecs import DEFAULT_VAE, VAECodec
-from diffit_cli.data.loader import unwrap_worker_error
 from diffit_cli.data import (
     LATENT_FORMAT,
     LATENT_FORMAT_VERSION,
@@ -37,12 +37,12 @@ from diffit_cli.data import (
     write_manifest,
     write_shard,
 )
+from diffit_cli.data.loader import unwrap_worker_error
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Settings that must agree between a partial output folder and the command that resumes it.
 PLAN_KEYS = ("source", "vae", "scaling_factor", "resolution", "latent_channels", "latent_size", "crop", "count",
              "dtype", "shard_size", "class_names")
-
 
 @dataclass
 class EncodeProgress:
@@ -55,7 +55,6 @@ class EncodeProgress:
     shards_total: int
     skipped: bool = False  # this report is for a shard found complete on disk
 
-
 def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: int = 256, vae: Any = DEFAULT_VAE,
                    batch: int = 32, precision: str = "fp32", shard_size: int = 1024, dtype: str = "fp16",
                    num_workers: int = 4, skip_bad_images: bool = False, max_images: int | None = None,
@@ -67,7 +66,6 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     folder, a .safetensors file or an `AutoencoderKL`; `precision` fp32|bf16 is the VAE compute precision,
     `dtype` fp16|fp32 the storage type.
     """
-    from accelerate import PartialState
 
     if dtype not in DTYPES:
         raise DataError(f"--dtype must be fp16 or fp32, got {dtype!r}")
@@ -150,7 +148,6 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     state.wait_for_everyone()
     return manifest
 
-
 def _plan_value(manifest: dict, key: str) -> Any:
     value = manifest.get(key)
     if key == "source" and isinstance(value, dict):  # same content, whatever path spelling
@@ -159,14 +156,12 @@ def _plan_value(manifest: dict, key: str) -> Any:
         return value.get("hash")
     return value
 
-
 def _check_same_plan(old: dict, new: dict, out: Path) -> None:
     for key in PLAN_KEYS:
         if _plan_value(old, key) != _plan_value(new, key):
             raise DataError(f"{str(out)!r} already holds latents encoded with different settings ({key}: "
                             f"{_plan_value(old, key)!r} there, {_plan_value(new, key)!r} now); choose another "
                             "output folder or delete it")
-
 
 class _Reporter:
     def __init__(self, callback, total: int, shards_total: int):
@@ -187,7 +182,6 @@ class _Reporter:
         if self.callback is not None:
             self.callback(EncodeProgress(self.done, self.total, self.encoded, self.shards_done, self.shards_total,
                                          skipped))
-
 
 def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, sizes: dict[int, int], out: Path,
                    dtype: torch.dtype, batch: int, num_workers: int, report: _Reporter) -> None:

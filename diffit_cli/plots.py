@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from diffit_cli.fileio import atomic_write_bytes
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 # viridis at 9 evenly spaced points (for heat maps)
 _VIRIDIS = np.array([(68, 1, 84), (71, 45, 123), (59, 82, 139), (44, 114, 142), (33, 145, 140), (40, 174, 128),
                      (94, 201, 98), (173, 220, 48), (253, 231, 37)], dtype=np.float32)
 
-
 @dataclass
 class Series:
     name: str
     x: list[float]
     y: list[float | None]  # None: no value (point skipped)
-
 
 @dataclass
 class Panel:
@@ -42,10 +42,8 @@ class Panel:
     note: str = ""
     x_range: tuple[float, float] | None = None  # line plots: fixed x extent (e.g. shared with a sibling panel)
 
-
 _ASCII = {"§": "sec. ", "σ": "sigma", "×": "x", "–": "-", "—": "-", "Δ": "d", "→": "->", "≥": ">=", "·": "*"}
 _UNICODE_FONT: list = []  # [bool] once probed: whether DejaVu Sans (Greek, §, ×) is available
-
 
 @functools.lru_cache(maxsize=None)
 def font(size: int = 13) -> ImageFont.ImageFont:
@@ -61,22 +59,18 @@ def font(size: int = 13) -> ImageFont.ImageFont:
     except TypeError:  # Pillow < 10.1: bitmap font, fixed size
         return ImageFont.load_default()
 
-
 def _t(text: str) -> str:
     """Text as the chosen font can draw it."""
     if _UNICODE_FONT and _UNICODE_FONT[0]:
         return text
     return "".join(_ASCII.get(c, c if ord(c) < 128 else "?") for c in text)
 
-
 def _text_size(draw: ImageDraw.ImageDraw, text: str, f) -> tuple[int, int]:
     box = draw.textbbox((0, 0), _t(text), font=f)
     return box[2] - box[0], box[3] - box[1]
 
-
 def _text(draw: ImageDraw.ImageDraw, xy, text: str, f, fill="black") -> None:
     draw.text(xy, _t(text), fill=fill, font=f)
-
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About n round tick values (1-2-5 steps) covering [lo, hi]."""
@@ -95,14 +89,12 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         v += step
     return ticks
 
-
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
     if abs(v) >= 1000 or abs(v) < 0.01:
         return f"{v:.3g}"
     return f"{v:.4g}"
-
 
 def _tick_labels(ticks: list[float]) -> list[str]:
     """Labels with as many decimals as the tick step needs (so 14.005 and 14.01 never both read 14.01)."""
@@ -115,7 +107,6 @@ def _tick_labels(ticks: list[float]) -> list[str]:
     while decimals < 6 and abs(step * 10**decimals - round(step * 10**decimals)) > 1e-6:
         decimals += 1
     return [f"{t:.{decimals}f}" for t in ticks]
-
 
 def _draw_panel(panel: Panel, size: tuple[int, int]) -> Image.Image:
     W, H = size
@@ -245,7 +236,6 @@ def _draw_panel(panel: Panel, size: tuple[int, int]) -> Image.Image:
             _text(d, (lx + 22, yy), name, fs)
     return img
 
-
 def render_plot(panels: list[Panel], title: str | None = None, panel_size: tuple[int, int] = (460, 340)) -> Image.Image:
     """Panels side by side under an optional figure title."""
     head = 28 if title else 0
@@ -259,19 +249,15 @@ def render_plot(panels: list[Panel], title: str | None = None, panel_size: tuple
         fig.paste(_draw_panel(p, panel_size), (i * panel_size[0], head))
     return fig
 
-
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
 
-
 def save_plot(path: Path | str, panels: list[Panel], title: str | None = None) -> Path:
     """Render `panels` and write the PNG atomically."""
-    from diffit_cli.fileio import atomic_write_bytes
 
     return atomic_write_bytes(path, png_bytes(render_plot(panels, title)))
-
 
 # ------------------------------------------------------------------------------------------------ heat maps
 def colormap(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -283,7 +269,6 @@ def colormap(values: np.ndarray, lo: float | None = None, hi: float | None = Non
     i = np.minimum(u.astype(np.int64), len(_VIRIDIS) - 2)
     frac = (u - i)[..., None]
     return np.round(_VIRIDIS[i] * (1 - frac) + _VIRIDIS[i + 1] * frac).astype(np.uint8)
-
 
 def image_table(cells: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str], title: str = "",
                 cell: int = 96, note: str = "") -> Image.Image:

@@ -12,7 +12,8 @@ from diffit_cli.build import build_network
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
 from diffit_cli.errors import DiffitError
-from diffit_cli.generate import _compact_seeds, parse_classes, parse_seeds, png_path, run_sample
+from diffit_cli.generate import png_path
+from diffit_cli.sampling import _compact_seeds, parse_classes, parse_seeds, run_sample
 
 from helpers import tiny_unet
 
@@ -137,10 +138,10 @@ def test_bad_enumerated_flags_name_the_valid_values_before_reading_anything(tmp_
 
 
 def test_cfg_channels_beyond_the_models_channels_is_refused(unet_ckpt, tmp_path, monkeypatch):
-    import diffit_cli.checkpoint as ck
+    import diffit_cli.sampling as sampling
 
     built = []
-    monkeypatch.setattr(ck, "snapshot_network", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(sampling, "snapshot_network", lambda *a, **k: built.append(a))
     r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt),
                                          "--cfg-channels", "7", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "guidance.channels 7" in r.output and "1..3 or all" in r.output, r.output

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from diffit_cli.app import build_app
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.encode_latents import encode_latents
-from diffit_cli.generate import run_sample
+from diffit_cli.sampling import run_sample
 from diffit_cli.training import train
 
 from helpers import TINY_VIT, save_tiny_vae, tiny_vit

@@ -1,4 +1,4 @@
-"""DESIGN §1: imports point down only (commands → pipeline → core)."""
+"""DESIGN §1: imports point down only (commands → pipeline → core), no import circles, no hidden imports."""
 
 import ast
 from pathlib import Path
@@ -6,15 +6,34 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "diffit_cli"
 PIPELINE_FORBIDDEN = {"typer", "rich"}
 CORE_FORBIDDEN = {"typer", "rich", "accelerate", "pydantic", "PIL", "yaml", "diffusers", "torch_fidelity"}
+# Function-local imports are allowed only to keep start-up fast, of packages that are slow to import (and
+# optional ones), each with its reason on the line. `commands/` and `app.py` are exempt: `diffit --help` must not
+# import torch, so every command body imports the pipeline it wraps.
+HEAVY = {"torch", "accelerate", "diffusers", "torch_fidelity", "matplotlib", "huggingface_hub", "importlib"}
 
 
-def _imports(path: Path) -> set[str]:
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _pipeline_files() -> list[Path]:
+    return [f for f in PKG.rglob("*.py") if not {"core", "commands", "presets"} & set(f.relative_to(PKG).parts)
+            and f.name not in ("app.py", "__main__.py")]
+
+
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if node.module == "diffit_cli" or (node.module + ".").startswith("diffit_cli."):
+                names |= {f"{node.module}.{a.name}" for a in node.names}  # `from diffit_cli import training`
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
             names.add("<relative>")
     return names
@@ -32,10 +51,51 @@ def test_core_is_pure_torch():
 
 
 def test_pipeline_never_imports_the_terminal_layer():
-    for f in PKG.glob("*.py"):
-        if f.name in ("app.py", "__main__.py"):
-            continue
+    files = _pipeline_files()
+    assert any(f.parent != PKG for f in files)  # the packages (data/, fid/, ...) are checked too
+    for f in files:
         for name in _imports(f):
-            assert name.split(".")[0] not in PIPELINE_FORBIDDEN, f"{f.name} imports {name}"
-            assert not name.startswith("diffit_cli.commands"), f"{f.name} imports {name}"
-            assert name != "diffit_cli.app", f"{f.name} imports the app"
+            assert name.split(".")[0] not in PIPELINE_FORBIDDEN, f"{f} imports {name}"
+            assert not name.startswith("diffit_cli.commands"), f"{f} imports {name}"
+            assert name != "diffit_cli.app", f"{f} imports the app"
+
+
+def test_no_import_circles_in_the_pipeline():
+    modules = {_module_name(f): f for f in PKG.rglob("*.py") if "presets" not in f.parts}
+    graph = {m: {n for n in _imports(f, top_level_only=True) if n in modules and n != m} for m, f in modules.items()}
+    # a package's __init__ importing its own submodules is how re-exports work, not a circle
+    for m in graph:
+        graph[m] = {n for n in graph[m] if not n.startswith(m + ".") or modules[m].name != "__init__.py"}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in graph[m]:
+            if state.get(n) == 1:
+                raise AssertionError("import circle: " + " → ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_function_local_imports_are_heavy_packages_with_a_reason():
+    offenders = []
+    for f in _pipeline_files() + list((PKG / "core").glob("*.py")):
+        lines = f.read_text().split("\n")
+        for fn in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    heavy = module.split(".")[0] in HEAVY
+                    reason = "#" in lines[node.lineno - 1]
+                    if not (heavy and reason):
+                        offenders.append(f"{f.relative_to(PKG)}:{node.lineno} imports {module}"
+                                         + ("" if heavy else " (not a slow package: import it at the top)")
+                                         + ("" if reason else " (no reason given on the line)"))
+    assert not offenders, "\n".join(offenders)

@@ -1,16 +1,17 @@
 """Ablation studies (SPEC §8): `study` (schema and loading), `budget`, `plan`, `run`, `attention`, `report`.
 
-Importing this package stays light (no torch) so `diffit ablate --list` starts fast; `run_study` and
-`choose_extractor` load the running machinery on first use.
+Importing this package stays light (no torch) so `diffit ablate --list` starts fast; planning and running
+(`plan_study`, `run_study`, ...) load their machinery on first use.
 """
 
 import importlib
 
 from diffit_cli.ablation.budget import BUDGETS, PUBLIC_BUDGETS, Budget, apply_budget, get_budget
-from diffit_cli.ablation.plan import StudyPlan, VariantPlan, default_runs_dir, plan_study, resolve_preset
 from diffit_cli.ablation.study import RESULT, Study, StudyError, Variant, available_studies, load_study
 
-_LAZY = {"run_study": "run", "choose_extractor": "run", "StudyResult": "run", "attention_maps": "attention"}
+_LAZY = {"run_study": "run", "choose_extractor": "run", "StudyResult": "run", "attention_maps": "attention",
+         "plan_study": "plan", "resolve_preset": "plan", "default_runs_dir": "plan", "StudyPlan": "plan",
+         "VariantPlan": "plan"}
 
 
 def __getattr__(name: str):

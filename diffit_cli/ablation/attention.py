@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from diffit_cli.ablation.study import CHANGE_FLOOR, StudyError
 from diffit_cli.config import Preset
+from diffit_cli.core.edm import EDM
+from diffit_cli.core.layers import TMSA
+from diffit_cli.data import open_source, to_model_space
+from diffit_cli.generate import save_png
+from diffit_cli.plots import colormap
 
 
 def attention_maps(net, diffusion, preset: Preset, sigmas: list[float], layer: int = 0, seed: int = 0) -> dict:
@@ -14,12 +22,6 @@ def attention_maps(net, diffusion, preset: Preset, sigmas: list[float], layer: i
     Returns `fixed` and `trajectory` maps (T, H, W) — per window, the centre query's attention averaged over
     heads — the uint8 inputs, and `change`: the mean total-variation distance between the fixed-input attention
     distributions at consecutive noise levels."""
-    import numpy as np
-    import torch
-
-    from diffit_cli.core.edm import EDM
-    from diffit_cli.core.layers import TMSA
-    from diffit_cli.data import open_source, to_model_space
 
     if not isinstance(diffusion, EDM):
         raise StudyError("attention maps are drawn for image-space (EDM-family) networks")
@@ -72,12 +74,9 @@ def attention_maps(net, diffusion, preset: Preset, sigmas: list[float], layer: i
                                               f"{attn.window_size})",
     }
 
-
 def save_map_pngs(folder: Path, maps: dict) -> None:
     """One colour-mapped PNG per noise level and protocol (one colour scale per protocol); `fixed-change`: the
     distance of each fixed-input map from their mean over t, scaled to its own maximum (all dark: no t effect)."""
-    from diffit_cli.generate import save_png
-    from diffit_cli.plots import colormap
 
     for proto in ("fixed", "trajectory", "fixed_change"):
         arr = maps[proto]

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffit_cli.ablation.budget import apply_budget, get_budget
 from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, Variant, load_study
-from diffit_cli.config import (Preset, apply_overrides, diff_presets, preset_to_dict, read_preset_file,
-                               validate_preset)
+from diffit_cli.build import build_network, count_parameters
+from diffit_cli.config import Preset, apply_overrides, diff_presets, preset_to_dict, read_preset_file, validate_preset
 
 
 def resolve_preset(study: Study, variant: Variant | None, budget: str = "tiny",
@@ -34,7 +36,6 @@ def resolve_preset(study: Study, variant: Variant | None, budget: str = "tiny",
     raw["description"] = f"ablation {study.name} ({study.source}), variant {vname}, budget {budget}"
     return validate_preset(raw, f"study {study.name}, variant {vname}, budget {budget}")
 
-
 def _changes(base: Preset, other: Preset) -> dict[str, tuple[Any, Any]]:
     a, b = preset_to_dict(base), preset_to_dict(other)
 
@@ -44,7 +45,6 @@ def _changes(base: Preset, other: Preset) -> dict[str, tuple[Any, Any]]:
         return d
 
     return {k: (get(a, k), get(b, k)) for k in diff_presets(a, b) if k not in SKIP_DIFF}
-
 
 @dataclass
 class VariantPlan:
@@ -59,7 +59,6 @@ class VariantPlan:
     paper: float | None
     status: str  # done | partial | new
 
-
 @dataclass
 class StudyPlan:
     study: str
@@ -71,15 +70,10 @@ class StudyPlan:
     base: str
     variants: list[VariantPlan]
 
-
 def default_runs_dir(study: Study, budget: str) -> Path:
     return Path("runs") / "ablations" / study.name / budget
 
-
 def _network_summary(preset: Preset) -> tuple[int, str, dict[str, int]]:
-    import torch
-
-    from diffit_cli.build import build_network, count_parameters
 
     with torch.device("meta"):
         net = build_network(preset.model)
@@ -88,12 +82,10 @@ def _network_summary(preset: Preset) -> tuple[int, str, dict[str, int]]:
         types[type(mod).__name__] = types.get(type(mod).__name__, 0) + 1
     return count_parameters(net), type(net).__name__, types
 
-
 def select_variants(study: Study, only: list[str] | None) -> list[Variant]:
     if not only:
         return list(study.variants)
     return [study.variant(n) for n in dict.fromkeys(only)]
-
 
 def plan_study(study: Study | str, budget: str = "tiny", overrides: list[str] | None = None,
                runs_dir: Path | str | None = None, only: list[str] | None = None) -> StudyPlan:

@@ -11,13 +11,17 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from diffit_cli import __version__
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.study import CHANGE_FLOOR, RESULT, Study
-from diffit_cli.fileio import read_json, write_json
+from diffit_cli.fileio import atomic_write_bytes, read_json, write_json
+from diffit_cli.metrics import TEST_EXTRACTOR
+from diffit_cli.plots import Panel, Series, colormap, image_table, png_bytes, save_plot
 
 RESULT_FIELDS = ["study", "variant", "label", "group", "x", "metric", "value", "paper", "difference", "extractor",
                  "budget", "kimg", "parameters", "num_samples", "seconds", "status", "paper_note"]
-
 
 def collect_rows(study: Study, sdir: Path) -> list[dict]:
     """One row per variant, in the study's order: the finished result, or a 'not run' row."""
@@ -33,7 +37,6 @@ def collect_rows(study: Study, sdir: Path) -> list[dict]:
         rows.append(r)
     return rows
 
-
 def _num(v: Any, digits: int = 3, signed: bool = False) -> str:
     if v is None:
         return "–"
@@ -41,15 +44,10 @@ def _num(v: Any, digits: int = 3, signed: bool = False) -> str:
         return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
     return str(v)
 
-
 METRIC_LABEL = {"fid": "FID", "attention-change": "attention change with t"}
-
 
 def write_results(study: Study, budget: str, sdir: Path, rows: list[dict], extractor: str | None) -> list[Path]:
     """results.md, results.csv, results.json and the plot(s) in the study directory."""
-    from diffit_cli import __version__
-    from diffit_cli.fileio import atomic_write_bytes
-    from diffit_cli.metrics import TEST_EXTRACTOR
 
     b = get_budget(budget)
     files = []
@@ -115,10 +113,8 @@ def write_results(study: Study, budget: str, sdir: Path, rows: list[dict], extra
     files.append(atomic_write_bytes(sdir / "results.md", ("\n".join(lines) + "\n").encode()))
     return files + plot_paths
 
-
 def write_plots(study: Study, budget: str, sdir: Path, rows: list[dict], extractor: str) -> list[Path]:
     """Sweeps and curves as line plots, categorical studies as bars (this run | the paper)."""
-    from diffit_cli.plots import Panel, Series, save_plot
 
     metric = METRIC_LABEL[study.metric]
     run_title = f"this run ({budget}" + (f", {extractor})" if study.metric == "fid" else ")")
@@ -154,12 +150,7 @@ def write_plots(study: Study, budget: str, sdir: Path, rows: list[dict], extract
         paths += _attention_figures(study, sdir, rows)
     return paths
 
-
 def _attention_figures(study: Study, sdir: Path, rows: list[dict]) -> list[Path]:
-    import numpy as np
-
-    from diffit_cli.fileio import atomic_write_bytes
-    from diffit_cli.plots import colormap, image_table, png_bytes
 
     data = {}
     for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -9,15 +10,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffit_cli.ablation.budget import get_budget
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from diffit_cli import __version__, training
+from diffit_cli import metrics as M  # through the module: tests and users may swap its functions
 from diffit_cli.ablation.attention import attention_maps, save_map_pngs
-from diffit_cli.ablation.report import collect_rows, write_results
+from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
+from diffit_cli.ablation.report import collect_rows, write_results
 from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Progress, Study, StudyError, Variant, load_study
-from diffit_cli.config import (Preset, apply_overrides, diff_presets, dump_preset, preset_from_yaml, preset_to_dict,
-                               validate_preset)
+from diffit_cli.build import build_diffusion, parameter_count
+from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
+from diffit_cli.config import (
+    Preset,
+    apply_overrides,
+    diff_presets,
+    dump_preset,
+    preset_from_yaml,
+    preset_to_dict,
+    validate_preset,
+)
+from diffit_cli.data import open_source
 from diffit_cli.errors import DiffitError
-from diffit_cli.fileio import offline, read_json, write_json
+from diffit_cli.fileio import atomic_write_bytes, offline, read_json, write_json
+from diffit_cli.sampling import resolve_weights, run_sample
 
 
 @dataclass
@@ -31,11 +49,9 @@ class StudyResult:
     skipped: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
-
 def choose_extractor(budget: str, requested: str | None = None, have_weights: bool = False) -> str:
     """Inception (`inception-v3-compat`) when its weights are on this machine (cached or `have_weights`) or the budget
     is small/paper; at the tiny/test budgets without them, the offline stand-in `diffit-randconv-v1` (results say so)."""
-    from diffit_cli import metrics as M
 
     if requested:
         if requested == M.TEST_EXTRACTOR:
@@ -45,14 +61,11 @@ def choose_extractor(budget: str, requested: str | None = None, have_weights: bo
         return M.register_test_extractor()
     return M.INCEPTION
 
-
 class _Runner:
     """One `run_study` call: shared state (directory, extractor, reference, process role) and the per-kind steps."""
 
     def __init__(self, study: Study, budget: str, overrides: list[str] | None, sdir: Path, extractor: str | None,
                  checkpoint: str | None, progress: Progress | None, inception_weights: Path | None = None):
-        import torch
-        from accelerate import PartialState
 
         self.study, self.budget, self.overrides, self.dir = study, budget, list(overrides or []), sdir
         self.checkpoint = checkpoint
@@ -67,10 +80,6 @@ class _Runner:
     def sample_and_score(self, ckpt: Path | str, out: Path, preset: Preset, sample_overrides: list[str],
                          weights_preset: Preset | None = None) -> dict:
         """`run_sample` (resumable NPZ of eval.num_samples seeds) then `compute_metrics` FID against the reference."""
-        import torch
-
-        from diffit_cli.generate import run_sample
-        from diffit_cli.metrics import compute_metrics
 
         n = preset.eval.num_samples
         precision = "bf16" if (preset.train.mixed_precision == "bf16" and torch.cuda.is_available()) else "fp32"
@@ -82,7 +91,7 @@ class _Runner:
             return {}
         ref, ref_desc = self.reference(preset)
         self.emit({"event": "stage", "stage": "metrics", "extractor": self.extractor})
-        r = compute_metrics(out, ref, metrics=("fid",), feature_extractor=self.extractor, batch=preset.eval.batch,
+        r = M.compute_metrics(out, ref, metrics=("fid",), feature_extractor=self.extractor, batch=preset.eval.batch,
                             inception_weights=self.inception_weights)
         return {"value": r["fid"], "num_samples": r["num_samples"], "reference": ref_desc, "precision": precision,
                 "notes": r["notes"]}
@@ -96,12 +105,6 @@ class _Runner:
         return self._reference
 
     def _training_reference(self, preset: Preset) -> tuple[str, str]:
-        import hashlib
-
-        import numpy as np
-
-        from diffit_cli.data import open_source
-        from diffit_cli.metrics import save_reference
 
         if preset.data.space == "latent":
             raise StudyError("FID of a latent model needs a reference: --set eval.reference=VIRTUAL_imagenet256_"
@@ -118,14 +121,12 @@ class _Runner:
                 dataset = preset.data.path  # folder, zip or npz: streamed
             else:
                 dataset = np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(n)])  # uint8 NHWC
-            save_reference(dataset, path, feature_extractor=self.extractor, batch=preset.eval.batch,
+            M.save_reference(dataset, path, feature_extractor=self.extractor, batch=preset.eval.batch,
                            inception_weights=self.inception_weights)
         return str(path), what
 
     def record(self, variant: Variant, preset: Preset, payload: dict, started: float) -> dict:
         """Write the variant's result.json (atomically, last: its existence means finished)."""
-        from diffit_cli import __version__
-        from diffit_cli.build import parameter_count
 
         params = parameter_count(preset.model)
         value, paper = payload.get("value"), variant.paper
@@ -144,13 +145,11 @@ class _Runner:
 
     # ---------------------------------------------------------------- kinds
     def train(self, preset: Preset, run_dir: Path, label: str):
-        from diffit_cli import training
 
         self.emit({"event": "stage", "stage": "train", "variant": label, "total_kimg": preset.train.total_kimg})
         return training.train(preset, run_dir, progress=lambda e: self.emit({**e, "event": f"train-{e['event']}"}))
 
     def run_train(self, v: Variant, preset: Preset, vdir: Path) -> dict:
-        from diffit_cli.checkpoint import latest_checkpoint
 
         state = self.train(preset, vdir, v.name)
         out = self.sample_and_score(latest_checkpoint(vdir), vdir / "samples.npz", preset, [])
@@ -160,7 +159,6 @@ class _Runner:
         """Train to each of `curve_points` equal shares of total_kimg and score there. `train` stops at the point
         and snapshots it, so `latest` is the point's checkpoint, also after an interruption (a point's JSON is
         written once scored; periodic snapshots in between keep long runs safe)."""
-        from diffit_cli.checkpoint import latest_checkpoint
 
         total, n = preset.train.total_kimg, self.study.points(self.budget)
         points = []
@@ -185,10 +183,8 @@ class _Runner:
 
     def base_checkpoint(self, base: Preset) -> tuple[str, Preset | None]:
         """The network a sample study samples: --checkpoint, or the base preset trained once in <dir>/base."""
-        from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
 
         if self.checkpoint is not None:
-            from diffit_cli.generate import resolve_weights
 
             path = resolve_weights(self.checkpoint)
             try:
@@ -216,10 +212,6 @@ class _Runner:
         return {**out, "checkpoint": ckpt, "kimg": self.base_kimg}
 
     def run_attention(self, v: Variant, preset: Preset, vdir: Path) -> dict:
-        import numpy as np
-
-        from diffit_cli.checkpoint import latest_checkpoint, load_snapshot
-        from diffit_cli.build import build_diffusion
 
         state = self.train(preset, vdir, v.name)
         if not self.main:
@@ -230,16 +222,13 @@ class _Runner:
                               self.study.attention_layer)
         buf = io.BytesIO()
         np.savez(buf, **{k: v_ for k, v_ in maps.items() if isinstance(v_, np.ndarray)})
-        from diffit_cli.fileio import atomic_write_bytes
 
         atomic_write_bytes(vdir / "attention.npz", buf.getvalue())
         save_map_pngs(vdir / "attention", maps)
         return {"value": maps["change"], "kimg": state.nimg / 1000, "layer": maps["layer"],
                 "timesteps": list(self.study.timesteps)}
 
-
 def _check_extractor_available(extractor: str | None, inception_weights: Path | None) -> None:
-    from diffit_cli import metrics as M
 
     if inception_weights is not None:
         if not inception_weights.is_file():
@@ -250,7 +239,6 @@ def _check_extractor_available(extractor: str | None, inception_weights: Path | 
         raise StudyError(f"FID needs the Inception weights, which are not at {M.inception_weights_cache_path()} and "
                          "downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE); copy them there (see `diffit eval-fid "
                          f"--help`), or pass --feature-extractor {M.TEST_EXTRACTOR} for a smoke run")
-
 
 def _check_dir(sdir: Path, study: Study, budget: str, extractor: str | None) -> str | None:
     """study.json pins a directory to one budget and one feature extractor; returns the pinned extractor."""
@@ -265,7 +253,6 @@ def _check_dir(sdir: Path, study: Study, budget: str, extractor: str | None) -> 
         raise StudyError(f"{sdir} was scored with feature extractor {pinned}; mixing extractors makes FIDs "
                          "incomparable (pass another --runs-dir or the same extractor)")
     return pinned
-
 
 def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] | None = None,
               runs_dir: Path | str | None = None, only: list[str] | None = None, checkpoint: str | None = None,
@@ -330,7 +317,6 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
     if runner.main:
         result.files = write_results(study, budget, sdir, result.rows, extractor)
     return result
-
 
 def _same_preset(done: dict, preset: Preset, vdir: Path) -> None:
     try:

@@ -2,7 +2,7 @@
 
 A study (YAML under `presets/ablations/`, validated by :class:`Study`) names a base preset, its variants (each a
 list of `--set`-style overrides), the metric and the paper's value per variant. :func:`run_study` resolves every
-variant at a budget (:data:`BUDGETS`), then trains it with `training.train`, samples it with `generate.run_sample`
+variant at a budget (:data:`BUDGETS`), then trains it with `training.train`, samples it with `sampling.run_sample`
 and scores it with `metrics.compute_metrics` — the functions behind `diffit train`, `diffit sample` and
 `diffit eval-fid` — each in its own run directory, and writes the results table, CSV, JSON and plots.
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from diffit_cli.data.images import DataError, check_resolution
 from diffit_cli.data.sources import Source
@@ -23,15 +25,12 @@ LATENT_FORMAT = "diffit-latents"
 LATENT_FORMAT_VERSION = 1
 DEFAULT_LATENT_SCALE = 0.18215
 
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
 
 def write_shard(path: str | Path, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
                 dtype: torch.dtype = torch.float16) -> None:
     """Atomically write one latent shard: `mean`, `std` (N, 2, C, h, w) in `dtype`, `labels` (N,) int64."""
-    from safetensors.torch import save
 
     if mean.shape != std.shape or mean.ndim != 5 or mean.shape[1] != 2 or labels.shape != mean.shape[:1]:
         raise ValueError(f"bad shard shapes: mean {tuple(mean.shape)}, std {tuple(std.shape)}, "
@@ -42,10 +41,8 @@ def write_shard(path: str | Path, mean: torch.Tensor, std: torch.Tensor, labels:
     # random order and identical shards would differ in bytes
     atomic_write_bytes(path, save(tensors, metadata={"format": f"{LATENT_FORMAT}/{LATENT_FORMAT_VERSION}"}))
 
-
 def shard_count(path: str | Path) -> int | None:
     """Number of items in a complete shard file, or None when it is missing or unreadable."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -55,7 +52,6 @@ def shard_count(path: str | Path) -> int | None:
             return n if ok else None
     except Exception:
         return None
-
 
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST_NAME
@@ -70,10 +66,8 @@ def read_manifest(root: str | Path) -> dict:
                         f"up to {LATENT_FORMAT_VERSION} (upgrade diffit)")
     return manifest
 
-
 def write_manifest(root: str | Path, manifest: dict) -> None:
     atomic_write_bytes(Path(root) / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
-
 
 class LatentShardSource(Source):
     """Latents written by `diffit encode-latents`: item = (stats (2, 2, C, h, w) in the stored dtype,
@@ -108,7 +102,6 @@ class LatentShardSource(Source):
         self._pid = -1
 
     def _read_labels(self) -> np.ndarray:
-        from safetensors import safe_open
 
         out = []
         for f in self.shards:
@@ -133,7 +126,6 @@ class LatentShardSource(Source):
         return dict(self.__dict__, _handles={}, _pid=-1)
 
     def _shard(self, k: int):
-        from safetensors import safe_open
 
         if self._pid != os.getpid():
             self._handles, self._pid = {}, os.getpid()
@@ -148,7 +140,6 @@ class LatentShardSource(Source):
         h = self._shard(k)
         stats = torch.stack([h.get_slice("mean")[j : j + 1][0], h.get_slice("std")[j : j + 1][0]])
         return stats, torch.tensor(int(self._labels[idx]))
-
 
 def sample_latent(stats: torch.Tensor, *, scale: float = DEFAULT_LATENT_SCALE, xflip: bool = True,
                   generator: torch.Generator | None = None) -> torch.Tensor:

@@ -18,8 +18,13 @@ import torch
 
 from diffit_cli.augment import AugmentPipe
 from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters, parameter_count
-from diffit_cli.checkpoint import (last_checkpoint_before, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                   set_aside_checkpoints_after)
+from diffit_cli.checkpoint import (
+    last_checkpoint_before,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_checkpoints_after,
+)
 from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, dump_preset
 from diffit_cli.core.layers import attention_logit_max
@@ -27,8 +32,18 @@ from diffit_cli.data import make_loader, open_source
 from diffit_cli.fileio import atomic_write_bytes
 from diffit_cli.generate import preview_grid
 from diffit_cli.training.monitor import Spike, SpikeDetector
-from diffit_cli.training.recipe import (Ema, TrainError, TrainState, edm_ema_beta, enable_activation_checkpointing,
-                                        keyed_seed, learning_rate, resume_check, split_batch, to_model_space)
+from diffit_cli.training.recipe import (
+    Ema,
+    TrainError,
+    TrainState,
+    edm_ema_beta,
+    enable_activation_checkpointing,
+    keyed_seed,
+    learning_rate,
+    resume_check,
+    split_batch,
+    to_model_space,
+)
 
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
@@ -111,7 +126,7 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
            progress: Callable[[dict], None] | None) -> _Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     from accelerate import Accelerator  # here, not at the top: `diffit train --dry-run` needs no Accelerate
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState  # (same reason)
 
     tc = preset.train
     mp = tc.mixed_precision
@@ -285,7 +300,7 @@ def _log(run: _Run, rec: dict, writer=None) -> None:
 
 def _summary_writer():
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard is an optional extra
     except ImportError:
         raise TrainError("--tensorboard needs the tensorboard package: pip install 'diffit-cli[tensorboard]'") from None
     return SummaryWriter

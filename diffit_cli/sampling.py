@@ -1,0 +1,166 @@
+"""`diffit sample` as a function (DESIGN §3): weights by path or Hub reference, the checkpoint's preset with the
+sampling settings, seeds split across processes, resumable PNG/NPZ output and a recipe JSON beside it."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import PartialState
+
+from diffit_cli import __version__
+from diffit_cli.build import build_diffusion
+from diffit_cli.checkpoint import file_sha256, read_snapshot, snapshot_network
+from diffit_cli.codecs import make_codec
+from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_values, validate_preset
+from diffit_cli.core.samplers import nfe
+from diffit_cli.errors import DiffitError
+from diffit_cli.fileio import atomic_write_bytes
+from diffit_cli.generate import Decode, NpzSink, PngSink, generate, image_grid, save_png
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-49999', '1,5,7' or '0-9,100' → a list of seeds (EDM's --seeds syntax)."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise DiffitError(f"bad seed list {text!r}: use ranges and lists such as 0-49999 or 1,5,7")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise DiffitError(f"bad seed range {part!r}: the end is before the start")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
+    """'random' / None → drawn per seed; '207' or '1,2,3' → fixed labels, cycled over the seeds."""
+    if text is None or str(text).strip() in ("", "random"):
+        return None
+    try:
+        classes = [int(c) for c in str(text).split(",")]
+    except ValueError:
+        raise DiffitError(f"bad --classes {text!r}: give 'random', a class index or a comma-separated list") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise DiffitError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+    return classes
+
+
+def resolve_weights(ref: str) -> Path:
+    """A local file, or a Hub reference `REPO:FILE` (e.g. nvidia/DiffiT:diffit_256.safetensors) via the HF cache."""
+    path = Path(ref)
+    if path.exists() or ":" not in ref:
+        if not path.is_file():
+            raise DiffitError(f"checkpoint {ref!r} does not exist (give a .pt/.safetensors file or REPO:FILE)")
+        return path
+    repo, _, filename = ref.partition(":")
+    from huggingface_hub import hf_hub_download  # here: only Hub references need it
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as e:  # offline, missing repo/file, no network: one message with the fix
+        raise DiffitError(f"could not fetch {filename!r} from the Hub repository {repo!r} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); when offline, download it elsewhere "
+                          f"(huggingface-cli download {repo} {filename}) and pass the local file") from None
+
+
+def make_decoder(preset: Preset, vae: str | None, device: torch.device, precision: str) -> tuple[Decode, str | None]:
+    """Pixel models decode directly; latent models through the SD VAE (preset's, or `vae` if given)."""
+    if preset.data.space == "pixel":
+        return make_codec(preset.data).decode, None
+    return make_codec(preset.data, device, vae=vae, precision=precision).decode, vae or preset.data.vae
+
+
+def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset | None = None,
+               overrides: list[str] | None = None, sample: dict | None = None, precision: str = "fp32",
+               batch: int | None = None, classes: str | None = None,
+               vae: str | None = None, raw: bool = False, grid: Path | str | None = None,
+               progress: Callable[[dict], None] | None = None) -> dict:
+    """`diffit sample`: generate images for `seeds` into a PNG folder or an `.npz`, resumably, on every process.
+
+    `preset` is needed only for weight files that carry none (the release); `overrides` are
+    `sample.key=value` strings (`--set`) and `sample` typed values by dotted key within the section (the command's
+    flags, e.g. {"guidance.scale": 4.6}), both applied to the checkpoint's preset and validated like any preset
+    before a network is built.
+    """
+    if not seeds:
+        raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
+    if len(set(seeds)) != len(seeds):
+        raise DiffitError("--seeds lists a seed twice; each seed is one image")
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo processes on GPU-less machines
+    device = state.device
+    path = resolve_weights(ckpt)
+    bad = [o for o in overrides or [] if not o.startswith(("sample.", "eval."))]
+    if bad:
+        raise DiffitError(f"sampling can only change sample.* settings, not {bad[0]!r}")
+    if precision not in ("fp32", "bf16"):
+        raise DiffitError(f"precision {precision!r}: choose fp32 or bf16")
+    weights, preset = read_snapshot(path, preset=preset, ema=not raw)
+    raw_preset = set_values(apply_overrides(preset_to_dict(preset), overrides),
+                            {f"sample.{k}": v for k, v in (sample or {}).items()})
+    preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
+    sample_cfg = preset.sample
+    batch = batch or sample_cfg.batch
+    class_list = parse_classes(classes, preset.model.num_classes)
+    net = snapshot_network(weights, preset, str(path), device)
+    del weights
+    diffusion = build_diffusion(preset.diffusion, preset.model)
+    decode, vae_id = make_decoder(preset, vae, device, precision)
+    out = Path(out)
+    sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
+
+    mine = seeds[state.process_index::state.num_processes]
+    todo = [s for s in mine if s not in sink.done(mine)]
+    # labels are a function of the seed (or of its position in the fixed list), never of the process
+    position = {s: i for i, s in enumerate(seeds)}
+    emit = progress if (progress is not None and state.is_main_process) else (lambda e: None)
+    emit({"event": "start", "total": len(seeds), "todo": len(todo) * state.num_processes, "device": str(device),
+          "world": state.num_processes})
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        fixed = None if class_list is None else [class_list[position[s] % len(class_list)] for s in chunk]
+        for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, precision=precision, batch=batch,
+                                                device=device, classes=fixed):
+            sink.write(s_chunk, labels, images)
+            emit({"event": "batch", "images": len(s_chunk) * state.num_processes})
+    state.wait_for_everyone()
+    result = {"out": str(out), "images": len(seeds)}
+    if state.is_main_process:
+        if grid is not None:
+            save_png(grid, image_grid(sink.images(seeds[:64])))
+        out_path = sink.finish(seeds)
+        recipe = {
+            "diffit_version": __version__, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(path, 16),
+            "weights": "raw" if raw else "ema", "preset": preset.name, "sampler": sample_cfg.sampler,
+            "steps": sample_cfg.steps,
+            "nfe": nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step is one forward of the doubled batch
+            "guidance": sample_cfg.guidance.model_dump(mode="json"),
+            "stochastic": {"s_churn": sample_cfg.s_churn, "s_min": sample_cfg.s_min, "s_max": sample_cfg.s_max,
+                           "s_noise": sample_cfg.s_noise, "eta": sample_cfg.eta},
+            "vae": vae_id, "precision": precision, "classes": classes or "random",
+            "seeds": _compact_seeds(seeds), "count": len(seeds), "processes": state.num_processes,
+            "torch": torch.__version__, "python": platform.python_version(),
+        }
+        recipe_path = (out_path.parent / f"{out_path.stem}.sample.json") if out.suffix == ".npz" \
+            else out_path / "sample.json"
+        atomic_write_bytes(recipe_path, json.dumps(recipe, indent=2).encode())
+        result.update(recipe=str(recipe_path), nfe=recipe["nfe"])
+    state.wait_for_everyone()
+    return result
+
+
+def _compact_seeds(seeds: list[int]) -> str:
+    """[0, 1, 2, 5] → '0-2,5' (the --seeds syntax)."""
+    parts, start = [], None
+    for a, b in zip(seeds, seeds[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a != start else f"{a}")
+            start = None
+    return ",".join(parts)
