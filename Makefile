@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   — install, train the tiny `demo` preset on the built-in synthetic data, write a sample grid
-#   make test   — install with test extras, run the test suite
+#   make test   — install with test extras, run the test suite (make test-fast: without the end-to-end tests)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DIFFIT := $(VENV)/bin/diffit
 
-.PHONY: demo test test-cuda install clean bench
+.PHONY: demo test test-fast test-cuda install clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# the suite without the tests that train, sample, encode or score end to end (about a minute)
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
 
 # the CUDA checks (the main suite hides GPUs: it pins CPU semantics); needs a GPU
 test-cuda: $(VENV)/.installed

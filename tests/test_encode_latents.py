@@ -45,6 +45,7 @@ def _bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.e2e
 def test_shards_manifest_and_labels(tiny_vae, images, tmp_path):
     m = _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32")
     assert m["complete"] and m["count"] == 6 and m["class_names"] == ["cat", "dog"] and m["num_classes"] == 2
@@ -85,6 +86,7 @@ def test_shards_manifest_and_labels(tiny_vae, images, tmp_path):
     assert codec.encode(x[:2]).shape == (2, 4, 4, 4)  # images encoded on the fly
 
 
+@pytest.mark.e2e
 def test_rerun_skips_finished_shards(tiny_vae, images, tmp_path):
     _encode(images, tmp_path / "lat", tiny_vae / "folder")
     before = _bytes(tmp_path / "lat")
@@ -100,6 +102,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes_to_the_same_bytes(tiny_vae, images, tmp_path):
     _encode(images, tmp_path / "full", tiny_vae / "folder")
 
@@ -169,6 +172,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(images, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_cli_encodes(tiny_vae, images, tmp_path):
     result = CliRunner().invoke(build_app(), [
         "encode-latents", str(images), str(tmp_path / "out"), "--resolution", "64", "--vae",

@@ -54,6 +54,7 @@ def _pngs(out, seeds):
     return np.stack([np.asarray(Image.open(png_path(out, s))) for s in seeds])
 
 
+@pytest.mark.e2e
 def test_image_depends_only_on_its_seed(unet_ckpt, tmp_path):
     seeds = list(range(5))
     for batch in (1, 3, 8):
@@ -71,6 +72,7 @@ def test_image_depends_only_on_its_seed(unet_ckpt, tmp_path):
     assert recipe["stochastic"]["s_churn"] == 5 and len(recipe["checkpoint_sha256"]) == 16
 
 
+@pytest.mark.e2e
 def test_npz_matches_pngs_and_resumes(unet_ckpt, tmp_path):
     seeds = list(range(6))
     run_sample(str(unet_ckpt), seeds, tmp_path / "png", batch=4)
@@ -92,6 +94,7 @@ def test_npz_matches_pngs_and_resumes(unet_ckpt, tmp_path):
     assert not (tmp_path / "s.npz.parts").exists()
 
 
+@pytest.mark.e2e
 def test_png_folder_resume_skips_done_seeds(unet_ckpt, tmp_path):
     out = tmp_path / "png"
     run_sample(str(unet_ckpt), list(range(4)), out, batch=4)
@@ -148,6 +151,7 @@ def test_cfg_channels_beyond_the_models_channels_is_refused(unet_ckpt, tmp_path,
     assert built == [] and not (tmp_path / "o").exists()  # no network was built
 
 
+@pytest.mark.e2e
 def test_cli_sample_writes_pngs(unet_ckpt, tmp_path):
     r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3", "--out",
                                          str(tmp_path / "o"), "--steps", "3", "--grid", str(tmp_path / "g.png")])
@@ -156,6 +160,7 @@ def test_cli_sample_writes_pngs(unet_ckpt, tmp_path):
     assert json.loads((tmp_path / "o" / "sample.json").read_text())["steps"] == 3
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="two processes on one GPU: NCCL needs a GPU per process")
 def test_two_processes_give_the_same_npz(unet_ckpt, tmp_path):

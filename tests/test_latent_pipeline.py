@@ -13,6 +13,8 @@ from diffit_cli.training import train
 
 from helpers import TINY_VIT, save_tiny_vae, tiny_vit
 
+pytestmark = pytest.mark.e2e  # every test here encodes, trains or samples end to end
+
 # 32² images → 4×4×4 latents; a 2-block ViT with patch 2 sees 2×2 tokens
 LATENT_32 = ["model.input_size=4", "data.resolution=32"]
 

@@ -106,6 +106,7 @@ def _log(run_dir):
 ROLLBACK = ("train.total_kimg=0.048", "train.on_spike=rollback", "train.spike_lr_factor=0.25", "train.keep_checkpoints=5")
 
 
+@pytest.mark.e2e
 def test_rollback_resumes_from_the_last_good_checkpoint_with_a_lower_lr(tmp_path, monkeypatch):
     _spike_at(monkeypatch, 0.032)  # reports every 8 img, snapshots every 16: the spiking interval began at 24 img,
     # so the last good checkpoint is the one at 16 img
@@ -133,6 +134,7 @@ def test_rollback_resumes_from_the_last_good_checkpoint_with_a_lower_lr(tmp_path
         assert torch.equal(final["model"][k], fb["model"][k]), k
 
 
+@pytest.mark.e2e
 def test_rollback_then_kill_resumes_bit_identically(tmp_path, monkeypatch):
     _spike_at(monkeypatch, 0.032)
     p = tiny_unet(*ROLLBACK)
@@ -158,6 +160,7 @@ def test_rollback_then_kill_resumes_bit_identically(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.e2e
 def test_report_logs_gradient_norm_and_attention_logits(tmp_path):
     state = train(tiny_unet("train.total_kimg=0.016"), tmp_path)
     for r in state.history:
@@ -167,6 +170,7 @@ def test_report_logs_gradient_norm_and_attention_logits(tmp_path):
         [r["attn_logit_max"] for r in state.history]
 
 
+@pytest.mark.e2e
 def test_cli_on_spike_stop_names_the_checkpoint_and_exits_1(tmp_path, monkeypatch):
     _spike_at(monkeypatch, 0.032)
     args = sum([["--set", s] for s in TINY_UNET + ["train.total_kimg=0.048", "train.on_spike=stop"]], [])

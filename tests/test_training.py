@@ -81,6 +81,7 @@ def _assert_same_state(a, b, exact=True):
     assert (a["nimg"], a["step"]) == (b["nimg"], b["step"])
 
 
+@pytest.mark.e2e
 def test_exact_resume_after_a_kill(tmp_path):
     p = tiny_unet("train.augment_p=0.5", "model.dropout=0.1")  # randomness in every part of the step
     train(p, tmp_path / "straight")
@@ -103,11 +104,13 @@ def test_exact_resume_after_a_kill(tmp_path):
     assert (tmp_path / "resumed" / "samples" / "grid-latest.png").is_file()
 
 
+@pytest.mark.e2e
 def test_one_process_trains_twice_with_different_precisions(tmp_path):
     assert train(tiny_unet("train.total_kimg=0.008"), tmp_path / "fp32").step == 1
     assert train(tiny_unet("train.total_kimg=0.008", "train.mixed_precision=bf16"), tmp_path / "bf16").step == 1
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_changed_preset(tmp_path):
     train(tiny_unet("train.total_kimg=0.008"), tmp_path)
     with pytest.raises(Exception, match="model.dropout"):
@@ -121,6 +124,7 @@ def test_resume_refuses_a_changed_preset(tmp_path):
 ADAM_EPS = "train.eps=1e-4"
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     p = tiny_unet("train.total_kimg=0.016", ADAM_EPS)
     train(p, tmp_path / "full")
@@ -128,6 +132,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     _assert_same_state(_final(tmp_path / "full"), _final(tmp_path / "accum"), exact=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="two processes on one GPU: NCCL needs a GPU per process")
 def test_two_processes_equal_one(tmp_path):
@@ -183,6 +188,7 @@ def test_cli_latents_with_a_pixel_preset(tmp_path):
     assert r.exit_code == 2 and "latent" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.e2e
 def test_tiny_latent_vit_trains_on_shards(tmp_path):
     shards = fake_latent_shards(tmp_path / "lat")
     p = tiny_vit(f"data.path={shards}")
@@ -191,6 +197,7 @@ def test_tiny_latent_vit_trains_on_shards(tmp_path):
     assert latest_checkpoint(tmp_path / "run") is not None
 
 
+@pytest.mark.e2e
 def test_activation_checkpointing_gives_the_same_step(tmp_path):
     from diffit_cli.training import enable_activation_checkpointing
 
