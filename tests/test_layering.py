@@ -99,3 +99,14 @@ def test_function_local_imports_are_heavy_packages_with_a_reason():
                                          + ("" if heavy else " (not a slow package: import it at the top)")
                                          + ("" if reason else " (no reason given on the line)"))
     assert not offenders, "\n".join(offenders)
+
+
+def test_architecture_document_matches_the_code():
+    """docs/architecture.md names only modules that exist and names every package."""
+    import re
+
+    doc = (PKG.parent / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([a-z_]+\.py)`", doc))
+    assert named and not [m for m in named if not list(PKG.rglob(m))], "modules named but missing"
+    for pkg in (p for p in PKG.iterdir() if (p / "__init__.py").is_file() and p.name != "presets"):
+        assert f"`{pkg.name}/`" in doc, f"package {pkg.name}/ is not described"
