@@ -311,12 +311,18 @@ def test_inception_weights_reach_the_metrics(tmp_path, monkeypatch):
     assert seen["feature_extractor"] == M.INCEPTION and seen["inception_weights"] == weights
 
 
-def test_plot_helpers():
-    from diffit_cli.plots import Panel, Series, colormap, nice_ticks, render_plot
+def test_plots_are_drawn_by_matplotlib(tmp_path):
+    from PIL import Image
 
-    assert nice_ticks(0.3, 9.7)[0] <= 0.3 and nice_ticks(0.3, 9.7)[-1] >= 9.7
-    img = render_plot([Panel("a", "x", "y", [Series("s1", [1, 2, 4], [3.0, None, 1.0]), Series("s2", [1], [2.0])]),
-                       Panel("b", "v", "y", [Series("", [], [1.0, 2.0])], ["p", "q"])], "title")
-    assert img.size == (920, 368)
+    from diffit_cli.plots import Panel, Series, colormap, save_image_table, save_plot
+
+    path = save_plot(tmp_path / "p.png", [Panel("a", "x", "y", [Series("s1", [1, 2, 4], [3.0, None, 1.0]),
+                                                                Series("s2", [1], [2.0])], log_x=True),
+                                          Panel("b", "v", "y", [Series("", [], [1.0, 2.0])], ["p", "q"])], "title")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 1.8 * im.height  # two panels side by side
     c = colormap(np.array([[0.0, 1.0]]))
-    assert c.dtype == np.uint8 and tuple(c[0, 0]) == (68, 1, 84) and tuple(c[0, 1]) == (253, 231, 37)
+    assert c.dtype == np.uint8 and tuple(c[0, 0]) == (68, 1, 84) and tuple(c[0, 1]) == (253, 231, 37)  # viridis
+    grid = [[np.zeros((8, 8, 3), np.uint8), colormap(np.eye(8))], [np.full((8, 8, 1), 200, np.uint8)]]
+    with Image.open(save_image_table(tmp_path / "t.png", grid, ["r1", "r2"], ["c1", "c2"], "t", "note")) as im:
+        assert im.height > 100 and im.width > 100

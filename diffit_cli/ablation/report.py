@@ -1,4 +1,4 @@
-"""Results of an ablation study (`diffit_cli.ablation.run`): results.md / .csv / .json and the PIL plots.
+"""Results of an ablation study (`diffit_cli.ablation.run`): results.md / .csv / .json and the plots (matplotlib).
 
 Rows come from the variants' result.json files, so a table can be rebuilt at any time from a study directory
 (`write_results(study, budget, dir, collect_rows(study, dir), extractor)`), finished or not.
@@ -18,7 +18,7 @@ from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.study import CHANGE_FLOOR, RESULT, Study
 from diffit_cli.fileio import atomic_write_bytes, read_json, write_json
 from diffit_cli.metrics import TEST_EXTRACTOR
-from diffit_cli.plots import Panel, Series, colormap, image_table, png_bytes, save_plot
+from diffit_cli.plots import Panel, Series, colormap, save_image_table, save_plot
 
 RESULT_FIELDS = ["study", "variant", "label", "group", "x", "metric", "value", "paper", "difference", "extractor",
                  "budget", "kimg", "parameters", "num_samples", "seconds", "status", "paper_note"]
@@ -185,7 +185,6 @@ def _attention_figures(study: Study, sdir: Path, rows: list[dict]) -> list[Path]
                 blank = np.zeros_like(d["fixed_input"])
                 cells.append([blank] + [colormap(m, 0.0, max(top, CHANGE_FLOOR)) for m in ch])
                 names.append(f"  change with t (max {top:.1e})")
-        img = image_table(cells, names, (["input"] if proto == "fixed" else []) + cols, title=title, note=note)
         path = sdir / ("attention-maps-fixed.png" if proto == "fixed" else "attention-maps-trajectory.png")
-        out.append(atomic_write_bytes(path, png_bytes(img)))
+        out.append(save_image_table(path, cells, names, (["input"] if proto == "fixed" else []) + cols, title, note))
     return out
