@@ -184,15 +184,22 @@ class ImageFolderSource(PixelSource):
         return _hash_lines(self.files, self._raw_labels)
 
 
-class ZipSource(PixelSource):
-    """A zip archive in EDM `dataset_tool` layout: images anywhere inside, optional `dataset.json` with
-    `{"labels": [[name, class_index], ...]}` (or `null`), optionally `"class_names": [...]`."""
+class FileSource(PixelSource):
+    """A pixel source stored in one file (zip archive, `.npz`): `path` and `name` are the file's."""
 
     def __init__(self, path: str | Path, resolution: int, *, channels: int = 3, xflip: bool = False,
                  skip_bad_images: bool = False):
         super().__init__(resolution, channels, xflip, skip_bad_images)
         self.path = Path(path)
         self.name = str(self.path)
+
+
+class ZipSource(FileSource):
+    """A zip archive in EDM `dataset_tool` layout: images anywhere inside, optional `dataset.json` with
+    `{"labels": [[name, class_index], ...]}` (or `null`), optionally `"class_names": [...]`."""
+
+    def __init__(self, path: str | Path, resolution: int, **kwargs):
+        super().__init__(path, resolution, **kwargs)
         try:
             with zipfile.ZipFile(self.path) as z:
                 infos = {i.filename: i for i in z.infolist() if not i.is_dir()}
@@ -245,14 +252,11 @@ class ZipSource(PixelSource):
         return _hash_lines([f"{n}:{c}" for n, c in zip(self.files, self._crc)], self._raw_labels)
 
 
-class NpzSource(PixelSource):
+class NpzSource(FileSource):
     """`.npz` with `arr_0` uint8 NHWC images (ADM/DiT sample layout) and optional `arr_1` int labels."""
 
-    def __init__(self, path: str | Path, resolution: int, *, channels: int = 3, xflip: bool = False,
-                 skip_bad_images: bool = False):
-        super().__init__(resolution, channels, xflip, skip_bad_images)
-        self.path = Path(path)
-        self.name = str(self.path)
+    def __init__(self, path: str | Path, resolution: int, **kwargs):
+        super().__init__(path, resolution, **kwargs)
         try:
             images = npz_member(self.path, "arr_0")
             labels = npz_member(self.path, "arr_1")

@@ -94,6 +94,14 @@ def _describe(source) -> str:
     return str(source)
 
 
+def _extractor_setup(feature_extractor: str | None, device, batch: int) -> tuple[str, type, torch.device]:
+    """The extractor's name and class (Inception by default) and the device, after checking the batch size."""
+    if int(batch) < 1:
+        raise DiffitError(f"batch must be at least 1 (got {batch})")
+    name = feature_extractor or INCEPTION
+    return name, extractor_class(name), resolve_device(device)
+
+
 def compute_metrics(
     samples,
     reference=None,
@@ -122,11 +130,7 @@ def compute_metrics(
     Raises DiffitError for anything the user can fix.
     """
     wanted = _parse_metrics(metrics)
-    if int(batch) < 1:
-        raise DiffitError(f"batch must be at least 1 (got {batch})")
-    name = feature_extractor or INCEPTION
-    cls = extractor_class(name)
-    dev = resolve_device(device)
+    name, cls, dev = _extractor_setup(feature_extractor, device, batch)
     sample_images = open_input(samples, "samples", allow_stats=False)
     paired = [m for m in wanted if m != "is"]
     ref = None
@@ -269,11 +273,7 @@ def save_reference(
     out = Path(os.fspath(out_file)).expanduser()
     if out.suffix.lower() != ".npz":
         raise DiffitError(f"reference statistics are saved as .npz; got {out}")
-    if int(batch) < 1:
-        raise DiffitError(f"batch must be at least 1 (got {batch})")
-    name = feature_extractor or INCEPTION
-    cls = extractor_class(name)
-    dev = resolve_device(device)
+    name, cls, dev = _extractor_setup(feature_extractor, device, batch)
     images = open_input(dataset, "dataset", allow_stats=False)
     if images.count < 2:
         raise DiffitError("reference statistics need at least 2 images")
