@@ -97,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.plot:
-        plot(args.plot, dict(r.split("=", 1) for r in args.runs))
+        plot(args.plot, {label: Path(folder) for label, folder in (r.split("=", 1) for r in args.runs)})
         return
     names = list(DATA) if args.data == "both" else [args.data]
     rows = {}

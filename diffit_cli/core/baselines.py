@@ -201,9 +201,9 @@ class EncoderDecoder(nn.Module):
                       c_skip=channels[i]) for i in reversed(range(n - 1)))
             self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(),
                                       nn.Conv2d(channels[0], in_channels, 3, padding=1))
-        self._init()
+        self.initialize_weights()
 
-    def _init(self) -> None:
+    def initialize_weights(self) -> None:
         """ImageDiffiT's scheme: xavier linears, zero biases, N(0, .02) time MLP, zero-init conditioning maps and
         output conv (so every baseline starts from output 0 and unconditioned features)."""
         init_linears_and_conditioning(self)

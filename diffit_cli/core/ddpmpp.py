@@ -144,9 +144,10 @@ class DDPMpp(nn.Module):
                 c = model_channels * mult
                 self.dec_cat.append(True)
         self.head = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, in_channels, 3, padding=1))
-        self._init()
+        self.initialize_weights()
 
-    def _init(self) -> None:
+    def initialize_weights(self) -> None:
+        """EDM's DDPM++ scheme: xavier-uniform weights, zero biases, zero-init residual branches and head."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))

@@ -144,7 +144,15 @@ class ImageDiffiT(nn.Module):
                                        c_skip=channels[i]) for i in reversed(range(n - 1)))
         self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], out_channels, 3,
                                                                                 padding=1))
-        init_image_diffit(self)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Initialisation following SPEC §5's scheme (`init_linears_and_conditioning`), RPB trunc-normal .02,
+        adaLN zero, zero-init head conv (output 0 at init)."""
+        init_linears_and_conditioning(self)
+        init_rpb_and_time(self)
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
 
     def time_token(self, t: torch.Tensor, y: torch.Tensor | None = None,
                    augment_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,12 +193,3 @@ def init_linears_and_conditioning(model: nn.Module) -> None:
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
     if model.y_embedder is not None:
         nn.init.normal_(model.y_embedder.embedding_table.weight, std=1.0)
-
-
-def init_image_diffit(model: ImageDiffiT) -> None:
-    """Initialisation following SPEC §5's scheme (`init_linears_and_conditioning`), RPB trunc-normal .02,
-    adaLN zero, zero-init head conv (output 0 at init)."""
-    init_linears_and_conditioning(model)
-    init_rpb_and_time(model)
-    nn.init.zeros_(model.head[-1].weight)
-    nn.init.zeros_(model.head[-1].bias)

@@ -85,13 +85,35 @@ class LatentDiffiT(nn.Module):
             DiffiTBlock(hidden_size, num_heads, hidden_size, self.grid, mlp_ratio, time_mode) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaln=time_mode == "adaln")
-        init_latent_diffit(self)
+        self.initialize_weights()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p²·C) -> (B, C, H, W)."""
         p, g, c = self.patch_size, self.grid, self.out_channels
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def initialize_weights(self) -> None:
+        """Release initialisation (SPEC §5): xavier linears / zero bias, sin-cos pos_embed, N(0,.02) embeddings,
+        zero final linear, trunc-normal RPB; ablation extras: adaLN zero, time-bias maps trunc-normal."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid).unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_rpb_and_time(self)
+        if self.final_layer.adaLN_modulation is not None:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
 
     def checkpointable_blocks(self) -> list[nn.Module]:
         """The blocks activation checkpointing recomputes: every DiffiT block."""
@@ -103,26 +125,3 @@ class LatentDiffiT(nn.Module):
         for block in self.blocks:
             x = block(x, c, (self.grid, self.grid))
         return self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
-
-
-def init_latent_diffit(model: LatentDiffiT) -> None:
-    """Release initialisation (SPEC §5): xavier linears / zero bias, sin-cos pos_embed, N(0,.02) embeddings,
-    zero final linear, trunc-normal RPB; ablation extras: adaLN zero, time-bias maps trunc-normal."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    model.pos_embed.data.copy_(sincos_pos_embed_2d(model.pos_embed.shape[-1], model.grid).unsqueeze(0))
-    w = model.x_embedder.proj.weight.data
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.zeros_(model.x_embedder.proj.bias)
-    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
-    init_rpb_and_time(model)
-    if model.final_layer.adaLN_modulation is not None:
-        nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.linear.weight)
-    nn.init.zeros_(model.final_layer.linear.bias)
