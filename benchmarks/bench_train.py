@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from diffit_cli.config import load_preset
+from diffit_cli.events import Step
 from diffit_cli.training import train
 
 TINY = {
@@ -44,7 +45,7 @@ def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
                                             f"train.snapshot_kimg={total * 10}", f"data.num_workers={workers}"])
     reports = []
     with tempfile.TemporaryDirectory() as d:
-        train(preset, d, progress=lambda e: reports.append(e) if e["event"] == "report" else None)
+        train(preset, d, progress=lambda e: reports.append(e.figures) if isinstance(e, Step) else None)
     steady = reports[1:] or reports  # the first step pays for warm-up
     img_s = sum(r["img_per_s"] for r in steady) / len(steady)
     data = sum(r["data_share"] for r in steady) / len(steady)

@@ -17,9 +17,9 @@ them and produces the same bytes as an uninterrupted run. The manifest is writte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -38,28 +38,18 @@ from diffit_cli.data import (
     write_shard,
 )
 from diffit_cli.data.loader import unwrap_worker_error
+from diffit_cli.events import Progress, Start, Step, quiet
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Settings that must agree between a partial output folder and the command that resumes it.
 PLAN_KEYS = ("source", "vae", "scaling_factor", "resolution", "latent_channels", "latent_size", "crop", "count",
              "dtype", "shard_size", "class_names")
 
-@dataclass
-class EncodeProgress:
-    """Reported after each batch and each skipped shard (counts are this process's)."""
-
-    done: int  # images finished (encoded now or found in existing shards)
-    total: int  # images assigned to this process
-    encoded: int  # images encoded in this run (for images/s)
-    shards_done: int
-    shards_total: int
-    skipped: bool = False  # this report is for a shard found complete on disk
-
 def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: int = 256, vae: Any = DEFAULT_VAE,
                    batch: int = 32, precision: str = "fp32", shard_size: int = 1024, dtype: str = "fp16",
                    num_workers: int = 4, skip_bad_images: bool = False, max_images: int | None = None,
                    device: str | torch.device | None = None, synthetic_size: int | None = None,
-                   progress: Callable[[EncodeProgress], None] | None = None) -> dict:
+                   progress: Progress | None = None) -> dict:
     """Encode `src` (image folder, .zip, .npz; None = built-in synthetic shapes) into `out_dir`.
 
     Returns the final manifest. Resumable and idempotent (see the module docstring). `vae` is a Hub id, a
@@ -127,7 +117,7 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
 
     mine = list(range(state.process_index, n_shards, state.num_processes))
     sizes = {k: min(shard_size, count - k * shard_size) for k in mine}
-    report = _Reporter(progress, sum(sizes.values()), len(mine))
+    report = _Reporter(progress if state.is_main_process else None, sum(sizes.values()), len(mine))
     todo = []
     for k in mine:
         if shard_count(out / shard_name(k)) == sizes[k]:
@@ -164,24 +154,35 @@ def _check_same_plan(old: dict, new: dict, out: Path) -> None:
                             "output folder or delete it")
 
 class _Reporter:
-    def __init__(self, callback, total: int, shards_total: int):
-        self.callback, self.total, self.shards_total = callback, total, shards_total
+    """`encode` events of this process: a Start when the first shard is done or skipped (so early errors print
+    without a bar), then a Step per batch or skipped shard; the rate counts from the first report (no start-up)."""
+
+    def __init__(self, progress: Progress | None, total: int, shards_total: int):
+        self.emit, self.total, self.shards_total = progress or quiet, total, shards_total
         self.done = self.encoded = self.shards_done = 0
+        self.first: tuple[float, int] | None = None
 
     def images(self, n: int) -> None:
         self.done += n
         self.encoded += n
-        self._emit(False)
+        self._step(False)
 
     def shard(self, n: int, skipped: bool) -> None:
         self.done += n
         self.shards_done += 1
-        self._emit(skipped)
+        self._step(skipped)
 
-    def _emit(self, skipped: bool) -> None:
-        if self.callback is not None:
-            self.callback(EncodeProgress(self.done, self.total, self.encoded, self.shards_done, self.shards_total,
-                                         skipped))
+    def _step(self, skipped: bool) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.encoded)
+            self.emit(Start("encode", self.total, 0, "images"))
+        t0, n0 = self.first
+        rate = (self.encoded - n0) / (now - t0) if now > t0 and self.encoded > n0 else None
+        self.emit(Step("encode", self.done, self.total,
+                       {"encoded": self.encoded, "shards_done": self.shards_done, "shards_total": self.shards_total,
+                        "skipped": skipped, "img_per_s": rate}, f"{rate:.1f} img/s" if rate else ""))
+
 
 def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, sizes: dict[int, int], out: Path,
                    dtype: torch.dtype, batch: int, num_workers: int, report: _Reporter) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import platform
 import re
+import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import PartialState
@@ -19,6 +19,7 @@ from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_values, validate_preset
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
+from diffit_cli.events import Progress, Start, Step, main_process_only
 from diffit_cli.fileio import atomic_write_bytes
 from diffit_cli.generate import Decode, NpzSink, PngSink, generate, image_grid, save_png
 
@@ -81,7 +82,7 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
                overrides: list[str] | None = None, sample: dict | None = None, precision: str = "fp32",
                batch: int | None = None, classes: str | None = None,
                vae: str | None = None, raw: bool = False, grid: Path | str | None = None,
-               progress: Callable[[dict], None] | None = None) -> dict:
+               progress: Progress | None = None) -> dict:
     """`diffit sample`: generate images for `seeds` into a PNG folder or an `.npz`, resumably, on every process.
 
     `preset` is needed only for weight files that carry none (the release); `overrides` are
@@ -119,16 +120,20 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     todo = [s for s in mine if s not in sink.done(mine)]
     # labels are a function of the seed (or of its position in the fixed list), never of the process
     position = {s: i for i, s in enumerate(seeds)}
-    emit = progress if (progress is not None and state.is_main_process) else (lambda e: None)
-    emit({"event": "start", "total": len(seeds), "todo": len(todo) * state.num_processes, "device": str(device),
-          "world": state.num_processes})
+    emit = main_process_only(progress, state.is_main_process)
+    done = len(seeds) - len(todo) * state.num_processes
+    emit(Start("sample", len(seeds), done, "images", f"sampling {len(todo) * state.num_processes} of {len(seeds)} "
+               f"images on {device} × {state.num_processes}"))
+    t0 = time.perf_counter()
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
         fixed = None if class_list is None else [class_list[position[s] % len(class_list)] for s in chunk]
         for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, precision=precision, batch=batch,
                                                 device=device, classes=fixed):
             sink.write(s_chunk, labels, images)
-            emit({"event": "batch", "images": len(s_chunk) * state.num_processes})
+            done += len(s_chunk) * state.num_processes
+            rate = (done - len(seeds) + len(todo) * state.num_processes) / max(time.perf_counter() - t0, 1e-9)
+            emit(Step("sample", done, len(seeds), {"img_per_s": rate}, f"{rate:.2f} img/s"))
     state.wait_for_everyone()
     result = {"out": str(out), "images": len(seeds)}
     if state.is_main_process:

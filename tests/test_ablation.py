@@ -17,6 +17,7 @@ from diffit_cli import ablation as A
 from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network, parameter_count
 from diffit_cli.config import load_preset
+from diffit_cli.events import Start
 from diffit_cli.metrics import TEST_EXTRACTOR
 
 PAPER_STUDIES = ["time-feature-dims", "architecture", "tmsa-in-ddpmpp", "time-in-attention", "time-token",
@@ -193,8 +194,8 @@ def test_window_size_end_to_end_and_resume(tmp_path, monkeypatch):
     log = []
     second = A.run_study("window-size", "test", runs_dir=out, progress=_events(log))
     assert second.ran == ["w2", "w4", "w8"]
-    starts = [e for e in log if e["event"] == "train-start"]
-    assert starts[0]["resumed"] and not starts[1]["resumed"]  # w2 resumed through train's own resume
+    starts = [e for e in log if isinstance(e, Start) and e.task == "train"]
+    assert starts[0].text.startswith("resuming") and starts[1].text.startswith("starting")  # w2: train's own resume
     for name in ("results.md", "results.csv", "results.json", "window-size.png"):
         assert (out / name).is_file(), name
     data = json.loads((out / "results.json").read_text())

@@ -11,6 +11,7 @@ from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.core.layers import TMSA
 from diffit_cli.config import SampleConfig
+from diffit_cli.events import Step
 from diffit_cli.generate import sample_batch
 from diffit_cli.training import train
 
@@ -63,7 +64,7 @@ def test_latent_vit_bf16_is_close_to_fp32():
 
 def _reports(preset, run_dir):
     reports = []
-    state = train(preset, run_dir, progress=lambda e: reports.append(e) if e["event"] == "report" else None)
+    state = train(preset, run_dir, progress=lambda e: reports.append(e.figures) if isinstance(e, Step) else None)
     return state, reports
 
 

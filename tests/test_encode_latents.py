@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from diffit_cli.app import build_app
 from diffit_cli.codecs import DEFAULT_VAE, PixelCodec, VAECodec, VAEError, load_vae, make_codec, vae_config
 from diffit_cli.config import DataConfig
+from diffit_cli.events import Start, Step
 from diffit_cli.data import DataError, LatentShardSource, make_loader, open_source, shard_name
 from diffit_cli.encode_latents import encode_latents
 
@@ -92,7 +93,9 @@ def test_rerun_skips_finished_shards(tiny_vae, images, tmp_path):
     before = _bytes(tmp_path / "lat")
     events = []
     _encode(images, tmp_path / "lat", tiny_vae / "folder", progress=events.append)
-    assert [e.skipped for e in events] == [True, True] and events[-1].encoded == 0 and events[-1].done == 6
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [e.figures["skipped"] for e in steps] == [True, True] and steps[-1].figures["encoded"] == 0
+    assert steps[-1].done == 6 and isinstance(events[0], Start) and events[0].total == 6
     assert _bytes(tmp_path / "lat") == before
     with pytest.raises(DataError, match="different settings"):
         _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32")
@@ -106,8 +109,8 @@ class _Stop(Exception):
 def test_interrupted_run_resumes_to_the_same_bytes(tiny_vae, images, tmp_path):
     _encode(images, tmp_path / "full", tiny_vae / "folder")
 
-    def stop_after_first_shard(p):
-        if p.shards_done == 1:
+    def stop_after_first_shard(e):
+        if isinstance(e, Step) and e.figures["shards_done"] == 1:
             raise _Stop
 
     with pytest.raises(_Stop):
@@ -118,7 +121,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_vae, images, tmp_path):
     events = []
     _encode(images, tmp_path / "part", tiny_vae / "vae.safetensors",
             progress=events.append)
-    assert events[0].skipped and events[-1].encoded == 2  # same weights from a single file: accepted
+    steps = [e for e in events if isinstance(e, Step)]
+    assert steps[0].figures["skipped"] and steps[-1].figures["encoded"] == 2  # same weights from a single file
     full, part = _bytes(tmp_path / "full"), _bytes(tmp_path / "part")
     assert full.keys() == part.keys()
     for name in full:

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
 from diffit_cli.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
+from diffit_cli.events import Message, Step
 from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training import train
 
@@ -113,7 +114,7 @@ def test_rollback_resumes_from_the_last_good_checkpoint_with_a_lower_lr(tmp_path
     p = tiny_unet(*ROLLBACK)
     events = []
     state = train(p, tmp_path / "a", progress=events.append)
-    spike = next(e for e in events if e["event"] == "spike")
+    spike = next(e.data for e in events if isinstance(e, Message) and e.data.get("event") == "spike")
     good = tmp_path / "a" / "checkpoints" / checkpoint_name(16)
     assert spike["action"] == "rollback" and spike["checkpoint"] == str(good)
     assert spike["rollback_kimg"] == 0.016 and spike["lr_scale"] == 0.25
@@ -144,7 +145,7 @@ def test_rollback_then_kill_resumes_bit_identically(tmp_path, monkeypatch):
         pass
 
     def kill_after_rollback(e):
-        if e["event"] == "report" and e["kimg"] == 0.040:
+        if isinstance(e, Step) and e.done == 0.040:
             raise Killed
 
     monkeypatch.undo()

@@ -14,6 +14,7 @@ from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.config import dump_preset, load_preset
+from diffit_cli.events import Step
 from diffit_cli.training import train
 
 from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
@@ -90,7 +91,7 @@ def test_exact_resume_after_a_kill(tmp_path):
         pass
 
     def kill_after_step_3(event):
-        if event["event"] == "report" and event["step"] == 3:
+        if isinstance(event, Step) and event.figures["step"] == 3:
             raise Killed  # after the checkpoint at step 2, before the one at step 4
 
     with pytest.raises(Killed):

@@ -20,7 +20,7 @@ from diffit_cli.ablation.attention import attention_maps, save_map_pngs
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
 from diffit_cli.ablation.report import collect_rows, write_results
-from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Progress, Study, StudyError, Variant, load_study
+from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
 from diffit_cli.build import build_diffusion, parameter_count
 from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
 from diffit_cli.config import (
@@ -34,6 +34,7 @@ from diffit_cli.config import (
 )
 from diffit_cli.data import open_source
 from diffit_cli.errors import DiffitError
+from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fileio import atomic_write_bytes, offline, read_json, write_json
 from diffit_cli.sampling import resolve_weights, run_sample
 
@@ -71,10 +72,13 @@ class _Runner:
         self.checkpoint = checkpoint
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state.is_main_process
-        self.emit = progress if (progress is not None and self.main) else (lambda e: None)
+        self.emit = main_process_only(progress, self.main)
         self.extractor, self.inception_weights = extractor, inception_weights
         self._reference: tuple[str, str] | None = None
         self.base_kimg: float | None = None  # sample studies: training of the sampled network (None: --checkpoint)
+
+    def stage(self, stage: str, text: str, **data) -> None:
+        self.emit(Message(f"  {text}", data={"event": "stage", "stage": stage, **data}))
 
     # ---------------------------------------------------------------- shared pieces
     def sample_and_score(self, ckpt: Path | str, out: Path, preset: Preset, sample_overrides: list[str],
@@ -83,14 +87,13 @@ class _Runner:
 
         n = preset.eval.num_samples
         precision = "bf16" if (preset.train.mixed_precision == "bf16" and torch.cuda.is_available()) else "fp32"
-        self.emit({"event": "stage", "stage": "sample", "images": n})
+        self.stage("sample", f"sample {n} images", images=n)
         run_sample(str(ckpt), list(range(n)), out, preset=weights_preset, overrides=sample_overrides,
-                   precision=precision, batch=preset.sample.batch,
-                   progress=lambda e: self.emit({**e, "event": f"sample-{e['event']}"}))
+                   precision=precision, batch=preset.sample.batch, progress=self.emit)
         if not self.main:
             return {}
         ref, ref_desc = self.reference(preset)
-        self.emit({"event": "stage", "stage": "metrics", "extractor": self.extractor})
+        self.stage("metrics", f"metrics ({self.extractor})", extractor=self.extractor)
         r = M.compute_metrics(out, ref, metrics=("fid",), feature_extractor=self.extractor, batch=preset.eval.batch,
                             inception_weights=self.inception_weights)
         return {"value": r["fid"], "num_samples": r["num_samples"], "reference": ref_desc, "precision": precision,
@@ -116,7 +119,7 @@ class _Runner:
         key = hashlib.sha256(f"{src.fingerprint()}|{preset.data.resolution}|{n}".encode()).hexdigest()[:10]
         path = self.dir / f"reference-{self.extractor}-{key}.npz"
         if not path.is_file():
-            self.emit({"event": "stage", "stage": "reference", "images": n})
+            self.stage("reference", f"reference statistics of {n} training images", images=n)
             if preset.data.path is not None and limit is None:
                 dataset = preset.data.path  # folder, zip or npz: streamed
             else:
@@ -146,8 +149,9 @@ class _Runner:
     # ---------------------------------------------------------------- kinds
     def train(self, preset: Preset, run_dir: Path, label: str):
 
-        self.emit({"event": "stage", "stage": "train", "variant": label, "total_kimg": preset.train.total_kimg})
-        return training.train(preset, run_dir, progress=lambda e: self.emit({**e, "event": f"train-{e['event']}"}))
+        self.stage("train", f"train to {preset.train.total_kimg:g} kimg", variant=label,
+                   total_kimg=preset.train.total_kimg)
+        return training.train(preset, run_dir, progress=self.emit)
 
     def run_train(self, v: Variant, preset: Preset, vdir: Path) -> dict:
 
@@ -174,7 +178,9 @@ class _Runner:
                         "notes": out.get("notes", [])}
                 if self.main:
                     write_json(pfile, done)
-                self.emit({"event": "point", "variant": v.name, **done})
+                self.emit(Message(f"  FID at {done['kimg']:g} kimg: {done['value']:.4g}"
+                                  if done["value"] is not None else f"  FID at {done['kimg']:g} kimg: –",
+                                  data={"event": "point", "variant": v.name, **done}))
             points.append(done)
         last = points[-1]
         return {"value": last["value"], "kimg": last["kimg"], "reference": last.get("reference"),
@@ -216,7 +222,7 @@ class _Runner:
         state = self.train(preset, vdir, v.name)
         if not self.main:
             return {}
-        self.emit({"event": "stage", "stage": "attention"})
+        self.stage("attention", "attention maps")
         net, _ = load_snapshot(latest_checkpoint(vdir), device="cpu")
         maps = attention_maps(net, build_diffusion(preset.diffusion, preset.model), preset, self.study.timesteps,
                               self.study.attention_layer)
@@ -263,8 +269,8 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
     `only`: variant names to run (results still list every finished variant). `checkpoint`: for `sample`
     studies, a trained network to sample instead of training the base (a `.pt`, `.safetensors` or REPO:FILE).
     `inception_weights`: a local Inception weights file (offline machines; also lifts the tiny budget's fallback to
-    the offline extractor). `progress(event)` receives dict events: variant (status start|skipped|done), stage,
-    train-*, sample-*, point."""
+    the offline extractor). `progress` receives `diffit_cli.events`: Messages for each variant (start, skipped,
+    done), stage and curve point (structured in `data`), and the training and sampling runs' own events."""
     study = load_study(study) if isinstance(study, (str, Path)) else study
     get_budget(budget)
     sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
@@ -289,7 +295,8 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
         if done is not None:
             _same_preset(done, presets[v.name], sdir / v.name)
             result.skipped.append(v.name)
-            runner.emit({"event": "variant", "variant": v.name, "status": "skipped", "value": done.get("value")})
+            runner.emit(Message(f"variant {v.name}: finished before, skipped",
+                                data={"event": "variant", "variant": v.name, "status": "skipped", "value": done.get("value")}))
         else:
             todo.append(v)
     if study.metric == "fid" and todo and runner.main:
@@ -299,7 +306,8 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
         ckpt, weights_preset = runner.base_checkpoint(base)
     for i, v in enumerate(todo):
         preset, vdir = presets[v.name], sdir / v.name
-        runner.emit({"event": "variant", "variant": v.name, "status": "start", "index": i + 1, "total": len(todo)})
+        runner.emit(Message(f"variant {v.name} ({i + 1}/{len(todo)})", data={"event": "variant", "variant": v.name,
+                                                                             "status": "start"}))
         started = time.time()
         if study.kind == "train":
             payload = runner.run_train(v, preset, vdir)
@@ -311,7 +319,9 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
             payload = runner.run_attention(v, preset, vdir)
         res = runner.record(v, preset, payload, started)
         result.ran.append(v.name)
-        runner.emit({"event": "variant", "variant": v.name, "status": "done", "value": res.get("value")})
+        value = res.get("value")
+        runner.emit(Message(f"variant {v.name}: done" + (f" ({value:.4g})" if isinstance(value, float) else ""),
+                            data={"event": "variant", "variant": v.name, "status": "done", "value": value}))
     runner.state.wait_for_everyone()
     result.rows = collect_rows(study, sdir)
     if runner.main:

@@ -29,7 +29,7 @@ matches (other `--set` values) is an error rather than a silently mixed table. T
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from diffit_cli.config import preset_dir
 from diffit_cli.errors import DiffitError
 
-Progress = Callable[[dict], None]
 SYNTHETIC_CLASSES = 8  # data.SYNTHETIC_CLASSES (not imported: this module stays light for `--list`)
 SKIP_DIFF = ("name", "description")
 RESULT = "result.json"  # a variant's result, written last: its existence means finished

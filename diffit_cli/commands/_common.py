@@ -45,3 +45,43 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(e).replace("[", r"\["))
 
     return wrapper
+
+
+class RichProgress:
+    """The one renderer of `diffit_cli.events` for every command: a rich bar per task (restarted when a task
+    starts again), `Start.text` and `Message`s printed above the bars, warnings in yellow.
+
+    Use as a context manager and pass the instance as the worker's `progress`."""
+
+    def __init__(self, label: Callable[[str], str] | None = None):
+        self.label = label or (lambda task: task)
+
+    def __enter__(self) -> "RichProgress":
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed:,.4g}/{task.total:,.4g} {task.fields[unit]}"),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=False)
+        self.bar.__enter__()
+        self.tasks: dict[str, int] = {}
+        return self
+
+    def __call__(self, event) -> None:
+        from diffit_cli.events import Message, Start, Step
+
+        if isinstance(event, Start):
+            if event.text:
+                self.bar.console.print(event.text, highlight=False)
+            if event.task in self.tasks:
+                self.bar.remove_task(self.tasks[event.task])
+            self.tasks[event.task] = self.bar.add_task(self.label(event.task), total=event.total,
+                                                       completed=event.done, unit=event.unit, status="")
+        elif isinstance(event, Step) and event.task in self.tasks:
+            self.bar.update(self.tasks[event.task], completed=event.done, total=event.total, status=event.status)
+        elif isinstance(event, Message):
+            prefix = "[bold yellow]warning:[/] " if event.level == "warning" else ""
+            self.bar.console.print(prefix + event.text.replace("[", r"\["), highlight=False)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import SetOpt, console, user_errors
+from diffit_cli.commands._common import RichProgress, SetOpt, user_errors
 
 HELP = """Run one of the paper's ablation studies (SPEC §8: Tables 3-8, Figs. 2, 7a, 7b, 8), or list them.
 
@@ -48,8 +48,9 @@ def ablate_cmd(
     if dry_run:
         _show_plan(A.plan_study(s, budget, overrides, runs_dir, only))
         return
-    r = A.run_study(s, budget, overrides=overrides, runs_dir=runs_dir, only=only, checkpoint=checkpoint,
-                    feature_extractor=feature_extractor, inception_weights=inception_weights, progress=_Printer())
+    with RichProgress() as progress:
+        r = A.run_study(s, budget, overrides=overrides, runs_dir=runs_dir, only=only, checkpoint=checkpoint,
+                        feature_extractor=feature_extractor, inception_weights=inception_weights, progress=progress)
     if r.files:
         _show_result(s, r)
 
@@ -112,29 +113,3 @@ def _show_result(study, r) -> None:
         out.print("[yellow]note:[/] FID from the offline stand-in extractor diffit-randconv-v1: not comparable with "
                   "the paper's Inception FID", highlight=False)
     out.print(f"results: {r.study_dir / 'results.md'} (and .csv, .json, plots)", highlight=False)
-
-
-class _Printer:
-    """One line per variant, stage and training report (stderr)."""
-
-    def __call__(self, e: dict) -> None:
-        kind = e["event"]
-        if kind == "variant":
-            if e["status"] == "start":
-                console.print(f"[bold]variant {e['variant']}[/] ({e['index']}/{e['total']})", highlight=False)
-            elif e["status"] == "skipped":
-                console.print(f"variant {e['variant']}: finished before, skipped", highlight=False)
-            else:
-                value = e.get("value")
-                console.print(f"variant {e['variant']}: [green]done[/]" + (f" ({value:.4g})" if value is not None
-                                                                          else ""), highlight=False)
-        elif kind == "stage":
-            extra = {"train": f" to {e.get('total_kimg', 0):g} kimg", "sample": f" {e.get('images', '')} images",
-                     "reference": f" statistics of {e.get('images', '')} training images",
-                     "metrics": f" ({e.get('extractor')})"}.get(e["stage"], "")
-            console.print(f"  {e['stage']}{extra}", highlight=False)
-        elif kind == "train-report":
-            console.print(f"    {e['kimg']:g}/{e['total_kimg']:g} kimg  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s",
-                          highlight=False)
-        elif kind == "point":
-            console.print(f"  FID at {e['kimg']:g} kimg: {e['value']:.4g}", highlight=False)

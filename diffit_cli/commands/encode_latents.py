@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from diffit_cli.commands._common import console, user_errors
+from diffit_cli.commands._common import RichProgress, console, user_errors
 
 HELP = """Encode an image dataset (folder with class subfolders, EDM .zip or .npz) into SD-VAE latent shards
 for latent DiffiT training (`diffit train --data OUT`). Stores the posterior mean and std of every image
@@ -47,36 +47,17 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: Accelerate's)."),
     ) -> None:
         from accelerate import PartialState
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from diffit_cli.encode_latents import encode_latents
 
-        main = PartialState().is_main_process  # one progress bar, from the main process
         started = time.perf_counter()
-        columns = (TextColumn("[bold]encoding"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-        bar = Progress(*columns, console=console)
-        task = bar.add_task("encode", total=None, rate="")
-        first: list = []  # (time, images encoded) at the first report: the rate excludes start-up
-
-        def on_progress(p) -> None:
-            now = time.perf_counter()
-            if not first:
-                first.append((now, p.encoded))
-                bar.start()  # only once work has begun, so early errors print without a bar
-            t0, n0 = first[0]
-            rate = f"{(p.encoded - n0) / (now - t0):.1f} img/s" if now > t0 and p.encoded > n0 else ""
-            bar.update(task, total=p.total, completed=p.done, rate=rate)
-
-        try:
+        with RichProgress() as progress:
             manifest = encode_latents(
                 src, out, resolution=resolution, vae=vae, batch=batch, precision=precision.value,
                 shard_size=shard_size, dtype=dtype.value, num_workers=workers, skip_bad_images=skip_bad_images,
-                max_images=max_images, device=device, progress=on_progress if main else None,
+                max_images=max_images, device=device, progress=progress,
             )
-        finally:
-            bar.stop()
-        if main:
+        if PartialState().is_main_process:
             console.print(
                 f"[green]wrote[/] {manifest['count']} images → {len(manifest['shards'])} shards in {out} "
                 f"(latents {manifest['latent_channels']}×{manifest['latent_size']}², {manifest['dtype']}, "

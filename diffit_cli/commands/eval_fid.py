@@ -7,26 +7,11 @@ from typing import Optional
 
 import typer
 
-from diffit_cli.commands._common import console, fail, user_errors
+from diffit_cli.commands._common import RichProgress, console, fail, user_errors
 
 HELP = """Score samples (image folder, .zip, or .npz with arr_0 uint8 NHWC) against --ref: images, or a
 statistics file (EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz, or one from --save-ref).
 With --save-ref FILE, SAMPLES is a dataset: its statistics are saved for later runs."""
-
-
-def _progress_printer(stack):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar = stack.enter_context(Progress(*columns, console=console, transient=True))
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(f"features: {stage}", total=total)
-        bar.update(tasks[stage], completed=done)
-
-    return update
 
 
 def _show(result: dict) -> None:
@@ -90,8 +75,6 @@ def register(app: typer.Typer) -> None:
         save_ref: Optional[Path] = SaveRefOpt,
         json_out: Optional[Path] = JsonOpt,
     ) -> None:
-        import contextlib
-
         from diffit_cli import metrics as M
         from diffit_cli.fileio import write_json
 
@@ -99,8 +82,7 @@ def register(app: typer.Typer) -> None:
             fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
         common = dict(batch=batch, device=device, feature_extractor=feature_extractor)
         common["inception_weights"] = inception_weights
-        with contextlib.ExitStack() as stack:
-            progress = _progress_printer(stack)
+        with RichProgress() as progress:
             if save_ref is not None:
                 result = M.save_reference(samples, save_ref, progress=progress, **common)
             else:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import SetOpt, console, user_errors
+from diffit_cli.commands._common import RichProgress, SetOpt, console, user_errors
 
 HELP = """Generate images from a checkpoint into a PNG folder or an ADM-style .npz.
 
@@ -49,35 +49,10 @@ def sample_cmd(
     check_sample_values(values)  # a bad enumerated flag fails here, before any file is read
     if precision not in ("fp32", "bf16"):
         raise DiffitError(f"--precision {precision!r}: choose fp32 or bf16")
-    with _Progress() as progress:
+    with RichProgress() as progress:
         result = run_sample(ckpt, parse_seeds(seeds), out, preset=load_preset(preset) if preset else None,
                             overrides=overrides, sample=values, precision=precision, batch=batch, classes=classes,
                             vae=vae, raw=raw, grid=grid, progress=progress)
     if "recipe" in result:
         console.print(f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
                       f"recipe {result['recipe']})")
-
-
-class _Progress:
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]sample"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)
-        self.bar.__enter__()
-        self.task, self.t0, self.n = None, None, 0
-        return self
-
-    def __call__(self, e: dict) -> None:
-        import time
-
-        if e["event"] == "start":
-            self.task = self.bar.add_task("sample", total=e["total"], completed=e["total"] - e["todo"], rate="")
-            self.t0 = time.perf_counter()
-        elif e["event"] == "batch":
-            self.n += e["images"]
-            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.update(self.task, advance=e["images"], rate=f"{rate:.2f} img/s")
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import PresetOpt, SetOpt, console, user_errors
+from diffit_cli.commands._common import PresetOpt, RichProgress, SetOpt, console, user_errors
 from diffit_cli.errors import DiffitError
 
 HELP = """Train a DiffiT preset. With no --data it trains on the built-in synthetic shapes.
@@ -59,7 +59,7 @@ def train_cmd(
     from diffit_cli.training import train
 
     run_dir = run_dir or Path("runs") / p.name
-    with _Progress() as progress:
+    with RichProgress() as progress:
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
                       tensorboard=tensorboard, progress=progress)
     if state.stopped:
@@ -69,48 +69,3 @@ def train_cmd(
     if state.main_process:
         console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
                       f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'})")
-
-
-def _spike_message(e: dict) -> str:
-    where = f"last good checkpoint: {e['checkpoint']}" if e["checkpoint"] else "no checkpoint was saved before it"
-    head = (f"[bold yellow]warning:[/] loss spike at {e['kimg']:g} kimg: {e['loss']:.4g} is {e['ratio']:.1f}× the "
-            f"running median {e['median']:.4g} since {e['first_kimg']:g} kimg; {where}")
-    if e["action"] == "rollback":
-        return head + f" — rolled back to it with the learning rate × {e['lr_scale']:g}"
-    if e["action"] == "warn":
-        return head + " — continuing (set train.on_spike=rollback or stop to act on spikes)"
-    return head
-
-
-class _Progress:
-    """Renders the training loop's events as a rich progress bar (loss, img/s, ETA)."""
-
-    def __enter__(self):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f} kimg"),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=False)
-        self.bar.__enter__()
-        self.task = None
-        return self
-
-    def __call__(self, e: dict) -> None:
-        kind = e["event"]
-        if kind == "start":
-            console.print(f"{'resuming' if e['resumed'] else 'starting'} at {e['kimg']:.1f} kimg on {e['device']} "
-                          f"× {e['world']} ({e['params']:,} parameters; per-device batch {e['batch_gpu']} × "
-                          f"{e['accum']} accumulation)")
-            self.task = self.bar.add_task("train", total=e["total_kimg"], completed=e["kimg"], info="")
-        elif kind == "report" and self.task is not None:
-            info = f"loss {e['loss']:.4f}  {e['img_per_s']:.1f} img/s" + (f"  skipped {e['skipped']}" if e["skipped"] else "")
-            self.bar.update(self.task, completed=e["kimg"], info=info)
-        elif kind == "spike":
-            self.bar.console.print(_spike_message(e), highlight=False)
-            if e["action"] == "rollback":
-                self.bar.update(self.task, completed=e["rollback_kimg"])
-        elif kind == "snapshot":
-            self.bar.console.print(f"snapshot at {e['kimg']:.1f} kimg → {e['grid']}")
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)

@@ -9,7 +9,7 @@ import math
 import os
 import socket
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,13 +22,13 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from diffit_cli.errors import DiffitError
+from diffit_cli.events import Progress, Start, Step, quiet
 from diffit_cli.fileio import offline
 from diffit_cli.fid.inputs import Images, rgb
 
 INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "diffit-randconv-v1"
 DOWNLOAD_TIMEOUT_S = 30
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class RandConvFeatureExtractor(FeatureExtractorBase):
@@ -199,17 +199,18 @@ def exact_convolutions():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def extract_features(images: Images, fe: FeatureExtractorBase, device, batch: int, progress, stage: str) -> dict:
+def extract_features(images: Images, fe: FeatureExtractorBase, device, batch: int, progress: Progress | None,
+                     stage: str) -> dict:
+    """Features of every image, by layer; `progress` sees a `features (<stage>)` task."""
     out: dict[str, list[torch.Tensor]] = {}
     done = 0
-    if progress:
-        progress(stage, 0, images.count)
+    emit, task = progress or quiet, f"features ({stage})"
+    emit(Start(task, images.count, 0, "images"))
     with torch.no_grad(), exact_convolutions():
         for arr in images.batches(batch):
             x = torch.from_numpy(rgb(arr)).permute(0, 3, 1, 2).contiguous().to(device)
             for k, v in fe.convert_features_tuple_to_dict(fe(x)).items():
                 out.setdefault(k, []).append(v.detach().float().cpu())
             done += len(arr)
-            if progress:
-                progress(stage, done, images.count)
+            emit(Step(task, done, images.count))
     return {k: torch.cat(v) for k, v in out.items()}

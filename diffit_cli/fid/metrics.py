@@ -43,7 +43,8 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
 from diffit_cli.errors import DiffitError
-from diffit_cli.fid.extractors import (INCEPTION, TEST_EXTRACTOR, Progress, extract_features, extractor_class,
+from diffit_cli.events import Progress
+from diffit_cli.fid.extractors import (INCEPTION, TEST_EXTRACTOR, extract_features, extractor_class,
                                        make_extractor, resolve_device)
 from diffit_cli.fid.inputs import Images, Statistics, open_input
 from diffit_cli.fileio import atomic_write
@@ -121,8 +122,8 @@ def compute_metrics(
     from :func:`save_reference`). IS needs no reference. metrics: names from `fid, is, kid, pr`
     (aliases: isc, prc). feature_extractor: a torch-fidelity registry name; default
     `inception-v3-compat` (TF Inception pool_3, the features behind the ADM and EDM references).
-    inception_weights: a local weights file for offline machines. progress(stage, done, total) is
-    called as images are processed (stage `samples` or `reference`).
+    inception_weights: a local weights file for offline machines. `progress` receives `diffit_cli.events` as
+    images are processed (tasks `features (samples)` and `features (reference)`).
 
     Returns a flat dict: the metric values (`fid`, `is_mean`, `is_std`, `kid_mean`, `kid_std`,
     `precision`, `recall`), then `extractor`, `feature_layers`, `num_samples`, `num_reference`,

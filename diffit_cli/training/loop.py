@@ -12,7 +12,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,6 +29,7 @@ from diffit_cli.config import Preset, dump_preset
 from diffit_cli.core.layers import attention_logit_max
 from diffit_cli.data import make_loader, open_source
 from diffit_cli.fileio import atomic_write_bytes
+from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.generate import preview_grid
 from diffit_cli.training.monitor import Spike, SpikeDetector
 from diffit_cli.training.recipe import (
@@ -66,7 +66,7 @@ class _Run:
     accum: int
     monitor: SpikeDetector
     state: TrainState
-    emit: Callable[[dict], None]
+    emit: Progress
     augment: object = None
     batches: object = None
     probe: tuple | None = None  # a few samples of the last micro-batch: the report's attention-logit probe
@@ -80,7 +80,7 @@ class _Run:
 
 def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, force: bool = False,
           skip_bad_images: bool = False, tensorboard: bool = False,
-          progress: Callable[[dict], None] | None = None) -> TrainState:
+          progress: Progress | None = None) -> TrainState:
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists."""
     summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
@@ -92,9 +92,10 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
     writer = summary_writer(run.run_dir / "tensorboard") if summary_writer and acc.is_main_process else None
     _start_stream(run)
-    run.emit({"event": "start", "kimg": state.nimg / 1000, "total_kimg": tc.total_kimg, "world": run.world,
-              "batch_gpu": run.batch_gpu, "accum": run.accum, "device": str(acc.device),
-              "resumed": ckpt_path is not None, "params": count_parameters(run.net)})
+    run.emit(Start("train", tc.total_kimg, state.nimg / 1000, "kimg",
+                   f"{'resuming' if ckpt_path is not None else 'starting'} at {state.nimg / 1000:.1f} kimg on "
+                   f"{acc.device} × {run.world} ({count_parameters(run.net):,} parameters; per-device batch "
+                   f"{run.batch_gpu} × {run.accum} accumulation)"))
     total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
     loss_sum, loss_n, t_report, n_report = _zero(run), 0, time.perf_counter(), state.nimg
     run.model.train()
@@ -116,14 +117,13 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
             t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
     if writer is not None:
         writer.close()
-    run.emit({"event": "done", "kimg": state.nimg / 1000, "skipped": state.skipped, "stopped": state.stopped})
     acc.end_training()
     state.main_process = acc.is_main_process
     return state
 
 
 def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool,
-           progress: Callable[[dict], None] | None) -> _Run:
+           progress: Progress | None) -> _Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     from accelerate import Accelerator  # here, not at the top: `diffit train --dry-run` needs no Accelerate
     from accelerate.state import AcceleratorState  # (same reason)
@@ -140,7 +140,7 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available())
     device = accelerator.device
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
-    emit = progress if (progress is not None and accelerator.is_main_process) else (lambda e: None)
+    emit = main_process_only(progress, accelerator.is_main_process)
 
     dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
     if dataset.kind == "latent" and preset.data.space != "latent":
@@ -271,7 +271,7 @@ def _attention_logit_max(run: _Run) -> float | None:
 
 
 def _report(run: _Run, loss_mean: torch.Tensor, n_report: int, seconds: float, writer) -> dict:
-    """Reduce the interval's figures across processes, append them to log.jsonl and emit a report event."""
+    """Reduce the interval's figures across processes, append them to log.jsonl and emit them as a `Step`."""
     acc, state, tc = run.accelerator, run.state, run.preset.train
     steps = max((state.nimg - n_report) // tc.batch, 1)
     loss, grad_mean, grad_max = acc.reduce(torch.stack([loss_mean, run.grad_norm_sum / steps, run.grad_norm_max]),
@@ -284,7 +284,8 @@ def _report(run: _Run, loss_mean: torch.Tensor, n_report: int, seconds: float, w
     run.grad_norm_sum, run.grad_norm_max, state.data_s = _zero(run), _zero(run), 0.0
     state.history.append(rec)
     _log(run, rec, writer)
-    run.emit({"event": "report", **rec, "total_kimg": tc.total_kimg})
+    run.emit(Step("train", rec["kimg"], tc.total_kimg, rec, f"loss {loss:.4f}  {rec['img_per_s']:.1f} img/s"
+                  + (f"  skipped {state.skipped}" if state.skipped else "")))
     return {**rec, "interval_start": n_report}
 
 
@@ -331,8 +332,20 @@ def _on_spike(run: _Run, spike: Spike) -> bool:
         run.state.stopped = (f"loss spike at {spike.kimg:g} kimg ({spike.ratio:.1f}× the running median); "
                              + (f"last good checkpoint: {good}" if good else "no checkpoint was saved before it"))
     _log(run, event)
-    run.emit(event)
+    run.emit(Message(_spike_text(event), "warning", event))
     return action != "warn"
+
+
+def _spike_text(e: dict) -> str:
+    """The one-paragraph warning for a spike event (what happened, the last good checkpoint, what was done)."""
+    where = f"last good checkpoint: {e['checkpoint']}" if e["checkpoint"] else "no checkpoint was saved before it"
+    head = (f"loss spike at {e['kimg']:g} kimg: {e['loss']:.4g} is {e['ratio']:.1f}× the running median "
+            f"{e['median']:.4g} since {e['first_kimg']:g} kimg; {where}")
+    if e["action"] == "rollback":
+        return head + f" — rolled back to it with the learning rate × {e['lr_scale']:g}"
+    if e["action"] == "warn":
+        return head + " — continuing (set train.on_spike=rollback or stop to act on spikes)"
+    return head
 
 
 def _snapshot(run: _Run) -> None:
@@ -348,7 +361,8 @@ def _snapshot(run: _Run) -> None:
         if run.codec is not None:  # trained from shards there is no VAE loaded: `diffit sample` decodes those
             path = preview_grid(run.ema.net, run.diffusion, preset, run.codec.decode,
                                 run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", acc.device)
-            run.emit({"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)})
+            run.emit(Message(f"snapshot at {state.nimg / 1000:.1f} kimg → {path}",
+                             data={"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)}))
     acc.wait_for_everyone()
 
 
