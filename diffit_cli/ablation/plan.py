@@ -70,6 +70,21 @@ class StudyPlan:
     base: str
     variants: list[VariantPlan]
 
+    def describe(self) -> str:
+        """What `diffit ablate STUDY --dry-run` prints: each variant's overrides and their resolved changes."""
+        def fmt(v: Any) -> str:
+            return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else "–" if v is None else str(v)
+
+        lines = [f"{self.title} ({self.study}, {self.kind} study)", f"budget {self.budget}: {self.budget_summary}",
+                 f"base preset {self.base}; runs in {self.study_dir}"]
+        for v in self.variants:
+            paper = "" if v.paper is None else f", paper {v.paper:g}"
+            lines += ["", f"{v.name}" + (f" — {v.label}" if v.label else "")
+                      + f"  ({v.network} / {v.diffusion}, {v.parameters:,} parameters{paper}, {v.status})",
+                      f"  overrides: {' '.join(v.overrides) or '–'}"]
+            lines += [f"  {k}: {fmt(a)} → {fmt(b)}" for k, (a, b) in v.changes.items()] or ["  resolved: the base preset"]
+        return "\n".join(lines)
+
 def default_runs_dir(study: Study, budget: str) -> Path:
     return Path("runs") / "ablations" / study.name / budget
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import RichProgress, SetOpt, user_errors
+from diffit_cli.commands._common import RichProgress, SetOpt, console, user_errors
 
 HELP = """Run one of the paper's ablation studies (SPEC §8: Tables 3-8, Figs. 2, 7a, 7b, 8), or list them.
 
@@ -46,7 +46,7 @@ def ablate_cmd(
         return
     s = A.load_study(study)
     if dry_run:
-        _show_plan(A.plan_study(s, budget, overrides, runs_dir, only))
+        console.print(A.plan_study(s, budget, overrides, runs_dir, only).describe(), highlight=False, markup=False)
         return
     with RichProgress() as progress:
         r = A.run_study(s, budget, overrides=overrides, runs_dir=runs_dir, only=only, checkpoint=checkpoint,
@@ -67,30 +67,6 @@ def _list(A) -> None:
         s = A.load_study(name)
         table.add_row(name, s.kind, str(len(s.variants)), s.source)
     Console().print(table)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(map(str, v)) + "]"
-    return "–" if v is None else str(v)
-
-
-def _show_plan(plan) -> None:
-    from rich.console import Console
-
-    out = Console()
-    out.print(f"[bold]{plan.title}[/] ({plan.study}, {plan.kind} study)", highlight=False)
-    out.print(f"budget {plan.budget}: {plan.budget_summary}", highlight=False)
-    out.print(f"base preset {plan.base}; runs in {plan.study_dir}", highlight=False)
-    for v in plan.variants:
-        paper = "" if v.paper is None else f", paper {v.paper:g}"
-        out.print(f"\n[bold]{v.name}[/]" + (f" — {v.label}" if v.label else "")
-                  + f"  ({v.network} / {v.diffusion}, {v.parameters:,} parameters{paper}, {v.status})", highlight=False)
-        out.print(f"  overrides: {' '.join(v.overrides) or '–'}", highlight=False)
-        if not v.changes:
-            out.print("  resolved: the base preset", highlight=False)
-        for k, (a, b) in v.changes.items():
-            out.print(f"  {k}: {_fmt(a)} → {_fmt(b)}", highlight=False)
 
 
 def _show_result(study, r) -> None:
