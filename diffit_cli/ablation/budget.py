@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 from diffit_cli.ablation.study import SYNTHETIC_CLASSES, StudyError
+from diffit_cli.config.schema import MODEL_KINDS
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,7 @@ class Budget:
     resolution: int | None = None  # pixel resolution (latent presets become a pixel-space stand-in)
     max_stages: int | None = None
     max_blocks: int | None = None
-    vit: dict | None = None  # isotropic ViT sizes
-    encdec_vit: dict | None = None  # Table 4 ViT encoder / SETR-MLA sizes
+    sizes: dict | None = None  # fixed sizes by model kind (vit: the isotropic ViT; encdec: ViT encoder / SETR-MLA)
     kimg: float | None = None  # total_kimg (else the preset's × kimg_scale)
     kimg_scale: float = 1.0
     batch: int | None = None
@@ -37,14 +37,15 @@ class Budget:
 _FEW_STEPS = {"heun": 8, "euler": 8, "dpmpp-2m": 8, "ddpm": 25, "ddim": 25}
 BUDGETS: dict[str, Budget] = {
     "test": Budget("test", "CI smoke test: seconds per study", width_div=16, head_dim=8, resolution=16, max_stages=2,
-                   max_blocks=1, vit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
-                   encdec_vit=dict(vit_width=32, vit_depth=2, vit_heads=2, mla_channels=16), kimg=0.048, batch=16,
+                   max_blocks=1, sizes={"vit": dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
+                                         "encdec": dict(vit_width=32, vit_depth=2, vit_heads=2, mla_channels=16)},
+                   kimg=0.048, batch=16,
                    samples=24, reference_images=64, steps={"heun": 3, "euler": 3, "dpmpp-2m": 3, "ddpm": 4, "ddim": 4},
                    synthetic=True, ema_halflife_kimg=0.01, fast=True, offline_extractor=True),
     "tiny": Budget("tiny", "2 CPU cores, minutes per study: widths ÷ 8, 16×16 built-in shapes, 20 kimg, FID of 512 "
                    "samples", width_div=8, head_dim=8, resolution=16, max_stages=2, max_blocks=1,
-                   vit=dict(hidden_size=64, depth=4, num_heads=4, patch_size=2),
-                   encdec_vit=dict(vit_width=64, vit_depth=4, vit_heads=4, mla_channels=32), kimg=20.0, batch=32,
+                   sizes={"vit": dict(hidden_size=64, depth=4, num_heads=4, patch_size=2),
+                          "encdec": dict(vit_width=64, vit_depth=4, vit_heads=4, mla_channels=32)}, kimg=20.0, batch=32,
                    samples=512, reference_images=2048, steps=_FEW_STEPS, synthetic=True, ema_halflife_kimg=0.5,
                    fast=True, offline_extractor=True),
     "small": Budget("small", "one GPU, hours per variant: widths ÷ 2, 10 % of the preset's training, FID-10K",
@@ -58,10 +59,6 @@ def get_budget(name: str) -> Budget:
     if name not in BUDGETS:
         raise StudyError(f"unknown budget {name!r}; choose one of {', '.join(PUBLIC_BUDGETS)}")
     return BUDGETS[name]
-
-
-def _round_to(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 def apply_budget(raw: dict, b: Budget) -> dict:
@@ -82,37 +79,9 @@ def apply_budget(raw: dict, b: Budget) -> dict:
     if b.resolution:
         data["resolution"] = b.resolution
         m["input_size" if kind == "vit" else "img_resolution"] = b.resolution
-    d = b.width_div
-    if kind in ("unet", "encdec"):
-        stages = len(m["channels"]) if b.max_stages is None else min(len(m["channels"]), b.max_stages)
-        for key in ("channels", "blocks", "window_size"):
-            m[key] = list(m[key])[:stages]
-        hd = b.head_dim or m.get("head_dim", 32)
-        m["head_dim"] = hd
-        m["channels"] = [_round_to(c / d, hd) for c in m["channels"]]
-        m["time_dim"] = max(16, int(m.get("time_dim", 512)) // d)
-        if b.max_blocks is not None:
-            m["blocks"] = [min(int(x), b.max_blocks) for x in m["blocks"]]
-        res = int(m["img_resolution"])
-        m["window_size"] = [min(int(w), res >> i) for i, w in enumerate(m["window_size"])]
-        if kind == "encdec":
-            if b.encdec_vit:
-                m.update(b.encdec_vit)
-            elif d > 1:
-                m["vit_width"] = _round_to(m.get("vit_width", 768) / d, m.get("vit_heads", 12))
-                m["mla_channels"] = max(8, int(m.get("mla_channels", 256)) // d)
-    elif kind == "ddpmpp":
-        m["model_channels"] = max(8, int(m.get("model_channels", 128)) // d)
-        if b.max_blocks is not None:
-            m["num_blocks"] = min(int(m.get("num_blocks", 4)), b.max_blocks)
-        if b.resolution and old_res:
-            m["attn_resolutions"] = [max(1, int(r) * b.resolution // int(old_res)) for r in m.get("attn_resolutions", [16])]
-    elif kind == "vit":
-        if b.vit:
-            m.update(b.vit)
-        elif d > 1:
-            m["hidden_size"] = _round_to(m.get("hidden_size", 1152) / d, m.get("num_heads", 16))
-            m["depth"] = max(1, int(m.get("depth", 28)) // d)
+    if kind in MODEL_KINDS:  # each model section scales itself
+        MODEL_KINDS[kind].scale(m, b.width_div, head_dim=b.head_dim, max_stages=b.max_stages, max_blocks=b.max_blocks,
+                                old_resolution=old_res, sizes=(b.sizes or {}).get(kind))
     if b.fast:
         if "dropout" in m:
             m["dropout"] = 0.0

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from diffit_cli.config.sections import Pos, Section, UNetConfig
+from diffit_cli.config.sections import Pos, Section, UNetConfig, round_to_multiple
 
 class EncDecConfig(UNetConfig):
     """Table 4 encoder/decoder baselines (SPEC §8; `diffit_cli.core.baselines.EncoderDecoder`).
@@ -26,6 +26,17 @@ class EncDecConfig(UNetConfig):
     vit_width: Pos = 768
     vit_heads: Pos = 12
     mla_channels: Pos = 256  # SETR-MLA decoder
+
+    @staticmethod
+    def scale(m: dict, div: int, *, sizes: dict | None = None, **kwargs) -> None:
+        """The U-shaped part as `unet` does; the ViT encoder and SETR-MLA decoder at the budget's fixed `sizes`,
+        else ÷ `div`."""
+        UNetConfig.scale(m, div, **kwargs)
+        if sizes:
+            m.update(sizes)
+        elif div > 1:
+            m["vit_width"] = round_to_multiple(m.get("vit_width", 768) / div, m.get("vit_heads", 12))
+            m["mla_channels"] = max(8, int(m.get("mla_channels", 256)) // div)
 
     @model_validator(mode="after")
     def _valid(self) -> "EncDecConfig":
@@ -60,6 +71,18 @@ class DDPMppConfig(Section):
     @property
     def spatial_size(self) -> int:
         return self.img_resolution
+
+    @staticmethod
+    def scale(m: dict, div: int, *, max_blocks: int | None = None, old_resolution: int | None = None, **_) -> None:
+        """Shrink a raw `model` section for an ablation budget: widths ÷ `div`, at most `max_blocks` blocks per
+        level, attention resolutions moved with the image resolution."""
+        m["model_channels"] = max(8, int(m.get("model_channels", 128)) // div)
+        if max_blocks is not None:
+            m["num_blocks"] = min(int(m.get("num_blocks", 4)), max_blocks)
+        new = int(m["img_resolution"])
+        if old_resolution and new != old_resolution:
+            m["attn_resolutions"] = [max(1, int(r) * new // int(old_resolution))
+                                     for r in m.get("attn_resolutions", [16])]
 
     @model_validator(mode="after")
     def _valid(self) -> "DDPMppConfig":

@@ -13,7 +13,8 @@ from diffit_cli.config.sections import (DataConfig, DDPMConfig, EDMConfig, EvalC
 
 ModelConfig = Annotated[Union[UNetConfig, ViTConfig, EncDecConfig, DDPMppConfig], Field(discriminator="kind")]
 DiffusionConfig = Annotated[Union[EDMConfig, DDPMConfig, EDMVPConfig, EDMVEConfig], Field(discriminator="kind")]
-_KINDS = {"unet": UNetConfig, "vit": ViTConfig, "encdec": EncDecConfig, "ddpmpp": DDPMppConfig, "edm": EDMConfig,
+MODEL_KINDS = {"unet": UNetConfig, "vit": ViTConfig, "encdec": EncDecConfig, "ddpmpp": DDPMppConfig}
+_KINDS = {**MODEL_KINDS, "edm": EDMConfig,
           "ddpm": DDPMConfig, "edm-vp": EDMVPConfig, "edm-ve": EDMVEConfig}
 
 

@@ -12,6 +12,11 @@ Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Pos = Annotated[int, Field(gt=0)]
 
 
+def round_to_multiple(value: float, multiple: int) -> int:
+    """The nearest multiple of `multiple` to `value`, at least `multiple`."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -40,6 +45,22 @@ class UNetConfig(Section):
     def spatial_size(self) -> int:
         """Side of the square input the network sees (pixels here; latent cells for `vit`)."""
         return self.img_resolution
+
+    @staticmethod
+    def scale(m: dict, div: int, *, head_dim: int | None = None, max_stages: int | None = None,
+              max_blocks: int | None = None, **_) -> None:
+        """Shrink a raw `model` section for an ablation budget (SPEC §8): the first `max_stages` stages, widths ÷
+        `div` in multiples of the head size, at most `max_blocks` blocks, windows no larger than the maps."""
+        stages = len(m["channels"]) if max_stages is None else min(len(m["channels"]), max_stages)
+        for key in ("channels", "blocks", "window_size"):
+            m[key] = list(m[key])[:stages]
+        hd = m["head_dim"] = head_dim or m.get("head_dim", 32)
+        m["channels"] = [round_to_multiple(c / div, hd) for c in m["channels"]]
+        m["time_dim"] = max(16, int(m.get("time_dim", 512)) // div)
+        if max_blocks is not None:
+            m["blocks"] = [min(int(x), max_blocks) for x in m["blocks"]]
+        res = int(m["img_resolution"])
+        m["window_size"] = [min(int(w), res >> i) for i, w in enumerate(m["window_size"])]
 
     @model_validator(mode="after")
     def _stages_agree(self) -> "UNetConfig":
@@ -78,6 +99,16 @@ class ViTConfig(Section):
     def spatial_size(self) -> int:
         """Side of the square latent grid the network sees."""
         return self.input_size
+
+    @staticmethod
+    def scale(m: dict, div: int, *, sizes: dict | None = None, **_) -> None:
+        """Shrink a raw `model` section for an ablation budget: the budget's fixed `sizes`, else width and depth ÷
+        `div` (width in multiples of the head count)."""
+        if sizes:
+            m.update(sizes)
+        elif div > 1:
+            m["hidden_size"] = round_to_multiple(m.get("hidden_size", 1152) / div, m.get("num_heads", 16))
+            m["depth"] = max(1, int(m.get("depth", 28)) // div)
 
     @model_validator(mode="after")
     def _divisible(self) -> "ViTConfig":
