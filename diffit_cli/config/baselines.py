@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from diffit_cli.config.sections import Pos, Section, UNetConfig, round_to_multiple
+from diffit_cli.config.sections import Pos, Section, UNetConfig, shrink_transformer
 
 class EncDecConfig(UNetConfig):
     """Table 4 encoder/decoder baselines (SPEC §8; `diffit_cli.core.baselines.EncoderDecoder`).
@@ -32,11 +32,7 @@ class EncDecConfig(UNetConfig):
         """The U-shaped part as `unet` does; the ViT encoder and SETR-MLA decoder at the budget's fixed `sizes`,
         else ÷ `div`."""
         UNetConfig.scale(m, div, **kwargs)
-        if sizes:
-            m.update(sizes)
-        elif div > 1:
-            m["vit_width"] = round_to_multiple(m.get("vit_width", 768) / div, m.get("vit_heads", 12))
-            m["mla_channels"] = max(8, int(m.get("mla_channels", 256)) // div)
+        shrink_transformer(m, div, sizes, ("vit_width", 768), ("vit_heads", 12), {"mla_channels": (256, 8)})
 
     @model_validator(mode="after")
     def _valid(self) -> "EncDecConfig":

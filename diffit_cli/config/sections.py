@@ -17,6 +17,18 @@ def round_to_multiple(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
+def shrink_transformer(m: dict, div: int, sizes: dict | None, width: tuple[str, int], heads: tuple[str, int],
+                       counts: dict[str, tuple[int, int]]) -> None:
+    """Budget scaling of a transformer part of a raw `model` section: the budget's fixed `sizes`, else the width ÷
+    `div` in multiples of the head count and each of `counts` (key: (default, least)) ÷ `div`."""
+    if sizes:
+        m.update(sizes)
+    elif div > 1:
+        m[width[0]] = round_to_multiple(m.get(width[0], width[1]) / div, m.get(heads[0], heads[1]))
+        for key, (default, least) in counts.items():
+            m[key] = max(least, int(m.get(key, default)) // div)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -104,11 +116,7 @@ class ViTConfig(Section):
     def scale(m: dict, div: int, *, sizes: dict | None = None, **_) -> None:
         """Shrink a raw `model` section for an ablation budget: the budget's fixed `sizes`, else width and depth ÷
         `div` (width in multiples of the head count)."""
-        if sizes:
-            m.update(sizes)
-        elif div > 1:
-            m["hidden_size"] = round_to_multiple(m.get("hidden_size", 1152) / div, m.get("num_heads", 16))
-            m["depth"] = max(1, int(m.get("depth", 28)) // div)
+        shrink_transformer(m, div, sizes, ("hidden_size", 1152), ("num_heads", 16), {"depth": (28, 1)})
 
     @model_validator(mode="after")
     def _divisible(self) -> "ViTConfig":
