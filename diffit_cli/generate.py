@@ -131,6 +131,11 @@ class PngSink:
     def finish(self, seeds: list[int]) -> Path:
         return self.out_dir
 
+    def clear(self) -> None:
+        """Remove the images of an earlier run (`NNNNNN/NNNNNN.png`; nothing else in the folder)."""
+        for f in self.out_dir.glob("[0-9]" * 6 + "/" + "[0-9]" * 6 + ".png"):
+            f.unlink()
+
 class NpzSink:
     """ADM evaluator contract (`arr_0` uint8 NHWC, `arr_1` labels): per-batch parts, assembled when complete.
 
@@ -142,6 +147,14 @@ class NpzSink:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.parts = self.out.with_name(self.out.name + ".parts")
+
+    def clear(self) -> None:
+        """Remove the `.npz` and the parts of an earlier run."""
+        for f in self._part_files():
+            f.unlink()
+        if self.parts.is_dir():
+            self.parts.rmdir()
+        self.out.unlink(missing_ok=True)
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.npz")) if self.parts.is_dir() else []

@@ -20,7 +20,7 @@ from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_value
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress, Start, Step, main_process_only
-from diffit_cli.fileio import atomic_write_bytes
+from diffit_cli.fileio import atomic_write_bytes, read_json
 from diffit_cli.generate import Decode, NpzSink, PngSink, generate, image_grid, save_png
 
 
@@ -81,14 +81,15 @@ def make_decoder(preset: Preset, vae: str | None, device: torch.device, precisio
 def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset | None = None,
                overrides: list[str] | None = None, sample: dict | None = None, precision: str = "fp32",
                batch: int | None = None, classes: str | None = None,
-               vae: str | None = None, raw: bool = False, grid: Path | str | None = None,
+               vae: str | None = None, raw: bool = False, grid: Path | str | None = None, force: bool = False,
                progress: Progress | None = None) -> dict:
     """`diffit sample`: generate images for `seeds` into a PNG folder or an `.npz`, resumably, on every process.
 
     `preset` is needed only for weight files that carry none (the release); `overrides` are
     `sample.key=value` strings (`--set`) and `sample` typed values by dotted key within the section (the command's
     flags, e.g. {"guidance.scale": 4.6}), both applied to the checkpoint's preset and validated like any preset
-    before a network is built.
+    before a network is built. Output made with another recipe (checkpoint, sampler, steps, guidance, ...) is
+    refused, naming what changed, unless `force` (then it is replaced); the same recipe resumes.
     """
     if not seeds:
         raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
@@ -109,12 +110,23 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     sample_cfg = preset.sample
     batch = batch or sample_cfg.batch
     class_list = parse_classes(classes, preset.model.num_classes)
-    net = snapshot_network(weights, preset, str(path), device)
-    del weights
-    diffusion = build_diffusion(preset.diffusion, preset.model)
-    decode, vae_id = make_decoder(preset, vae, device, precision)
+    vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     out = Path(out)
     sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
+    recipe = {  # everything that decides an image besides its seed
+        "checkpoint_sha256": file_sha256(path, 16), "weights": "raw" if raw else "ema", "preset": preset.name,
+        "sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "guidance": sample_cfg.guidance.model_dump(mode="json"),
+        "stochastic": {"s_churn": sample_cfg.s_churn, "s_min": sample_cfg.s_min, "s_max": sample_cfg.s_max,
+                       "s_noise": sample_cfg.s_noise, "eta": sample_cfg.eta},
+        "vae": vae_id, "precision": precision, "classes": classes or "random",
+    }
+    recipe_path = out.with_name(f"{out.stem}.sample.json") if out.suffix == ".npz" else out / "sample.json"
+    _check_recipe(recipe_path, recipe, out, force, sink, state.is_main_process)
+    state.wait_for_everyone()
+    net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
+    del weights
+    diffusion = build_diffusion(preset.diffusion, preset.model)
+    decode, _ = make_decoder(preset, vae, device, precision)
 
     mine = seeds[state.process_index::state.num_processes]
     todo = [s for s in mine if s not in sink.done(mine)]
@@ -139,25 +151,30 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     if state.is_main_process:
         if grid is not None:
             save_png(grid, image_grid(sink.images(seeds[:64])))
-        out_path = sink.finish(seeds)
-        recipe = {
-            "diffit_version": __version__, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(path, 16),
-            "weights": "raw" if raw else "ema", "preset": preset.name, "sampler": sample_cfg.sampler,
-            "steps": sample_cfg.steps,
-            "nfe": nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step is one forward of the doubled batch
-            "guidance": sample_cfg.guidance.model_dump(mode="json"),
-            "stochastic": {"s_churn": sample_cfg.s_churn, "s_min": sample_cfg.s_min, "s_max": sample_cfg.s_max,
-                           "s_noise": sample_cfg.s_noise, "eta": sample_cfg.eta},
-            "vae": vae_id, "precision": precision, "classes": classes or "random",
-            "seeds": _compact_seeds(seeds), "count": len(seeds), "processes": state.num_processes,
-            "torch": torch.__version__, "python": platform.python_version(),
-        }
-        recipe_path = (out_path.parent / f"{out_path.stem}.sample.json") if out.suffix == ".npz" \
-            else out_path / "sample.json"
+        sink.finish(seeds)
+        recipe.update(diffit_version=__version__, checkpoint=str(ckpt),
+                      nfe=nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step: one forward of the doubled batch
+                      seeds=_compact_seeds(seeds), count=len(seeds), processes=state.num_processes,
+                      torch=torch.__version__, python=platform.python_version(), complete=True)
         atomic_write_bytes(recipe_path, json.dumps(recipe, indent=2).encode())
         result.update(recipe=str(recipe_path), nfe=recipe["nfe"])
     state.wait_for_everyone()
     return result
+
+
+def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:
+    """Refuse (or with `force`, clear) output made with another recipe; record this one before any image is written,
+    so a killed run is checked too."""
+    old = read_json(recipe_path) if recipe_path.is_file() else None
+    changed = [k for k in recipe if old is not None and old.get(k) != recipe[k]]
+    if changed and not force:
+        raise DiffitError(f"{str(out)!r} holds samples made with another recipe (changed: {', '.join(changed)}); "
+                          "rerun with the same settings, choose another --out, or pass --force to replace them")
+    if main:
+        if changed:
+            sink.clear()
+        if old is None or changed:
+            atomic_write_bytes(recipe_path, json.dumps({**recipe, "complete": False}, indent=2).encode())
 
 
 def _compact_seeds(seeds: list[int]) -> str:

@@ -179,3 +179,49 @@ def test_two_processes_give_the_same_npz(unet_ckpt, tmp_path):
     assert recipe["processes"] == 2
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("out_name", ["s.npz", "pngs"])
+def test_another_recipe_is_refused_unless_forced(unet_ckpt, tmp_path, out_name):
+    """Issue #13: output made with other sampling settings is never silently replaced; --force replaces it."""
+    import hashlib
+
+    out = tmp_path / out_name
+    run = lambda *a: CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3",  # noqa: E731
+                                                      "--out", str(out), *a])
+    assert run("--steps", "3").exit_code == 0
+
+    def digest():
+        return sorted((str(p.relative_to(tmp_path)), hashlib.sha256(p.read_bytes()).hexdigest())
+                      for p in tmp_path.rglob("*") if p.is_file())
+
+    before = digest()
+    r = run("--steps", "4", "--sampler", "euler")
+    assert r.exit_code == 2 and "changed: sampler, steps" in r.output and "--force" in r.output, r.output
+    assert "Traceback" not in r.output and digest() == before  # nothing touched
+    assert run("--steps", "3").exit_code == 0  # the same recipe resumes
+    r = run("--steps", "4", "--sampler", "euler", "--force")
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out.with_name("s.sample.json") if out.suffix == ".npz" else out / "sample.json").read_text())
+    assert (recipe["sampler"], recipe["steps"], recipe["complete"]) == ("euler", 4, True)
+
+
+@pytest.mark.e2e
+def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeypatch):
+    import diffit_cli.sampling as sampling
+
+    class Killed(Exception):
+        pass
+
+    def kill(e):
+        if isinstance(e, sampling.Step):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4, progress=kill)
+    assert json.loads((tmp_path / "s.sample.json").read_text())["complete"] is False
+    with pytest.raises(DiffitError, match="changed: steps"):
+        run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4, overrides=["sample.steps=2"])
+    run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4)  # same recipe: resumes
+    assert json.loads((tmp_path / "s.sample.json").read_text())["complete"] is True

@@ -89,7 +89,8 @@ class _Runner:
         precision = "bf16" if (preset.train.mixed_precision == "bf16" and torch.cuda.is_available()) else "fp32"
         self.stage("sample", f"sample {n} images", images=n)
         run_sample(str(ckpt), list(range(n)), out, preset=weights_preset, overrides=sample_overrides,
-                   precision=precision, batch=preset.sample.batch, progress=self.emit)
+                   precision=precision, batch=preset.sample.batch, progress=self.emit,
+                   force=True)  # the study owns these samples: a retrained network replaces them
         if not self.main:
             return {}
         ref, ref_desc = self.reference(preset)

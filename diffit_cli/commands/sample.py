@@ -38,6 +38,7 @@ def sample_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (network under autocast)."),
     raw: bool = typer.Option(False, "--raw", help="Use the trained weights instead of the EMA."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of the first 64 images."),
+    force: bool = typer.Option(False, "--force", help="Replace output made with another recipe."),
 ) -> None:
     from diffit_cli.config import check_sample_values, load_preset
     from diffit_cli.errors import DiffitError
@@ -52,7 +53,7 @@ def sample_cmd(
     with RichProgress() as progress:
         result = run_sample(ckpt, parse_seeds(seeds), out, preset=load_preset(preset) if preset else None,
                             overrides=overrides, sample=values, precision=precision, batch=batch, classes=classes,
-                            vae=vae, raw=raw, grid=grid, progress=progress)
+                            vae=vae, raw=raw, grid=grid, force=force, progress=progress)
     if "recipe" in result:
         console.print(f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
                       f"recipe {result['recipe']})")
