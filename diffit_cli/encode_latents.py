@@ -73,16 +73,16 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     dev = state.device if device is None else torch.device(device)
     if dev.type == state.device.type and dev.index is None:  # `--device cuda` under accelerate: this rank's GPU
         dev = state.device
-    codec = VAECodec(vae, device=dev, precision=precision)
-    if resolution % codec.downsample:
-        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
-    source = open_source(src, resolution, channels=3, skip_bad_images=skip_bad_images,
-                         **({"synthetic_size": synthetic_size} if synthetic_size else {}))
+    source = open_source(src, resolution, channels=3, skip_bad_images=skip_bad_images,  # the user's input first,
+                         **({"synthetic_size": synthetic_size} if synthetic_size else {}))  # then the VAE
     if source.kind != "pixel":
         raise DataError(f"{str(src)!r} already holds latents; encode-latents needs images")
     count = len(source) if max_images is None else min(len(source), max_images)
     if count < 1:
         raise DataError("nothing to encode (--max-images must be at least 1)")
+    codec = VAECodec(vae, device=dev, precision=precision)
+    if resolution % codec.downsample:
+        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
     n_shards = math.ceil(count / shard_size)
     plan = {
         "format": LATENT_FORMAT,

@@ -96,3 +96,33 @@ def test_broken_plugin_does_not_break_the_cli(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     r = run("--help")
     assert r.exit_code == 0 and "train" in r.output
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--run-dir", "{file}", "--set", "train.total_kimg=0.008"],
+    ["train", "--run-dir", "{file}/below", "--set", "train.total_kimg=0.008"],
+    ["eval-fid", "{imgs}", "--save-ref", "{file}/below/ref.npz", "--feature-extractor", "diffit-randconv-v1"],
+])
+def test_a_file_in_the_way_of_an_output_path_is_one_line_exit_2(tmp_path, args):
+    """Issue #13: an OSError on a path the user gave names the path and the fix, with no traceback."""
+    import numpy as np
+    from PIL import Image
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    argv = [a.format(file=blocker, imgs=tmp_path / "imgs") for a in args]
+    r = CliRunner().invoke(build_app(), argv)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    flat = " ".join(r.output.split())
+    assert str(blocker) in "".join(r.output.split()) and "a file is in the way" in flat
+    assert blocker.read_text() == "keep me"
+
+
+def test_encode_latents_checks_the_images_before_the_vae(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(build_app(), ["encode-latents", str(tmp_path / "empty"), str(tmp_path / "lat")])
+    assert r.exit_code == 2 and "no images found" in r.output and "VAE" not in r.output, r.output
+    assert not (tmp_path / "lat").exists()

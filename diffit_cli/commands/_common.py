@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from dataclasses import dataclass
@@ -32,6 +33,23 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+_PATH_HINTS = {
+    errno.EEXIST: "a file is in the way where a folder is needed: choose another path or move the file",
+    errno.ENOTDIR: "a file is in the way where a folder is needed: choose another path or move the file",
+    errno.EISDIR: "it is a folder where a file is needed: choose another path",
+    errno.EACCES: "no permission: choose a location you can write to",
+    errno.EPERM: "no permission: choose a location you can write to",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENOSPC: "the disk is full: free space or choose another location, then rerun the same command to resume",
+}
+
+
+def path_error(e: OSError) -> str:
+    """One line naming the path, the problem and the fix."""
+    hint = _PATH_HINTS.get(e.errno, "check the path")
+    return f"{e.filename}: {e.strerror or type(e).__name__}; {hint}"
+
+
 def user_errors(fn: Callable) -> Callable:
     """Decorator for command bodies: DiffitError (and bad-value errors from the library) → message, exit 2."""
 
@@ -43,6 +61,10 @@ def user_errors(fn: Callable) -> Callable:
             if STATE.debug:
                 raise
             fail(str(e).replace("[", r"\["))
+        except OSError as e:  # a path the user gave: a file in the way, no permission, read-only, disk full
+            if STATE.debug or e.filename is None:
+                raise
+            fail(path_error(e).replace("[", r"\["))
 
     return wrapper
 
