@@ -311,7 +311,7 @@ def test_bad_inception_weights_file(data, tmp_path):
         M.compute_metrics(data["a"], data["b"], inception_weights=tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(DiffitError, match="not a PyTorch state-dict"):
+    with pytest.raises(DiffitError, match="is not a file of inception-v3-compat weights"):
         M.compute_metrics(data["a"], data["b"], inception_weights=junk)
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3)}, wrong)
@@ -372,3 +372,16 @@ def test_cli_user_errors_exit_2_without_traceback(data, tmp_path):
         flat = " ".join(r.output.split())
         assert "Error:" in flat and message in flat, flat
         assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("content", [b"not weights at all", b"PK\x03\x04 truncated zip"])
+def test_a_non_weights_file_is_named_without_unsafe_advice(data, tmp_path, content):
+    """Issue #13: torch's hint to retry with weights_only=False (i.e. to execute a pickle) is never passed on."""
+    bad = tmp_path / "inception.pth"
+    bad.write_bytes(content)
+    r = CliRunner().invoke(build_app(), ["eval-fid", str(data["a"]), "--ref", str(data["b"]),
+                                         "--inception-weights", str(bad)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    flat = "".join(r.output.split())
+    assert str(bad) in flat and "statedictoftensors" in flat
+    assert "weights_only" not in r.output and "pickle" not in r.output.lower()

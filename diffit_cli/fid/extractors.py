@@ -157,9 +157,11 @@ def make_extractor(name: str, layers: Sequence[str], device: torch.device, weigh
             raise DiffitError(f"feature-extractor weights file not found: {path}")
         try:  # refuse arbitrary pickles before torch-fidelity loads the file
             torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception:  # (torch's own message suggests unsafe loading: never repeat it)
             raise DiffitError(
-                f"{path} is not a PyTorch state-dict file of {name} weights ({type(e).__name__}: {e})"
+                f"{path} is not a file of {name} weights: expected a PyTorch state dict of tensors such as "
+                f"{os.path.basename(urlparse(URL_INCEPTION_V3).path)} ({URL_INCEPTION_V3}); it cannot be read as "
+                "tensors, and diffit never loads files that need code execution"
             ) from None
         kwargs["feature_extractor_weights_path"] = str(path)
     elif name == INCEPTION and not inception_weights_cache_path().is_file() and offline():
