@@ -49,12 +49,13 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
                    batch: int = 32, precision: str = "fp32", shard_size: int = 1024, dtype: str = "fp16",
                    num_workers: int = 4, skip_bad_images: bool = False, max_images: int | None = None,
                    device: str | torch.device | None = None, synthetic_size: int | None = None,
-                   progress: Progress | None = None) -> dict:
+                   force: bool = False, progress: Progress | None = None) -> dict:
     """Encode `src` (image folder, .zip, .npz; None = built-in synthetic shapes) into `out_dir`.
 
     Returns the final manifest. Resumable and idempotent (see the module docstring). `vae` is a Hub id, a
     folder, a .safetensors file or an `AutoencoderKL`; `precision` fp32|bf16 is the VAE compute precision,
-    `dtype` fp16|fp32 the storage type.
+    `dtype` fp16|fp32 the storage type. Latents of other settings in `out_dir` are refused (the changed settings
+    listed) unless `force`, which replaces them.
     """
 
     if dtype not in DTYPES:
@@ -105,13 +106,16 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     }
 
     existing = read_manifest(out) if (out / MANIFEST_NAME).exists() else None
-    if existing is not None:  # every process checks, so a refusal never leaves others waiting at a barrier
-        _check_same_plan(existing, plan, out)
+    # every process checks, so a refusal never leaves others waiting at a barrier
+    replace = existing is not None and _changed_plan(existing, plan, out, force)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in out.glob(".shard-*.tmp-*"):  # leftovers of a killed run
             tmp.unlink(missing_ok=True)
-        if existing is None:
+        if replace:  # --force: the other plan's shards go, this plan starts from nothing
+            for f in out.glob(shard_name(0).replace("00000", "*")):
+                f.unlink()
+        if existing is None or replace:
             write_manifest(out, plan)
     state.wait_for_everyone()
 
@@ -146,12 +150,15 @@ def _plan_value(manifest: dict, key: str) -> Any:
         return value.get("hash")
     return value
 
-def _check_same_plan(old: dict, new: dict, out: Path) -> None:
-    for key in PLAN_KEYS:
-        if _plan_value(old, key) != _plan_value(new, key):
-            raise DataError(f"{str(out)!r} already holds latents encoded with different settings ({key}: "
-                            f"{_plan_value(old, key)!r} there, {_plan_value(new, key)!r} now); choose another "
-                            "output folder or delete it")
+def _changed_plan(old: dict, new: dict, out: Path, force: bool) -> bool:
+    """Whether `out` holds latents of another plan; refused (every changed key listed) unless `force`."""
+    changed = [key for key in PLAN_KEYS if _plan_value(old, key) != _plan_value(new, key)]
+    if changed and not force:
+        detail = "; ".join(f"{k}: {_plan_value(old, k)!r} there, {_plan_value(new, k)!r} now" for k in changed)
+        raise DataError(f"{str(out)!r} already holds latents encoded with different settings (changed: "
+                        f"{', '.join(changed)} — {detail}); choose another output folder, or pass --force to "
+                        "replace them")
+    return bool(changed)
 
 class _Reporter:
     """`encode` events of this process: a Start when the first shard is done or skipped (so early errors print

@@ -38,7 +38,7 @@ def images(tmp_path_factory):
 
 
 def _encode(images, out, vae, **kw):
-    kw = dict(resolution=RES, vae=vae, batch=2, shard_size=4, num_workers=0, device="cpu", **kw)
+    kw = {**dict(resolution=RES, vae=vae, batch=2, shard_size=4, num_workers=0, device="cpu"), **kw}
     return encode_latents(images, out, **kw)
 
 
@@ -97,8 +97,12 @@ def test_rerun_skips_finished_shards(tiny_vae, images, tmp_path):
     assert [e.figures["skipped"] for e in steps] == [True, True] and steps[-1].figures["encoded"] == 0
     assert steps[-1].done == 6 and isinstance(events[0], Start) and events[0].total == 6
     assert _bytes(tmp_path / "lat") == before
-    with pytest.raises(DataError, match="different settings"):
-        _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32")
+    with pytest.raises(DataError, match=r"different settings \(changed: dtype, shard_size"):
+        _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32", shard_size=3)
+    assert _bytes(tmp_path / "lat") == before  # refused: nothing touched
+    replaced = _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32", shard_size=3, force=True)
+    assert (replaced["dtype"], replaced["shard_size"], len(replaced["shards"])) == ("float32", 3, 2)
+    assert sorted(p.name for p in (tmp_path / "lat").glob("shard-*")) == [s["file"] for s in replaced["shards"]]
 
 
 class _Stop(Exception):

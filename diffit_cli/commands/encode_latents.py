@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
                                              help="Skip unreadable images with a warning instead of stopping."),
         max_images: Optional[int] = typer.Option(None, "--max-images", help="Encode only the first N images."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: Accelerate's)."),
+        force: bool = typer.Option(False, "--force", help="Replace latents encoded with other settings."),
     ) -> None:
         from accelerate import PartialState
 
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
             manifest = encode_latents(
                 src, out, resolution=resolution, vae=vae, batch=batch, precision=precision.value,
                 shard_size=shard_size, dtype=dtype.value, num_workers=workers, skip_bad_images=skip_bad_images,
-                max_images=max_images, device=device, progress=progress,
+                max_images=max_images, device=device, force=force, progress=progress,
             )
         if PartialState().is_main_process:
             console.print(
