@@ -223,3 +223,32 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
     r = run_cli("train", "--run-dir", str(tmp_path / "run"), "--tensorboard", *args)
     assert r.exit_code == 2 and "tensorboard" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+@pytest.mark.e2e
+def test_a_torn_latest_checkpoint_resumes_from_the_one_before(tmp_path):
+    """Issue #13: `latest.pt` truncated by a machine crash: resume from the newest readable one, with a warning."""
+    from diffit_cli.events import Message
+
+    p = tiny_unet("train.keep_checkpoints=5")
+    train(p, tmp_path / "straight")
+    train(tiny_unet("train.keep_checkpoints=5", "train.total_kimg=0.016"), tmp_path / "torn")  # a checkpoint at 16
+    train(p, tmp_path / "torn")  # ... and at 32 (latest)
+    latest = latest_checkpoint(tmp_path / "torn")
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    events = []
+    state = train(p, tmp_path / "torn", progress=events.append)
+    warnings = [e.text for e in events if isinstance(e, Message) and e.level == "warning"]
+    assert len(warnings) == 1 and latest.name in warnings[0] and "ckpt-00000000.016.pt" in warnings[0]
+    assert state.step == 4
+    _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "torn"), exact=True)
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_naming_the_checkpoint(tmp_path, monkeypatch):
+    from diffit_cli.core.edm import EDM
+    from diffit_cli.training import TrainError
+
+    real = EDM.loss
+    monkeypatch.setattr(EDM, "loss", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    with pytest.raises(TrainError, match=r"3 optimizer steps in a row had non-finite gradients.*step 3"):
+        train(tiny_unet("train.max_skipped_steps=3", "train.total_kimg=0.08"), tmp_path)

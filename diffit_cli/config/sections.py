@@ -193,6 +193,7 @@ class TrainConfig(Section):
     # loss-spike watch (diffit_cli.training.monitor): `spike_patience` reports in a row above `spike_factor` × the running
     # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`
     on_spike: Literal["warn", "stop", "rollback"] = "warn"
+    max_skipped_steps: Pos = 50  # this many non-finite steps in a row stop the run (exit 2, naming the checkpoint)
     spike_factor: Annotated[float, Field(gt=1)] = 2.0
     spike_patience: Pos = 3
     spike_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5

@@ -18,8 +18,10 @@ import torch
 from diffit_cli.augment import AugmentPipe
 from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters, parameter_count
 from diffit_cli.checkpoint import (
+    CheckpointError,
     last_checkpoint_before,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     set_aside_checkpoints_after,
@@ -85,10 +87,8 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
     tc, state, acc = preset.train, run.state, run.accelerator
-    ckpt_path = latest_checkpoint(run.run_dir)
-    if ckpt_path is not None:
-        _restore(run, ckpt_path, force)
-    elif acc.is_main_process:
+    ckpt_path = _resume(run, force)
+    if ckpt_path is None and acc.is_main_process:
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
     writer = summary_writer(run.run_dir / "tensorboard") if summary_writer and acc.is_main_process else None
     _start_stream(run)
@@ -173,10 +173,30 @@ def _restore(run: _Run, ckpt_path: Path, force: bool = False) -> None:
     run.ema.net.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.state.nimg, run.state.step, run.state.skipped = ckpt["nimg"], ckpt["step"], ckpt["skipped"]
+    run.state.skipped_before_step = run.state.skipped
     run.state.lr_scale = ckpt.get("lr_scale", 1.0)
     run.state.rollbacks = ckpt.get("rollbacks", 0)
     if "monitor" in ckpt:
         run.monitor.load_state_dict(ckpt["monitor"])
+
+
+def _resume(run: _Run, force: bool) -> Path | None:
+    """Restore the newest readable checkpoint (`latest.pt` first); a torn one, e.g. truncated by a machine crash,
+    is skipped with a warning naming both. None for a new run."""
+    latest = latest_checkpoint(run.run_dir)
+    candidates = ([latest] if latest else []) + [p for _, p in reversed(list_checkpoints(run.run_dir)) if p != latest]
+    for path in candidates:
+        try:
+            _restore(run, path, force)
+        except CheckpointError:
+            continue
+        if path != candidates[0]:
+            run.emit(Message(f"{candidates[0]} cannot be read (a torn file?); resumed from {path}", "warning"))
+        return path
+    if candidates:
+        raise CheckpointError(f"no checkpoint in {run.run_dir / 'checkpoints'} can be read ({len(candidates)} tried); "
+                              "move the folder aside to start over")
+    return None
 
 
 def _start_stream(run: _Run) -> None:
@@ -254,6 +274,14 @@ def _clip_and_step(run: _Run) -> torch.Tensor:
         run.opt.step()
     else:
         state.skipped += 1
+    skipped_now = state.skipped - state.skipped_before_step
+    state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped_now else 0
+    state.skipped_before_step = state.skipped
+    if state.skipped_in_a_row >= tc.max_skipped_steps:
+        last = latest_checkpoint(run.run_dir)
+        raise TrainError(f"{state.skipped_in_a_row} optimizer steps in a row had non-finite gradients (the last at "
+                         f"step {state.step + 1}): training has diverged; last checkpoint: {last or 'none'}; lower "
+                         "train.lr or set train.on_spike=rollback and rerun")
     return grad_norm
 
 

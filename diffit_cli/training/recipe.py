@@ -24,7 +24,7 @@ from diffit_cli.errors import DiffitError
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
 RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
                   "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
-                  "train.on_spike", "train.spike_", "sample.", "eval.")
+                  "train.on_spike", "train.spike_", "train.max_skipped_steps", "sample.", "eval.")
 
 
 class TrainError(DiffitError):
@@ -36,6 +36,8 @@ class TrainState:
     nimg: int = 0  # images seen (global)
     step: int = 0  # optimizer steps
     skipped: int = 0  # steps skipped for non-finite gradients
+    skipped_in_a_row: int = 0  # consecutive skipped steps (train.max_skipped_steps stops the run)
+    skipped_before_step: int = 0
     lr_scale: float = 1.0  # learning-rate multiplier, lowered by each spike rollback (train.spike_lr_factor)
     rollbacks: int = 0
     stopped: str | None = None  # why the run stopped early (train.on_spike=stop)
