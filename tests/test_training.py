@@ -252,3 +252,28 @@ def test_non_finite_steps_in_a_row_stop_the_run_naming_the_checkpoint(tmp_path, 
     monkeypatch.setattr(EDM, "loss", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     with pytest.raises(TrainError, match=r"3 optimizer steps in a row had non-finite gradients.*step 3"):
         train(tiny_unet("train.max_skipped_steps=3", "train.total_kimg=0.08"), tmp_path)
+
+
+def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    """Issue #13: `train.lock` names the owner; a lock left by a dead process on this host is taken over."""
+    import json
+    import socket
+
+    from diffit_cli.events import Message
+    from diffit_cli.training.lock import LOCK_NAME, RunLocked
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # alive: this very process
+    with pytest.raises(RunLocked, match=f"PID {os.getpid()} on {socket.gethostname()}"):
+        train(tiny_unet("train.total_kimg=0.008"), run_dir)
+    assert latest_checkpoint(run_dir) is None and lock.exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    events = []
+    assert train(tiny_unet("train.total_kimg=0.008"), run_dir, progress=events.append).step == 1
+    assert any(isinstance(e, Message) and f"PID {dead.pid}" in e.text for e in events)
+    assert not lock.exists()  # released at the end

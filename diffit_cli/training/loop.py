@@ -33,6 +33,7 @@ from diffit_cli.data import make_loader, open_source
 from diffit_cli.fileio import atomic_write_bytes
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.generate import preview_grid
+from diffit_cli.training import lock
 from diffit_cli.training.monitor import Spike, SpikeDetector
 from diffit_cli.training.recipe import (
     Ema,
@@ -86,6 +87,21 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists."""
     summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
+    main = run.accelerator.is_main_process
+    if main:  # one training process per run folder (the other ranks of this launch take no lock)
+        warning = lock.acquire(run.run_dir)
+        if warning:
+            run.emit(Message(warning, "warning"))
+    try:
+        return _train(run, force, summary_writer)
+    finally:
+        if main:
+            lock.release(run.run_dir)
+
+
+def _train(run: _Run, force: bool, summary_writer) -> TrainState:
+    """Resume or start, then the loop: steps, reports (with the spike watch) and snapshots."""
+    preset = run.preset
     tc, state, acc = preset.train, run.state, run.accelerator
     ckpt_path = _resume(run, force)
     if ckpt_path is None and acc.is_main_process:
