@@ -277,3 +277,34 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_ov
     assert train(tiny_unet("train.total_kimg=0.008"), run_dir, progress=events.append).step == 1
     assert any(isinstance(e, Message) and f"PID {dead.pid}" in e.text for e in events)
     assert not lock.exists()  # released at the end
+
+
+@pytest.mark.e2e
+def test_sigusr1_checkpoints_exits_3_and_the_rerun_is_bit_identical(tmp_path):
+    """Issue #13: SLURM's `--signal=B:USR1@120` mid-run: checkpoint after the current step, exit 3; the rerun
+    finishes with the weights of an uninterrupted run (both runs as real subprocesses, same threads)."""
+    import signal
+    import time
+
+    p = tiny_unet("train.total_kimg=0.4", "train.snapshot_kimg=0.4", "train.report_kimg=0.008")
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "diffit_cli", "train", "--preset", str(preset_file), "--run-dir"]
+    straight = subprocess.run(cmd + [str(tmp_path / "straight")], env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-2000:]
+    assert "stopped by SIGUSR1" in err and "rerun the same command" in " ".join(err.split())
+    cut = _final(tmp_path / "cut")
+    assert 0 < cut["nimg"] < 400  # a checkpoint mid-way, not at a snapshot boundary
+    again = subprocess.run(cmd + [str(tmp_path / "cut")], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "cut"), exact=True)

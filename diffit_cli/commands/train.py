@@ -62,6 +62,13 @@ def train_cmd(
     with RichProgress() as progress:
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
                       tensorboard=tensorboard, progress=progress)
+    if state.preempted:
+        from diffit_cli.training import PREEMPTED_EXIT
+
+        if state.main_process:
+            console.print(f"[yellow]stopped by {state.preempted}[/] at {state.nimg / 1000:.3f} kimg after writing a "
+                          f"checkpoint; rerun the same command to continue (exit {PREEMPTED_EXIT})", highlight=False)
+        raise typer.Exit(code=PREEMPTED_EXIT)
     if state.stopped:
         if state.main_process:
             console.print(f"[bold red]stopped:[/] {state.stopped} (train.on_spike=stop)", highlight=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import threading
 import math
 import time
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ from diffit_cli.training.recipe import (
     to_model_space,
 )
 
+PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint: rerun to continue
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
 
@@ -112,30 +115,60 @@ def _train(run: _Run, force: bool, summary_writer) -> TrainState:
                    f"{'resuming' if ckpt_path is not None else 'starting'} at {state.nimg / 1000:.1f} kimg on "
                    f"{acc.device} × {run.world} ({count_parameters(run.net):,} parameters; per-device batch "
                    f"{run.batch_gpu} × {run.accum} accumulation)"))
-    total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
+    total_nimg = int(tc.total_kimg * 1000)
     loss_sum, loss_n, t_report, n_report = _zero(run), 0, time.perf_counter(), state.nimg
     run.model.train()
-    while state.nimg < total_nimg:
-        loss_sum += _step(run)
-        loss_n += run.accum
-        done = state.nimg >= total_nimg
-        if done or state.nimg // report_every > (state.nimg - tc.batch) // report_every:
-            rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report, writer)
-            loss_sum, loss_n, t_report, n_report = _zero(run), 0, time.perf_counter(), state.nimg
-            spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
-            if spike is not None and _on_spike(run, spike):
-                if tc.on_spike == "stop":
-                    break
-                n_report, t_report = state.nimg, time.perf_counter()  # rolled back: continue from the checkpoint
-                continue
-        if done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
-            _snapshot(run)
-            t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
+    with _preemption_signals() as caught:
+        while state.nimg < total_nimg:
+            loss_sum += _step(run)
+            loss_n += run.accum
+            if caught:  # SLURM's warning before a time limit or preemption: checkpoint now, exit PREEMPTED_EXIT
+                _snapshot(run, grid=False)
+                state.preempted = caught[0]
+                break
+            loss_sum, loss_n, t_report, n_report = _after_step(run, writer, loss_sum, loss_n, t_report, n_report)
+            if state.stopped:
+                break
     if writer is not None:
         writer.close()
     acc.end_training()
     state.main_process = acc.is_main_process
     return state
+
+
+def _after_step(run: _Run, writer, loss_sum, loss_n: int, t_report: float, n_report: int):
+    """Report (with the spike watch) and snapshot when their boundaries are crossed; the report accumulators."""
+    tc, state = run.preset.train, run.state
+    total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
+    done = state.nimg >= total_nimg
+    if done or state.nimg // report_every > (state.nimg - tc.batch) // report_every:
+        rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report, writer)
+        loss_sum, loss_n, t_report, n_report = _zero(run), 0, time.perf_counter(), state.nimg
+        spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
+        if spike is not None and _on_spike(run, spike):  # stopped, or rolled back to a checkpoint
+            return loss_sum, loss_n, time.perf_counter(), state.nimg
+    if done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
+        _snapshot(run)
+        t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
+    return loss_sum, loss_n, t_report, n_report
+
+
+@contextlib.contextmanager
+def _preemption_signals():
+    """Collect SIGTERM / SIGUSR1 (what SLURM sends with `--signal`) into a list while training; the loop checks it
+    after each optimizer step. Only the main thread can install handlers; elsewhere nothing is caught."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), lambda sig, frame: caught.append(signal.Signals(sig).name))
+                for n in names}
+    try:
+        yield caught
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
 
 
 def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool,
@@ -392,7 +425,7 @@ def _spike_text(e: dict) -> str:
     return head
 
 
-def _snapshot(run: _Run) -> None:
+def _snapshot(run: _Run, grid: bool = True) -> None:
     """Checkpoint (weights, EMA, optimizer, counters, lr scale, monitor, preset) and a sample grid of the EMA."""
     acc, state, tc, preset = run.accelerator, run.state, run.preset.train, run.preset
     acc.wait_for_everyone()
@@ -402,7 +435,7 @@ def _snapshot(run: _Run) -> None:
             "nimg": state.nimg, "step": state.step, "skipped": state.skipped, "lr_scale": state.lr_scale,
             "rollbacks": state.rollbacks, "monitor": run.monitor.state_dict(), "preset": dump_preset(preset),
         }, state.nimg, tc.keep_checkpoints)
-        if run.codec is not None:  # trained from shards there is no VAE loaded: `diffit sample` decodes those
+        if grid and run.codec is not None:  # from shards there is no VAE loaded: `diffit sample` decodes those
             path = preview_grid(run.ema.net, run.diffusion, preset, run.codec.decode,
                                 run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", acc.device)
             run.emit(Message(f"snapshot at {state.nimg / 1000:.1f} kimg → {path}",
