@@ -7,7 +7,7 @@ from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
 from diffit_cli.config import load_preset
 
-from helpers import TINY_VIT, tiny_unet, tiny_vit
+from helpers import TINY_UNET, TINY_VIT, tiny_unet, tiny_vit
 
 
 def _state(preset, net):
@@ -89,3 +89,33 @@ def test_release_style_file_needs_preset_and_matching_shapes(tmp_path):
 def test_strip_prefixes():
     sd = {"module._orig_mod.a": 1, "module.b": 2, "c": 3}
     assert ck.strip_prefixes(sd) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_path, monkeypatch):
+    """Issue #13: ENOSPC inside a checkpoint write: one line naming the file, the previous checkpoint and the
+    latest pointer intact, no temporary file left."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from diffit_cli.app import build_app
+
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = sum([["--set", s] for s in TINY_UNET], [])
+    r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    flat = " ".join(r.output.split())
+    assert "ckpt-00000000.032.pt" in "".join(r.output.split()) and "the disk is full" in flat
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000000.016.pt", "latest.pt"]  # no .tmp left
+    assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run"))["nimg"] == 16
