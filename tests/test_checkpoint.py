@@ -100,7 +100,6 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
 
     from diffit_cli.app import build_app
 
-
     real_save, calls = torch.save, []
 
     def save(obj, f, *a, **k):
