@@ -77,8 +77,7 @@ def check_sample_values(values: dict[str, Any]) -> None:
     try:
         SampleConfig.model_validate(set_values({}, values))
     except ValidationError as e:
-        raise PresetError(_explain(e, values, "sampling flags").replace("fix the preset file or the --set value",
-                                                                         "fix the flag")) from None
+        raise PresetError(_explain(e, values, "sampling flags", fix="fix the flag")) from None
 
 
 def set_values(raw: dict, values: dict[str, Any] | None) -> dict:
@@ -169,7 +168,7 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}) or [])
 
 
-def _explain(err: ValidationError, raw: dict, source: str) -> str:
+def _explain(err: ValidationError, raw: dict, source: str, fix: str = "fix the preset file or the --set value") -> str:
     lines = []
     for e in err.errors():
         # drop the union tag pydantic inserts (model.unet.channels → model.channels)
@@ -186,4 +185,4 @@ def _explain(err: ValidationError, raw: dict, source: str) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"{key}: {e['msg']}{shown}")
-    return f"invalid preset ({source}):\n  " + "\n  ".join(lines) + "\nfix the preset file or the --set value"
+    return f"invalid preset ({source}):\n  " + "\n  ".join(lines) + "\n" + fix

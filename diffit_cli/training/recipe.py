@@ -37,7 +37,6 @@ class TrainState:
     step: int = 0  # optimizer steps
     skipped: int = 0  # steps skipped for non-finite gradients
     skipped_in_a_row: int = 0  # consecutive skipped steps (train.max_skipped_steps stops the run)
-    skipped_before_step: int = 0
     lr_scale: float = 1.0  # learning-rate multiplier, lowered by each spike rollback (train.spike_lr_factor)
     rollbacks: int = 0
     stopped: str | None = None  # why the run stopped early (train.on_spike=stop)
