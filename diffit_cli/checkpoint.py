@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, safe_open, save
 from diffit_cli.build import build_network
 from diffit_cli.config import Preset, dump_preset, preset_from_yaml
 from diffit_cli.errors import DiffitError
-from diffit_cli.fileio import atomic_write, atomic_write_bytes
+from diffit_cli.fileio import atomic_write, atomic_write_bytes, format_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
@@ -34,7 +35,7 @@ def checkpoint_name(nimg: int) -> str:
 def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> Path:
     """Write `checkpoints/ckpt-<kimg>.pt` atomically, repoint `latest.pt`, keep the newest `keep` files."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    path = atomic_write(folder / checkpoint_name(nimg), lambda f: torch.save(state, f))
+    path = atomic_write(folder / checkpoint_name(nimg), lambda f: torch.save(state, f), size=state_nbytes(state))
     link_tmp = folder / f".{LATEST}.tmp"
     link_tmp.unlink(missing_ok=True)
     link_tmp.symlink_to(path.name)
@@ -42,6 +43,30 @@ def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> P
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
     return path
+
+TENSOR_RECORD_BYTES = 320  # torch.save's zip entry per tensor: headers, name, 64-byte alignment (measured ~250-350)
+
+def state_nbytes(obj) -> int:
+    """Size on disk of a (nested) checkpoint dict saved with `torch.save`: its tensors and their zip records."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() + TENSOR_RECORD_BYTES
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+def check_free_space(run_dir: Path | str, nbytes: int, count: int = 2) -> None:
+    """Refuse to start a run whose folder's disk cannot hold `count` checkpoints of `nbytes` (a checkpoint is
+    written beside the previous one before that is pruned)."""
+    folder = Path(run_dir).absolute()
+    while not folder.exists():  # the run folder may not exist yet: its disk is that of its nearest ancestor
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < count * nbytes:
+        raise CheckpointError(f"{run_dir}: {format_bytes(free)} free, but {count} checkpoints of "
+                              f"{format_bytes(nbytes)} need {format_bytes(count * nbytes)}; free space or choose "
+                              "another --run-dir")
 
 def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     """(nimg, path) of every `checkpoints/ckpt-<kimg>.pt`, oldest first."""
@@ -110,14 +135,10 @@ def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str) -> Non
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:5]))
-        if missing:
-            parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+    if missing or unexpected or shapes:  # counts and the first two of each kind: one readable message
+        parts = [f"{len(found)} {what} ({'; '.join(found[:2])}{' ...' if len(found) > 2 else ''})" for what, found in
+                 (("tensors of another shape", shapes), ("missing keys", missing), ("unexpected keys", unexpected))
+                 if found]
         raise CheckpointError(f"{source} does not fit the preset's network: " + ", ".join(parts)
                               + "; pass the --preset the weights were trained with")
 

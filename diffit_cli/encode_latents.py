@@ -39,6 +39,8 @@ from diffit_cli.data import (
 )
 from diffit_cli.data.loader import unwrap_worker_error
 from diffit_cli.events import Progress, Start, Step, quiet
+from diffit_cli.fileio import new_output
+from diffit_cli.preemption import Preempted, preemption_signals, shield_worker
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Settings that must agree between a partial output folder and the command that resumes it.
@@ -64,14 +66,20 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
         raise DataError(f"--resolution {resolution} must be a positive multiple of 8 (the SD VAE downsamples 8×)")
     if batch < 1 or shard_size < 1:
         raise DataError("--batch and --shard-size must be positive")
+    if num_workers < 0 or (max_images is not None and max_images < 1):
+        raise DataError("--workers must be 0 or more and --max-images at least 1")
+    try:
+        device = None if device is None else torch.device(device)
+    except RuntimeError:
+        raise DataError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
     if src is not None and not Path(src).exists():
         raise DataError(f"source {str(src)!r} does not exist; pass an image folder, .zip or .npz")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {str(out)!r} exists and is not a folder")
 
-    state = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
-    dev = state.device if device is None else torch.device(device)
+    state = PartialState(cpu=device is not None and device.type == "cpu")
+    dev = state.device if device is None else device
     if dev.type == state.device.type and dev.index is None:  # `--device cuda` under accelerate: this rank's GPU
         dev = state.device
     source = open_source(src, resolution, channels=3, skip_bad_images=skip_bad_images,  # the user's input first,
@@ -84,7 +92,6 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     codec = VAECodec(vae, device=dev, precision=precision)
     if resolution % codec.downsample:
         raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
-    n_shards = math.ceil(count / shard_size)
     plan = {
         "format": LATENT_FORMAT,
         "version": LATENT_FORMAT_VERSION,
@@ -105,6 +112,16 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
         "shards": [],
     }
 
+    # a new output that fails before its first shard (e.g. a corrupt image) leaves nothing
+    with new_output(out, keep=lambda: any(out.glob(shard_name(0).replace("00000", "*"))), owner=state.is_main_process):
+        return _encode(source, codec, plan, out, state, force=force, dtype=DTYPES[dtype], batch=batch,
+                       num_workers=num_workers, progress=progress)
+
+
+def _encode(source, codec: VAECodec, plan: dict, out: Path, state: PartialState, *, force: bool, dtype: torch.dtype,
+            batch: int, num_workers: int, progress: Progress | None) -> dict:
+    """The manifest (refusing another plan), this process's missing shards, then the final manifest."""
+    count, shard_size, n_shards = plan["count"], plan["shard_size"], math.ceil(plan["count"] / plan["shard_size"])
     existing = read_manifest(out) if (out / MANIFEST_NAME).exists() else None
     # every process checks, so a refusal never leaves others waiting at a barrier
     replace = existing is not None and _changed_plan(existing, plan, out, force)
@@ -128,7 +145,8 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
             report.shard(sizes[k], skipped=True)
         else:
             todo.append(k)
-    _encode_shards(source, codec, todo, shard_size, sizes, out, DTYPES[dtype], batch, num_workers, report)
+    with preemption_signals() as caught:  # a signal stops this process after the shard in hand is written
+        _encode_shards(source, codec, todo, shard_size, sizes, out, dtype, batch, num_workers, report, caught)
     state.wait_for_everyone()
 
     manifest = dict(plan, complete=True,
@@ -192,15 +210,16 @@ class _Reporter:
 
 
 def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, sizes: dict[int, int], out: Path,
-                   dtype: torch.dtype, batch: int, num_workers: int, report: _Reporter) -> None:
+                   dtype: torch.dtype, batch: int, num_workers: int, report: _Reporter, caught: list[str]) -> None:
     """Encode the given shards through one DataLoader (workers start once); batches never straddle shards,
-    so a shard's bytes do not depend on which shards were already done."""
+    so a shard's bytes do not depend on which shards were already done. A signal in `caught` stops the work after
+    the shard in hand is written (`Preempted`)."""
     plan = [(k, list(range(a, min(a + batch, k * shard_size + sizes[k]))))
             for k in shards for a in range(k * shard_size, k * shard_size + sizes[k], batch)]
     if not plan:
         return
     loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for _, idx in plan], num_workers=num_workers,
-                                         pin_memory=codec.device.type == "cuda",
+                                         pin_memory=codec.device.type == "cuda", worker_init_fn=shield_worker,
                                          generator=torch.Generator().manual_seed(0))
     means, stds, labels = [], [], []
     try:
@@ -215,5 +234,7 @@ def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, 
                 write_shard(out / shard_name(k), torch.cat(means), torch.cat(stds), torch.cat(labels), dtype)
                 means, stds, labels = [], [], []
                 report.shard(0, skipped=False)
+                if caught:
+                    raise Preempted(caught[0], f"writing {shard_name(k)} to {out}")
     except DataError as e:  # re-raised from a worker with its traceback in the message
         raise DataError(unwrap_worker_error(str(e))) from None

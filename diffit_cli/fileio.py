@@ -5,17 +5,22 @@ files, and whether downloads are switched off.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE")
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], object]) -> Path:
-    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over `path`."""
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], size: int | None = None) -> Path:
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over `path`.
+
+    `size` (bytes, when known beforehand) goes into the message of a full disk, with the free space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,7 +31,12 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], object]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:  # (disk full, I/O error): nothing half-written remains, and the error names the file
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            need = f"{format_bytes(size)} needed" if size else f"more than the {format_bytes(written)} written needed"
+            raise OSError(e.errno, f"No space left on device ({need}, "
+                                   f"{format_bytes(shutil.disk_usage(path.parent).free)} free)", str(path)) from None
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
@@ -36,8 +46,31 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], object]) -> Path:
     return path
 
 
+def check_writable(path: Path | str, folder: bool = False) -> Path:
+    """Before any work: the OSError a write to `path` (a file, or a folder with `folder`) would meet at the end, for
+    a file or a folder in the way (the user's path is named; `commands` prints it as one line)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        code = errno.ENOTDIR if folder else errno.EISDIR
+        raise OSError(code, os.strerror(code), str(path))
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    return path
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data), size=len(data))
+
+
+def format_bytes(n: float) -> str:
+    """1234567 → '1.2 MB' (decimal units, as `df -H` and disk vendors count)."""
+    units, i = ("B", "kB", "MB", "GB", "TB"), 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def write_json(path: Path | str, data: Any) -> Path:
@@ -51,6 +84,21 @@ def read_json(path: Path | str) -> Any | None:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+@contextlib.contextmanager
+def new_output(path: Path | str, keep: Callable[[], bool], owner: bool = True) -> Iterator[None]:
+    """Around a run that creates `path` (an output file or folder): if the run fails while `keep()` is false (no
+    checkpoint, shard or image to resume from yet), `path` goes, so a failed new run leaves nothing behind. Only
+    the `owner` (the main process) removes; output that existed before is never touched."""
+    path = Path(path)
+    fresh = not path.exists()
+    try:
+        yield
+    except Exception:
+        if owner and fresh and not keep():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
 
 
 def offline() -> bool:

@@ -110,30 +110,48 @@ def png_path(out_dir: Path, seed: int) -> Path:
     """EDM layout: one subfolder per thousand seeds."""
     return Path(out_dir) / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
 
+PNG_END = b"IEND\xaeB`\x82"  # a PNG's last chunk (type and CRC): a file cut short by a crash lacks it
+
+
 class PngSink:
-    """One PNG per seed; seeds whose file exists are done (so a rerun resumes)."""
+    """One PNG per seed; seeds whose complete file exists are done (so a rerun resumes). Files a machine crash cut
+    short are removed and listed in `torn`, so their seeds are sampled again."""
 
     def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
+        self.out = Path(out_dir)
+        self.torn: list[Path] = []
 
     def done(self, seeds: list[int]) -> set[int]:
-        return {s for s in seeds if png_path(self.out_dir, s).is_file()}
+        have = set()
+        for s in seeds:
+            path = png_path(self.out, s)
+            if not path.is_file():
+                continue
+            with open(path, "rb") as f:
+                f.seek(max(path.stat().st_size - len(PNG_END), 0))
+                complete = f.read() == PNG_END
+            if complete:
+                have.add(s)
+            else:
+                path.unlink()
+                self.torn.append(path)
+        return have
 
     def write(self, seeds: list[int], labels: np.ndarray | None, images: np.ndarray) -> None:
         for s, img in zip(seeds, images):
-            save_png(png_path(self.out_dir, s), img)
+            save_png(png_path(self.out, s), img)
 
     def images(self, seeds: list[int]) -> np.ndarray:
 
-        arrays = [np.asarray(Image.open(png_path(self.out_dir, s))) for s in seeds]
+        arrays = [np.asarray(Image.open(png_path(self.out, s))) for s in seeds]
         return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
 
     def finish(self, seeds: list[int]) -> Path:
-        return self.out_dir
+        return self.out
 
     def clear(self) -> None:
         """Remove the images of an earlier run (`NNNNNN/NNNNNN.png`; nothing else in the folder)."""
-        for f in self.out_dir.glob("[0-9]" * 6 + "/" + "[0-9]" * 6 + ".png"):
+        for f in self.out.glob("[0-9]" * 6 + "/" + "[0-9]" * 6 + ".png"):
             f.unlink()
 
 class NpzSink:
@@ -147,6 +165,7 @@ class NpzSink:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.parts = self.out.with_name(self.out.name + ".parts")
+        self.torn: list[Path] = []
 
     def clear(self) -> None:
         """Remove the `.npz` and the parts of an earlier run."""
@@ -160,10 +179,15 @@ class NpzSink:
         return sorted(self.parts.glob("part-*.npz")) if self.parts.is_dir() else []
 
     def done(self, seeds: list[int]) -> set[int]:
+        """Seeds in readable parts; a part a machine crash tore is removed (listed in `torn`) and redone."""
         have: set[int] = set()
         for f in self._part_files():
-            with np.load(f) as z:
-                have.update(int(s) for s in z["seeds"])
+            try:
+                with np.load(f) as z:
+                    have.update(int(s) for s in z["seeds"])
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+                f.unlink(missing_ok=True)
+                self.torn.append(f)
         return have & set(seeds)
 
     def write(self, seeds: list[int], labels: np.ndarray | None, images: np.ndarray) -> None:

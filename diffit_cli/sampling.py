@@ -19,9 +19,10 @@ from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_values, validate_preset
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
-from diffit_cli.events import Progress, Start, Step, main_process_only
-from diffit_cli.fileio import atomic_write_bytes, read_json
+from diffit_cli.events import Message, Progress, Start, Step, main_process_only
+from diffit_cli.fileio import atomic_write_bytes, check_writable, new_output, read_json
 from diffit_cli.generate import Decode, NpzSink, PngSink, generate, image_grid, save_png
+from diffit_cli.preemption import Preempted, preemption_signals
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -47,6 +48,8 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
         classes = [int(c) for c in str(text).split(",")]
     except ValueError:
         raise DiffitError(f"bad --classes {text!r}: give 'random', a class index or a comma-separated list") from None
+    if num_classes == 0:
+        raise DiffitError(f"--classes {text}: this model is unconditional (no classes); leave --classes out")
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise DiffitError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
@@ -95,6 +98,9 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
     if len(set(seeds)) != len(seeds):
         raise DiffitError("--seeds lists a seed twice; each seed is one image")
+    out = check_writable(out, folder=Path(out).suffix != ".npz")  # the output paths before any work
+    if grid is not None:
+        check_writable(grid)
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo processes on GPU-less machines
     device = state.device
     path = resolve_weights(ckpt)
@@ -111,7 +117,6 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     batch = batch or sample_cfg.batch
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
-    out = Path(out)
     sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
     recipe = {  # everything that decides an image besides its seed
         "checkpoint_sha256": file_sha256(path, 16), "weights": "raw" if raw else "ema", "preset": preset.name,
@@ -121,31 +126,17 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         "vae": vae_id, "precision": precision, "classes": classes or "random",
     }
     recipe_path = out.with_name(f"{out.stem}.sample.json") if out.suffix == ".npz" else out / "sample.json"
-    _check_recipe(recipe_path, recipe, out, force, sink, state.is_main_process)
-    state.wait_for_everyone()
-    net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
-    del weights
-    diffusion = build_diffusion(preset.diffusion, preset.model)
-    decode, _ = make_decoder(preset, vae, device, precision)
-
-    mine = seeds[state.process_index::state.num_processes]
-    todo = [s for s in mine if s not in sink.done(mine)]
-    # labels are a function of the seed (or of its position in the fixed list), never of the process
-    position = {s: i for i, s in enumerate(seeds)}
-    emit = main_process_only(progress, state.is_main_process)
-    done = len(seeds) - len(todo) * state.num_processes
-    emit(Start("sample", len(seeds), done, "images", f"sampling {len(todo) * state.num_processes} of {len(seeds)} "
-               f"images on {device} × {state.num_processes}"))
-    t0 = time.perf_counter()
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        fixed = None if class_list is None else [class_list[position[s] % len(class_list)] for s in chunk]
-        for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, precision=precision, batch=batch,
-                                                device=device, classes=fixed):
-            sink.write(s_chunk, labels, images)
-            done += len(s_chunk) * state.num_processes
-            rate = (done - len(seeds) + len(todo) * state.num_processes) / max(time.perf_counter() - t0, 1e-9)
-            emit(Step("sample", done, len(seeds), {"img_per_s": rate}, f"{rate:.2f} img/s"))
+    # a new output that fails before its first image (a bad network, a full disk) leaves nothing, not even the recipe
+    with new_output(recipe_path if out.suffix == ".npz" else out, keep=lambda: bool(sink.done(seeds)),
+                    owner=state.is_main_process):
+        _check_recipe(recipe_path, recipe, out, force, sink, state.is_main_process)
+        state.wait_for_everyone()
+        net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
+        del weights
+        diffusion = build_diffusion(preset.diffusion, preset.model)
+        decode, _ = make_decoder(preset, vae, device, precision)
+        _write_images(net, diffusion, decode, preset, seeds, sink, state, batch=batch, classes=class_list,
+                      precision=precision, progress=progress)
     state.wait_for_everyone()
     result = {"out": str(out), "images": len(seeds)}
     if state.is_main_process:
@@ -160,6 +151,40 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         result.update(recipe=str(recipe_path), nfe=recipe["nfe"])
     state.wait_for_everyone()
     return result
+
+
+def _write_images(net, diffusion, decode: Decode, preset: Preset, seeds: list[int], sink, state: PartialState, *,
+                  batch: int, classes: list[int] | None, precision: str, progress: Progress | None) -> None:
+    """This process's share of `seeds` that `sink` does not hold yet, batch by batch; a preemption signal stops it
+    after the batch in hand is written (`Preempted`)."""
+    device = state.device
+    mine = seeds[state.process_index::state.num_processes]
+    have = sink.done(mine)
+    todo = [s for s in mine if s not in have]
+    emit = main_process_only(progress, state.is_main_process)
+    if sink.torn:  # a machine crash truncated them: their seeds are sampled again
+        emit(Message(f"{len(sink.torn)} unreadable output file(s) (torn by a crash?) removed and redone, first: "
+                     f"{sink.torn[0]}", "warning"))
+    # labels are a function of the seed (or of its position in the fixed list), never of the process
+    position = {s: i for i, s in enumerate(seeds)}
+    done = len(seeds) - len(todo) * state.num_processes
+    emit(Start("sample", len(seeds), done, "images", f"sampling {len(todo) * state.num_processes} of {len(seeds)} "
+               f"images on {device} × {state.num_processes}"))
+    t0 = time.perf_counter()
+    # a signal (SLURM's warning, a preemption) stops this process after the batch in hand is written; no barrier:
+    # a launcher ends the other processes when one exits, and the rerun samples what is missing
+    with preemption_signals() as caught:
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            fixed = None if classes is None else [classes[position[s] % len(classes)] for s in chunk]
+            for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, precision=precision,
+                                                    batch=batch, device=device, classes=fixed):
+                sink.write(s_chunk, labels, images)
+                done += len(s_chunk) * state.num_processes
+                rate = (done - len(seeds) + len(todo) * state.num_processes) / max(time.perf_counter() - t0, 1e-9)
+                emit(Step("sample", done, len(seeds), {"img_per_s": rate}, f"{rate:.2f} img/s"))
+            if caught:
+                raise Preempted(caught[0], f"writing {i + len(chunk)} of this process's {len(todo)} images to {sink.out}")
 
 
 def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:

@@ -118,3 +118,27 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000000.016.pt", "latest.pt"]  # no .tmp left
     assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run"))["nimg"] == 16
+
+
+def test_a_new_run_without_room_for_two_checkpoints_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Issue #13: the free space for two checkpoints is checked before the first one, with the numbers."""
+    import shutil
+    from collections import namedtuple
+
+    from typer.testing import CliRunner
+
+    from diffit_cli.app import build_app
+
+    usage = namedtuple("usage", "total used free")
+    args = sum([["--set", s] for s in TINY_UNET], [])
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+        r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "1.0 kB free" in flat and "2 checkpoints of" in flat and "--run-dir" in flat
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "preset.yaml").exists()
+    estimate = float(flat.split("2 checkpoints of ")[1].split(" kB")[0]) * 1000
+    assert CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args]).exit_code == 0
+    actual = ck.latest_checkpoint(tmp_path / "run").stat().st_size
+    assert 0.9 < estimate / actual < 1.1  # the tensors and their zip records; the preset text is left out

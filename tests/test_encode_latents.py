@@ -13,7 +13,7 @@ from diffit_cli.app import build_app
 from diffit_cli.codecs import DEFAULT_VAE, PixelCodec, VAECodec, VAEError, load_vae, make_codec, vae_config
 from diffit_cli.config import DataConfig
 from diffit_cli.events import Start, Step
-from diffit_cli.data import DataError, LatentShardSource, make_loader, open_source, shard_name
+from diffit_cli.data import MANIFEST_NAME, DataError, LatentShardSource, make_loader, open_source, shard_name
 from diffit_cli.encode_latents import encode_latents
 
 from helpers import save_tiny_vae
@@ -246,3 +246,63 @@ def test_shipped_config_is_sd_vae_ft_ema():
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(cfg)
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # 83.7 M (DESIGN §7)
+
+
+def _cli(images, out, vae, *extra):
+    return CliRunner().invoke(build_app(), ["encode-latents", str(images), str(out), "--resolution", str(RES),
+                                            "--vae", str(vae), "--batch", "2", "--shard-size", "4", "--workers", "0",
+                                            "--device", "cpu", *extra])
+
+
+@pytest.mark.e2e
+def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(tiny_vae, images, tmp_path, monkeypatch):
+    """Issue #13: SIGTERM during encode-latents: the shard in hand is written, exit 3; the rerun's bytes equal an
+    uninterrupted run's."""
+    import os
+    import signal
+
+    import diffit_cli.encode_latents as E
+
+    assert _cli(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
+    write = E.write_shard
+
+    def write_then_signal(*a, **k):
+        write(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption notice
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "write_shard", write_then_signal)
+        r = _cli(images, tmp_path / "part", tiny_vae / "folder")
+    assert r.exit_code == 3 and "stopped by SIGTERM" in r.output, r.output
+    assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
+    assert _cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
+    assert _bytes(tmp_path / "full") == _bytes(tmp_path / "part")
+
+
+@pytest.mark.e2e
+def test_a_full_disk_while_writing_a_shard_keeps_the_previous_one_and_exits_2(tiny_vae, images, tmp_path, monkeypatch):
+    """Issue #13: ENOSPC inside the second shard's write: one line naming the file and the space needed, the first
+    shard and the manifest intact, no temporary file left; the rerun with space finishes."""
+    import errno
+
+    import diffit_cli.fileio as F
+
+    fsync, calls = F.os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # manifest, shard 0, then shard 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    out = tmp_path / "lat"
+    with monkeypatch.context() as m:
+        m.setattr(F.os, "fsync", full_disk)
+        r = _cli(images, out, tiny_vae / "folder")
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert shard_name(1) in "".join(r.output.split()) and "needed" in flat and "free" in flat and "disk is full" in flat
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, shard_name(0)]  # no temporary file
+    before = _bytes(out)
+    assert _cli(images, out, tiny_vae / "folder").exit_code == 0
+    assert _bytes(out)[shard_name(0)] == before[shard_name(0)]

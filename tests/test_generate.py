@@ -1,5 +1,6 @@
 """`diffit sample`: image i depends only on seed i, PNG/NPZ sinks, resume, release files, clear errors."""
 
+import io
 import json
 
 import numpy as np
@@ -225,3 +226,96 @@ def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeyp
         run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4, overrides=["sample.steps=2"])
     run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4)  # same recipe: resumes
     assert json.loads((tmp_path / "s.sample.json").read_text())["complete"] is True
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["png", "s.npz"])
+def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(unet_ckpt, tmp_path, monkeypatch, name):
+    """Issue #13: SIGUSR1 during `diffit sample`: the batch in hand is written, exit 3; the same command finishes the
+    rest, and the images equal an uninterrupted run's."""
+    import os
+    import signal
+
+    from diffit_cli.generate import NpzSink, PngSink
+
+    seeds = ["--seeds", "0-9", "--batch", "4", "--ckpt", str(unet_ckpt)]
+    straight = tmp_path / "straight" / name
+    assert CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(straight)]).exit_code == 0
+    sink_type = NpzSink if name.endswith(".npz") else PngSink
+    write = sink_type.write
+
+    def write_then_signal(self, *a):
+        write(self, *a)
+        os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's `--signal=B:USR1@120` would, mid-run
+
+    out = tmp_path / "cut" / name
+    with monkeypatch.context() as m:
+        m.setattr(sink_type, "write", write_then_signal)
+        r = CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(out)])
+    assert r.exit_code == 3, r.output
+    assert "stopped by SIGUSR1" in r.output and "rerun the same command" in " ".join(r.output.split())
+    assert sink_type(out).done(list(range(10))) == {0, 1, 2, 3}  # the first batch, and nothing more
+    assert CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(out)]).exit_code == 0
+    read = (lambda p: np.load(p)["arr_0"]) if name.endswith(".npz") else (lambda p: _pngs(p, range(10)))
+    assert np.array_equal(read(out), read(straight))
+
+
+@pytest.mark.e2e
+def test_resume_redoes_a_truncated_png_and_a_torn_npz_part(unet_ckpt, tmp_path):
+    """Issue #13: a machine crash can leave a PNG or an npz part cut short: the rerun removes it (with a warning)
+    and samples its seeds again."""
+    from diffit_cli.events import Message
+    from diffit_cli.generate import NpzSink
+
+    seeds = list(range(8))
+    run_sample(str(unet_ckpt), seeds, tmp_path / "png", batch=4)
+    want = _pngs(tmp_path / "png", seeds)
+    torn = png_path(tmp_path / "png", 5)
+    torn.write_bytes(torn.read_bytes()[:60])
+    events = []
+    run_sample(str(unet_ckpt), seeds, tmp_path / "png", batch=4, progress=events.append)
+    assert np.array_equal(_pngs(tmp_path / "png", seeds), want)
+    assert any(isinstance(e, Message) and e.level == "warning" and str(torn) in e.text for e in events)
+
+    out = tmp_path / "s.npz"
+    sink = NpzSink(out)
+    sink.write(seeds[:4], None, want[:4])
+    sink.write(seeds[4:], None, want[4:])
+    part = sorted(sink.parts.iterdir())[1]
+    part.write_bytes(part.read_bytes()[:100])  # the second part torn: its four seeds are redone
+    run_sample(str(unet_ckpt), seeds, out, batch=4)
+    with np.load(out) as z:
+        assert np.array_equal(z["arr_0"], want)
+
+
+@pytest.mark.e2e
+def test_a_full_disk_while_writing_an_npz_part_keeps_the_previous_part_and_exits_2(unet_ckpt, tmp_path, monkeypatch):
+    """Issue #13: ENOSPC inside the second npz part's write: one line naming the part and the space needed, the
+    first part and the recipe intact, no temporary file; the rerun finishes."""
+    import errno
+
+    import diffit_cli.fileio as F
+
+    fsync, calls = F.os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the recipe, part 1, then part 2
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    out, argv = tmp_path / "s.npz", ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-7", "--batch", "4"]
+    with monkeypatch.context() as m:
+        m.setattr(F.os, "fsync", full_disk)
+        r = CliRunner().invoke(build_app(), [*argv, "--out", str(out)])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "part-000000004-000000007.npz" in "".join(r.output.split()) and "needed" in flat and "free" in flat
+    parts = tmp_path / "s.npz.parts"
+    assert [p.name for p in parts.iterdir()] == ["part-000000000-000000003.npz"]  # no temporary file
+    first = (parts / "part-000000000-000000003.npz").read_bytes()
+    assert CliRunner().invoke(build_app(), [*argv, "--out", str(out)]).exit_code == 0
+    with np.load(out) as z:
+        assert z["arr_0"].shape[0] == 8
+    with np.load(io.BytesIO(first)) as z:
+        assert np.array_equal(np.load(out)["arr_0"][:4], z["images"])

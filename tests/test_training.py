@@ -308,3 +308,32 @@ def test_sigusr1_checkpoints_exits_3_and_the_rerun_is_bit_identical(tmp_path):
     again = subprocess.run(cmd + [str(tmp_path / "cut")], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "cut"), exact=True)
+
+
+@pytest.mark.e2e
+def test_sigterm_to_torchrun_reaches_both_processes_and_data_workers_survive_it(tmp_path):
+    """Issue #13, the launcher path of scripts/slurm/preemptible.sh: SIGTERM to torchrun is passed to both training
+    processes (and to their data workers, which ignore it); both finish the step, the checkpoint is written, and
+    the rerun finishes. torchrun itself exits 1 around the processes' 3 (the sbatch requeues on either)."""
+    import signal
+    import time
+
+    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008", "data.num_workers=1")
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29579", "-m",
+           "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM" in err, err[-3000:]
+    assert "DataLoader worker" not in err, err[-3000:]
+    cut = _final(tmp_path / "run")
+    assert 0 < cut["nimg"] < 300  # the preemption checkpoint, not a snapshot
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _final(tmp_path / "run")["nimg"] == 304  # whole global batches of 8

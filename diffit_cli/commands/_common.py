@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from diffit_cli.errors import DiffitError
+from diffit_cli.preemption import PREEMPTED_EXIT, Preempted
 
 console = Console(stderr=True)
 
@@ -51,12 +52,16 @@ def path_error(e: OSError) -> str:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorator for command bodies: DiffitError (and bad-value errors from the library) → message, exit 2."""
+    """Decorator for command bodies: DiffitError (and bad-value errors from the library) → message, exit 2; a worker
+    stopped by a preemption signal after saving its work → a note, exit 3 (`diffit_cli.preemption`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Preempted as e:
+            console.print(f"[yellow]{e}[/]", highlight=False)
+            raise typer.Exit(code=PREEMPTED_EXIT) from None
         except DiffitError as e:
             if STATE.debug:
                 raise

@@ -76,10 +76,13 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = JsonOpt,
     ) -> None:
         from diffit_cli import metrics as M
-        from diffit_cli.fileio import write_json
+        from diffit_cli.fileio import check_writable, write_json
 
         if save_ref is not None and ref is not None:
             fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
+        for out in (save_ref, json_out):  # before the features are computed, not after
+            if out is not None:
+                check_writable(out)
         common = dict(batch=batch, device=device, feature_extractor=feature_extractor)
         common["inception_weights"] = inception_weights
         with RichProgress() as progress:

@@ -63,7 +63,7 @@ def train_cmd(
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
                       tensorboard=tensorboard, progress=progress)
     if state.preempted:
-        from diffit_cli.training import PREEMPTED_EXIT
+        from diffit_cli.preemption import PREEMPTED_EXIT
 
         if state.main_process:
             console.print(f"[yellow]stopped by {state.preempted}[/] at {state.nimg / 1000:.3f} kimg after writing a "

@@ -21,7 +21,8 @@ from diffit_cli.config import Preset, dump_preset
 from diffit_cli.core.layers import attention_logit_max
 from diffit_cli.data import open_source
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
-from diffit_cli.fileio import atomic_write_bytes
+from diffit_cli.fileio import atomic_write_bytes, new_output
+from diffit_cli.preemption import preemption_signals
 from diffit_cli.training import lock
 from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training.recipe import (
@@ -35,10 +36,9 @@ from diffit_cli.training.recipe import (
     split_batch,
     to_model_space,
 )
-from diffit_cli.training.recovery import on_spike, preemption_signals, resume, snapshot
+from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, start_stream, zero
 
-PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint: rerun to continue
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
 
@@ -49,15 +49,17 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
     main = run.accelerator.is_main_process
-    if main:  # one training process per run folder (the other ranks of this launch take no lock)
-        warning = lock.acquire(run.run_dir)
-        if warning:
-            run.emit(Message(warning, "warning"))
-    try:
-        return _train(run, force, summary_writer)
-    finally:
-        if main:
-            lock.release(run.run_dir)
+    # a new run that fails before its first checkpoint (e.g. a corrupt image in the first batch) leaves nothing
+    with new_output(run.run_dir, keep=lambda: latest_checkpoint(run.run_dir) is not None, owner=main):
+        if main:  # one training process per run folder (the other ranks of this launch take no lock)
+            warning = lock.acquire(run.run_dir)
+            if warning:
+                run.emit(Message(warning, "warning"))
+        try:
+            return _train(run, force, summary_writer)
+        finally:
+            if main:
+                lock.release(run.run_dir)
 
 
 def _train(run: Run, force: bool, summary_writer) -> TrainState:
@@ -66,6 +68,7 @@ def _train(run: Run, force: bool, summary_writer) -> TrainState:
     tc, state, acc = preset.train, run.state, run.accelerator
     ckpt_path = resume(run, force)
     if ckpt_path is None and acc.is_main_process:
+        check_checkpoint_space(run)
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
     writer = summary_writer(run.run_dir / "tensorboard") if summary_writer and acc.is_main_process else None
     start_stream(run)

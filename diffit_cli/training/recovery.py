@@ -1,21 +1,22 @@
-"""What keeps a run's results safe: checkpoints and resume (the newest readable one), the loss-spike response
-(warn, stop, roll back) and the preemption signals that end a run after a checkpoint."""
+"""What keeps a run's results safe: checkpoints and resume (the newest readable one), free space for them, and the
+loss-spike response (warn, stop, roll back)."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 from pathlib import Path
+
+import torch
 
 from diffit_cli.checkpoint import (
     CheckpointError,
+    check_free_space,
     last_checkpoint_before,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     set_aside_checkpoints_after,
+    state_nbytes,
 )
 from diffit_cli.config import dump_preset
 from diffit_cli.events import Message
@@ -56,6 +57,15 @@ def resume(run: Run, force: bool) -> Path | None:
         raise CheckpointError(f"no checkpoint in {run.run_dir / 'checkpoints'} can be read ({len(candidates)} tried); "
                               "move the folder aside to start over")
     return None
+
+
+def check_checkpoint_space(run: Run) -> None:
+    """Before a new run's first checkpoint: room for two (raw + EMA weights, and Adam's state: two fp32 moments and
+    a step count per parameter, not allocated before the first step)."""
+    adam = [[torch.empty(p.numel(), device="meta")] * 2 + [torch.empty((), device="meta")]  # sizes only, no memory
+            for p in run.net.parameters() if p.requires_grad]
+    check_free_space(run.run_dir, state_nbytes({"model": run.net.state_dict(), "ema": run.ema.net.state_dict(),
+                                                "optimizer": adam}))
 
 
 def on_spike(run: Run, spike: Spike) -> bool:
@@ -115,21 +125,3 @@ def snapshot(run: Run, grid: bool = True) -> None:
             run.emit(Message(f"snapshot at {state.nimg / 1000:.1f} kimg → {path}",
                              data={"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)}))
     acc.wait_for_everyone()
-
-
-@contextlib.contextmanager
-def preemption_signals():
-    """Collect SIGTERM / SIGUSR1 (what SLURM sends with `--signal`) into a list while training; the loop checks it
-    after each optimizer step. Only the main thread can install handlers; elsewhere nothing is caught."""
-    caught: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
-    previous = {n: signal.signal(getattr(signal, n), lambda sig, frame: caught.append(signal.Signals(sig).name))
-                for n in names}
-    try:
-        yield caught
-    finally:
-        for n, handler in previous.items():
-            signal.signal(getattr(signal, n), handler)

@@ -1,0 +1,46 @@
+"""Preemption (SLURM's `--signal`, a scheduler's SIGTERM): a worker collects the signal, finishes the unit of work
+in hand (an optimizer step and a checkpoint, a sample batch, a latent shard), and stops; the command exits with
+`PREEMPTED_EXIT`, and rerunning the same command continues where it stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after saving its work: rerun to continue
+
+
+class Preempted(Exception):
+    """Raised by a worker that stopped on a signal after saving its work (`diffit sample`, `encode-latents`)."""
+
+    def __init__(self, signal_name: str, where: str):
+        super().__init__(f"stopped by {signal_name} after {where}; rerun the same command to continue "
+                         f"(exit {PREEMPTED_EXIT})")
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def preemption_signals():
+    """Collect SIGTERM / SIGUSR1 into a list while working; the worker checks it after each unit of work. Only the
+    main thread can install handlers; elsewhere nothing is caught."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), lambda sig, frame: caught.append(signal.Signals(sig).name))
+                for n in names}
+    try:
+        yield caught
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
+
+
+def shield_worker(_worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: data workers ignore the preemption signals (a launcher such as torchrun sends
+    them to the whole process group); the main process stops after its unit of work and the workers end with it."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
