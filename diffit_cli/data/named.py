@@ -15,6 +15,7 @@ path and how to put the files there by hand.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import io
 import os
@@ -56,8 +57,9 @@ def open_named(spec: str, resolution: int, *, channels: int = 3, xflip: bool = F
 class NamedSource(PixelSource):
     """A dataset object that returns PIL images, read through the shared image rule."""
 
+    @abc.abstractmethod
     def _pil(self, i: int) -> Image.Image:
-        raise NotImplementedError
+        """Stored image i as PIL."""
 
     def _decode(self, i: int) -> np.ndarray:
         image = self._pil(i)
@@ -75,7 +77,7 @@ def _torchvision_class(name: str):
     import torchvision.datasets as tvd  # here, not at the top: torchvision is slow to import and only these need it
 
     classes = {k: v for k, v in vars(tvd).items() if inspect.isclass(v) and issubclass(v, tvd.VisionDataset)
-               and v is not tvd.VisionDataset}
+               and not issubclass(v, tvd.DatasetFolder) and v is not tvd.VisionDataset}  # folders: --data DIR
     found = classes.get(name) or next((v for k, v in classes.items() if k.lower() == name.lower()), None)
     if found is None:
         raise DataError(f"torchvision has no dataset {name!r}; image datasets that suit a preset: CIFAR10, "
@@ -219,7 +221,11 @@ class HFSource(NamedSource):
         if label is None:
             self._raw_labels, self.class_names = np.full(len(ds), NO_LABEL, np.int64), ()
         else:
-            self._raw_labels = np.asarray(ds.with_format("numpy")[label], dtype=np.int64).reshape(-1)
+            try:
+                self._raw_labels = np.asarray(ds.with_format("numpy")[label], dtype=np.int64).reshape(-1)
+            except (TypeError, ValueError):
+                raise DataError(f"{self.name}: label column {label!r} does not hold class indices "
+                                f"({ds.features[label]}); name another with --set data.label_column=...") from None
             feature = ds.features[label]
             self.class_names = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else \
                 tuple(str(k) for k in range(int(self._raw_labels.max(initial=-1)) + 1))

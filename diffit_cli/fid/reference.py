@@ -62,7 +62,8 @@ def training_statistics(preset: Preset, *, feature_extractor: str, limit: int | 
     path = cache_dir() / "fid-refs" / f"{slug}-{res}px-{n}-{key.hexdigest()[:16]}.npz"
     if not path.is_file():
         if progress is not None:
-            progress(Message(f"statistics of {what} with {feature_extractor}, once (cached in {path})"))
+            progress(Message(f"statistics of {what} with {feature_extractor}, once (cached in {path})",
+                             data={"event": "stage", "stage": "reference", "images": n, "path": str(path)}))
         M.save_reference(source_images(src, n, preset.data.num_workers), path, feature_extractor=feature_extractor,
                          batch=batch, inception_weights=inception_weights, progress=progress)
     return path, what
