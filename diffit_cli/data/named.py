@@ -106,6 +106,8 @@ class TorchvisionSource(NamedSource):
         self.root = cache_dir() / "torchvision"
         self.name = f"{TORCHVISION_PREFIX}{cls.__name__}" + (f":{split}" if split else "")
         params = inspect.signature(cls.__init__).parameters
+        if "root" not in params:
+            raise DataError(f"torchvision's {cls.__name__} keeps no files (it has no root folder); name a dataset")
         kwargs: dict[str, Any] = {}
         if "train" in params:
             if split not in (None, "train", "test"):
