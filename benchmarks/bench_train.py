@@ -22,6 +22,7 @@ from diffit_cli.config import load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
 
+SHAPES = ["data.path=null", "data.synthetic=varied"]  # throughput on the built-in shapes: no dataset to fetch
 TINY = {
     "demo": [],
     "cifar10": ["model.channels=[32, 64, 64]", "model.time_dim=64", "train.batch=32"],
@@ -62,7 +63,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     steps = 3 if args.quick else 8
-    cases = {k: ([] if args.full else v) for k, v in TINY.items()}
+    cases = {k: ([] if args.full else v) + SHAPES for k, v in TINY.items()}
     with tempfile.TemporaryDirectory() as d:
         lat = ["model.input_size=8", "data.resolution=64", "model.hidden_size=128", "model.depth=4",
                "model.num_heads=4", "train.batch=32"] if not args.full else ["train.batch_gpu=32"]

@@ -30,6 +30,7 @@ from diffit_cli.data import (
     LATENT_FORMAT_VERSION,
     MANIFEST_NAME,
     DataError,
+    is_named,
     open_source,
     read_manifest,
     shard_count,
@@ -72,8 +73,9 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
         device = None if device is None else torch.device(device)
     except RuntimeError:
         raise DataError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if src is not None and not Path(src).exists():
-        raise DataError(f"source {str(src)!r} does not exist; pass an image folder, .zip or .npz")
+    if src is not None and not is_named(src) and not Path(src).exists():
+        raise DataError(f"source {str(src)!r} does not exist; pass an image folder, .zip, .npz, torchvision:NAME "
+                        "or hf:OWNER/NAME")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {str(out)!r} exists and is not a folder")

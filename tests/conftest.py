@@ -1,4 +1,5 @@
-"""Test-wide settings: nothing downloads (HF_HUB_OFFLINE, a private TORCH_HOME); GPUs hidden unless asked for."""
+"""Test-wide settings: nothing downloads (HF_HUB_OFFLINE, a private TORCH_HOME and DIFFIT_CACHE); GPUs hidden unless
+asked for."""
 
 import os
 import tempfile
@@ -11,6 +12,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 if os.environ.get("DIFFIT_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="diffit-torch-home-"))
+# datasets by name and cached training-set statistics go to a private cache (tests may point it elsewhere)
+os.environ["DIFFIT_CACHE"] = tempfile.mkdtemp(prefix="diffit-cache-")
+os.environ.pop("HF_DATASETS_CACHE", None)
 os.environ.pop("DIFFIT_DEBUG", None)
 
 

@@ -9,7 +9,8 @@ CORE_FORBIDDEN = {"typer", "rich", "accelerate", "pydantic", "PIL", "yaml", "dif
 # Function-local imports are allowed only to keep start-up fast, of packages that are slow to import (and
 # optional ones), each with its reason on the line. `commands/` and `app.py` are exempt: `diffit --help` must not
 # import torch, so every command body imports the pipeline it wraps.
-HEAVY = {"torch", "accelerate", "diffusers", "torch_fidelity", "matplotlib", "huggingface_hub", "importlib"}
+HEAVY = {"torch", "accelerate", "diffusers", "torch_fidelity", "matplotlib", "huggingface_hub", "importlib",
+         "torchvision", "datasets"}
 
 
 def _module_name(path: Path) -> str:

@@ -67,11 +67,11 @@ def apply_budget(raw: dict, b: Budget) -> dict:
     m, data, tr, sm, ev = (raw.setdefault(k, {}) for k in ("model", "data", "train", "sample", "eval"))
     kind = m.get("kind")
     if b.synthetic:
-        data.update(path=None, num_workers=0)
+        data.update(path=None, synthetic=data.get("synthetic") or "varied", num_workers=0)
         if data.get("space") == "latent":  # pixel-space stand-in for the latent model
             data.update(space="pixel", vae=None, channels=3, xflip=False)
             m["in_channels"] = 3
-            ev["reference"] = None
+            ev["reference"] = "train"  # the stand-in's own training shapes, not the latent model's file
         if m.get("num_classes", 0):
             m["num_classes"] = SYNTHETIC_CLASSES
             data["use_labels"] = True

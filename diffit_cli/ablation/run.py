@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -32,9 +31,9 @@ from diffit_cli.config import (
     preset_to_dict,
     validate_preset,
 )
-from diffit_cli.data import open_source
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, main_process_only
+from diffit_cli.fid.reference import preset_reference
 from diffit_cli.fileio import atomic_write_bytes, offline, read_json, write_json
 from diffit_cli.sampling import resolve_weights, run_sample
 
@@ -101,33 +100,13 @@ class _Runner:
                 "notes": r["notes"]}
 
     def reference(self, preset: Preset) -> tuple[str, str]:
-        """FID reference: `eval.reference` if set, else statistics of the training data with this extractor."""
-        if preset.eval.reference:
-            return preset.eval.reference, preset.eval.reference
+        """FID reference: `eval.reference`, or for `train` the cached statistics of the training data with this
+        extractor (at most the budget's `reference_images` of them)."""
         if self._reference is None:
-            self._reference = self._training_reference(preset)
+            self._reference = preset_reference(preset, feature_extractor=self.extractor, batch=preset.eval.batch,
+                                               limit=get_budget(self.budget).reference_images,
+                                               inception_weights=self.inception_weights, progress=self.emit)
         return self._reference
-
-    def _training_reference(self, preset: Preset) -> tuple[str, str]:
-
-        if preset.data.space == "latent":
-            raise StudyError("FID of a latent model needs a reference: --set eval.reference=VIRTUAL_imagenet256_"
-                             "labeled.npz (ADM's reference batch) or another statistics file")
-        limit = get_budget(self.budget).reference_images
-        src = open_source(preset.data)
-        n = len(src) if limit is None else min(limit, len(src))
-        what = f"{n} training images ({src.name}, {preset.data.resolution}px)"
-        key = hashlib.sha256(f"{src.fingerprint()}|{preset.data.resolution}|{n}".encode()).hexdigest()[:10]
-        path = self.dir / f"reference-{self.extractor}-{key}.npz"
-        if not path.is_file():
-            self.stage("reference", f"reference statistics of {n} training images", images=n)
-            if preset.data.path is not None and limit is None:
-                dataset = preset.data.path  # folder, zip or npz: streamed
-            else:
-                dataset = np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(n)])  # uint8 NHWC
-            M.save_reference(dataset, path, feature_extractor=self.extractor, batch=preset.eval.batch,
-                           inception_weights=self.inception_weights)
-        return str(path), what
 
     def record(self, variant: Variant, preset: Preset, payload: dict, started: float) -> dict:
         """Write the variant's result.json (atomically, last: its existence means finished)."""

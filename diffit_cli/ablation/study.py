@@ -13,7 +13,6 @@ only `sample.*` settings) and `attention` (train, then attention maps at several
 Study directory (default `runs/ablations/<study>/<budget>`)::
 
     study.json                 budget and feature extractor of this directory (a rerun must match)
-    reference-<...>.npz        FID reference statistics of the training data, same extractor as the samples
     <variant>/                 a `diffit train` run dir + samples.npz + result.json (written last, atomically)
     base/                      `sample` studies: the one trained network
     results.md results.csv results.json <study>.png   (attention studies: attention-change.png,

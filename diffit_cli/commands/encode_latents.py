@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
     @app.command("encode-latents", help=HELP)
     @user_errors
     def encode_latents_cmd(
-        src: Path = typer.Argument(..., help="Image folder, .zip (EDM dataset_tool) or .npz (arr_0 NHWC uint8)."),
+        src: Path = typer.Argument(..., help="Image folder, .zip (EDM dataset_tool), .npz (arr_0 NHWC uint8), "
+                                   "torchvision:NAME or hf:OWNER/NAME[:split]."),
         out: Path = typer.Argument(..., help="Output folder for manifest.json and shard-*.safetensors."),
         resolution: int = typer.Option(256, "--resolution", "-r", help="Image resolution (multiple of 8)."),
         vae: str = typer.Option("stabilityai/sd-vae-ft-ema", "--vae",

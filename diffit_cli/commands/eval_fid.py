@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from diffit_cli.commands._common import RichProgress, console, fail, user_errors
+from diffit_cli.commands._common import PresetOpt, RichProgress, SetOpt, console, fail, user_errors
 
 HELP = """Score samples (image folder, .zip, or .npz with arr_0 uint8 NHWC) against --ref: images, or a
 statistics file (EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz, or one from --save-ref).
+Without --ref, --preset NAME scores against the preset's eval.reference: for `train` (image-space presets) the
+statistics of its training set, computed once and cached in $DIFFIT_CACHE/fid-refs.
 With --save-ref FILE, SAMPLES is a dataset: its statistics are saved for later runs."""
 
 
@@ -59,6 +62,7 @@ ExtractorOpt = typer.Option(
 )
 SaveRefOpt = typer.Option(None, "--save-ref", help="Save mu/sigma of SAMPLES (a dataset) to this .npz and exit.")
 JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
+DataOpt = typer.Option(None, "--data", "-d", help="With --preset: the training data (as for `diffit train`).")
 
 
 def register(app: typer.Typer) -> None:
@@ -74,6 +78,9 @@ def register(app: typer.Typer) -> None:
         feature_extractor: Optional[str] = ExtractorOpt,
         save_ref: Optional[Path] = SaveRefOpt,
         json_out: Optional[Path] = JsonOpt,
+        preset: Optional[str] = PresetOpt,
+        data: Optional[str] = DataOpt,
+        overrides: Optional[List[str]] = SetOpt,
     ) -> None:
         from diffit_cli import metrics as M
         from diffit_cli.fileio import check_writable, write_json
@@ -83,13 +90,26 @@ def register(app: typer.Typer) -> None:
         for out in (save_ref, json_out):  # before the features are computed, not after
             if out is not None:
                 check_writable(out)
+        if preset is None and (data is not None or overrides):
+            fail("--data and --set describe a preset's training data: pass --preset NAME too")
         common = dict(batch=batch, device=device, feature_extractor=feature_extractor)
         common["inception_weights"] = inception_weights
         with RichProgress() as progress:
             if save_ref is not None:
                 result = M.save_reference(samples, save_ref, progress=progress, **common)
             else:
+                described = None
+                if ref is None and preset is not None:
+                    from diffit_cli.config import load_preset
+                    from diffit_cli.fid.reference import preset_reference
+
+                    sets = list(overrides or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
+                    ref, described = preset_reference(load_preset(preset, sets), batch=batch, progress=progress,
+                                                      feature_extractor=feature_extractor or M.INCEPTION,
+                                                      inception_weights=inception_weights)
                 result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
+                if described is not None and described != ref:
+                    result["notes"].insert(0, f"reference: statistics of {described}")
         if save_ref is not None:
             console.print(
                 f"Saved statistics of {result['num_images']:,} images "

@@ -11,7 +11,7 @@ import typer
 from diffit_cli.commands._common import PresetOpt, RichProgress, SetOpt, console, user_errors
 from diffit_cli.errors import DiffitError
 
-HELP = """Train a DiffiT preset. With no --data it trains on the built-in synthetic shapes.
+HELP = """Train a DiffiT preset on --data (or the preset's data.path; `demo` uses the built-in synthetic shapes).
 
 Rerunning the same command resumes from RUN_DIR/checkpoints/latest.pt. Multi-GPU / multi-node:
 `accelerate launch --multi_gpu -m diffit_cli train --preset cifar10 --data cifar10.zip`."""
@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def train_cmd(
     preset: Optional[str] = PresetOpt,
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, .zip, .npz or latent-shard folder."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, .zip, .npz, latent-shard folder, "
+                                       "torchvision:NAME (e.g. CIFAR10) or hf:OWNER/NAME[:split]."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/<preset name>)."),
     overrides: Optional[List[str]] = SetOpt,
     kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="Train this many thousand images in all."),
@@ -38,6 +39,7 @@ def train_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved preset and parameter count, then exit."),
 ) -> None:
     from diffit_cli.config import load_preset
+    from diffit_cli.data.catalog import DATA_FORMS, is_named
 
     sets = list(overrides or [])
     if data is not None:
@@ -45,8 +47,8 @@ def train_cmd(
     if kimg is not None:
         sets.append(f"train.total_kimg={kimg}")
     sets += ["train.compile=true"] * compile_ + ["train.grad_checkpointing=true"] * grad_checkpointing
-    if data is not None and not Path(data).exists():
-        raise DiffitError(f"--data {data!r} does not exist; pass an image folder, .zip, .npz or latent-shard folder")
+    if data is not None and not is_named(data) and not Path(data).exists():
+        raise DiffitError(f"--data {data!r} does not exist; pass {DATA_FORMS}")
     p = load_preset(preset or "demo", sets)
     if dry_run:
         from diffit_cli.training import dry_run_summary

@@ -150,8 +150,13 @@ class DDPMConfig(Section):
 
 # ------------------------------------------------------------------------------------------- data / train
 class DataConfig(Section):
-    path: str | None = None  # None → the built-in synthetic dataset
-    synthetic: Literal["varied", "simple"] = "varied"  # style of the built-in dataset (data.SYNTHETIC_STYLES)
+    # image folder, .zip, .npz, latent folder, torchvision:NAME[:split] or hf:OWNER/NAME[:split] (data.named)
+    path: str | None = None
+    # the built-in synthetic shapes in this style (data.SYNTHETIC_STYLES), used only when `path` is empty; with
+    # neither, training stops with the ways to supply data (data.catalog) instead of silently using the shapes
+    synthetic: Literal["varied", "simple"] | None = None
+    image_column: str | None = None  # hf: the image column (default: the first Image feature)
+    label_column: str | None = None  # hf: the label column (default: the first ClassLabel feature)
     space: Literal["pixel", "latent"] = "pixel"
     resolution: Pos = 32  # image resolution (latent grid = resolution / 8)
     channels: Pos = 3  # channels the network sees (4 for SD-VAE latents)
@@ -160,6 +165,15 @@ class DataConfig(Section):
     vae: str | None = None  # latent space: Hub id, folder or .safetensors file of the SD VAE
     latent_scale: Annotated[float, Field(gt=0)] = 0.18215
     num_workers: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _style_only_without_path(cls, raw: Any) -> Any:
+        """A path makes the synthetic style moot; dropping it keeps presets saved before `synthetic` could be
+        null (which always wrote a style) equal to today's when they name data."""
+        if isinstance(raw, dict) and raw.get("path") is not None and "synthetic" in raw:
+            raw = {k: v for k, v in raw.items() if k != "synthetic"}
+        return raw
 
     @model_validator(mode="after")
     def _latent_has_vae(self) -> "DataConfig":
@@ -265,5 +279,14 @@ class SampleConfig(Section):
 class EvalConfig(Section):
     metrics: tuple[Literal["fid", "is", "kid", "pr"], ...] = ("fid",)
     num_samples: Pos = 50000
-    reference: str | None = None  # statistics file, image folder or dataset; None → the training data
+    # FID reference: "train" = the training set's statistics, computed once and cached (fid.reference; image-space
+    # presets), or a statistics file / image folder / dataset file; null in older presets means "train"
+    reference: str = "train"
     batch: Pos = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_reference_is_train(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "reference" in raw and raw["reference"] is None:
+            raw = dict(raw, reference="train")
+        return raw

@@ -54,7 +54,7 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     ratio = size / min(image.size)
     image = image.resize(tuple(round(s * ratio) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
+    arr = np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
 
@@ -68,7 +68,7 @@ def pil_to_chw(image: Image.Image, size: int, channels: int) -> np.ndarray:
     mode = "RGB" if channels == 3 else "L"
     if image.mode != mode:
         image = image.convert(mode)
-    arr = center_crop_arr(image, size) if image.size != (size, size) else np.asarray(image)
+    arr = center_crop_arr(image, size) if image.size != (size, size) else np.array(image)  # (writable, as above)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

@@ -9,8 +9,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from diffit_cli.data.catalog import DATA_FORMS, README_SECTION, has_data, is_named, missing_data_message
 from diffit_cli.data.images import DataError, check_resolution
 from diffit_cli.data.latents import MANIFEST_NAME, LatentShardSource
+from diffit_cli.data.named import open_named
 from diffit_cli.data.sources import ImageFolderSource, NpzSource, Source, ZipSource
 from diffit_cli.data.synthetic import SYNTHETIC_SIZE, SyntheticShapes
 from diffit_cli.preemption import shield_worker
@@ -19,17 +21,22 @@ from diffit_cli.preemption import shield_worker
 def open_source(data: Any = None, resolution: int | None = None, *, channels: int | None = None,
                 xflip: bool | None = None, skip_bad_images: bool = False, synthetic_size: int = SYNTHETIC_SIZE,
                 synthetic_seed: int = 0, synthetic_style: str | None = None) -> Source:
-    """Open the source named by a `DataConfig`, a path, or None (built-in synthetic shapes).
+    """Open the source named by a `DataConfig`, a path or dataset name, or None (built-in synthetic shapes).
 
-    Path → latent shards (a folder with manifest.json), image folder, `.zip` or `.npz`. Explicit keyword
-    arguments override the config's values. For `space: latent` presets with an image path, the returned
+    Path → latent shards (a folder with manifest.json), image folder, `.zip` or `.npz`; `torchvision:NAME[:split]`
+    and `hf:...` → `named.open_named`. A `DataConfig` uses the built-in shapes only when its `synthetic` names a
+    style and its `path` is empty; with neither it is the no-data error (`catalog.missing_data_message`). Explicit
+    keyword arguments override the config's values. For `space: latent` presets with an image path, the returned
     pixel source yields RGB images for on-the-fly VAE encoding.
     """
-    use_labels = False
+    use_labels, columns = False, {}
     if data is not None and not isinstance(data, (str, os.PathLike)):  # a DataConfig (duck-typed)
         cfg = data
+        if not has_data(cfg):
+            raise DataError(missing_data_message(None, cfg))
         data, use_labels = cfg.path, cfg.use_labels
-        synthetic_style = synthetic_style or getattr(cfg, "synthetic", None)
+        columns = dict(image_column=cfg.image_column, label_column=cfg.label_column)
+        synthetic_style = synthetic_style or cfg.synthetic
         resolution = cfg.resolution if resolution is None else resolution
         if channels is None:
             channels = cfg.channels if cfg.space == "pixel" else 3
@@ -39,21 +46,24 @@ def open_source(data: Any = None, resolution: int | None = None, *, channels: in
         resolution = check_resolution(resolution)
     channels = 3 if channels is None else channels
     xflip = bool(xflip)
+    kwargs = dict(channels=channels, xflip=xflip, skip_bad_images=skip_bad_images)
 
     if data is None:
         src: Source = SyntheticShapes(resolution or 32, channels=channels, size=synthetic_size, seed=synthetic_seed,
                                       xflip=xflip, style=synthetic_style or "varied")
+    elif is_named(data):
+        if resolution is None:
+            raise DataError(f"opening {data!r} needs a resolution")
+        src = open_named(str(data), resolution, **kwargs, **columns)
     else:
         path = Path(data).expanduser()
         if not path.exists():
-            raise DataError(f"data path {str(path)!r} does not exist; pass an image folder, .zip, .npz or a "
-                            "latent folder written by `diffit encode-latents`")
+            raise DataError(f"data path {str(path)!r} does not exist; pass {DATA_FORMS} (see {README_SECTION})")
         if path.is_dir() and (path / MANIFEST_NAME).is_file():
             src = LatentShardSource(path, resolution)
         else:
             if resolution is None:
                 raise DataError(f"opening {str(path)!r} needs a resolution")
-            kwargs = dict(channels=channels, xflip=xflip, skip_bad_images=skip_bad_images)
             if path.is_dir():
                 src = ImageFolderSource(path, resolution, **kwargs)
             elif path.suffix.lower() == ".zip":
@@ -61,11 +71,12 @@ def open_source(data: Any = None, resolution: int | None = None, *, channels: in
             elif path.suffix.lower() == ".npz":
                 src = NpzSource(path, resolution, **kwargs)
             else:
-                raise DataError(f"cannot tell what {str(path)!r} is: pass an image folder, a .zip, a .npz or a "
-                                "latent folder (with manifest.json)")
+                raise DataError(f"cannot tell what {str(path)!r} is: pass an image folder, a .zip, a .npz, a "
+                                "latent folder (with manifest.json), torchvision:NAME or hf:OWNER/NAME")
     if use_labels and src.num_classes == 0:
         raise DataError(f"data.use_labels is true but {src.name!r} has no class labels (put each class in its "
-                        "own subfolder, add dataset.json labels / arr_1, or set data.use_labels=false)")
+                        "own subfolder, add dataset.json labels / arr_1, name data.label_column, or set "
+                        "data.use_labels=false)")
     return src
 
 

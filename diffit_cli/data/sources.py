@@ -148,7 +148,7 @@ def _labels_from_names(names: Sequence[str], root: str) -> tuple[np.ndarray, tup
     return np.array([index[p[0]] for p in parts], np.int64), classes
 
 
-def _hash_lines(lines: Sequence[str], labels: np.ndarray) -> str:
+def hash_lines(lines: Sequence[str], labels: np.ndarray) -> str:
     h = hashlib.sha256()
     for line in lines:
         h.update(line.encode() + b"\n")
@@ -181,7 +181,7 @@ class ImageFolderSource(PixelSource):
             return pil_to_chw(im, self.resolution, self.num_channels)
 
     def fingerprint(self) -> str:
-        return _hash_lines(self.files, self._raw_labels)
+        return hash_lines(self.files, self._raw_labels)
 
 
 class FileSource(PixelSource):
@@ -249,7 +249,7 @@ class ZipSource(FileSource):
             return pil_to_chw(im, self.resolution, self.num_channels)
 
     def fingerprint(self) -> str:
-        return _hash_lines([f"{n}:{c}" for n, c in zip(self.files, self._crc)], self._raw_labels)
+        return hash_lines([f"{n}:{c}" for n, c in zip(self.files, self._crc)], self._raw_labels)
 
 
 class NpzSource(FileSource):
@@ -302,4 +302,4 @@ class NpzSource(FileSource):
 
     def fingerprint(self) -> str:
         st = self.path.stat()
-        return _hash_lines([f"{self.path.name}:{st.st_size}:{self._shape}"], self._raw_labels)
+        return hash_lines([f"{self.path.name}:{st.st_size}:{self._shape}"], self._raw_labels)

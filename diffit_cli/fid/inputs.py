@@ -201,6 +201,8 @@ def read_stats(path: str | os.PathLike) -> dict:
 
 
 def open_input(source, role: str, allow_stats: bool) -> Images | Statistics:
+    if isinstance(source, Images):  # already open (e.g. a training data source, `fid.reference.source_images`)
+        return source
     if isinstance(source, np.ndarray) or torch.is_tensor(source):
         return array_images(source)
     path = Path(os.fspath(source)).expanduser()

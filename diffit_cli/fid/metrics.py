@@ -139,7 +139,7 @@ def compute_metrics(
         if reference is None:
             raise DiffitError(
                 f"{' and '.join(_LABEL[m] for m in paired)} compare samples with a reference: "
-                "pass --ref (images or a statistics file)"
+                "pass --ref (images or a statistics file), or --preset NAME for its training set's statistics"
             )
         ref = open_input(reference, "reference", allow_stats=True)
     if isinstance(ref, Statistics):
@@ -264,7 +264,8 @@ def save_reference(
     features: bool = False,
     progress: Progress | None = None,
 ) -> dict:
-    """Compute `mu`/`sigma` of a dataset (folder, zip, npz or array) and save them to `out_file` (.npz).
+    """Compute `mu`/`sigma` of a dataset (folder, zip, npz, array or open `Images`) and save them to `out_file`
+    (.npz).
 
     The file also records `extractor`, `feature_layer` and `num_images`, and with `features=True`
     the per-image features (so KID and precision/recall can run against it later). It is written

@@ -19,7 +19,7 @@ from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, dump_preset
 from diffit_cli.core.layers import attention_logit_max
-from diffit_cli.data import open_source
+from diffit_cli.data import open_source, require_data
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fileio import atomic_write_bytes, new_output
 from diffit_cli.preemption import preemption_signals
@@ -46,6 +46,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
           skip_bad_images: bool = False, tensorboard: bool = False,
           progress: Progress | None = None) -> TrainState:
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists."""
+    require_data(preset)  # a preset that names no data stops here, with the ways to supply it
     summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
     main = run.accelerator.is_main_process
@@ -134,7 +135,8 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = main_process_only(progress, accelerator.is_main_process)
 
-    dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
+    with accelerator.main_process_first():  # a dataset by name downloads once, on the main process
+        dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
     if dataset.kind == "latent" and preset.data.space != "latent":
         raise TrainError(f"{preset.data.path!r} holds VAE latents but preset {preset.name!r} trains in pixel space; "
                          "use a latent preset such as imagenet256")
