@@ -267,3 +267,8 @@ class EvalConfig(Section):
     num_samples: Pos = 50000
     reference: str | None = None  # statistics file, image folder or dataset; None → the training data
     batch: Pos = 64
+    # FID along training: every `every_kimg` (0 = off) the EMA network samples `num_samples` images (seeds
+    # 0..num_samples-1) and is scored against `reference`; `feature_extractor` is a torch-fidelity registry name
+    # (inception-v3-compat, as the published numbers; diffit-randconv-v1: the offline stand-in, not comparable)
+    every_kimg: Annotated[float, Field(ge=0)] = 0.0
+    feature_extractor: str = "inception-v3-compat"
