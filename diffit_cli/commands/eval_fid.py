@@ -129,7 +129,8 @@ def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, i
     from diffit_cli.fid.sampled import score_checkpoint
 
     with RichProgress() as progress:
-        r = score_checkpoint(ckpt, num, repeats=repeats, reference=ref, batch=batch, feature_extractor=feature_extractor,
+        r = score_checkpoint(ckpt, num, repeats=repeats, reference=ref, batch=batch,
+                             feature_extractor=feature_extractor,
                              keep=keep, inception_weights=inception_weights, progress=progress)
     if r is None:  # not the main process
         return None
@@ -141,7 +142,7 @@ def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, i
     out.print(f"FID over {len(r['values'])} repeat{'s' * (len(r['values']) > 1)} of {r['num']:,} images: "
               f"min {r['min']:.4f}  mean {r['mean']:.4f}  std {r['std']:.4f}", highlight=False)
     out.print(f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
-              f"{r['steps']} steps, {r['weights']} weights", highlight=False)
+              f"{r['steps']} steps, EMA weights", highlight=False)
     for note in r["notes"]:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
     return r

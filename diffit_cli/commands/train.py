@@ -84,5 +84,6 @@ def train_cmd(
                       f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'}, "
                       f"curves: {run_dir / 'curves.png'})")
         if state.best:
-            console.print(f"best FID {state.best['fid']:.4g} at {state.best['kimg']:g} kimg ({state.best['extractor']}): "
+            best = state.best
+            console.print(f"best FID {best['fid']:.4g} at {best['kimg']:g} kimg ({best['extractor']}): "
                           f"{run_dir / 'checkpoints' / 'best.pt'}", highlight=False)

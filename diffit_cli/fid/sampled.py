@@ -52,8 +52,8 @@ def sample_fid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, 
     state.wait_for_everyone()
     mine = seeds[state.process_index::state.num_processes]
     emit(Start("fid samples", len(seeds), 0, "images",
-               f"sampling {len(seeds)} images (seeds {seeds[0]}-{seeds[-1]}) on {state.device} × {state.num_processes} "
-               f"for FID ({feature_extractor})"))
+               f"sampling {len(seeds)} images (seeds {seeds[0]}-{seeds[-1]}) on {state.device} × "
+               f"{state.num_processes} for FID ({feature_extractor})"))
     done = 0
     for chunk, labels, images in generate(net, diffusion, preset, mine, decode, precision=precision,
                                           batch=preset.sample.batch, device=state.device):
@@ -82,17 +82,18 @@ def sampling_precision(preset: Preset, device: torch.device) -> str:
 
 
 def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, reference=None, batch: int | None = None,
-                     feature_extractor: str | None = None, keep: Path | str | None = None, raw: bool = False,
+                     feature_extractor: str | None = None, keep: Path | str | None = None,
                      inception_weights=None, progress: Progress | None = None) -> dict | None:
     """`diffit eval-fid --ckpt`: FID of a checkpoint's EMA network over `repeats` seed ranges of `num` images
     (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults come from the
     checkpoint's preset (`eval.num_samples`, `eval.reference` or the training data's statistics,
-    `eval.feature_extractor`, `eval.batch` for feature extraction). Returns {values, min, mean, std, ...} on the main process, None elsewhere."""
+    `eval.feature_extractor`, `eval.batch` for feature extraction). Returns {values, min, mean, std, ...} on the
+    main process, None elsewhere."""
     if repeats < 1 or (num is not None and num < 2):
         raise DiffitError("--repeats must be at least 1 and --num at least 2 (FID needs two samples)")
     state = PartialState(cpu=not torch.cuda.is_available())
     path = resolve_weights(ckpt)
-    weights, preset = read_snapshot(path, ema=not raw)
+    weights, preset = read_snapshot(path)
     if batch is not None:
         preset = preset.model_copy(update={"eval": preset.eval.model_copy(update={"batch": batch})})
     num = num or preset.eval.num_samples
@@ -134,5 +135,5 @@ def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, ref
     return {"checkpoint": str(ckpt), "num": num, "repeats": [{"seeds": r["seeds"], "fid": r["fid"]} for r in runs],
             "values": values, "min": min(values), "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "extractor": extractor,
-            "reference": ref_desc or str(reference), "weights": "raw" if raw else "ema", "precision": precision,
+            "reference": ref_desc or str(reference), "precision": precision,
             "sampler": preset.sample.sampler, "steps": preset.sample.steps, "notes": runs[0]["notes"]}

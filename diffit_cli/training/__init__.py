@@ -1,6 +1,7 @@
-"""Training (DESIGN §5): `loop` (the `train` loop), `run` (its state and log), `recovery` (checkpoints, resume,
-spike response, preemption), `tracking` (experiment trackers), `evaluate` (FID along training), `recipe` (keyed randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the
-loss-spike detector) and `lock` (one training process per run folder)."""
+"""Training (DESIGN §5): `loop` (the `train` loop), `run` (its state and log), `recovery` (checkpoints, resume, spike
+response, preemption), `tracking` (experiment trackers), `evaluate` (FID along training), `recipe` (keyed
+randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector) and `lock` (one training
+process per run folder)."""
 
 from diffit_cli.training.loop import PREEMPTED_EXIT, dry_run_summary, train
 from diffit_cli.training.monitor import Spike, SpikeDetector
