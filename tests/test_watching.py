@@ -125,6 +125,15 @@ def test_unknown_or_missing_trackers_are_one_line_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_fid_along_training_offline_without_inception_weights_stops_before_training(tmp_path):
+    """The stand-in extractor is used only when asked for: offline with no Inception weights, a run that measures
+    FID with the default extractor stops at once (exit 2, saying where the weights go), nothing written."""
+    args = sum([["--set", s] for s in TINY_UNET + ["eval.every_kimg=0.016"]], [])
+    r = cli("train", "--run-dir", tmp_path / "run", *args)
+    assert r.exit_code == 2 and "Inception" in r.output and "--inception-weights" in r.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_ablate_logs_each_variant_as_its_own_tracker_run_grouped_by_study(tmp_path, monkeypatch):
     import diffit_cli.training
     from diffit_cli import ablation as A

@@ -36,6 +36,8 @@ def train_cmd(
     tracker_project: str = typer.Option("diffit", "--tracker-project", help="Tracker project (W&B/Comet project, "
                                                                             "MLflow experiment)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", hidden=True, help="Same as --log-with tensorboard."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
+                                                     help="FID along training: a local Inception weights file."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
                                             help="Recompute blocks in the backward pass (less memory)."),
@@ -67,7 +69,7 @@ def train_cmd(
     trackers = TrackerSpec(tuple(log_with or ()) + ("tensorboard",) * tensorboard, tracker_project)
     with RichProgress() as progress:
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
-                      trackers=trackers, progress=progress)
+                      trackers=trackers, inception_weights=inception_weights, progress=progress)
     if state.preempted:
         from diffit_cli.training import PREEMPTED_EXIT
 

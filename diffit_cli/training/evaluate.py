@@ -28,7 +28,7 @@ def fid_reference(run: Run) -> tuple[str, str]:
             run.fid_reference = (ev.reference, ev.reference)
         else:
             path, what = training_statistics(run.preset, feature_extractor=ev.feature_extractor, batch=ev.batch,
-                                             progress=run.emit)
+                                             inception_weights=run.inception_weights, progress=run.emit)
             run.fid_reference = (str(path), what)
     return run.fid_reference
 
@@ -42,7 +42,7 @@ def fid_point(run: Run) -> bool:
     decode = run.codec.decode if run.codec is not None else make_decoder(preset, None, acc.device, precision)[0]
     r = sample_fid(run.ema.net, run.diffusion, preset, decode, reference, list(range(ev.num_samples)), state=acc,
                    feature_extractor=ev.feature_extractor, work_dir=run.run_dir / WORK_DIR, precision=precision,
-                   progress=run.emit)
+                   inception_weights=run.inception_weights, progress=run.emit)
     if r is None:
         return False
     kimg = round(state.nimg / 1000, 3)

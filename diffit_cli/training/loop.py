@@ -48,15 +48,17 @@ PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention
 
 
 def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, force: bool = False,
-          skip_bad_images: bool = False, trackers: TrackerSpec | None = None,
+          skip_bad_images: bool = False, trackers: TrackerSpec | None = None, inception_weights: str | None = None,
           progress: Progress | None = None) -> TrainState:
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists; `trackers`: the experiment
-    trackers to log to (Accelerate's), resumed with the run."""
+    trackers to log to (Accelerate's), resumed with the run; `inception_weights`: a local weights file for FID
+    along training on offline machines."""
     trackers = trackers or TrackerSpec()
     names = resolve_trackers(trackers.log_with)  # checked before anything is written
     if preset.eval.every_kimg > 0:
-        check_extractor(preset.eval.feature_extractor)
+        check_extractor(preset.eval.feature_extractor, inception_weights)
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, names, progress)
+    run.inception_weights = inception_weights
     main = run.accelerator.is_main_process
     if main:  # one training process per run folder (the other ranks of this launch take no lock)
         warning = lock.acquire(run.run_dir)

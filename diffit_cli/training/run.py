@@ -44,6 +44,7 @@ class Run:
     grad_norm_sum: torch.Tensor | None = None
     grad_norm_max: torch.Tensor | None = None
     fid_reference: tuple | None = None  # (reference, description) of FID along training, found at its first point
+    inception_weights: str | None = None  # FID along training: a local Inception weights file (offline machines)
     curves_at: float = float("-inf")  # when curves.png was last drawn (perf_counter) and how long that took
     curves_s: float = 0.0
 
