@@ -50,6 +50,9 @@ def curve_panels(runs: dict[str, list[dict]]) -> list[Panel]:
         panels.append(Panel("FID", "kimg", f"FID ({', '.join(extractors)})",
                             [Series(label(n), [r["kimg"] for r in rs], [r["fid"] for r in rs])
                              for n, rs in fids.items()]))
+    kimgs = [r["kimg"] for rs in (*reports.values(), *fids.values()) for r in rs]
+    for p in panels:  # one kimg axis for every panel
+        p.x_range = (min(kimgs), max(kimgs)) if kimgs else None
     return panels
 
 
