@@ -82,7 +82,7 @@ def log_record(run: Run, rec: dict) -> None:
         redraw_curves(run, force=rec.get("event") == "fid")
 
 
-CURVES_SHARE = 0.05  # at most this share of the training time goes into redrawing curves.png
+CURVES_SHARE = 0.02  # at most this share of the training time goes into redrawing curves.png
 
 
 def redraw_curves(run: Run, force: bool = False) -> None:
