@@ -207,3 +207,10 @@ def test_eval_fid_ckpt_repeats_follow_the_seed_ranges(tmp_path, reference):
     assert again["fid"] == pytest.approx(res["values"][1], rel=1e-6)
     r = cli("eval-fid", "--ckpt", ckpt, "--num", 8, "--ref", reference, "--feature-extractor", STANDIN, "--keep", keep)
     assert r.exit_code == 2 and "not empty" in r.output
+
+
+def test_eval_fid_flag_combinations_are_one_line_errors(tmp_path):
+    for args, says in ((["--num", 8], "go with --ckpt"), ([], "give SAMPLES"),
+                       (["--ckpt", tmp_path / "x.pt", tmp_path / "samples"], "drop SAMPLES")):
+        r = cli("eval-fid", *args)
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
