@@ -26,6 +26,11 @@ def read_log(run_dir: Path | str) -> list[dict]:
     return records
 
 
+def is_report(rec: dict) -> bool:
+    """A report line (spike and FID lines are `{"event": ...}`; a spike line has a loss too)."""
+    return "loss" in rec and "event" not in rec
+
+
 def taken_path(records: list[dict]) -> list[dict]:
     """The records of the path the run took: a record at or before an earlier one's kimg (a resume replaying the
     stretch after its checkpoint, a spike rollback) replaces those from that kimg on."""
@@ -39,7 +44,7 @@ def taken_path(records: list[dict]) -> list[dict]:
 
 def curve_panels(runs: dict[str, list[dict]]) -> list[Panel]:
     """Loss, lr, img/s panels (and FID when any run measured it), one line per run, against kimg."""
-    reports = {name: taken_path([r for r in recs if "loss" in r]) for name, recs in runs.items()}
+    reports = {name: taken_path([r for r in recs if is_report(r)]) for name, recs in runs.items()}
     fids = {name: taken_path([r for r in recs if r.get("event") == "fid"]) for name, recs in runs.items()}
     label = (lambda name: name) if len(runs) > 1 else (lambda name: "")
     panels = [Panel(title, "kimg", title, [Series(label(n), [r["kimg"] for r in rs], [r.get(key) for r in rs])
@@ -71,7 +76,7 @@ def plot_runs(run_dirs: list[Path | str], out: Path | str = CURVES) -> Path:
         if not (d / LOG).is_file():
             raise DiffitError(f"{d / LOG} does not exist; give run folders made by diffit train")
         records = [r for r in read_log(d) if "kimg" in r]
-        if not any("loss" in r for r in records):
+        if not any(is_report(r) for r in records):
             raise DiffitError(f"{d / LOG} holds no report yet; plot it after its first report")
         name = d.name if d.name not in runs else str(d)
         runs[name] = records

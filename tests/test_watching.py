@@ -14,7 +14,7 @@ from diffit_cli import metrics as M
 from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.config import dump_preset
-from diffit_cli.curves import taken_path
+from diffit_cli.curves import curve_panels, read_log, taken_path
 from diffit_cli.data import open_source
 from diffit_cli.generate import generate, png_path
 from diffit_cli.sampling import make_decoder
@@ -66,7 +66,7 @@ def test_fid_along_training_tensorboard_best_checkpoint_curves_and_resume(tmp_pa
 
     # TensorBoard's own reader gives back exactly log.jsonl's numbers
     scalars = _scalars(run / "trackers" / "diffit")
-    reports = [r for r in log if "loss" in r]
+    reports = [r for r in log if "loss" in r and "event" not in r]
     assert len(reports) == 4
     for rec in reports:
         for k, v in rec.items():
@@ -166,7 +166,10 @@ def test_plot_draws_several_runs_from_their_logs(tmp_path):
         lines = [{"kimg": k, "step": k, "loss": 1 / k, "lr": 1e-3, "img_per_s": 100.0} for k in range(1, 6)]
         if fid:
             lines.append({"event": "fid", "kimg": 5, "step": 5, "fid": 30.0, "extractor": STANDIN})
+            lines.append({"event": "spike", "kimg": 5, "loss": 99.0, "median": 1.0, "action": "warn"})
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kimg": 6, "lo')  # torn end
+    loss = curve_panels({"a": read_log(tmp_path / "a")})[0]
+    assert loss.series[0].y == [1 / k for k in range(1, 6)]  # the spike line (it has a loss too) is no report
     out = tmp_path / "both.png"
     r = cli("plot", tmp_path / "a", tmp_path / "b", "--out", out)
     assert r.exit_code == 0, r.output

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from diffit_cli.config import Preset
-from diffit_cli.curves import LOG, draw_curves
+from diffit_cli.curves import LOG, draw_curves, is_report
 from diffit_cli.data import make_loader
 from diffit_cli.events import Progress
 from diffit_cli.training.monitor import SpikeDetector
@@ -74,11 +74,11 @@ def log_record(run: Run, rec: dict) -> None:
         return
     with open(run.run_dir / LOG, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    if "loss" in rec:
+    if is_report(rec):
         log_scalars(run.accelerator, "train", rec, rec["step"])
     elif rec.get("event") == "fid":
         log_scalars(run.accelerator, "eval", {"fid": rec["fid"]}, rec["step"])
-    if "loss" in rec or rec.get("event") == "fid":
+    if is_report(rec) or rec.get("event") == "fid":
         redraw_curves(run, force=rec.get("event") == "fid")
 
 
