@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(DIFFIT) train --preset demo --run-dir runs/demo
-	@echo "Sample grids: runs/demo/samples/ (latest: runs/demo/samples/grid-latest.png)"
+	@echo "Sample grids: runs/demo/samples/ (latest: runs/demo/samples/grid-latest.png); curves: runs/demo/curves.png"
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

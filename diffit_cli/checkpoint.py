@@ -25,6 +25,7 @@ from diffit_cli.fileio import atomic_write, atomic_write_bytes, format_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
+BEST = "best.pt"  # the snapshot with the lowest FID along training (never pruned while it is the best)
 
 class CheckpointError(DiffitError):
     """A missing, corrupt or mismatching checkpoint."""
@@ -32,16 +33,20 @@ class CheckpointError(DiffitError):
 def checkpoint_name(nimg: int) -> str:
     return f"ckpt-{nimg / 1000:012.3f}.pt"  # ckpt-<kimg>.pt, sortable
 
-def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int) -> Path:
-    """Write `checkpoints/ckpt-<kimg>.pt` atomically, repoint `latest.pt`, keep the newest `keep` files."""
+def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int, best: bool = False) -> Path:
+    """Write `checkpoints/ckpt-<kimg>.pt` atomically, repoint `latest.pt` (and `best.pt` when `best`), keep the
+    newest `keep` files and the one `best.pt` points at."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = atomic_write(folder / checkpoint_name(nimg), lambda f: torch.save(state, f), size=state_nbytes(state))
-    link_tmp = folder / f".{LATEST}.tmp"
-    link_tmp.unlink(missing_ok=True)
-    link_tmp.symlink_to(path.name)
-    os.replace(link_tmp, folder / LATEST)  # the pointer moves only once the file is complete
+    for pointer in (LATEST, BEST) if best else (LATEST,):
+        link_tmp = folder / f".{pointer}.tmp"
+        link_tmp.unlink(missing_ok=True)
+        link_tmp.symlink_to(path.name)
+        os.replace(link_tmp, folder / pointer)  # the pointer moves only once the file is complete
+    kept = best_checkpoint(run_dir)
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
+        if old.resolve() != kept:
+            old.unlink()
     return path
 
 TENSOR_RECORD_BYTES = 320  # torch.save's zip entry per tensor: headers, name, 64-byte alignment (measured ~250-350)
@@ -93,6 +98,11 @@ def set_aside_checkpoints_after(run_dir: Path | str, keep: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
     link = Path(run_dir) / CHECKPOINT_DIR / LATEST
+    return link.resolve() if link.exists() else None
+
+def best_checkpoint(run_dir: Path | str) -> Path | None:
+    """The checkpoint `best.pt` points at (lowest FID along training), None without one."""
+    link = Path(run_dir) / CHECKPOINT_DIR / BEST
     return link.resolve() if link.exists() else None
 
 def load_checkpoint(path: Path | str) -> dict:

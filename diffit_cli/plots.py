@@ -38,6 +38,7 @@ class Panel:
     log_x: bool = False
     note: str = ""
     x_range: tuple[float, float] | None = None  # line plots: fixed x extent (e.g. shared with a sibling panel)
+    marker: str | None = "o"  # line plots: the point marker (None for long curves)
 
 
 def _draw(ax, panel: Panel) -> None:
@@ -52,7 +53,7 @@ def _draw(ax, panel: Panel) -> None:
         for s in panel.series:
             pts = [(x, y) for x, y in zip(s.x, s.y) if y is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=s.name or None)
+                ax.plot(*zip(*pts), marker=panel.marker, label=s.name or None)
         if panel.log_x:
             ax.set_xscale("log")
         if panel.x_range is not None and panel.x_range[0] < panel.x_range[1]:
@@ -76,11 +77,15 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def save_plot(path: Path | str, panels: list[Panel], title: str | None = None) -> Path:
-    """Render `panels` side by side (4.6 × 3.4 in each) and write the PNG atomically."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+def save_plot(path: Path | str, panels: list[Panel], title: str | None = None, ncols: int | None = None) -> Path:
+    """Render `panels` in rows of `ncols` (default: one row; 4.6 × 3.6 in each) and write the PNG atomically."""
+    ncols = ncols or len(panels)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
         _draw(ax, panel)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

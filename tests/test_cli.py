@@ -1,4 +1,4 @@
-"""The Typer app: five commands, --version, lazy imports, plugins from entry points, the exit-2 error path."""
+"""The Typer app: six commands, --version, lazy imports, plugins from entry points, the exit-2 error path."""
 
 import os
 import subprocess
@@ -11,14 +11,14 @@ from typer.testing import CliRunner
 from diffit_cli import __version__
 from diffit_cli.app import build_app
 
-COMMANDS = ["train", "sample", "eval-fid", "encode-latents", "ablate"]
+COMMANDS = ["train", "sample", "eval-fid", "encode-latents", "ablate", "plot"]
 
 
 def run(*args, env=None):
     return CliRunner().invoke(build_app(), list(args), env=env)
 
 
-def test_help_lists_the_five_commands():
+def test_help_lists_the_six_commands():
     r = run("--help")
     assert r.exit_code == 0
     for c in COMMANDS:

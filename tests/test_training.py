@@ -208,20 +208,19 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path):
     _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "ckpt"), exact=False)
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
-    import builtins
+@pytest.mark.parametrize("flag", [["--log-with", "tensorboard"], ["--tensorboard"]])
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch, flag):
+    import importlib.util
 
-    real_import = builtins.__import__
+    real_find_spec = importlib.util.find_spec
 
     def no_tensorboard(name, *a, **k):
-        if name.startswith("torch.utils.tensorboard"):
-            raise ImportError("No module named 'tensorboard'")
-        return real_import(name, *a, **k)
+        return None if name in ("tensorboard", "tensorboardX") else real_find_spec(name, *a, **k)
 
-    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    monkeypatch.setattr(importlib.util, "find_spec", no_tensorboard)
     args = sum([["--set", s] for s in TINY_UNET], [])
-    r = run_cli("train", "--run-dir", str(tmp_path / "run"), "--tensorboard", *args)
-    assert r.exit_code == 2 and "tensorboard" in r.output and "Traceback" not in r.output
+    r = run_cli("train", "--run-dir", str(tmp_path / "run"), *flag, *args)
+    assert r.exit_code == 2 and "pip install 'diffit-cli[tensorboard]'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -65,10 +66,12 @@ class _Runner:
     """One `run_study` call: shared state (directory, extractor, reference, process role) and the per-kind steps."""
 
     def __init__(self, study: Study, budget: str, overrides: list[str] | None, sdir: Path, extractor: str | None,
-                 checkpoint: str | None, progress: Progress | None, inception_weights: Path | None = None):
+                 checkpoint: str | None, progress: Progress | None, inception_weights: Path | None = None,
+                 trackers: training.TrackerSpec | None = None):
 
         self.study, self.budget, self.overrides, self.dir = study, budget, list(overrides or []), sdir
         self.checkpoint = checkpoint
+        self.trackers = trackers
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state.is_main_process
         self.emit = main_process_only(progress, self.main)
@@ -131,7 +134,10 @@ class _Runner:
 
         self.stage("train", f"train to {preset.train.total_kimg:g} kimg", variant=label,
                    total_kimg=preset.train.total_kimg)
-        return training.train(preset, run_dir, progress=self.emit)
+        # each variant (its run folder) is its own tracker run, grouped by the study
+        trackers = dataclasses.replace(self.trackers, name=run_dir.name, group=self.study.name) \
+            if self.trackers and self.trackers.log_with else None
+        return training.train(preset, run_dir, trackers=trackers, progress=self.emit)
 
     def run_train(self, v: Variant, preset: Preset, vdir: Path) -> dict:
 
@@ -243,13 +249,14 @@ def _check_dir(sdir: Path, study: Study, budget: str, extractor: str | None) -> 
 def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] | None = None,
               runs_dir: Path | str | None = None, only: list[str] | None = None, checkpoint: str | None = None,
               feature_extractor: str | None = None, inception_weights: Path | str | None = None,
-              progress: Progress | None = None) -> StudyResult:
+              trackers: training.TrackerSpec | None = None, progress: Progress | None = None) -> StudyResult:
     """Run (or resume) a study; returns its rows and writes results.{md,csv,json} and plots into the study dir.
 
     `only`: variant names to run (results still list every finished variant). `checkpoint`: for `sample`
     studies, a trained network to sample instead of training the base (a `.pt`, `.safetensors` or REPO:FILE).
     `inception_weights`: a local Inception weights file (offline machines; also lifts the tiny budget's fallback to
-    the offline extractor). `progress` receives `diffit_cli.events`: Messages for each variant (start, skipped,
+    the offline extractor). `trackers`: log each trained variant as its own tracker run, grouped by the study
+    (its `name` and `group` are set per variant). `progress` receives `diffit_cli.events`: Messages for each variant (start, skipped,
     done), stage and curve point (structured in `data`), and the training and sampling runs' own events."""
     study = load_study(study) if isinstance(study, (str, Path)) else study
     get_budget(budget)
@@ -264,7 +271,9 @@ def run_study(study: Study | str, budget: str = "tiny", *, overrides: list[str] 
     extractor = choose_extractor(budget, feature_extractor or pinned, weights is not None) \
         if study.metric == "fid" else None
     _check_extractor_available(extractor, weights)
-    runner = _Runner(study, budget, overrides, sdir, extractor, checkpoint, progress, weights)
+    if trackers is not None:
+        training.tracking.resolve_trackers(trackers.log_with)  # a missing tracker package: say so before training
+    runner = _Runner(study, budget, overrides, sdir, extractor, checkpoint, progress, weights, trackers)
     if runner.main:
         write_json(sdir / "study.json", {"study": study.name, "budget": budget, "extractor": extractor,
                                          "base": study.base})

@@ -38,6 +38,10 @@ def ablate_cmd(
                                                          "at tiny without its weights: diffit-randconv-v1)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
                                                      help="Local Inception weights file (offline machines)."),
+    log_with: Optional[List[str]] = typer.Option(None, "--log-with",
+                                                 help="Experiment tracker (tensorboard, wandb, mlflow, aim, comet_ml, "
+                                                      "all; repeatable): each variant is a run, grouped by study."),
+    tracker_project: str = typer.Option("diffit-ablate", "--tracker-project", help="Tracker project."),
 ) -> None:
     from diffit_cli import ablation as A
 
@@ -48,9 +52,13 @@ def ablate_cmd(
     if dry_run:
         console.print(A.plan_study(s, budget, overrides, runs_dir, only).describe(), highlight=False, markup=False)
         return
+    from diffit_cli.training import TrackerSpec
+
+    trackers = TrackerSpec(tuple(log_with), tracker_project) if log_with else None
     with RichProgress() as progress:
         r = A.run_study(s, budget, overrides=overrides, runs_dir=runs_dir, only=only, checkpoint=checkpoint,
-                        feature_extractor=feature_extractor, inception_weights=inception_weights, progress=progress)
+                        feature_extractor=feature_extractor, inception_weights=inception_weights, trackers=trackers,
+                        progress=progress)
     if r.files:
         _show_result(s, r)
 

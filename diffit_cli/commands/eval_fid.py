@@ -14,7 +14,11 @@ HELP = """Score samples (image folder, .zip, or .npz with arr_0 uint8 NHWC) agai
 statistics file (EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz, or one from --save-ref).
 Without --ref, --preset NAME scores against the preset's eval.reference: for `train` (image-space presets) the
 statistics of its training set, computed once and cached in $DIFFIT_CACHE/fid-refs.
-With --save-ref FILE, SAMPLES is a dataset: its statistics are saved for later runs."""
+With --save-ref FILE, SAMPLES is a dataset: its statistics are saved for later runs.
+
+With --ckpt FILE (no SAMPLES), the checkpoint's EMA network samples --num images with its preset's sampler (split
+across processes: `accelerate launch -m diffit_cli eval-fid --ckpt ...`) and they are scored, --repeats times with
+seeds k*num ... (k+1)*num-1 for repeat k (EDM reports the minimum of three); the images are kept only with --keep."""
 
 
 def _show(result: dict) -> None:
@@ -49,10 +53,10 @@ def _show(result: dict) -> None:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
-SamplesArg = typer.Argument(..., help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
+SamplesArg = typer.Argument(None, help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
 RefOpt = typer.Option(None, "--ref", "-r", help="Image folder, .zip, .npz of images, or a mu/sigma statistics .npz.")
 MetricsOpt = typer.Option("fid", "--metrics", "-m", help="Comma-separated: fid, is, kid, pr (precision/recall).")
-BatchOpt = typer.Option(64, "--batch", help="Images per feature-extraction batch.")
+BatchOpt = typer.Option(None, "--batch", help="Images per feature-extraction batch (default 64; --ckpt: eval.batch).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 WeightsOpt = typer.Option(None, "--inception-weights", help="Local Inception weights file (offline machines).")
 ExtractorOpt = typer.Option(
@@ -63,6 +67,10 @@ ExtractorOpt = typer.Option(
 SaveRefOpt = typer.Option(None, "--save-ref", help="Save mu/sigma of SAMPLES (a dataset) to this .npz and exit.")
 JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 DataOpt = typer.Option(None, "--data", "-d", help="With --preset: the training data (as for `diffit train`).")
+CkptOpt = typer.Option(None, "--ckpt", help="Sample this checkpoint (.pt/.safetensors or REPO:FILE) and score it.")
+NumOpt = typer.Option(None, "--num", min=2, help="--ckpt: images per repeat (default: the preset's eval.num_samples).")
+RepeatsOpt = typer.Option(1, "--repeats", min=1, help="--ckpt: score this many seed ranges.")
+KeepOpt = typer.Option(None, "--keep", help="--ckpt: keep the sampled PNGs in this (new or empty) folder.")
 
 
 def register(app: typer.Typer) -> None:
@@ -81,18 +89,36 @@ def register(app: typer.Typer) -> None:
         preset: Optional[str] = PresetOpt,
         data: Optional[str] = DataOpt,
         overrides: Optional[List[str]] = SetOpt,
+        ckpt: Optional[str] = CkptOpt,
+        num: Optional[int] = NumOpt,
+        repeats: int = RepeatsOpt,
+        keep: Optional[Path] = KeepOpt,
     ) -> None:
-        from diffit_cli import metrics as M
         from diffit_cli.fileio import check_writable, write_json
+
+        for out in (save_ref, json_out):  # before anything is sampled or computed, not after
+            if out is not None:
+                check_writable(out)
+
+        if ckpt is not None:
+            if samples is not None or save_ref is not None or device is not None or metrics != "fid":
+                fail("--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
+                     "--metrics (launch with accelerate to use several GPUs)")
+            result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights)
+            if result is not None and json_out is not None:
+                write_json(json_out, result)
+            return
+        if num is not None or repeats != 1 or keep is not None:
+            fail("--num, --repeats and --keep go with --ckpt (sampling a checkpoint)")
+        if samples is None:
+            fail("give SAMPLES (images to score), or --ckpt FILE to sample a checkpoint")
+        from diffit_cli import metrics as M
 
         if save_ref is not None and ref is not None:
             fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
-        for out in (save_ref, json_out):  # before the features are computed, not after
-            if out is not None:
-                check_writable(out)
         if preset is None and (data is not None or overrides):
             fail("--data and --set describe a preset's training data: pass --preset NAME too")
-        common = dict(batch=batch, device=device, feature_extractor=feature_extractor)
+        common = dict(batch=batch or 64, device=device, feature_extractor=feature_extractor)
         common["inception_weights"] = inception_weights
         with RichProgress() as progress:
             if save_ref is not None:
@@ -120,3 +146,27 @@ def register(app: typer.Typer) -> None:
             _show(result)
         if json_out is not None:
             write_json(json_out, result)
+
+
+def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights) -> dict | None:
+    """Sample and score a checkpoint; print each repeat's FID and their minimum, mean and standard deviation."""
+    from diffit_cli.fid.sampled import score_checkpoint
+
+    with RichProgress() as progress:
+        r = score_checkpoint(ckpt, num, repeats=repeats, reference=ref, batch=batch,
+                             feature_extractor=feature_extractor,
+                             keep=keep, inception_weights=inception_weights, progress=progress)
+    if r is None:  # not the main process
+        return None
+    from rich.console import Console
+
+    out = Console()
+    for k, rep in enumerate(r["repeats"]):
+        out.print(f"FID repeat {k} (seeds {rep['seeds']}): {rep['fid']:.4f}", highlight=False)
+    out.print(f"FID over {len(r['values'])} repeat{'s' * (len(r['values']) > 1)} of {r['num']:,} images: "
+              f"min {r['min']:.4f}  mean {r['mean']:.4f}  std {r['std']:.4f}", highlight=False)
+    out.print(f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
+              f"{r['steps']} steps, EMA weights", highlight=False)
+    for note in r["notes"]:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+    return r

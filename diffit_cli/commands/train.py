@@ -31,7 +31,14 @@ def train_cmd(
     kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="Train this many thousand images in all."),
     batch_gpu: Optional[int] = typer.Option(None, "--batch-gpu", min=1, help="Per-device batch (gradient accumulation fills the rest)."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images with a warning."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
+    log_with: Optional[List[str]] = typer.Option(
+        None, "--log-with", help="Experiment tracker: tensorboard, wandb, mlflow, aim, comet_ml or all (repeatable; "
+                                 "offline modes as each tracker has them, e.g. WANDB_MODE=offline)."),
+    tracker_project: str = typer.Option("diffit", "--tracker-project", help="Tracker project (W&B/Comet project, "
+                                                                            "MLflow experiment)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", hidden=True, help="Same as --log-with tensorboard."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
+                                                     help="FID along training: a local Inception weights file."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
                                             help="Recompute blocks in the backward pass (less memory)."),
@@ -58,12 +65,13 @@ def train_cmd(
         typer.echo(f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  "
                    f"images/step: {info['images_per_step']}")
         return
-    from diffit_cli.training import train
+    from diffit_cli.training import TrackerSpec, train
 
     run_dir = run_dir or Path("runs") / p.name
+    trackers = TrackerSpec(tuple(log_with or ()) + ("tensorboard",) * tensorboard, tracker_project)
     with RichProgress() as progress:
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
-                      tensorboard=tensorboard, progress=progress)
+                      trackers=trackers, inception_weights=inception_weights, progress=progress)
     if state.preempted:
         from diffit_cli.preemption import PREEMPTED_EXIT
 
@@ -77,4 +85,9 @@ def train_cmd(
         raise typer.Exit(code=1)
     if state.main_process:
         console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
-                      f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'})")
+                      f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'}, "
+                      f"curves: {run_dir / 'curves.png'})")
+        if state.best:
+            best = state.best
+            console.print(f"best FID {best['fid']:.4g} at {best['kimg']:g} kimg ({best['extractor']}): "
+                          f"{run_dir / 'checkpoints' / 'best.pt'}", highlight=False)

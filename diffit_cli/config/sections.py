@@ -290,3 +290,8 @@ class EvalConfig(Section):
         if isinstance(raw, dict) and "reference" in raw and raw["reference"] is None:
             raw = dict(raw, reference="train")
         return raw
+    # FID along training: every `every_kimg` (0 = off) the EMA network samples `num_samples` images (seeds
+    # 0..num_samples-1) and is scored against `reference`; `feature_extractor` is a torch-fidelity registry name
+    # (inception-v3-compat, as the published numbers; diffit-randconv-v1: the offline stand-in, not comparable)
+    every_kimg: Annotated[float, Field(ge=0)] = 0.0
+    feature_extractor: str = "inception-v3-compat"

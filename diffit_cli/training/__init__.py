@@ -1,11 +1,14 @@
-"""Training (DESIGN §5): `loop` (the `train` loop), `run` (its state and log), `recovery` (checkpoints, resume,
-free space, spike response), `recipe` (keyed randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the
-loss-spike detector) and `lock` (one training process per run folder)."""
+"""Training (DESIGN §5): `loop` (the `train` loop), `run` (its state and log), `recovery` (checkpoints, resume, free
+space, spike response), `tracking` (experiment trackers), `evaluate` (FID along training), `recipe` (keyed
+randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector) and `lock` (one training
+process per run folder)."""
 
 from diffit_cli.training.loop import dry_run_summary, train
 from diffit_cli.training.monitor import Spike, SpikeDetector
 from diffit_cli.training.recipe import (RESUMABLE_KEYS, TrainError, TrainState, enable_activation_checkpointing,
                                         keyed_seed, learning_rate, to_model_space)
+from diffit_cli.training.tracking import TRACKERS, TrackerSpec
 
 __all__ = ["train", "dry_run_summary", "Spike", "SpikeDetector", "RESUMABLE_KEYS", "TrainError",
-           "TrainState", "enable_activation_checkpointing", "keyed_seed", "learning_rate", "to_model_space"]
+           "TrainState", "enable_activation_checkpointing", "keyed_seed", "learning_rate", "to_model_space", "TRACKERS",
+           "TrackerSpec"]

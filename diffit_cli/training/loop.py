@@ -1,7 +1,8 @@
 """The training loop (DESIGN §5): Accelerate placement, kimg counters, EMA, warm-up, clipping, resume, reports
-with the gradient norm and the largest attention logit, the loss-spike watch (warn, stop or roll back), and
-snapshots with a preview grid. One loop trains every preset: pixel and latent data differ only in how a raw batch
-becomes model space (`recipe.to_model_space`); the randomness is keyed (see `recipe`).
+with the gradient norm and the largest attention logit (to log.jsonl, the experiment trackers and curves.png), the
+loss-spike watch (warn, stop or roll back), FID along training (best.pt), and snapshots with a preview grid. One
+loop trains every preset: pixel and latent data differ only in how a raw batch becomes model space
+(`recipe.to_model_space`); the randomness is keyed (see `recipe`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from diffit_cli.augment import AugmentPipe
 from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters, parameter_count
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.codecs import make_codec
-from diffit_cli.config import Preset, dump_preset
+from diffit_cli.config import Preset, dump_preset, preset_to_dict
 from diffit_cli.core.layers import attention_logit_max
 from diffit_cli.data import open_source, require_data
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
+from diffit_cli.fid.sampled import check_extractor
 from diffit_cli.fileio import atomic_write_bytes, new_output
 from diffit_cli.preemption import preemption_signals
 from diffit_cli.training import lock
+from diffit_cli.training.evaluate import fid_due, fid_point
 from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training.recipe import (
     Ema,
@@ -37,18 +40,26 @@ from diffit_cli.training.recipe import (
     to_model_space,
 )
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
-from diffit_cli.training.run import Run, log_record, start_stream, zero
+from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
+from diffit_cli.training.tracking import LOG_DIR as TRACKER_DIR
+from diffit_cli.training.tracking import TrackerSpec, flat_config, resolve_trackers, start_trackers
 
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
 
 def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, force: bool = False,
-          skip_bad_images: bool = False, tensorboard: bool = False,
+          skip_bad_images: bool = False, trackers: TrackerSpec | None = None, inception_weights: str | None = None,
           progress: Progress | None = None) -> TrainState:
-    """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists."""
+    """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists; `trackers`: the experiment
+    trackers to log to (Accelerate's), resumed with the run; `inception_weights`: a local weights file for FID
+    along training on offline machines."""
     require_data(preset)  # a preset that names no data stops here, with the ways to supply it
-    summary_writer = _summary_writer() if tensorboard else None  # checked before anything is written
-    run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, progress)
+    trackers = trackers or TrackerSpec()
+    names = resolve_trackers(trackers.log_with)  # checked before anything is written
+    if preset.eval.every_kimg > 0:
+        check_extractor(preset.eval.feature_extractor, inception_weights)
+    run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, names, progress)
+    run.inception_weights = inception_weights
     main = run.accelerator.is_main_process
     # a new run that fails before its first checkpoint (e.g. a corrupt image in the first batch) leaves nothing
     with new_output(run.run_dir, keep=lambda: latest_checkpoint(run.run_dir) is not None, owner=main):
@@ -57,21 +68,21 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
             if warning:
                 run.emit(Message(warning, "warning"))
         try:
-            return _train(run, force, summary_writer)
+            return _train(run, force, trackers)
         finally:
             if main:
                 lock.release(run.run_dir)
 
 
-def _train(run: Run, force: bool, summary_writer) -> TrainState:
-    """Resume or start, then the loop: steps, reports (with the spike watch) and snapshots."""
+def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
+    """Resume or start, then the loop: steps, reports (with the spike watch), FID points and snapshots."""
     preset = run.preset
     tc, state, acc = preset.train, run.state, run.accelerator
     ckpt_path = resume(run, force)
     if ckpt_path is None and acc.is_main_process:
         check_checkpoint_space(run)
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
-    writer = summary_writer(run.run_dir / "tensorboard") if summary_writer and acc.is_main_process else None
+    start_trackers(acc, run.run_dir, trackers, {"run": run.run_dir.name, **flat_config(preset_to_dict(preset))})
     start_stream(run)
     run.emit(Start("train", tc.total_kimg, state.nimg / 1000, "kimg",
                    f"{'resuming' if ckpt_path is not None else 'starting'} at {state.nimg / 1000:.1f} kimg on "
@@ -88,38 +99,40 @@ def _train(run: Run, force: bool, summary_writer) -> TrainState:
                 snapshot(run, grid=False)
                 state.preempted = caught[0]
                 break
-            loss_sum, loss_n, t_report, n_report = _after_step(run, writer, loss_sum, loss_n, t_report, n_report)
+            loss_sum, loss_n, t_report, n_report = _after_step(run, loss_sum, loss_n, t_report, n_report)
             if state.stopped:
                 break
-    if writer is not None:
-        writer.close()
+    redraw_curves(run, force=True)
     acc.end_training()
     state.main_process = acc.is_main_process
     return state
 
 
-def _after_step(run: Run, writer, loss_sum, loss_n: int, t_report: float, n_report: int):
-    """Report (with the spike watch) and snapshot when their boundaries are crossed; the report accumulators."""
+def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int):
+    """Report (with the spike watch), FID and snapshot when their boundaries are crossed; the report accumulators.
+    An FID point is always a snapshot too, so that `best.pt` can point at it."""
     tc, state = run.preset.train, run.state
     total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
     done = state.nimg >= total_nimg
     if done or state.nimg // report_every > (state.nimg - tc.batch) // report_every:
-        rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report, writer)
+        rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report)
         loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
         spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
         if spike is not None and on_spike(run, spike):  # stopped, or rolled back to a checkpoint
             return loss_sum, loss_n, time.perf_counter(), state.nimg
-    if done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
-        snapshot(run)
+    fid = fid_due(run)
+    if fid or done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
+        snapshot(run, best=fid and fid_point(run))
         t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
     return loss_sum, loss_n, t_report, n_report
 
 
-def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool,
+def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool, trackers: list[str],
            progress: Progress | None) -> Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     from accelerate import Accelerator  # here, not at the top: `diffit train --dry-run` needs no Accelerate
     from accelerate.state import AcceleratorState  # (same reason)
+    from accelerate.utils import ProjectConfiguration  # (same reason)
 
     tc = preset.train
     mp = tc.mixed_precision
@@ -130,7 +143,9 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
     AcceleratorState._reset_state()
     # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
-    accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available(),
+                              log_with=trackers or None, project_config=ProjectConfiguration(
+                                  project_dir=str(run_dir), logging_dir=str(run_dir / TRACKER_DIR)))
     device = accelerator.device
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = main_process_only(progress, accelerator.is_main_process)
@@ -244,7 +259,7 @@ def _attention_logit_max(run: Run) -> float | None:
     return max(v.item() for v in found.values()) if found else None
 
 
-def _report(run: Run, loss_mean: torch.Tensor, n_report: int, seconds: float, writer) -> dict:
+def _report(run: Run, loss_mean: torch.Tensor, n_report: int, seconds: float) -> dict:
     """Reduce the interval's figures across processes, append them to log.jsonl and emit them as a `Step`."""
     acc, state, tc = run.accelerator, run.state, run.preset.train
     steps = max((state.nimg - n_report) // tc.batch, 1)
@@ -257,18 +272,10 @@ def _report(run: Run, loss_mean: torch.Tensor, n_report: int, seconds: float, wr
            "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if acc.device.type == "cuda" else None}
     run.grad_norm_sum, run.grad_norm_max, state.data_s = zero(run), zero(run), 0.0
     state.history.append(rec)
-    log_record(run, rec, writer)
+    log_record(run, rec)
     run.emit(Step("train", rec["kimg"], tc.total_kimg, rec, f"loss {loss:.4f}  {rec['img_per_s']:.1f} img/s"
                   + (f"  skipped {state.skipped}" if state.skipped else "")))
     return {**rec, "interval_start": n_report}
-
-
-def _summary_writer():
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard is an optional extra
-    except ImportError:
-        raise TrainError("--tensorboard needs the tensorboard package: pip install 'diffit-cli[tensorboard]'") from None
-    return SummaryWriter
 
 
 def dry_run_summary(preset: Preset) -> dict:

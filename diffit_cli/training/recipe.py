@@ -42,6 +42,7 @@ class TrainState:
     stopped: str | None = None  # why the run stopped early (train.on_spike=stop)
     preempted: str | None = None  # the signal that stopped the run after a checkpoint (SIGTERM, SIGUSR1)
     data_s: float = 0.0  # seconds spent waiting for the data loader since the last report
+    best: dict | None = None  # FID along training: {"fid", "kimg", "extractor"} of the best snapshot (best.pt)
     history: list = field(default_factory=list)
     main_process: bool = True
 

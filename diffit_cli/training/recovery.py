@@ -24,6 +24,7 @@ from diffit_cli.generate import preview_grid
 from diffit_cli.training.monitor import Spike
 from diffit_cli.training.recipe import resume_check
 from diffit_cli.training.run import Run, log_record, start_stream
+from diffit_cli.training.tracking import log_image
 
 
 def restore(run: Run, ckpt_path: Path, force: bool = False) -> None:
@@ -36,6 +37,7 @@ def restore(run: Run, ckpt_path: Path, force: bool = False) -> None:
     run.state.nimg, run.state.step, run.state.skipped = ckpt["nimg"], ckpt["step"], ckpt["skipped"]
     run.state.lr_scale = ckpt.get("lr_scale", 1.0)
     run.state.rollbacks = ckpt.get("rollbacks", 0)
+    run.state.best = ckpt.get("best")
     if "monitor" in ckpt:
         run.monitor.load_state_dict(ckpt["monitor"])
 
@@ -109,19 +111,22 @@ def spike_text(e: dict) -> str:
     return head
 
 
-def snapshot(run: Run, grid: bool = True) -> None:
-    """Checkpoint (weights, EMA, optimizer, counters, lr scale, monitor, preset) and a sample grid of the EMA."""
+def snapshot(run: Run, grid: bool = True, best: bool = False) -> None:
+    """Checkpoint (weights, EMA, optimizer, counters, lr scale, monitor, best FID, preset; `best`: `best.pt` points
+    at it) and a sample grid of the EMA, also sent to the trackers that take images."""
     acc, state, tc, preset = run.accelerator, run.state, run.preset.train, run.preset
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_checkpoint(run.run_dir, {
             "model": run.net.state_dict(), "ema": run.ema.net.state_dict(), "optimizer": run.opt.state_dict(),
             "nimg": state.nimg, "step": state.step, "skipped": state.skipped, "lr_scale": state.lr_scale,
-            "rollbacks": state.rollbacks, "monitor": run.monitor.state_dict(), "preset": dump_preset(preset),
-        }, state.nimg, tc.keep_checkpoints)
+            "rollbacks": state.rollbacks, "monitor": run.monitor.state_dict(), "best": state.best,
+            "preset": dump_preset(preset),
+        }, state.nimg, tc.keep_checkpoints, best=best)
         if grid and run.codec is not None:  # from shards there is no VAE loaded: `diffit sample` decodes those
             path = preview_grid(run.ema.net, run.diffusion, preset, run.codec.decode,
                                 run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", acc.device)
+            log_image(acc, "samples", path, state.step)
             run.emit(Message(f"snapshot at {state.nimg / 1000:.1f} kimg → {path}",
                              data={"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)}))
     acc.wait_for_everyone()

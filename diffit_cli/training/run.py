@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffit_cli.config import Preset
+from diffit_cli.curves import LOG, draw_curves, is_report
 from diffit_cli.data import make_loader
 from diffit_cli.events import Progress
 from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training.recipe import Ema, TrainState
+from diffit_cli.training.tracking import log_scalars
 
 
 @dataclass
@@ -40,6 +43,10 @@ class Run:
     probe: tuple | None = None  # a few samples of the last micro-batch: the report's attention-logit probe
     grad_norm_sum: torch.Tensor | None = None
     grad_norm_max: torch.Tensor | None = None
+    fid_reference: tuple | None = None  # (reference, description) of FID along training, found at its first point
+    inception_weights: str | None = None  # FID along training: a local Inception weights file (offline machines)
+    curves_at: float = float("-inf")  # when curves.png was last drawn (perf_counter) and how long that took
+    curves_s: float = 0.0
 
     @property
     def world(self) -> int:
@@ -60,11 +67,30 @@ def zero(run: Run) -> torch.Tensor:
     return torch.zeros((), device=run.accelerator.device)
 
 
-def log_record(run: Run, rec: dict, writer=None) -> None:
-    if run.accelerator.is_main_process:
-        with open(run.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if writer is not None and "loss" in rec:
-            for k in ("loss", "lr", "img_per_s", "grad_norm", "attn_logit_max"):
-                if rec.get(k) is not None:
-                    writer.add_scalar(f"train/{k}", rec[k], rec["step"])
+def log_record(run: Run, rec: dict) -> None:
+    """Append a record to log.jsonl (the source of truth), send its numbers to the trackers and, for a report or an
+    FID value, redraw curves.png (main process only)."""
+    if not run.accelerator.is_main_process:
+        return
+    with open(run.run_dir / LOG, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if is_report(rec):
+        log_scalars(run.accelerator, "train", rec, rec["step"])
+    elif rec.get("event") == "fid":
+        log_scalars(run.accelerator, "eval", {"fid": rec["fid"]}, rec["step"])
+    if is_report(rec) or rec.get("event") == "fid":
+        redraw_curves(run, force=rec.get("event") == "fid")
+
+
+CURVES_SHARE = 0.02  # at most this share of the training time goes into redrawing curves.png
+
+
+def redraw_curves(run: Run, force: bool = False) -> None:
+    """Redraw curves.png from log.jsonl (main process): at every report unless the last drawing (about half a second
+    on a busy CPU) was less than 1/CURVES_SHARE of its own duration ago; always when `force` (FID points, the end)."""
+    start = time.perf_counter()
+    due = force or start - run.curves_at >= run.curves_s / CURVES_SHARE
+    if run.accelerator.is_main_process and due and (run.run_dir / LOG).is_file():
+        draw_curves(run.run_dir)
+        run.curves_at = time.perf_counter()
+        run.curves_s = run.curves_at - start

@@ -1,0 +1,54 @@
+"""FID along training (EDM's metric snapshots): every `eval.every_kimg` the EMA network samples `eval.num_samples`
+images (seeds 0..N-1, the same at every point) and is scored against `eval.reference`, or the training data's
+statistics; the value goes into log.jsonl (with its extractor) and the trackers, and the lowest so far makes its
+snapshot `checkpoints/best.pt`."""
+
+from __future__ import annotations
+
+from diffit_cli.events import Message
+from diffit_cli.fid.reference import preset_reference
+from diffit_cli.fid.sampled import sample_fid, sampling_precision
+from diffit_cli.sampling import make_decoder
+from diffit_cli.training.run import Run, log_record
+
+WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (removed after)
+
+
+def fid_due(run: Run) -> bool:
+    """Whether this step crossed an `eval.every_kimg` boundary (or ended the run) with FID along training on."""
+    every, nimg, tc = int(run.preset.eval.every_kimg * 1000), run.state.nimg, run.preset.train
+    return every > 0 and (nimg >= int(tc.total_kimg * 1000) or nimg // every > (nimg - tc.batch) // every)
+
+
+def fid_reference(run: Run) -> tuple[str, str]:
+    """(reference, description): `eval.reference`; for `train`, the training data's statistics (computed once, cached)."""
+    ev = run.preset.eval
+    if run.fid_reference is None:
+        run.fid_reference = preset_reference(run.preset, feature_extractor=ev.feature_extractor, batch=ev.batch,
+                                             inception_weights=run.inception_weights, progress=run.emit)
+    return run.fid_reference
+
+
+def fid_point(run: Run) -> bool:
+    """Score the EMA network now; log the value; True (on the main process) when it is the lowest so far."""
+    preset, acc, state = run.preset, run.accelerator, run.state
+    ev = preset.eval
+    reference, what = fid_reference(run) if acc.is_main_process else (None, None)
+    precision = sampling_precision(preset, acc.device)
+    decode = run.codec.decode if run.codec is not None else make_decoder(preset, None, acc.device, precision)[0]
+    r = sample_fid(run.ema.net, run.diffusion, preset, decode, reference, list(range(ev.num_samples)), state=acc,
+                   feature_extractor=ev.feature_extractor, work_dir=run.run_dir / WORK_DIR, precision=precision,
+                   inception_weights=run.inception_weights, progress=run.emit)
+    if r is None:
+        return False
+    kimg = round(state.nimg / 1000, 3)
+    best = state.best is None or r["fid"] < state.best["fid"]
+    if best:
+        state.best = {"fid": r["fid"], "kimg": kimg, "extractor": r["extractor"]}
+    rec = {"event": "fid", "kimg": kimg, "step": state.step, "fid": r["fid"], "extractor": r["extractor"],
+           "num_samples": r["num_samples"], "reference": what, "best": best}
+    log_record(run, rec)
+    run.emit(Message(f"FID {r['fid']:.4g} at {kimg:g} kimg ({r['extractor']}, {r['num_samples']} samples)"
+                     + (" — the best so far: checkpoints/best.pt" if best else
+                        f"; best {state.best['fid']:.4g} at {state.best['kimg']:g} kimg"), data=rec))
+    return best
