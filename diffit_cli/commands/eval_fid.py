@@ -56,7 +56,7 @@ def _show(result: dict) -> None:
 SamplesArg = typer.Argument(None, help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
 RefOpt = typer.Option(None, "--ref", "-r", help="Image folder, .zip, .npz of images, or a mu/sigma statistics .npz.")
 MetricsOpt = typer.Option("fid", "--metrics", "-m", help="Comma-separated: fid, is, kid, pr (precision/recall).")
-BatchOpt = typer.Option(None, "--batch", help="Images per feature-extraction batch (default 64; --ckpt: eval.batch).")
+BatchOpt = typer.Option(None, "--batch", min=1, help="Images per feature-extraction batch (default 64; --ckpt: eval.batch).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 WeightsOpt = typer.Option(None, "--inception-weights", help="Local Inception weights file (offline machines).")
 ExtractorOpt = typer.Option(
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         samples: Path = SamplesArg,
         ref: Optional[Path] = RefOpt,
         metrics: str = MetricsOpt,
-        batch: int = BatchOpt,
+        batch: Optional[int] = BatchOpt,
         device: Optional[str] = DeviceOpt,
         inception_weights: Optional[Path] = WeightsOpt,
         feature_extractor: Optional[str] = ExtractorOpt,
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
                     from diffit_cli.fid.reference import preset_reference
 
                     sets = list(overrides or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
-                    ref, described = preset_reference(load_preset(preset, sets), batch=batch, progress=progress,
+                    ref, described = preset_reference(load_preset(preset, sets), batch=batch or 64, progress=progress,
                                                       feature_extractor=feature_extractor or M.INCEPTION,
                                                       inception_weights=inception_weights)
                 result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
