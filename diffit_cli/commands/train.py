@@ -31,7 +31,8 @@ def train_cmd(
     batch_gpu: Optional[int] = typer.Option(None, "--batch-gpu", min=1, help="Per-device batch (gradient accumulation fills the rest)."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images with a warning."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile each network block (default: on CUDA only)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
                                             help="Recompute blocks in the backward pass (less memory)."),
     force: bool = typer.Option(False, "--force", help="Resume even though the preset changed."),
@@ -44,7 +45,8 @@ def train_cmd(
         sets.append(f"data.path={json.dumps(data)}")  # quoted: a YAML string whatever the path looks like
     if kimg is not None:
         sets.append(f"train.total_kimg={kimg}")
-    sets += ["train.compile=true"] * compile_ + ["train.grad_checkpointing=true"] * grad_checkpointing
+    sets += [f"train.compile={str(compile_).lower()}"] * (compile_ is not None)
+    sets += ["train.grad_checkpointing=true"] * grad_checkpointing
     if data is not None and not Path(data).exists():
         raise DiffitError(f"--data {data!r} does not exist; pass an image folder, .zip, .npz or latent-shard folder")
     p = load_preset(preset or "demo", sets)

@@ -188,7 +188,7 @@ class TrainConfig(Section):
     report_kimg: Annotated[float, Field(gt=0)] = 50.0
     snapshot_kimg: Annotated[float, Field(gt=0)] = 500.0
     keep_checkpoints: Pos = 3
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each block: auto = on CUDA, off on CPU
     grad_checkpointing: bool = False
     # loss-spike watch (diffit_cli.training.monitor): `spike_patience` reports in a row above `spike_factor` × the running
     # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`

@@ -113,6 +113,18 @@ class Ema:
             b_ema.copy_(b)
 
 
+def step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """`opt.step()` unless `found_inf` (0-dim float on the device, 1 = skip: EDM skips non-finite updates). A fused
+    optimizer reads the flag in its kernel, without a host sync, and leaves parameters, moments and step count as
+    they were; other optimizers read it on the host (one sync)."""
+    inner = getattr(opt, "optimizer", opt)  # under Accelerate's AcceleratedOptimizer
+    if inner.defaults.get("fused"):
+        inner.found_inf = found_inf
+        opt.step()
+    elif not found_inf.item():
+        opt.step()
+
+
 def to_model_space(batch, preset: Preset, codec, device: torch.device):
     """Raw loader batch (uint8 images, or latent stats from shards) → (x0 in model space, labels or None)."""
     x, y = batch

@@ -40,6 +40,7 @@ class Run:
     probe: tuple | None = None  # a few samples of the last micro-batch: the report's attention-logit probe
     grad_norm_sum: torch.Tensor | None = None
     grad_norm_max: torch.Tensor | None = None
+    skips: torch.Tensor | None = None  # (2,) on the device: steps skipped since the last report, skipped in a row
 
     @property
     def world(self) -> int:
@@ -54,6 +55,7 @@ def start_stream(run: Run) -> None:
                                    num_workers=run.preset.data.num_workers, pin_memory=device.type == "cuda",
                                    start_index=run.state.nimg))
     run.grad_norm_sum, run.grad_norm_max, run.state.data_s = zero(run), zero(run), 0.0
+    run.skips = torch.tensor([0.0, run.state.skipped_in_a_row], device=device)
 
 
 def zero(run: Run) -> torch.Tensor:
