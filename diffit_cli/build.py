@@ -14,6 +14,7 @@ from diffit_cli.core.baselines import EncoderDecoder
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.ddpmpp import DDPMpp
 from diffit_cli.core.edm import EDM
+from diffit_cli.core.layers import set_attention_backend
 from diffit_cli.core.precond import VEPrecond, VPPrecond
 from diffit_cli.core.unet import ImageDiffiT
 from diffit_cli.core.vit import LatentDiffiT
@@ -21,7 +22,7 @@ from diffit_cli.core.vit import LatentDiffiT
 
 def build_network(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
     """Network from `preset.model` (ImageDiffiT for `unet`, LatentDiffiT for `vit`, ablation baselines otherwise)."""
-    kwargs = cfg.model_dump(exclude={"kind"})
+    kwargs = cfg.model_dump(exclude={"kind", "attention"})
     if cfg.kind == "unet":
         net = ImageDiffiT(**kwargs)
     elif cfg.kind == "vit":
@@ -34,6 +35,7 @@ def build_network(cfg: ModelConfig, device: torch.device | str | None = None) ->
         net = DDPMpp(**kwargs)
     else:
         raise TypeError(f"unknown model kind {cfg.kind!r}")
+    set_attention_backend(net, getattr(cfg, "attention", "sdpa"))
     return net if device is None else net.to(device)
 
 def build_diffusion(cfg: EDMConfig | DDPMConfig, model: ModelConfig):
