@@ -323,8 +323,8 @@ def attention_logit_max(net: nn.Module, run) -> dict[str, torch.Tensor]:
 
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in net.named_modules()
                if isinstance(m, TMSA)]
-    try:
-        with torch.no_grad():
+    try:  # eager even inside compiled blocks: hooks added there would make every probe recompile them
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             run()
     finally:
         for h in handles:
