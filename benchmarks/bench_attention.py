@@ -3,7 +3,7 @@
 
 On CUDA each variant runs forward + backward (input and bias-table gradients) in bf16; on CPU forward only, in
 fp32 (PyTorch has no CPU backward for flex_attention, and uncompiled flex on CPU is a reference loop, so the CPU
-figures only show that the path runs). The faster backend on the GPU should be the default (`model.attention`).
+figures only show that the path runs). The faster backend on the GPU should be the default (`model.attention_kernel`).
 
     python benchmarks/bench_attention.py [--quick] [--device cpu|cuda]
 """

@@ -22,7 +22,7 @@ from diffit_cli.core.vit import LatentDiffiT
 
 def build_network(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
     """Network from `preset.model` (ImageDiffiT for `unet`, LatentDiffiT for `vit`, ablation baselines otherwise)."""
-    kwargs = cfg.model_dump(exclude={"kind", "attention"})
+    kwargs = cfg.model_dump(exclude={"kind", "attention_kernel"})
     if cfg.kind == "unet":
         net = ImageDiffiT(**kwargs)
     elif cfg.kind == "vit":
@@ -35,7 +35,7 @@ def build_network(cfg: ModelConfig, device: torch.device | str | None = None) ->
         net = DDPMpp(**kwargs)
     else:
         raise TypeError(f"unknown model kind {cfg.kind!r}")
-    set_attention_backend(net, getattr(cfg, "attention", "sdpa"))
+    set_attention_backend(net, getattr(cfg, "attention_kernel", "sdpa"))
     return net if device is None else net.to(device)
 
 def build_diffusion(cfg: EDMConfig | DDPMConfig, model: ModelConfig):

@@ -28,12 +28,12 @@ def test_flex_equals_the_reference_forward(time_mode, window, grid):
 
 
 def test_the_preset_key_selects_the_backend_and_flex_training_needs_a_gpu(tmp_path):
-    for p in (tiny_unet("model.attention=flex"), tiny_vit("model.attention=flex")):
+    for p in (tiny_unet("model.attention_kernel=flex"), tiny_vit("model.attention_kernel=flex")):
         assert {m.backend for m in build_network(p.model).modules() if isinstance(m, TMSA)} == {"flex"}
     assert {m.backend for m in build_network(tiny_unet().model).modules() if isinstance(m, TMSA)} == {"sdpa"}
     with pytest.raises(ValueError, match="attention backend"):
         set_attention_backend(build_network(tiny_unet().model), "xformers")
     if not torch.cuda.is_available():
-        with pytest.raises(TrainError, match="model.attention=sdpa"):
-            train(tiny_unet("model.attention=flex"), tmp_path)
+        with pytest.raises(TrainError, match="model.attention_kernel=sdpa"):
+            train(tiny_unet("model.attention_kernel=flex"), tmp_path)
         assert not any(tmp_path.iterdir())  # refused before anything is written

@@ -67,3 +67,15 @@ def test_compile_setting_is_tri_state():
     assert want_compile("auto", "cuda") and not want_compile("auto", "cpu")
     assert want_compile(True, "cpu") and not want_compile(False, "cuda")
     assert tiny_unet().train.compile == "auto" and tiny_unet("train.compile=true").train.compile is True
+
+
+def test_cli_compile_flags_reach_the_preset():
+    from typer.testing import CliRunner
+
+    from diffit_cli.app import build_app
+
+    runner = CliRunner()
+    for flags, want in (([], "compile: auto"), (["--compile"], "compile: true"), (["--no-compile"], "compile: false")):
+        result = runner.invoke(build_app(), ["train", "--preset", "demo", "--dry-run", *flags])
+        assert result.exit_code == 0, result.output
+        assert want in result.output

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TimeMode = Literal["tmsa", "bias", "mlp", "adaln", "separate"]
-Attention = Literal["sdpa", "flex"]  # core.layers.ATTENTION_BACKENDS
+AttentionKernel = Literal["sdpa", "flex"]  # core.layers.ATTENTION_BACKENDS
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Pos = Annotated[int, Field(gt=0)]
 
@@ -53,7 +53,7 @@ class UNetConfig(Section):
     augment_dim: Annotated[int, Field(ge=0)] = 9
     time_mode: TimeMode = "tmsa"
     time_embedding: Literal["positional", "fourier"] = "positional"
-    attention: Attention = "sdpa"  # TMSA kernel: SDPA with the bias as attn_mask, or flex_attention (score_mod)
+    attention_kernel: AttentionKernel = "sdpa"  # TMSA: SDPA (bias as attn_mask) or flex_attention (score_mod)
 
     @property
     def spatial_size(self) -> int:
@@ -108,7 +108,7 @@ class ViTConfig(Section):
     num_classes: Annotated[int, Field(ge=0)] = 1000
     learn_sigma: bool = True
     time_mode: TimeMode = "tmsa"
-    attention: Attention = "sdpa"  # TMSA kernel: SDPA with the bias as attn_mask, or flex_attention (score_mod)
+    attention_kernel: AttentionKernel = "sdpa"  # TMSA: SDPA (bias as attn_mask) or flex_attention (score_mod)
 
     @property
     def spatial_size(self) -> int:

@@ -136,9 +136,9 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     if mp == "fp16" and not torch.cuda.is_available():
         raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
                          "use --set train.mixed_precision=bf16 (or fp32)")
-    if getattr(preset.model, "attention", "sdpa") == "flex" and not torch.cuda.is_available():
-        raise TrainError("model.attention=flex trains on a GPU only (PyTorch's flex_attention has no CPU backward); "
-                         "use --set model.attention=sdpa")
+    if getattr(preset.model, "attention_kernel", "sdpa") == "flex" and not torch.cuda.is_available():
+        raise TrainError("model.attention_kernel=flex trains on a GPU only (PyTorch's flex_attention has no CPU "
+                         "backward); use --set model.attention_kernel=sdpa")
     # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
     # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
     AcceleratorState._reset_state()

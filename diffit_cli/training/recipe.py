@@ -24,7 +24,8 @@ from diffit_cli.errors import DiffitError
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
 RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
                   "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
-                  "train.on_spike", "train.spike_", "train.max_skipped_steps", "sample.", "eval.", "model.attention")
+                  "train.on_spike", "train.spike_", "train.max_skipped_steps", "sample.", "eval.",
+                  "model.attention_kernel")
 
 
 class TrainError(DiffitError):
