@@ -33,6 +33,7 @@ test-cuda: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_networks.py --quick
 	$(PY) benchmarks/bench_samplers.py --quick
+	$(PY) benchmarks/bench_attention.py --quick
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

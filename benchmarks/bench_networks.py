@@ -1,8 +1,10 @@
 """Train-step throughput of the DiffiT networks vs. this machine's own GEMM rate (never asserted in tests).
 
-For each network: images/s of one AdamW train step (forward + backward + optimizer), achieved FLOP/s (matmul and
-conv FLOPs of forward + backward, counted by torch.utils.flop_counter.FlopCounterMode), the fraction of the GEMM
-rate measured in the same run (fp32 and bf16), peak memory, for SDPA and for the plain reference attention path.
+For each network: images/s of one AdamW train step (forward + backward + optimizer; fused AdamW as training uses),
+analytic FLOPs per image (matmul + conv + attention, forward + backward = 3 × forward; the formula is in
+benchmarks/flops.py), achieved TFLOP/s, MFU against the dense GEMM rate of the same dtype measured in the same run
+(fp32 and bf16) and against the datasheet peak when the device is known, peak memory, and on CUDA the largest
+per-GPU batch that fits (bf16, SDPA); for SDPA and for the plain reference attention path.
 
     python benchmarks/bench_networks.py [--quick] [--steps N] [--device cpu|cuda]
 """
@@ -19,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from flops import datasheet_peak, gemm_rate, largest_batch, sync, train_flops
 
 from diffit_cli.build import count_parameters
 from diffit_cli.core.layers import TMSA
@@ -29,26 +31,6 @@ CIFAR10 = dict(img_resolution=32, channels=(128, 256, 256), blocks=(2, 2, 2), wi
                time_dim=512)
 FFHQ64 = dict(img_resolution=64, channels=(128, 256, 256, 256), blocks=(1, 2, 2, 2), window_size=8, head_dim=32,
               time_dim=512)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def gemm_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
-    """Dense square matmul FLOP/s (best single product), the machine's practical ceiling for this dtype."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def set_sdpa(model: torch.nn.Module, on: bool) -> None:
@@ -85,11 +67,12 @@ class PeakMemory:
                 self.peak = self._status("VmHWM:")
 
 
-def make_case(name: str, device: torch.device):
+def make_case(name: str, device: torch.device, batch: int | None = None):
     """(model, batch builder) for a named case; inputs mimic training (noisy x, t, labels)."""
     torch.manual_seed(0)
+    batch = batch or int(name.split()[-1])
     if name.startswith("latent"):
-        size, batch, res = name.split()[1], int(name.split()[-1]), 32
+        size, res = name.split()[1], 32
         model = LatentDiffiT(input_size=res, **LATENT_SIZES[size])
 
         def inputs():
@@ -98,7 +81,7 @@ def make_case(name: str, device: torch.device):
         target_ch = 8
     else:
         cfg = FFHQ64 if "ffhq64" in name else CIFAR10
-        batch, res = int(name.split()[-1]), cfg["img_resolution"]
+        res = cfg["img_resolution"]
         model = ImageDiffiT(**cfg, dropout=0.0)
 
         def inputs():
@@ -123,24 +106,12 @@ def step_fn(model, opt, inputs, target, bf16: bool, device: torch.device):
     return step
 
 
-def count_step_flops(model, inputs, target, bf16, device) -> int:
-    """Matmul/conv FLOPs of forward + backward (plain attention path, so the attention matmuls are visible)."""
-    set_sdpa(model, False)
-    with FlopCounterMode(display=False) as counter:
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx:
-            loss = F.mse_loss(model(*inputs()).float(), target)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 def run_case(name, device, steps, rates):
     """Time every (dtype, attention path) variant round-robin, so load from other processes hits all alike;
     report each variant's best step (the least disturbed one) and its peak memory."""
     model, inputs, target, batch = make_case(name, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    flops = count_step_flops(model, inputs, target, False, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    flops = train_flops(model) * batch
     variants = [(bf16, sdpa) for bf16 in (False, True) for sdpa in (True, False)]
     steps_of = {v: step_fn(model, opt, inputs, target, v[0], device) for v in variants}
     best = {v: float("inf") for v in variants}
@@ -158,12 +129,25 @@ def run_case(name, device, steps, rates):
                 best[v], peak[v] = min(best[v], dt), max(peak[v], mem.peak)
     rows = []
     for (bf16, sdpa), dt in best.items():
-        rate = rates["bf16" if bf16 else "fp32"]
-        rows.append(dict(case=name, dtype="bf16" if bf16 else "fp32", attn="sdpa" if sdpa else "plain",
-                         img_s=batch / dt, step_ms=dt * 1e3, tflops=flops / dt / 1e12, of_gemm=flops / dt / rate,
+        dtype = "bf16" if bf16 else "fp32"
+        peak_flops = datasheet_peak(device, dtype)
+        rows.append(dict(case=name, dtype=dtype, attn="sdpa" if sdpa else "plain",
+                         img_s=batch / dt, step_ms=dt * 1e3, tflops=flops / dt / 1e12,
+                         of_gemm=flops / dt / rates[dtype],
+                         of_peak=None if peak_flops is None else flops / dt / peak_flops,
                          peak_gib=peak[(bf16, sdpa)] / 2 ** 30))
     del model, opt
-    return rows, flops
+    return rows, flops // batch
+
+
+def max_batch(name: str, device: torch.device) -> int | None:
+    """Largest per-GPU batch of the bf16 SDPA train step that fits in CUDA memory (None on CPU)."""
+    def step_at(batch: int) -> None:
+        model, inputs, target, _ = make_case(name, device, batch)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        step_fn(model, opt, inputs, target, True, device)()
+        sync(device)
+    return largest_batch(step_at, int(name.split()[-1])) if device.type == "cuda" else None
 
 
 def parameter_counts() -> list[tuple[str, int]]:
@@ -205,29 +189,38 @@ def measure_case(case: str, args) -> dict:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     rates = {k: gemm_rate(device, dt, probe) for k, dt in dtypes.items()}
     rows, flops = run_case(case, device, args.steps or (2 if args.quick else 5), rates)
+    biggest = max_batch(case, device)
     after = {k: gemm_rate(device, dt, probe) for k, dt in dtypes.items()}
     if any(after[k] > rates[k] for k in rates):  # a probe disturbed by other load: rescale to the better one
         for r in rows:
             r["of_gemm"] *= rates[r["dtype"]] / max(rates[r["dtype"]], after[r["dtype"]])
         rates = {k: max(rates[k], after[k]) for k in rates}
-    return dict(case=case, rows=rows, flops=flops, rates=rates, threads=torch.get_num_threads())
+    return dict(case=case, rows=rows, flops=flops, rates=rates, threads=torch.get_num_threads(), max_batch=biggest,
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
 
 
 def report(results: list[dict], args) -> None:
     device = args.device
     steps = args.steps or (2 if args.quick else 5)
-    print(f"device {device}, {results[0]['threads']} threads, torch {torch.__version__}; GEMM rate per case "
+    print(f"device {device} ({results[0]['device_name']}), {results[0]['threads']} threads, torch {torch.__version__}; "
+          "GEMM rate per case "
           "(2048² CPU / 8192² CUDA matmul, best of a probe before and after the case):")
     for res in results:
         rates = res["rates"]
         print(f"  {res['case']}: fp32 {rates['fp32'] / 1e12:.3f} TFLOP/s, bf16 {rates['bf16'] / 1e12:.3f} TFLOP/s")
     rows = [r for res in results for r in res["rows"]]
-    header = ["case", "dtype", "attn", "img/s", "ms/step", "TFLOP/s", "of GEMM",
+    header = ["case", "dtype", "attn", "img/s", "ms/step", "TFLOP/s", "MFU (GEMM)", "MFU (peak)",
               "peak GiB" + (" (RSS)" if device == "cpu" else "")]
-    print_table(f"DiffiT train step (AdamW), best of {steps}; FLOPs = matmul+conv fwd+bwd; 'of GEMM' vs same dtype",
+    print_table(f"DiffiT train step (fused AdamW), best of {steps}; analytic FLOPs (matmul+conv+attention, 3 × fwd); "
+                "MFU vs the measured GEMM rate of the same dtype and vs the datasheet peak",
                 header, [[r["case"], r["dtype"], r["attn"], f"{r['img_s']:.1f}", f"{r['step_ms']:.0f}",
-                          f"{r['tflops']:.3f}", f"{r['of_gemm']:.0%}", f"{r['peak_gib']:.2f}"] for r in rows])
-    print("FLOPs per train step: " + ", ".join(f"{res['case']}: {res['flops'] / 1e9:.1f} GFLOP" for res in results))
+                          f"{r['tflops']:.3f}", f"{r['of_gemm']:.1%}",
+                          "n/a" if r["of_peak"] is None else f"{r['of_peak']:.1%}", f"{r['peak_gib']:.2f}"]
+                          for r in rows])
+    print("FLOPs per training image (analytic, 3 × forward): "
+          + ", ".join(f"{res['case']}: {res['flops'] / 1e9:.2f} GFLOP" for res in results))
+    print("largest per-GPU batch that fits (bf16, SDPA train step): "
+          + ", ".join(f"{res['case']}: {res['max_batch'] or 'n/a'}" for res in results))
     print("Ratios (targets: latent fp32 step >= 80% of fp32 GEMM; bf16 step >= 2.5x fp32 step; "
           "SDPA >= plain on CPU; image fp32 step >= 40% of fp32 GEMM):")
     for res in results:

@@ -5,7 +5,12 @@ EDM samplers on an image-space EDM model, DDPM samplers (and the σ samplers thr
 latent-space GaussianDiffusion model with learned σ, optionally with classifier-free guidance.
 Target: outside-network share ≤ 3% for heun at NFE 35. Figures on shared CPUs are noisy.
 
-    python benchmarks/bench_samplers.py [--quick] [--device cuda] [--batch 16] [--resolution 32]
+Then the latent model's sampling throughput (issue 17): DiffiT-XL/2 (random weights) with 250-step DDPM and
+three-channel CFG in bf16 at batch 64/128/256 per GPU: img/s (a run without per-call syncs), the share of time
+outside network calls (a second run that times each call), and the FID-50K wall time this img/s implies on one GPU
+and on 8 (seeds split by process). On CPU (or with --quick) a tiny latent ViT at batch 2/4 and 10 steps stands in.
+
+    python benchmarks/bench_samplers.py [--quick] [--device cuda] [--batch 16] [--resolution 32] [--xl-steps 250]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.edm import EDM
 from diffit_cli.core.guidance import Guidance
 from diffit_cli.core.samplers import nfe, sample
+from diffit_cli.core.vit import LATENT_SIZES, LatentDiffiT
 
 STEPS_AT_NFE35 = {"heun": 18, "euler": 35, "dpmpp-2m": 35, "ddpm": 35, "ddim": 35}
 
@@ -91,6 +97,46 @@ def bench(diffusion, net, sampler: str, shape, batch: int, device, repeats: int,
             "outside": (best["total"] - best["net"]) / best["total"]}
 
 
+def latent_throughput(device: torch.device, tiny: bool, steps: int) -> None:
+    """img/s and outside-network share of guided DDPM sampling with the latent DiffiT (see module doc)."""
+    torch.manual_seed(0)
+    if tiny:
+        net, res, batches, steps = LatentDiffiT(input_size=8, hidden_size=64, depth=2, num_heads=2), 8, (2, 4), 10
+    else:
+        net, res, batches = LatentDiffiT(input_size=32, **LATENT_SIZES["XL/2"]), 32, (64, 128, 256)
+    net = net.to(device).eval()
+    guidance = Guidance(scale=4.0, channels=3)  # the release's three-channel CFG (constant: every call doubled)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    print(f"\nlatent DiffiT {'tiny (hidden 64, depth 2, 8×8)' if tiny else 'XL/2 (32×32 latents)'}, DDPM {steps} "
+          f"steps, 3-channel CFG, {'bf16' if dtype else 'fp32'}")
+    print(f"{'batch':>6} {'img/s':>9} {'outside net':>12} {'FID-50K 1 GPU':>14} {'8 GPUs':>9}")
+    for batch in batches:
+        y = torch.arange(batch, device=device) % 1000
+        gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+        noise = torch.randn(batch, 4, res, res, device=device)
+
+        def run(network, n):
+            sample(GaussianDiffusion(), network, noise, y=y, sampler="ddpm", steps=n, generators=gens,
+                   guidance=guidance, autocast_dtype=dtype)
+
+        run(net, 2)  # warm-up
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        run(net, steps)
+        sync()
+        total = time.perf_counter() - t0
+        timed = Timed(net, device)
+        t0 = time.perf_counter()
+        run(timed, steps)
+        sync()
+        outside = 1 - timed.seconds / (time.perf_counter() - t0)
+        img_s = batch / total
+        print(f"{batch:>6} {img_s:>9.2f} {100 * outside:>11.2f}% {50_000 / img_s / 3600:>12.2f} h "
+              f"{50_000 / 8 / img_s / 3600:>7.2f} h")
+    print("FID-50K columns: 50,000 images at the img/s above (sampling only: no VAE decode, no Inception)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 4, 16×16, one timed repeat")
@@ -99,6 +145,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--xl-steps", type=int, default=250, help="DDPM steps of the latent throughput runs")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.resolution, args.repeats = 4, 16, 1
@@ -122,6 +169,7 @@ def main() -> None:
         r = bench(diffusion, net, sampler, shape, args.batch, device, args.repeats, guidance, labels)
         print(f"{label:<28} {sampler:<9} {r['nfe']:>4} {r['calls']:>5} {r['per_sample_ms']:>10.2f} "
               f"{1e3 * r['net'] / r['calls']:>11.2f} {100 * r['outside']:>10.2f}%")
+    latent_throughput(device, args.quick or device.type == "cpu", args.xl_steps)
 
 
 if __name__ == "__main__":

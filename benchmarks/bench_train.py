@@ -1,6 +1,9 @@
-"""Training throughput per preset: images/s, peak memory and the data loader's share of step time.
+"""Training throughput per preset: images/s, MFU, peak memory, the largest per-GPU batch and the data loader's share.
 
-Runs the real `diffit_cli.training.train` loop (no copy of it) for a few reports per preset. On CPU the
+Runs the real `diffit_cli.training.train` loop (no copy of it) for a few reports per preset. MFU = analytic FLOPs
+per training image (matmul + conv + attention, forward + backward = 3 × forward; formula in benchmarks/flops.py)
+× img/s, against the dense GEMM rate of the preset's precision measured here and the datasheet peak when the
+device is known. The largest batch (CUDA only) is probed with a bare train step of the same network. On CPU the
 presets are shrunk to tiny widths (the figures measure the loop, not the paper's networks); with
 `--full` on a GPU they run at paper size with a per-device batch that fits.
 
@@ -17,10 +20,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from flops import DTYPES, datasheet_peak, gemm_rate, largest_batch, mfu_text, train_flops
 
+from diffit_cli.build import build_network, build_optimizer
 from diffit_cli.config import load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
+from diffit_cli.training.recipe import enable_activation_checkpointing
 
 SHAPES = ["data.path=null", "data.synthetic=varied"]  # throughput on the built-in shapes: no dataset to fetch
 TINY = {
@@ -38,6 +44,25 @@ def _latent_shards(root: Path, size: int) -> Path:
     return fake_latent_shards(root, n=256, size=size, classes=1000)
 
 
+def bare_step(preset, device: torch.device):
+    """step_at(batch): one forward + backward + optimizer step of the preset's network at that batch."""
+    m, tc = preset.model, preset.train
+
+    def step_at(batch: int) -> None:
+        net = build_network(m, device)
+        if tc.grad_checkpointing:
+            enable_activation_checkpointing(net)
+        opt = build_optimizer(net.parameters(), tc)
+        x = torch.randn(batch, m.in_channels, m.spatial_size, m.spatial_size, device=device)
+        y = torch.randint(0, m.num_classes, (batch,), device=device) if m.num_classes else None
+        with torch.autocast(device.type, DTYPES.get(tc.mixed_precision), enabled=tc.mixed_precision != "fp32"):
+            out = net(x, torch.rand(batch, device=device), y)
+        out.float().square().mean().backward()
+        opt.step()
+        torch.cuda.synchronize(device)
+    return step_at
+
+
 def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
     preset = load_preset(name, overrides)
     batch = preset.train.batch
@@ -52,8 +77,13 @@ def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
     data = sum(r["data_share"] for r in steady) / len(steady)
     mem = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    with torch.device("meta"):
+        flops = train_flops(build_network(preset.model))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    per_gpu = preset.train.batch_gpu or batch
     return {"preset": name, "batch": batch, "img_per_s": img_s, "data_share": data, "peak_gib": mem,
-            "precision": preset.train.mixed_precision}
+            "precision": preset.train.mixed_precision, "flops": flops,
+            "max_batch": largest_batch(bare_step(preset, device), per_gpu) if device.type == "cuda" else None}
 
 
 def main() -> None:
@@ -73,14 +103,25 @@ def main() -> None:
             lat.append("train.mixed_precision=bf16")
         cases["imagenet256"] = lat
         rows = [run(name, ov, steps, args.workers) for name, ov in cases.items()]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":  # fp32 means fp32 in the probe as in the step (train() leaves TF32 at its default)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rates = {p: gemm_rate(device, DTYPES[p], 1.0 if args.quick else 2.0) for p in {r["precision"] for r in rows}}
     print(f"device: {dev}; torch {torch.__version__}; {'paper-sized' if args.full else 'tiny widths'}; "
-          f"{steps} steps per preset (first one excluded)")
-    print(f"{'preset':12} {'batch':>6} {'prec':>5} {'img/s':>9} {'data share':>11} {'peak GiB':>9}")
+          f"{steps} steps per preset (first one excluded); measured GEMM rate: "
+          + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in rates.items()))
+    print(f"{'preset':12} {'batch':>6} {'prec':>5} {'img/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU GEMM':>9} "
+          f"{'MFU peak':>9} {'data share':>11} {'peak GiB':>9} {'max batch':>10}")
     for r in rows:
-        print(f"{r['preset']:12} {r['batch']:>6} {r['precision']:>5} {r['img_per_s']:>9.1f} "
-              f"{r['data_share']:>10.1%} {r['peak_gib']:>9.2f}")
-    print("peak memory: CUDA max allocated on GPU, process max RSS on CPU (cumulative over the presets)")
+        achieved = r["flops"] * r["img_per_s"]
+        print(f"{r['preset']:12} {r['batch']:>6} {r['precision']:>5} {r['img_per_s']:>9.1f} {r['flops'] / 1e9:>10.3f} "
+              f"{achieved / 1e12:>8.3f} {mfu_text(achieved, rates[r['precision']]):>9} "
+              f"{mfu_text(achieved, datasheet_peak(device, r['precision'])):>9} {r['data_share']:>10.1%} "
+              f"{r['peak_gib']:>9.2f} {r['max_batch'] or 'n/a':>10}")
+    print("peak memory: CUDA max allocated on GPU, process max RSS on CPU (cumulative over the presets); max batch: "
+          "largest per-GPU batch of a bare train step that fits (CUDA only); MFU uses the whole loop's img/s "
+          "(data loading, EMA, reports included)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Each builder receives only its own preset section, so the schema and the constru
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from diffit_cli.config import DDPMConfig, EDMConfig, EDMVEConfig, EDMVPConfig, ModelConfig, TrainConfig
@@ -12,6 +14,7 @@ from diffit_cli.core.baselines import EncoderDecoder
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.ddpmpp import DDPMpp
 from diffit_cli.core.edm import EDM
+from diffit_cli.core.layers import set_attention_backend
 from diffit_cli.core.precond import VEPrecond, VPPrecond
 from diffit_cli.core.unet import ImageDiffiT
 from diffit_cli.core.vit import LatentDiffiT
@@ -19,7 +22,7 @@ from diffit_cli.core.vit import LatentDiffiT
 
 def build_network(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
     """Network from `preset.model` (ImageDiffiT for `unet`, LatentDiffiT for `vit`, ablation baselines otherwise)."""
-    kwargs = cfg.model_dump(exclude={"kind"})
+    kwargs = cfg.model_dump(exclude={"kind", "attention_kernel"})
     if cfg.kind == "unet":
         net = ImageDiffiT(**kwargs)
     elif cfg.kind == "vit":
@@ -32,6 +35,7 @@ def build_network(cfg: ModelConfig, device: torch.device | str | None = None) ->
         net = DDPMpp(**kwargs)
     else:
         raise TypeError(f"unknown model kind {cfg.kind!r}")
+    set_attention_backend(net, getattr(cfg, "attention_kernel", "sdpa"))
     return net if device is None else net.to(device)
 
 def build_diffusion(cfg: EDMConfig | DDPMConfig, model: ModelConfig):
@@ -45,9 +49,60 @@ def build_diffusion(cfg: EDMConfig | DDPMConfig, model: ModelConfig):
     return GaussianDiffusion(num_timesteps=cfg.num_timesteps, schedule=cfg.schedule, learn_sigma=learn_sigma)
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (EDM, image space) or AdamW (DiT/ADM, latent space) from `preset.train`."""
+    """Adam (EDM, image space) or AdamW (DiT/ADM, latent space) from `preset.train`, with torch's fused kernel where
+    it has one for the parameters' device (CUDA, CPU): one launch for all parameters, and a step it skips on a
+    device-side `found_inf` flag without a host sync (`training.recipe.step_unless`)."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    params = list(params)
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    try:
+        return cls(params, fused=True, **kwargs)
+    except RuntimeError:  # a device without the fused kernel
+        return cls(params, **kwargs)
+
+def want_compile(setting: bool | str, device: torch.device | str) -> bool:
+    """`train.compile` / `sample --compile`: "auto" compiles on CUDA only (inductor on a CPU costs minutes of
+    compile time for little gain); true or false force it."""
+    return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_blocks(net: torch.nn.Module, note: Callable[[str], None] | None = None, **options) -> int:
+    """Regional compilation: `torch.compile` each of the network's `checkpointable_blocks()` (the repeated block)
+    in place, so identical blocks share one compiled graph (compile time of one block, not of the whole network),
+    activation checkpointing (applied before) stays inside the region, DDP sees an ordinary module and the
+    state-dict keys do not change. If compiling fails, every block runs eagerly from then on and `note` gets one
+    line naming the error. `options` go to torch.compile (e.g. backend, mode). Returns the number of blocks."""
+    failed: list[str] = []
+
+    def regional(block: torch.nn.Module):
+        compiled, eager = torch.compile(block._call_impl, **options), block._call_impl
+
+        def call(*args, **kwargs):
+            if not failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as e:  # a compiler that cannot run here: eager (a real error re-raises below)
+                    out = eager(*args, **kwargs)
+                    failed.append(_first_cause(e))
+                    if note is not None:
+                        note(f"torch.compile failed ({failed[0]}); running the network eagerly")
+                    return out
+            return eager(*args, **kwargs)
+        return call
+
+    blocks = net.checkpointable_blocks()
+    for block in blocks:
+        block._compiled_call_impl = regional(block)  # what nn.Module.__call__ runs (as Module.compile() sets it)
+    return len(blocks)
+
+
+def _first_cause(e: BaseException) -> str:
+    """The innermost cause of a (compiler) error as one short line."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:  # dynamo wraps the backend's
+        e = inner
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
+
 
 def count_parameters(net: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)

@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 
 from diffit_cli import __version__
-from diffit_cli.build import build_diffusion
+from diffit_cli.build import build_diffusion, compile_blocks, want_compile
 from diffit_cli.checkpoint import file_sha256, read_snapshot, snapshot_network
 from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_values, validate_preset
@@ -85,14 +85,15 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
                overrides: list[str] | None = None, sample: dict | None = None, precision: str = "fp32",
                batch: int | None = None, classes: str | None = None,
                vae: str | None = None, raw: bool = False, grid: Path | str | None = None, force: bool = False,
-               progress: Progress | None = None) -> dict:
+               compile: bool | str = "auto", progress: Progress | None = None) -> dict:
     """`diffit sample`: generate images for `seeds` into a PNG folder or an `.npz`, resumably, on every process.
 
     `preset` is needed only for weight files that carry none (the release); `overrides` are
     `sample.key=value` strings (`--set`) and `sample` typed values by dotted key within the section (the command's
     flags, e.g. {"guidance.scale": 4.6}), both applied to the checkpoint's preset and validated like any preset
     before a network is built. Output made with another recipe (checkpoint, sampler, steps, guidance, ...) is
-    refused, naming what changed, unless `force` (then it is replaced); the same recipe resumes.
+    refused, naming what changed, unless `force` (then it is replaced); the same recipe resumes. `compile`: torch.compile
+    each network block ("auto": on CUDA only; see `build.compile_blocks`).
     """
     if not seeds:
         raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
@@ -133,6 +134,8 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         state.wait_for_everyone()
         net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
         del weights
+        if want_compile(compile, device):
+            compile_blocks(net, lambda text: main_process_only(progress, state.is_main_process)(Message(text, "warning")))
         diffusion = build_diffusion(preset.diffusion, preset.model)
         decode, _ = make_decoder(preset, vae, device, precision)
         _write_images(net, diffusion, decode, preset, seeds, sink, state, batch=batch, classes=class_list,

@@ -1,13 +1,14 @@
 """CUDA paths, run by `make test-cuda` (skipped without a GPU or without DIFFIT_TEST_CUDA=1; CI has none): fused
-attention with a bias gradient, bf16/fp16 training, checkpoints that load on a CPU, seed-only sampling and
-pinned-memory loading on the GPU."""
+attention (SDPA and flex_attention) with a bias gradient, bf16/fp16 training, a training step without host syncs,
+regional compilation with inductor, checkpoints that load on a CPU, seed-only sampling and pinned-memory loading on
+the GPU."""
 
 import math
 
 import pytest
 import torch
 
-from diffit_cli.build import build_diffusion, build_network
+from diffit_cli.build import build_diffusion, build_network, compile_blocks
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.core.layers import TMSA
 from diffit_cli.config import SampleConfig
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, sdpa: bool, dtype):
-    attn.use_sdpa = sdpa
+def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, sdpa: bool, dtype, backend="sdpa"):
+    attn.use_sdpa, attn.backend = sdpa, backend
     attn.zero_grad()
     x = x.clone().requires_grad_()
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
@@ -31,20 +32,67 @@ def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, sdpa: bool, dtype):
     return out.float(), x.grad.float(), attn.relative_position_bias_table.grad.float().clone()
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("window,grid", [(4, 8), (8, 8)], ids=["windowed", "global"])
-def test_fused_attention_matches_the_reference_with_bias_gradient(dtype, window, grid):
+def test_fused_attention_matches_the_reference_with_bias_gradient(dtype, window, grid, backend):
     torch.manual_seed(0)
     attn = TMSA(64, 4, 32, window).to(CUDA)
     with torch.no_grad():
         attn.relative_position_bias_table.normal_(0, 1.0)  # a bias that matters
     x, x_t = torch.randn(3, grid * grid, 64, device=CUDA), torch.randn(3, 32, device=CUDA)
     ref = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), False, torch.float32)
-    got = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), True, dtype)
+    got = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), True, dtype, backend)
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     for a, b, name in zip(got, ref, ("output", "input grad", "bias-table grad")):
         err = ((a - b).norm() / b.norm()).item()
         assert err < tol, f"{name}: relative error {err:.2e} ({dtype})"
+
+
+@pytest.mark.parametrize("kind", ["unet", "vit"])
+def test_inductor_compiled_blocks_equal_eager(kind):
+    p = (tiny_unet if kind == "unet" else tiny_vit)()
+    torch.manual_seed(0)
+    eager = build_network(p.model, CUDA).eval()  # eval: no dropout, no label dropout; gradients still flow
+    for prm in eager.parameters():
+        prm.data.normal_(0, 0.05)
+    compiled = build_network(p.model, CUDA).eval()
+    compiled.load_state_dict(eager.state_dict())
+    notes = []
+    compile_blocks(compiled, notes.append)  # inductor
+    res, ch = p.model.spatial_size, p.model.in_channels
+    x, t = torch.randn(4, ch, res, res, device=CUDA), torch.rand(4, device=CUDA) * 10
+    y = torch.arange(4, device=CUDA) % 4 if p.model.num_classes else None
+    outs = []
+    for net in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(x, t, y).float()
+        out.square().mean().backward()
+        outs.append((out, torch.cat([q.grad.flatten() for q in net.parameters() if q.grad is not None])))
+    assert notes == []  # inductor compiled: no fallback
+    for a, b in zip(*outs):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2
+
+
+def test_the_training_step_never_waits_for_the_gpu(tmp_path):
+    """Steady-state optimizer steps (bf16, clipping, EMA, non-finite check) under CUDA's sync debug mode 'error'."""
+    from diffit_cli.training.loop import _setup, _step
+    from diffit_cli.training.run import start_stream
+
+    p = tiny_unet("train.mixed_precision=bf16", "train.grad_clip=1.0", "train.compile=false")
+    run = _setup(p, tmp_path, None, False, None)
+    start_stream(run)
+    run.model.train()
+    for _ in range(2):  # warm-up: optimizer state, cuBLAS workspaces
+        _step(run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            _step(run)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert run.skips.tolist() == [0.0, 0.0]
 
 
 def test_latent_vit_bf16_is_close_to_fp32():

@@ -7,7 +7,7 @@ import torch
 
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.edm import EDM
-from diffit_cli.core.guidance import Guidance, guided_network, power_cosine_scale
+from diffit_cli.core.guidance import Guidance, guided_network, in_interval, power_cosine_scale
 from diffit_cli.core.samplers import nfe, sample
 
 NULL = 1000
@@ -113,6 +113,37 @@ def test_interval_guides_only_inside():
     cond, uncond = split(LabelNet(), x[:3], t, y[:3])
     assert torch.equal(out[[0, 2]], cond[[0, 2]])
     torch.testing.assert_close(out[1, :3], uncond[1, :3] + w * (cond[1, :3] - uncond[1, :3]))
+
+
+@pytest.mark.parametrize("sampler,steps", [("heun", 6), ("ddpm", 8)])
+def test_interval_guidance_skips_the_unconditional_half_outside(sampler, steps):
+    d = EDM() if sampler == "heun" else GaussianDiffusion()
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    noise = torch.stack([torch.randn(4, 2, 2, generator=g) for g in gens])
+    y, g = torch.tensor([3, 4]), Guidance(scale=3.0, schedule="interval", channels=None, interval=(0.28, 5.42))
+    k = 1 if sampler == "heun" else 2  # EDM predicts C channels; the DDPM network also its variance channels
+    net = LabelNet(k=k, tame=True)
+    x = sample(d, net, noise, y=y, sampler=sampler, steps=steps, generators=gens, guidance=g)
+    batches = [b for b, _, _ in net.calls]
+    assert set(batches) == {2, 4} and len(batches) == nfe(sampler, steps)  # N outside the interval, 2N inside
+
+    class AlwaysDoubled:  # the reference: every call doubled, the conditional half taken outside the interval
+        def __init__(self):
+            self.net = LabelNet(k=k, tame=True)
+
+        def __call__(self, x, t, y, **kwargs):
+            both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)]))
+            active = in_interval(d.sigma_from_network_time(t), g.interval).reshape(-1, 1, 1, 1)
+            cond, uncond = both.chunk(2)
+            C = x.shape[1]
+            guided = torch.cat([uncond[:, :C] + 3.0 * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], 1)
+            return torch.where(active, guided, cond)
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]  # the same ancestral noise again
+    assert torch.equal(torch.stack([torch.randn(4, 2, 2, generator=g) for g in gens]), noise)
+    ref = sample(d, AlwaysDoubled(), noise, y=y, sampler=sampler, steps=steps, generators=gens,
+                 guidance=Guidance(scale=1.0))  # the reference does its own guidance
+    torch.testing.assert_close(x, ref)
 
 
 def test_validation():

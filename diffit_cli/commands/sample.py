@@ -39,6 +39,8 @@ def sample_cmd(
     raw: bool = typer.Option(False, "--raw", help="Use the trained weights instead of the EMA."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of the first 64 images."),
     force: bool = typer.Option(False, "--force", help="Replace output made with another recipe."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile each network block (default: on CUDA only)."),
 ) -> None:
     from diffit_cli.config import check_sample_values, load_preset
     from diffit_cli.errors import DiffitError
@@ -53,7 +55,8 @@ def sample_cmd(
     with RichProgress() as progress:
         result = run_sample(ckpt, parse_seeds(seeds), out, preset=load_preset(preset) if preset else None,
                             overrides=overrides, sample=values, precision=precision, batch=batch, classes=classes,
-                            vae=vae, raw=raw, grid=grid, force=force, progress=progress)
+                            vae=vae, raw=raw, grid=grid, force=force,
+                            compile="auto" if compile_ is None else compile_, progress=progress)
     if "recipe" in result:
         console.print(f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
                       f"recipe {result['recipe']})")

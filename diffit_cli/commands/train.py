@@ -39,7 +39,8 @@ def train_cmd(
     tensorboard: bool = typer.Option(False, "--tensorboard", hidden=True, help="Same as --log-with tensorboard."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
                                                      help="FID along training: a local Inception weights file."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile each network block (default: on CUDA only)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
                                             help="Recompute blocks in the backward pass (less memory)."),
     force: bool = typer.Option(False, "--force", help="Resume even though the preset changed."),
@@ -53,7 +54,8 @@ def train_cmd(
         sets.append(f"data.path={json.dumps(data)}")  # quoted: a YAML string whatever the path looks like
     if kimg is not None:
         sets.append(f"train.total_kimg={kimg}")
-    sets += ["train.compile=true"] * compile_ + ["train.grad_checkpointing=true"] * grad_checkpointing
+    sets += [f"train.compile={str(compile_).lower()}"] * (compile_ is not None)
+    sets += ["train.grad_checkpointing=true"] * grad_checkpointing
     if data is not None and not is_named(data) and not Path(data).exists():
         raise DiffitError(f"--data {data!r} does not exist; pass {DATA_FORMS}")
     p = load_preset(preset or "demo", sets)

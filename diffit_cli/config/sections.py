@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TimeMode = Literal["tmsa", "bias", "mlp", "adaln", "separate"]
+AttentionKernel = Literal["sdpa", "flex"]  # core.layers.ATTENTION_BACKENDS
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Pos = Annotated[int, Field(gt=0)]
 
@@ -52,6 +53,7 @@ class UNetConfig(Section):
     augment_dim: Annotated[int, Field(ge=0)] = 9
     time_mode: TimeMode = "tmsa"
     time_embedding: Literal["positional", "fourier"] = "positional"
+    attention_kernel: AttentionKernel = "sdpa"  # TMSA: SDPA (bias as attn_mask) or flex_attention (score_mod)
 
     @property
     def spatial_size(self) -> int:
@@ -106,6 +108,7 @@ class ViTConfig(Section):
     num_classes: Annotated[int, Field(ge=0)] = 1000
     learn_sigma: bool = True
     time_mode: TimeMode = "tmsa"
+    attention_kernel: AttentionKernel = "sdpa"  # TMSA: SDPA (bias as attn_mask) or flex_attention (score_mod)
 
     @property
     def spatial_size(self) -> int:
@@ -202,7 +205,7 @@ class TrainConfig(Section):
     report_kimg: Annotated[float, Field(gt=0)] = 50.0
     snapshot_kimg: Annotated[float, Field(gt=0)] = 500.0
     keep_checkpoints: Pos = 3
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each block: auto = on CUDA, off on CPU
     grad_checkpointing: bool = False
     # loss-spike watch (diffit_cli.training.monitor): `spike_patience` reports in a row above `spike_factor` × the running
     # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`

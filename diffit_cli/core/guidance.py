@@ -20,7 +20,9 @@ Contracts (other modules rely on them):
   ``interval`` (Kynkäänniemi et al. 2024, arXiv 2404.07724): s = w for σ ∈ (σ_lo, σ_hi], else 1. The
   default (0.28, 5.42] is that paper's interval for EDM2 on ImageNet-512 in EDM σ units (also the
   default of ComfyUI's GuidanceLimiter node); for the latent DDPM model σ = √((1 − ᾱ_t)/ᾱ_t).
-  With a non-unit w the doubled batch is evaluated at every step, also where s = 1.
+  A call with no row inside the interval evaluates the conditional batch alone (B rows, not 2B): one host read
+  of the in-interval count per call, far cheaper than the unconditional half it saves (the samplers give all
+  rows one σ, so a call is all in or all out). The other schedules evaluate the doubled batch at every step.
 """
 
 from __future__ import annotations
@@ -128,14 +130,15 @@ class GuidedNetwork:
             raise ValueError("labels are bound in GuidedNetwork; call it with y=None")
         if self.guidance is None:
             return self.net(x, t_in, self.y, **kwargs).to(torch.float32)
-        B = x.shape[0]
-        null = torch.full_like(self.y, self.guidance.null_class)
-        kwargs = {k: _double(v, B) for k, v in kwargs.items()}
-        out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, Co, …)
-        g = self.guidance
+        B, g = x.shape[0], self.guidance
         active = None  # interval: outside it, exactly the conditional output
         if g.schedule == "interval":
             active = in_interval(self.diffusion.sigma_from_network_time(t_in), g.interval)
+            if not bool(active.any()):  # host read: the unconditional half is not needed at all
+                return self.net(x, t_in, self.y, **kwargs).to(torch.float32)
+        null = torch.full_like(self.y, g.null_class)
+        kwargs = {k: _double(v, B) for k, v in kwargs.items()}
+        out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, Co, …)
         return cfg_combine(out.to(torch.float32), x.shape[1], guidance_scale(g, t_in, self.diffusion), g.channels,
                            active)
 

@@ -5,15 +5,18 @@ Pure torch. Token tensors are (B, N, C) in raster order of an (H, W) grid; the t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 # Where the time token enters a block (SPEC §8 Tables 6–7, Fig. 7b); "tmsa" is the paper's model.
 TIME_MODES = ("tmsa", "bias", "mlp", "adaln", "separate")
 TIME_EMBEDDINGS = ("positional", "fourier")
+ATTENTION_BACKENDS = ("sdpa", "flex")  # TMSA kernels (TMSA.backend); benchmarks/bench_attention.py compares them
 
 
 def check_time_mode(time_mode: str) -> str:
@@ -160,14 +163,45 @@ def _fused_attention_pays(q: torch.Tensor, bias: torch.Tensor) -> bool:
     return not grad and q.dtype == torch.float32
 
 
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once (it is only fast compiled; eager it runs a reference loop)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax(q·kᵀ/√d + B)·v with flex_attention, the bias B (heads, N, N') or (B', heads, N, N') added by a
+    `score_mod` (its gradient flows back into B): (B', heads, N, d). Windows stay folded into the batch: a window
+    of a raster-order token grid is not a contiguous block, so a block mask over the whole grid would keep nearly
+    every 128-token block. PyTorch runs flex's backward on CUDA only; CPU is forward-only (eager reference)."""
+    if bias.dim() == 3:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[h, q_idx, kv_idx]
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx, kv_idx]
+    eager = q.device.type != "cuda" or torch.compiler.is_compiling()  # inside a compiled block: traced there
+    return (flex_attention if eager else _compiled_flex())(q, k, v, score_mod=score_mod)
+
+
+def set_attention_backend(net: nn.Module, backend: str) -> None:
+    """Select the kernel of every TMSA in `net`: "sdpa" (bias as attn_mask) or "flex" (bias as score_mod)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    for m in net.modules():
+        if isinstance(m, TMSA):
+            m.backend = backend
+
+
 class TMSA(nn.Module):
     """Time-dependent multi-head self-attention (SPEC §2, Eq. 3–6) with a Swin relative position bias.
 
     q,k,v = qkv(x_s) + qkv_temb(x_t);  Attention = Softmax(q·kᵀ/√d + B)·v;  then `proj`.
     Global when `window_size` equals the token grid (latent model), else non-overlapping w×w windows.
     `time_mode` selects the ablations: "bias" (time only in the bias, Table 6 F), "separate" (time token as
-    an extra key/value token, Table 7), "mlp"/"adaln" (no time input here). Set `use_sdpa = False` for the plain
-    reference path; `store_attn = True` keeps the last softmax weights in `last_attn` (B·nW, heads, N, N[+1]).
+    an extra key/value token, Table 7), "mlp"/"adaln" (no time input here). `backend` picks the fused kernel
+    ("sdpa" or "flex", `set_attention_backend`); set `use_sdpa = False` for the plain reference path;
+    `store_attn = True` keeps the last softmax weights in `last_attn` (B·nW, heads, N, N[+1]).
     """
 
     def __init__(self, dim: int, num_heads: int, time_dim: int, window_size: int, time_mode: str = "tmsa",
@@ -191,6 +225,7 @@ class TMSA(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.use_sdpa = True
+        self.backend = "sdpa"
         self.store_attn = False
         self.last_attn: torch.Tensor | None = None
 
@@ -206,13 +241,16 @@ class TMSA(nn.Module):
         return table[:, :, self.relative_position_index.view(-1)].view(x_t.shape[0], self.num_heads, n, n)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Softmax(q·kᵀ·scale + bias)·v: (B', heads, N, d). Fast path (use_sdpa) or the plain reference path."""
+        """Softmax(q·kᵀ·scale + bias)·v: (B', heads, N, d). Fast path (use_sdpa: SDPA or flex) or the plain
+        reference path."""
         bias = bias.to(q.dtype)
         if self.store_attn or not self.use_sdpa:
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B', heads, N, N')
             if self.store_attn:
                 self.last_attn = attn.detach()
             return attn @ v
+        if self.backend == "flex":
+            return flex_attend(q, k, v, bias)
         if _fused_attention_pays(q, bias):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if bias.dim() == 4 else bias.unsqueeze(0))
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B', heads, N, N')
@@ -285,8 +323,8 @@ def attention_logit_max(net: nn.Module, run) -> dict[str, torch.Tensor]:
 
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in net.named_modules()
                if isinstance(m, TMSA)]
-    try:
-        with torch.no_grad():
+    try:  # eager even inside compiled blocks: hooks added there would make every probe recompile them
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             run()
     finally:
         for h in handles:

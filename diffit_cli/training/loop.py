@@ -15,7 +15,15 @@ from pathlib import Path
 import torch
 
 from diffit_cli.augment import AugmentPipe
-from diffit_cli.build import build_diffusion, build_network, build_optimizer, count_parameters, parameter_count
+from diffit_cli.build import (
+    build_diffusion,
+    build_network,
+    build_optimizer,
+    compile_blocks,
+    count_parameters,
+    parameter_count,
+    want_compile,
+)
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, dump_preset, preset_to_dict
@@ -37,6 +45,7 @@ from diffit_cli.training.recipe import (
     keyed_seed,
     learning_rate,
     split_batch,
+    step_unless,
     to_model_space,
 )
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
@@ -96,6 +105,7 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
             loss_sum += _step(run)
             loss_n += run.accum
             if caught:  # SLURM's warning before a time limit or preemption: checkpoint now, exit PREEMPTED_EXIT
+                _settle_skips(run)
                 snapshot(run, grid=False)
                 state.preempted = caught[0]
                 break
@@ -114,14 +124,18 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
     tc, state = run.preset.train, run.state
     total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
     done = state.nimg >= total_nimg
-    if done or state.nimg // report_every > (state.nimg - tc.batch) // report_every:
+    report_due = done or state.nimg // report_every > (state.nimg - tc.batch) // report_every
+    fid = fid_due(run)
+    snapshot_due = fid or done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every
+    if report_due or snapshot_due:
+        _settle_skips(run)
+    if report_due:
         rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report)
         loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
         spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
         if spike is not None and on_spike(run, spike):  # stopped, or rolled back to a checkpoint
             return loss_sum, loss_n, time.perf_counter(), state.nimg
-    fid = fid_due(run)
-    if fid or done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every:
+    if snapshot_due:
         snapshot(run, best=fid and fid_point(run))
         t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
     return loss_sum, loss_n, t_report, n_report
@@ -139,6 +153,9 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     if mp == "fp16" and not torch.cuda.is_available():
         raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
                          "use --set train.mixed_precision=bf16 (or fp32)")
+    if getattr(preset.model, "attention_kernel", "sdpa") == "flex" and not torch.cuda.is_available():
+        raise TrainError("model.attention_kernel=flex trains on a GPU only (PyTorch's flex_attention has no CPU "
+                         "backward); use --set model.attention_kernel=sdpa")
     # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
     # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
     AcceleratorState._reset_state()
@@ -167,8 +184,9 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     if tc.grad_checkpointing:
         enable_activation_checkpointing(net)
     opt = build_optimizer(net.parameters(), tc)
-    model = torch.compile(net) if tc.compile else net
-    model, opt = accelerator.prepare(model, opt)
+    if want_compile(tc.compile, device):  # after checkpointing: the recomputed block is the compiled region
+        compile_blocks(net, lambda text: emit(Message(text, "warning")))
+    model, opt = accelerator.prepare(net, opt)
     monitor = SpikeDetector(factor=tc.spike_factor, patience=tc.spike_patience)
     return Run(preset, run_dir, accelerator, net, model, ema, opt, diffusion, codec, dataset, batch_gpu, accum,
                monitor, TrainState(), emit, augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
@@ -220,30 +238,39 @@ def _step(run: Run) -> torch.Tensor:
 
 
 def _clip_and_step(run: Run) -> torch.Tensor:
-    """Global gradient norm (before clipping), optional clipping to `train.grad_clip`, then the optimizer step;
-    a step whose gradients are not finite is skipped (EDM), through the grad scaler for fp16."""
-    tc, acc, state = run.preset.train, run.accelerator, run.state
-    if acc.scaler is not None:  # fp16: unscale first; the grad scaler skips non-finite steps and lowers its scale
+    """Global gradient norm (before clipping), optional clipping to `train.grad_clip`, then the optimizer step.
+    A step whose gradients are not finite is skipped (EDM) without a host sync: the fused optimizer reads the flag
+    on the device (fp16: the grad scaler's own flag, the same condition on the same unscaled gradients, which also
+    lowers its scale); `run.skips` counts on the device and `_settle_skips` reads it at report time."""
+    tc, acc = run.preset.train, run.accelerator
+    if acc.scaler is not None:  # fp16: unscale first
         acc.unscale_gradients()
     grads = [p.grad for p in run.net.parameters() if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()  # (no host sync)
     if tc.grad_clip is not None:
         torch._foreach_mul_(grads, (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+    skipped = (~torch.isfinite(grad_norm)).float()  # 0-dim, on the device
     if acc.scaler is not None:
         run.opt.step()
-        skipped = bool(acc.optimizer_step_was_skipped)
     else:
-        skipped = not bool(torch.isfinite(grad_norm))  # one host sync per optimizer step: EDM skips non-finite updates
-        if not skipped:
-            run.opt.step()
-    state.skipped += skipped
-    state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped else 0
-    if state.skipped_in_a_row >= tc.max_skipped_steps:
-        last = latest_checkpoint(run.run_dir)
-        raise TrainError(f"{state.skipped_in_a_row} optimizer steps in a row had non-finite gradients (the last at "
-                         f"step {state.step + 1}): training has diverged; last checkpoint: {last or 'none'}; lower "
-                         "train.lr or set train.on_spike=rollback and rerun")
+        step_unless(run.opt, skipped)
+    run.skips = torch.stack([run.skips[0] + skipped, (run.skips[1] + 1) * skipped])
     return grad_norm
+
+
+def _settle_skips(run: Run) -> None:
+    """Fold the device-side skip counters into the state (one host read, at report and snapshot time); a run whose
+    last `train.max_skipped_steps` or more steps were all non-finite stops here."""
+    tc, state = run.preset.train, run.state
+    skipped, in_a_row = (int(v) for v in run.skips.tolist())
+    state.skipped += skipped
+    state.skipped_in_a_row = in_a_row
+    run.skips = torch.tensor([0.0, in_a_row], device=run.skips.device)
+    if in_a_row >= tc.max_skipped_steps:
+        last = latest_checkpoint(run.run_dir)
+        raise TrainError(f"{in_a_row} optimizer steps in a row had non-finite gradients (the last at step "
+                         f"{state.step}): training has diverged; last checkpoint: {last or 'none'}; lower "
+                         "train.lr or set train.on_spike=rollback and rerun")
 
 
 def _attention_logit_max(run: Run) -> float | None:

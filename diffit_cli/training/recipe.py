@@ -24,7 +24,8 @@ from diffit_cli.errors import DiffitError
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
 RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
                   "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
-                  "train.on_spike", "train.spike_", "train.max_skipped_steps", "sample.", "eval.")
+                  "train.on_spike", "train.spike_", "train.max_skipped_steps", "sample.", "eval.",
+                  "model.attention_kernel")
 
 
 class TrainError(DiffitError):
@@ -112,6 +113,18 @@ class Ema:
         torch._foreach_lerp_(ema_p, [p.detach() for p in net.parameters()], 1.0 - beta)
         for b_ema, b in zip(self.net.buffers(), net.buffers()):
             b_ema.copy_(b)
+
+
+def step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """`opt.step()` unless `found_inf` (0-dim float on the device, 1 = skip: EDM skips non-finite updates). A fused
+    optimizer reads the flag in its kernel, without a host sync, and leaves parameters, moments and step count as
+    they were; other optimizers read it on the host (one sync)."""
+    inner = getattr(opt, "optimizer", opt)  # under Accelerate's AcceleratedOptimizer
+    if inner.defaults.get("fused"):
+        inner.found_inf = found_inf
+        opt.step()
+    elif not found_inf.item():
+        opt.step()
 
 
 def to_model_space(batch, preset: Preset, codec, device: torch.device):

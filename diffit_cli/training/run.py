@@ -47,6 +47,7 @@ class Run:
     inception_weights: str | None = None  # FID along training: a local Inception weights file (offline machines)
     curves_at: float = float("-inf")  # when curves.png was last drawn (perf_counter) and how long that took
     curves_s: float = 0.0
+    skips: torch.Tensor | None = None  # (2,) on the device: steps skipped since the last report, skipped in a row
 
     @property
     def world(self) -> int:
@@ -61,6 +62,7 @@ def start_stream(run: Run) -> None:
                                    num_workers=run.preset.data.num_workers, pin_memory=device.type == "cuda",
                                    start_index=run.state.nimg))
     run.grad_norm_sum, run.grad_norm_max, run.state.data_s = zero(run), zero(run), 0.0
+    run.skips = torch.tensor([0.0, run.state.skipped_in_a_row], device=device)
 
 
 def zero(run: Run) -> torch.Tensor:
