@@ -106,9 +106,37 @@ def test_exact_resume_after_a_kill(tmp_path):
 
 
 @pytest.mark.e2e
-def test_one_process_trains_twice_with_different_precisions(tmp_path):
+def test_one_process_trains_twice_with_different_precisions(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFIT_CPU_BF16", "1")  # bf16 autocast even where this CPU only emulates it
     assert train(tiny_unet("train.total_kimg=0.008"), tmp_path / "fp32").step == 1
     assert train(tiny_unet("train.total_kimg=0.008", "train.mixed_precision=bf16"), tmp_path / "bf16").step == 1
+
+
+def test_a_cpu_without_native_bf16_trains_a_bf16_preset_in_fp32_with_a_note(tmp_path, monkeypatch):
+    """bf16 autocast on a CPU without AVX512-BF16/AMX is emulated, ~10× slower than fp32: the run uses fp32 and
+    says so; with native bf16 (or DIFFIT_CPU_BF16=1) it autocasts in bf16."""
+    from diffit_cli.events import Message
+    from diffit_cli.training import loop
+
+    seen = []
+    real_setup = loop._setup
+
+    def spy(*a, **k):
+        run = real_setup(*a, **k)
+        seen.append(run.accelerator.mixed_precision)
+        return run
+
+    monkeypatch.setattr(loop, "_setup", spy)
+    p = tiny_unet("train.total_kimg=0.008", "train.mixed_precision=bf16")
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.delenv("DIFFIT_CPU_BF16", raising=False)
+        events = []
+        train(p, tmp_path / str(native), progress=events.append)
+        notes = [e.text for e in events if isinstance(e, Message) and "no native bf16" in e.text]
+        assert len(notes) == (0 if native else 1)
+    assert seen == ["no", "bf16"]
 
 
 @pytest.mark.e2e

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -141,6 +142,15 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
     return loss_sum, loss_n, t_report, n_report
 
 
+CPU_BF16_VARIABLE = "DIFFIT_CPU_BF16"
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), or `DIFFIT_CPU_BF16=1` asks for bf16 anyway."""
+    return (os.environ.get(CPU_BF16_VARIABLE) == "1" or torch.cpu._is_avx512_bf16_supported()
+            or torch.cpu._is_amx_tile_supported())
+
+
 def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool, trackers: list[str],
            progress: Progress | None) -> Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
@@ -153,6 +163,9 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     if mp == "fp16" and not torch.cuda.is_available():
         raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
                          "use --set train.mixed_precision=bf16 (or fp32)")
+    cpu_fp32 = mp == "bf16" and not torch.cuda.is_available() and not native_cpu_bf16()
+    if cpu_fp32:  # emulated bf16 runs ~10× slower than fp32 (measured: 4.5 vs 43 img/s, `demo` on 2 EPYC cores)
+        mp = "fp32"
     if getattr(preset.model, "attention_kernel", "sdpa") == "flex" and not torch.cuda.is_available():
         raise TrainError("model.attention_kernel=flex trains on a GPU only (PyTorch's flex_attention has no CPU "
                          "backward); use --set model.attention_kernel=sdpa")
@@ -166,6 +179,10 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     device = accelerator.device
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = main_process_only(progress, accelerator.is_main_process)
+    if cpu_fp32:
+        emit(Message("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
+                     "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
+                     f"{CPU_BF16_VARIABLE}=1 to force bf16)", "warning"))
 
     with accelerator.main_process_first():  # a dataset by name downloads once, on the main process
         dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
