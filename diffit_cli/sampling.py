@@ -135,7 +135,8 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
         net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
         del weights
         if want_compile(compile, device):
-            compile_blocks(net, lambda text: main_process_only(progress, state.is_main_process)(Message(text, "warning")))
+            warn = main_process_only(progress, state.is_main_process)
+            compile_blocks(net, lambda text: warn(Message(text, "warning")))
         diffusion = build_diffusion(preset.diffusion, preset.model)
         decode, _ = make_decoder(preset, vae, device, precision)
         _write_images(net, diffusion, decode, preset, seeds, sink, state, batch=batch, classes=class_list,
@@ -187,7 +188,8 @@ def _write_images(net, diffusion, decode: Decode, preset: Preset, seeds: list[in
                 rate = (done - len(seeds) + len(todo) * state.num_processes) / max(time.perf_counter() - t0, 1e-9)
                 emit(Step("sample", done, len(seeds), {"img_per_s": rate}, f"{rate:.2f} img/s"))
             if caught:
-                raise Preempted(caught[0], f"writing {i + len(chunk)} of this process's {len(todo)} images to {sink.out}")
+                raise Preempted(caught[0], f"writing {i + len(chunk)} of this process's {len(todo)} images to "
+                                           f"{sink.out}")
 
 
 def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:
