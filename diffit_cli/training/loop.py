@@ -179,10 +179,6 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     device = accelerator.device
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = main_process_only(progress, accelerator.is_main_process)
-    if cpu_fp32:
-        emit(Message("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
-                     "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
-                     f"{CPU_BF16_VARIABLE}=1 to force bf16)", "warning"))
 
     with accelerator.main_process_first():  # a dataset by name downloads once, on the main process
         dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
@@ -192,6 +188,10 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     if dataset.kind == "latent" and dataset.num_channels != preset.model.in_channels:
         raise TrainError(f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
                          f"network expects {preset.model.in_channels}; re-encode them or fix the preset")
+    if cpu_fp32:  # after the checks of the user's data: an error there comes alone
+        emit(Message("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
+                     "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
+                     f"{CPU_BF16_VARIABLE}=1 to force bf16)", "warning"))
     # shards hold posterior stats already: no VAE needed to train on them
     codec = None if dataset.kind == "latent" else make_codec(preset.data, device)
     diffusion = build_diffusion(preset.diffusion, preset.model)
