@@ -40,7 +40,7 @@ from diffit_cli.data import (
 )
 from diffit_cli.data.loader import unwrap_worker_error
 from diffit_cli.events import Progress, Start, Step, quiet
-from diffit_cli.fileio import new_output
+from diffit_cli.fileio import check_writable, new_output
 from diffit_cli.preemption import Preempted, preemption_signals, shield_worker
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -76,9 +76,7 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     if src is not None and not is_named(src) and not Path(src).exists():
         raise DataError(f"source {str(src)!r} does not exist; pass an image folder, .zip, .npz, torchvision:NAME "
                         "or hf:OWNER/NAME")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {str(out)!r} exists and is not a folder")
+    out = check_writable(out_dir, folder=True)  # a file in the way: said now, not after the VAE is loaded
 
     state = PartialState(cpu=device is not None and device.type == "cpu")
     dev = state.device if device is None else device

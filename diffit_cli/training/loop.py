@@ -32,7 +32,7 @@ from diffit_cli.core.layers import attention_logit_max
 from diffit_cli.data import open_source, require_data
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fid.sampled import check_extractor
-from diffit_cli.fileio import atomic_write_bytes, new_output
+from diffit_cli.fileio import atomic_write_bytes, check_writable, new_output
 from diffit_cli.preemption import preemption_signals
 from diffit_cli.training import lock
 from diffit_cli.training.evaluate import fid_due, fid_point
@@ -68,6 +68,7 @@ def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, 
     names = resolve_trackers(trackers.log_with)  # checked before anything is written
     if preset.eval.every_kimg > 0:
         check_extractor(preset.eval.feature_extractor, inception_weights)
+    check_writable(run_dir, folder=True)  # a file in the way: said now, not after the network is built
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, names, progress)
     run.inception_weights = inception_weights
     main = run.accelerator.is_main_process
@@ -89,8 +90,9 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
     preset = run.preset
     tc, state, acc = preset.train, run.state, run.accelerator
     ckpt_path = resume(run, force)
+    if ckpt_path is None:
+        check_checkpoint_space(run)  # on every process: none is left waiting for the main one at a barrier
     if ckpt_path is None and acc.is_main_process:
-        check_checkpoint_space(run)
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
     start_trackers(acc, run.run_dir, trackers, {"run": run.run_dir.name, **flat_config(preset_to_dict(preset))})
     start_stream(run)
