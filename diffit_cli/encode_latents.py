@@ -41,7 +41,7 @@ from diffit_cli.data import (
 from diffit_cli.data.loader import unwrap_worker_error
 from diffit_cli.events import Progress, Start, Step, quiet
 from diffit_cli.fileio import check_writable, new_output
-from diffit_cli.preemption import Preempted, preemption_signals, shield_worker
+from diffit_cli.preemption import Preempted, preemption_signals, shielded_workers
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Settings that must agree between a partial output folder and the command that resumes it.
@@ -219,7 +219,7 @@ def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, 
     if not plan:
         return
     loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for _, idx in plan], num_workers=num_workers,
-                                         pin_memory=codec.device.type == "cuda", worker_init_fn=shield_worker,
+                                         pin_memory=codec.device.type == "cuda", worker_init_fn=shielded_workers(),
                                          generator=torch.Generator().manual_seed(0))
     means, stds, labels = [], [], []
     try:

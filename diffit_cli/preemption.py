@@ -4,7 +4,9 @@ in hand (an optimizer step and a checkpoint, a sample batch, a latent shard), an
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
 import signal
 import threading
 
@@ -39,8 +41,30 @@ def preemption_signals():
 
 
 def shield_worker(_worker_id: int | None = None) -> None:
-    """DataLoader `worker_init_fn`: data workers ignore the preemption signals (a launcher such as torchrun sends
-    them to the whole process group); the main process stops after its unit of work and the workers end with it."""
+    """Runs in each data worker: ignore the preemption signals (a launcher such as torchrun sends them to the whole
+    process group); the main process stops after its unit of work and the workers end with it."""
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def shielded_workers():
+    """The DataLoader `worker_init_fn` for workers that ignore the preemption signals (`shield_worker`), called in
+    the main process. At exit multiprocessing stops daemonic children with SIGTERM and then waits for them, which
+    such a worker ignores: a loader left open by an error (its iterator held by a traceback) would hang the exit
+    for ever. So the main process kills its daemonic children first (atexit handlers run last-registered first)."""
+    global _kill_registered
+    if not _kill_registered:
+        atexit.register(_kill_daemonic_children)
+        _kill_registered = True
+    return shield_worker
+
+
+_kill_registered = False
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(5)

@@ -15,7 +15,7 @@ from diffit_cli.data.latents import MANIFEST_NAME, LatentShardSource
 from diffit_cli.data.named import open_named
 from diffit_cli.data.sources import ImageFolderSource, NpzSource, Source, ZipSource
 from diffit_cli.data.synthetic import SYNTHETIC_SIZE, SyntheticShapes
-from diffit_cli.preemption import shield_worker
+from diffit_cli.preemption import shielded_workers
 
 
 def open_source(data: Any = None, resolution: int | None = None, *, channels: int | None = None,
@@ -153,7 +153,7 @@ class InfiniteLoader:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin,
             persistent_workers=False, prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=shield_worker,
+            worker_init_fn=shielded_workers(),
             # the loader draws its worker base seed from this generator, never from the global RNG
             generator=torch.Generator().manual_seed(seed))
 
