@@ -74,14 +74,19 @@ def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], 
         x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision)
         yield chunk, (y.numpy() if y is not None else None), decode(x)
 
+def sampling_precision(preset: Preset, device: torch.device | str) -> str:
+    """bf16 sampling where training ran bf16 on a GPU; fp32 on the CPU (where bf16 is emulated on most CPUs: ~10×
+    slower than fp32)."""
+    return "bf16" if preset.train.mixed_precision == "bf16" and torch.device(device).type == "cuda" else "fp32"
+
 def preview_grid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, path: Path | str,
                  device: torch.device | str = "cpu", seeds: int = 64) -> Path:
     """Training's preview: `seeds` samples of `net` with the preset's sampler (one class per column when
     class-conditional), saved as a grid PNG at `path` and as `grid-latest.png` beside it."""
     k = preset.model.num_classes
     classes = list(range(min(k, 8))) if k else None
-    precision = "bf16" if preset.train.mixed_precision == "bf16" else "fp32"
-    _, _, images = next(generate(net, diffusion, preset, list(range(seeds)), decode, precision=precision,
+    _, _, images = next(generate(net, diffusion, preset, list(range(seeds)), decode,
+                                 precision=sampling_precision(preset, device),
                                  batch=seeds, device=device, classes=classes))
     grid = image_grid(images, ncol=len(classes) if classes else None)
     save_png(Path(path).with_name("grid-latest.png"), grid)

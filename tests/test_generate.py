@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
-from diffit_cli.build import build_network
+from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
 from diffit_cli.errors import DiffitError
@@ -319,3 +319,20 @@ def test_a_full_disk_while_writing_an_npz_part_keeps_the_previous_part_and_exits
         assert z["arr_0"].shape[0] == 8
     with np.load(io.BytesIO(first)) as z:
         assert np.array_equal(np.load(out)["arr_0"][:4], z["images"])
+
+
+def test_the_training_preview_samples_in_fp32_on_the_cpu(tmp_path, monkeypatch):
+    """A bf16 preset's preview grid on the CPU samples in fp32 (emulated bf16 autocast made each demo grid cost
+    minutes), as `diffit sample`, FID along training and ablate do; bf16 on a GPU."""
+    from diffit_cli import generate as G
+
+    p = tiny_unet("train.mixed_precision=bf16")
+    assert G.sampling_precision(p, "cpu") == "fp32" and G.sampling_precision(p, torch.device("cuda")) == "bf16"
+    assert G.sampling_precision(tiny_unet("train.mixed_precision=fp32"), "cuda") == "fp32"
+    seen = []
+    real = G.sample_batch
+    monkeypatch.setattr(G, "sample_batch", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    out = G.preview_grid(_perturbed_net(p), build_diffusion(p.diffusion, p.model), p,
+                         lambda x: ((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+                         tmp_path / "grid.png", seeds=4)
+    assert seen == ["fp32"] and out.is_file() and (tmp_path / "grid-latest.png").is_file()

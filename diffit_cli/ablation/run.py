@@ -15,12 +15,21 @@ import torch
 from accelerate import PartialState
 
 from diffit_cli import __version__, training
-from diffit_cli import metrics as M  # through the module: tests and users may swap its functions
+from diffit_cli import (
+    metrics as M,  # through the module: tests and users may swap its functions
+)
 from diffit_cli.ablation.attention import attention_maps, save_map_pngs
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
 from diffit_cli.ablation.report import collect_rows, write_results
-from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
+from diffit_cli.ablation.study import (
+    RESULT,
+    SKIP_DIFF,
+    Study,
+    StudyError,
+    Variant,
+    load_study,
+)
 from diffit_cli.build import build_diffusion, parameter_count
 from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
 from diffit_cli.config import (
@@ -36,6 +45,7 @@ from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.fileio import atomic_write_bytes, offline, read_json, write_json
+from diffit_cli.generate import sampling_precision
 from diffit_cli.sampling import resolve_weights, run_sample
 
 
@@ -88,7 +98,7 @@ class _Runner:
         """`run_sample` (resumable NPZ of eval.num_samples seeds) then `compute_metrics` FID against the reference."""
 
         n = preset.eval.num_samples
-        precision = "bf16" if (preset.train.mixed_precision == "bf16" and torch.cuda.is_available()) else "fp32"
+        precision = sampling_precision(preset, self.state.device)
         self.stage("sample", f"sample {n} images", images=n)
         run_sample(str(ckpt), list(range(n)), out, preset=weights_preset, overrides=sample_overrides,
                    precision=precision, batch=preset.sample.batch, progress=self.emit,

@@ -21,7 +21,7 @@ from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fid.extractors import TEST_EXTRACTOR, extractor_class, make_extractor
 from diffit_cli.fid.metrics import compute_metrics
 from diffit_cli.fid.reference import preset_reference
-from diffit_cli.generate import Decode, NpzSink, PngSink, generate
+from diffit_cli.generate import Decode, NpzSink, PngSink, generate, sampling_precision
 from diffit_cli.sampling import make_decoder, resolve_weights
 
 
@@ -74,11 +74,6 @@ def sample_fid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, 
         result["seeds"] = f"{seeds[0]}-{seeds[-1]}"
     state.wait_for_everyone()
     return result
-
-
-def sampling_precision(preset: Preset, device: torch.device) -> str:
-    """bf16 sampling where training ran bf16 on a GPU; fp32 on the CPU."""
-    return "bf16" if preset.train.mixed_precision == "bf16" and device.type == "cuda" else "fp32"
 
 
 def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, reference=None, batch: int | None = None,

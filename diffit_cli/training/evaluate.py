@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from diffit_cli.events import Message
 from diffit_cli.fid.reference import preset_reference
-from diffit_cli.fid.sampled import sample_fid, sampling_precision
+from diffit_cli.fid.sampled import sample_fid
+from diffit_cli.generate import sampling_precision
 from diffit_cli.sampling import make_decoder
 from diffit_cli.training.run import Run, log_record
 
