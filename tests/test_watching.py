@@ -112,6 +112,144 @@ def test_wandb_offline_writes_its_files_and_a_resume_continues_the_run(tmp_path,
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # both sessions log the same run id
 
 
+def _reported(run_dir):
+    """log.jsonl's report numbers as the trackers get them: {"train/<key>": {step: value}}."""
+    out = {}
+    for rec in _log(run_dir):
+        if "loss" in rec and "event" not in rec:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.setdefault(f"train/{k}", {})[rec["step"]] = v
+    return out
+
+
+def _grid(run_dir, kimg):
+    return np.asarray(Image.open(run_dir / "samples" / f"grid-{kimg:012.3f}.png").convert("RGB"))
+
+
+@pytest.mark.e2e
+def test_mlflow_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'diffit-cli[mlflow]')")
+    pytest.importorskip("sqlalchemy", reason="MLflow's sqlite store needs the full mlflow package, not mlflow-skinny "
+                                             "(pip install 'diffit-cli[mlflow]')")
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    run = tmp_path / "run"
+    spec = TrackerSpec(("mlflow",), "diffit-test")
+    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)  # params are write-once: this raised before
+    assert json.loads((run / "trackers.json").read_text())["mlflow"] == run_id
+
+    client = MlflowClient()
+    r = client.get_run(run_id)
+    assert r.info.run_name == "run" and r.info.status == "FINISHED"
+    assert [x.info.run_id for x in client.search_runs([r.info.experiment_id])] == [run_id]
+    assert client.get_experiment(r.info.experiment_id).name == "diffit-test"
+    assert r.data.params["run"] == "run" and r.data.params["model.channels"] == "[16, 16]"
+    assert r.data.params["train.total_kimg"] == "0.016" and r.data.tags["train.total_kimg"] == "0.032"
+    reported = _reported(run)
+    assert sorted(reported["train/loss"]) == [1, 2, 3, 4] and set(r.data.metrics) == set(reported)
+    for key, values in reported.items():
+        assert {m.step: m.value for m in client.get_metric_history(run_id, key)} == pytest.approx(values, rel=1e-6)
+    pngs = sorted((a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")),
+                  key=lambda path: int(path.split("+step+")[1].split("+")[0]))
+    assert [path.split("+step+")[1].split("+")[0] for path in pngs] == ["2", "4"]
+    for path, kimg in zip(pngs, (0.016, 0.032)):
+        got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path / "dl"))
+        assert np.array_equal(np.asarray(Image.open(got).convert("RGB")), _grid(run, kimg))
+
+
+@pytest.mark.e2e
+def test_aim_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_run(tmp_path):
+    pytest.importorskip("aim", reason="aim is not installed (pip install 'diffit-cli[aim]')")
+    from aim import Repo
+    from aim.cli.cli import cli_entry_point
+    from aim.storage.context import Context
+    from click.testing import CliRunner as ClickRunner
+
+    run = tmp_path / "run"
+    spec = TrackerSpec(("aim",), "diffit-test")
+    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
+    run_hash = json.loads((run / "trackers.json").read_text())["aim"]
+    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)
+    assert json.loads((run / "trackers.json").read_text())["aim"] == run_hash
+
+    # Aim's readers go through the repository's index, which `aim up` keeps up to date; here `aim storage reindex`
+    r = ClickRunner().invoke(cli_entry_point, ["storage", "--repo", str(run / "trackers"), "reindex", "-y"])
+    assert r.exit_code == 0, r.output
+    repo = Repo(str(run / "trackers"))
+    assert list(repo.list_all_runs()) == [run_hash]
+    arun = repo.get_run(run_hash)
+    assert arun.name == "run" and arun.experiment == "diffit-test"
+    assert arun["hparams"]["run"] == "run" and arun["hparams"]["train.total_kimg"] == 0.032
+    reported = _reported(run)
+    assert sorted(reported["train/loss"]) == [1, 2, 3, 4]
+    for key, values in reported.items():
+        steps, (got, *_) = arun.get_metric(key, Context({})).data.items_list()
+        assert dict(zip(steps, got)) == pytest.approx(values, rel=1e-6), key
+    steps, (images, *_) = arun.get_image_sequence("samples", Context({})).data.items_list()
+    assert steps == [2, 4]
+    for image, kimg in zip(images, (0.016, 0.032)):
+        assert np.array_equal(np.asarray(image.to_pil_image().convert("RGB")), _grid(run, kimg))
+
+
+def _comet_archive(zip_path):
+    """An offline Comet experiment's archive: its experiment.json and its messages (one JSON object a line)."""
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as z:
+        return (zip_path, json.loads(z.read("experiment.json")),
+                [json.loads(line) for line in z.read("messages.json").decode().splitlines()])
+
+
+@pytest.mark.e2e
+def test_comet_offline_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_experiment(tmp_path,
+                                                                                                      monkeypatch):
+    pytest.importorskip("comet_ml", reason="comet_ml is not installed (pip install 'diffit-cli[comet_ml]')")
+    import zipfile
+
+    monkeypatch.setenv("COMET_START_ONLINE", "false")  # no API key needed: an archive to `comet upload` later
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+    run = tmp_path / "run"
+    spec = TrackerSpec(("comet_ml",), "diffit-test")
+    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
+    key = json.loads((run / "trackers.json").read_text())["comet_ml"]
+    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)
+    assert json.loads((run / "trackers.json").read_text())["comet_ml"] == key
+
+    archives = [_comet_archive(z) for z in (tmp_path / "comet").glob("*.zip")]
+    assert len(archives) == 2 and all(exp["offline_id"] == key for _, exp, _ in archives)  # one experiment
+    archives.sort(key=lambda a: a[1]["start_time"])
+    assert archives[1][1]["user_provided_experiment_key"] and archives[1][1]["resume_strategy"] == "get_or_create"
+    metrics, params = {}, {}
+    for zip_path, exp, messages in archives:
+        assert exp["project_name"] == "diffit-test"
+        others = {m["payload"]["key"]: m["payload"]["value"] for m in messages if m["type"] == "log_other"}
+        assert others["Name"] == "run"
+        for m in messages:
+            if m["type"] == "metric_msg" and m["payload"]["metric"]["metricName"].startswith("train/"):
+                metric = m["payload"]["metric"]
+                metrics.setdefault(metric["metricName"], {})[metric["step"]] = metric["metricValue"]
+            elif m["type"] == "parameter_msg":
+                params[m["payload"]["param"]["paramName"]] = m["payload"]["param"]["paramValue"]
+        grids = [m["payload"] for m in messages if m["type"] == "file_upload"
+                 and m["payload"]["upload_type"] == "visualization"]
+        assert [g["additional_params"]["figName"] for g in grids] == ["samples"]
+        kimg = grids[0]["additional_params"]["step"] * 0.008
+        with zipfile.ZipFile(zip_path) as z, z.open(grids[0]["file_path"]) as f:
+            assert np.array_equal(np.asarray(Image.open(f).convert("RGB")), _grid(run, kimg))
+    reported = _reported(run)
+    assert sorted(reported["train/loss"]) == [1, 2, 3, 4] and set(metrics) == set(reported)
+    for key, values in reported.items():
+        assert metrics[key] == pytest.approx(values, rel=1e-6), key
+    assert params["run"] == "run" and params["train.total_kimg"] == 0.032
+
+
 def test_unknown_or_missing_trackers_are_one_line_errors(tmp_path, monkeypatch):
     import importlib.util
 
@@ -123,6 +261,22 @@ def test_unknown_or_missing_trackers_are_one_line_errors(tmp_path, monkeypatch):
     r = cli("train", "--run-dir", tmp_path / "run", "--log-with", "neptune", *args)
     assert r.exit_code == 2 and "choose from tensorboard, wandb, mlflow, aim, comet_ml" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch):
+    """E.g. Comet online without an API key, or an MLflow store that MLflow refuses: the tracker's reason, exit 2,
+    and a new run folder is not left behind."""
+    pytest.importorskip("tensorboard", reason="the tensorboard package (in the test extra) is not installed")
+    from accelerate.tracking import TensorBoardTracker
+
+    def refuse(self):
+        raise ValueError("no API key")
+
+    monkeypatch.setattr(TensorBoardTracker, "start", refuse)
+    args = sum([["--set", s] for s in TINY_UNET], [])
+    r = cli("train", "--run-dir", tmp_path / "run", "--log-with", "tensorboard", *args)
+    assert r.exit_code == 2 and "a tracker did not start: ValueError: no API key" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "run").exists()
 
 
 def test_fid_along_training_offline_without_inception_weights_stops_before_training(tmp_path):

@@ -1,7 +1,8 @@
 """Experiment trackers through Accelerate's tracker API (`Accelerator(log_with=...)`, `init_trackers`, `log`):
 TensorBoard, Weights & Biases, MLflow, Aim, Comet. `log.jsonl` stays the source of truth; the trackers get the same
 scalars and the preview grids. Each tracker's run id is kept in `<run>/trackers.json`, so a resumed run continues
-the same tracker run (TensorBoard: the same folder, `<run>/trackers/<project>/`)."""
+the same tracker run (TensorBoard: the same folder, `<run>/trackers/<project>/`). A tracker that cannot start (Comet
+online without an API key, an MLflow store it refuses) stops the run before training with one line."""
 
 from __future__ import annotations
 
@@ -85,10 +86,34 @@ def start_trackers(accelerator, run_dir: Path, spec: TrackerSpec, config: dict) 
         "comet_ml": {"experiment_key": ids.get("comet_ml")},
     }
     init = {t: {k: v for k, v in kw.items() if v is not None} for t, kw in init.items()}
-    accelerator.init_trackers(spec.project, config=config, init_kwargs=init)
+    try:
+        accelerator.init_trackers(spec.project, init_kwargs=init)
+        for t in accelerator.trackers:
+            _store_config(t, name, config)
+    except Exception as e:  # the tracker's own reason (no API key, no usable store), not a traceback
+        raise DiffitError(f"--log-with: a tracker did not start: {type(e).__name__}: {e}") from e
     if accelerator.is_main_process:
         found = {t.name: _run_id(t) for t in accelerator.trackers}
         write_json(run_dir / IDS_FILE, {**ids, **{k: v for k, v in found.items() if v is not None}})
+
+
+def _store_config(tracker, name: str, config: dict) -> None:
+    """The run config (what `init_trackers(config=...)` does), and the run name where Accelerate sets another."""
+    if tracker.name == "mlflow":
+        import mlflow
+
+        # MLflow params are write-once: a resume with more kimg raised "Changing param values is not allowed".
+        # A resumed run keeps its first values as params; new keys become params, changed values tags
+        old = tracker.active_run.data.params
+        changed = {k: str(v) for k, v in config.items() if k in old and old[k] != str(v)}
+        if changed:
+            mlflow.set_tags(changed)
+        config = {k: v for k, v in config.items() if k not in old}
+    elif tracker.name == "aim":
+        tracker.writer.name = name  # Accelerate names the Aim run after the project
+    elif tracker.name == "comet_ml":
+        tracker.writer.set_name(name)  # Accelerate names none (offline, Comet makes one up at upload)
+    tracker.store_init_configuration(config)
 
 
 def _run_id(tracker) -> str | None:
@@ -112,15 +137,20 @@ def log_scalars(accelerator, group: str, rec: dict, step: int) -> None:
 
 
 def log_image(accelerator, name: str, png: Path, step: int) -> None:
-    """A sample grid (PNG file) to the trackers that take images (TensorBoard, W&B, Aim)."""
-    takers = [t for t in accelerator.trackers if t.name in ("tensorboard", "wandb", "aim")]
-    if not takers:
+    """A sample grid (PNG file) to the trackers (all five take images)."""
+    if not accelerator.trackers:
         return
     image = np.asarray(Image.open(png).convert("RGB"))  # (H, W, 3) uint8
-    for t in takers:
+    for t in accelerator.trackers:
         if t.name == "tensorboard":
             t.log_images({name: image[None]}, step=step, dataformats="NHWC")
         elif t.name == "wandb":
             t.log_images({name: image[None]}, step=step)
-        else:
+        elif t.name == "aim":
             t.log_images({name: image}, step=step)
+        elif t.name == "mlflow":  # Accelerate's MLflowTracker has no log_images: MLflow's step-keyed images (>= 2.12)
+            import mlflow
+
+            mlflow.log_image(image, key=name, step=step)
+        else:  # nor has its CometMLTracker
+            t.writer.log_image(str(png), name=name, step=step)
