@@ -8,26 +8,31 @@ DIFFIT := $(VENV)/bin/diffit
 
 .PHONY: demo test test-fast test-cuda install clean bench
 
+# the package alone (what `make demo` needs), then the test extras on top (what `make test` needs)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(DIFFIT) train --preset demo --run-dir runs/demo
 	@echo "Sample grids: runs/demo/samples/ (latest: runs/demo/samples/grid-latest.png); curves: runs/demo/curves.png"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # the suite without the tests that train, sample, encode or score end to end (about a minute)
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
 
 # the CUDA checks (the main suite hides GPUs: it pins CPU semantics); needs a GPU
-test-cuda: $(VENV)/.installed
+test-cuda: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 DIFFIT_TEST_CUDA=1 $(PY) -m pytest -q tests/test_cuda.py
 
 bench: $(VENV)/.installed

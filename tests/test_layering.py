@@ -10,7 +10,7 @@ CORE_FORBIDDEN = {"typer", "rich", "accelerate", "pydantic", "PIL", "yaml", "dif
 # optional ones), each with its reason on the line. `commands/` and `app.py` are exempt: `diffit --help` must not
 # import torch, so every command body imports the pipeline it wraps.
 HEAVY = {"torch", "accelerate", "diffusers", "torch_fidelity", "matplotlib", "huggingface_hub", "importlib",
-         "torchvision", "datasets"}
+         "torchvision", "datasets", "mlflow"}
 
 
 def _module_name(path: Path) -> str:

@@ -100,7 +100,7 @@ def start_trackers(accelerator, run_dir: Path, spec: TrackerSpec, config: dict) 
 def _store_config(tracker, name: str, config: dict) -> None:
     """The run config (what `init_trackers(config=...)` does), and the run name where Accelerate sets another."""
     if tracker.name == "mlflow":
-        import mlflow
+        import mlflow  # an optional package (the [mlflow] extra), present when this tracker runs
 
         # MLflow params are write-once: a resume with more kimg raised "Changing param values is not allowed".
         # A resumed run keeps its first values as params; new keys become params, changed values tags
@@ -149,7 +149,7 @@ def log_image(accelerator, name: str, png: Path, step: int) -> None:
         elif t.name == "aim":
             t.log_images({name: image}, step=step)
         elif t.name == "mlflow":  # Accelerate's MLflowTracker has no log_images: MLflow's step-keyed images (>= 2.12)
-            import mlflow
+            import mlflow  # (same reason)
 
             mlflow.log_image(image, key=name, step=step)
         else:  # nor has its CometMLTracker
