@@ -44,7 +44,7 @@ def test_demo_preset_learns_a_fixed_batch():
 
     p = load_preset("demo")
     assert p.model.num_classes == 8 and p.data.synthetic == "simple"
-    src = SyntheticShapes(32, style=p.data.synthetic)
+    src = SyntheticShapes(p.data.resolution, style=p.data.synthetic)
     x0 = to_model_space(torch.stack([src[i][0] for i in range(8)]))
     _fit_fixed_batch(p, x0, y=torch.stack([src[i][1] for i in range(8)]))
 

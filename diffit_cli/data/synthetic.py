@@ -14,8 +14,9 @@ SYNTHETIC_SIZE = 50_000
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross", "diamond", "ring", "star", "crescent")
 # Built-in synthetic styles. "varied": anywhere in the frame, rotated up to ±25°, bright-on-dark or dark-on-bright,
 # textured backgrounds. "simple": near the centre, upright, larger, always bright on a dark untextured gradient.
-# A network of the `demo` preset's size draws recognizable shapes from "simple" after 90 kimg; from "varied", and
-# from variants that fix only the polarity or only the placement, it still draws blobs after 60-100 kimg.
+# A network of the `demo` preset's size draws recognizable shapes from "simple" after 90 kimg at 32² (48 at 16²);
+# from "varied", and from variants that fix only the polarity or only the placement, it still draws blobs after
+# 60-100 kimg (at 32²).
 SYNTHETIC_STYLES = {
     "varied": {"size": (0.4, 0.25), "offset": 1.0, "rotation": 25.0, "texture": 1.0, "always_dark": False},
     "simple": {"size": (0.55, 0.2), "offset": 0.3, "rotation": 0.0, "texture": 0.0, "always_dark": True},
