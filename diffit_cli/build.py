@@ -71,8 +71,13 @@ def compile_blocks(net: torch.nn.Module, note: Callable[[str], None] | None = No
     in place, so identical blocks share one compiled graph (compile time of one block, not of the whole network),
     activation checkpointing (applied before) stays inside the region, DDP sees an ordinary module and the
     state-dict keys do not change. If compiling fails, every block runs eagerly from then on and `note` gets one
-    line naming the error. `options` go to torch.compile (e.g. backend, mode). Returns the number of blocks."""
+    line naming the error. `options` go to torch.compile (e.g. backend, mode). Returns the number of blocks.
+
+    Static shapes by default (`dynamic=False`): the U-Net's blocks of one class run at several resolutions, and
+    dynamo's automatic dynamic shapes then made inductor fail on the `demo` network ("cannot determine truth value
+    of Relational: 1 < s53", seen on CPU); with static shapes each resolution gets its own graph."""
     failed: list[str] = []
+    options = {"dynamic": False, **options}
 
     def regional(block: torch.nn.Module):
         compiled, eager = torch.compile(block._call_impl, **options), block._call_impl

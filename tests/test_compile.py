@@ -79,3 +79,15 @@ def test_cli_compile_flags_reach_the_preset():
         result = runner.invoke(build_app(), ["train", "--preset", "demo", "--dry-run", *flags])
         assert result.exit_code == 0, result.output
         assert want in result.output
+
+
+def test_blocks_compile_with_static_shapes_by_default(monkeypatch):
+    """The U-Net runs blocks of one class at several resolutions: with dynamo's automatic dynamic shapes inductor
+    failed on the demo network (a symbolic-shape error, then eager); each resolution gets a static graph instead."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    net = build_network(tiny_unet().model)
+    compile_blocks(net)
+    compile_blocks(net, dynamic=None, mode="max-autotune")
+    n = len(net.checkpointable_blocks())
+    assert seen == [{"dynamic": False}] * n + [{"dynamic": None, "mode": "max-autotune"}] * n
