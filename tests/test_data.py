@@ -147,7 +147,8 @@ def test_synthetic_is_deterministic_and_classes_differ():
 def test_simple_synthetic_style_is_centred_upright_and_bright_on_dark():
     from diffit_cli.config import load_preset
 
-    simple = open_source(load_preset("demo", ["data.synthetic=simple"]).data, synthetic_size=64)
+    at32 = ["data.synthetic=simple", "data.resolution=32", "model.img_resolution=32"]  # the thresholds below are 32²
+    simple = open_source(load_preset("demo", at32).data, synthetic_size=64)
     assert isinstance(simple, SyntheticShapes) and simple.style == "simple"
     assert simple.fingerprint() != SyntheticShapes(32, size=64).fingerprint()
     v = torch.stack([simple[i][0] for i in range(64)]).amax(1)  # HSV value (64, 32, 32)
