@@ -15,21 +15,12 @@ import torch
 from accelerate import PartialState
 
 from diffit_cli import __version__, training
-from diffit_cli import (
-    metrics as M,  # through the module: tests and users may swap its functions
-)
+from diffit_cli import metrics as M  # through the module: tests and users may swap its functions
 from diffit_cli.ablation.attention import attention_maps, save_map_pngs
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
 from diffit_cli.ablation.report import collect_rows, write_results
-from diffit_cli.ablation.study import (
-    RESULT,
-    SKIP_DIFF,
-    Study,
-    StudyError,
-    Variant,
-    load_study,
-)
+from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
 from diffit_cli.build import build_diffusion, parameter_count
 from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
 from diffit_cli.config import (
