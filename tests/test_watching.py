@@ -2,6 +2,7 @@
 `diffit plot`, `eval-fid --ckpt` with repeats over seed ranges."""
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -127,6 +128,18 @@ def _grid(run_dir, kimg):
     return np.asarray(Image.open(run_dir / "samples" / f"grid-{kimg:012.3f}.png").convert("RGB"))
 
 
+def _train_and_resume(tmp_path, tracker):
+    """A run of 16 images logged to `tracker`, then resumed to 32 in the same folder; the tracker run id kept in
+    trackers.json must not change. Returns (run folder, id)."""
+    run = tmp_path / "run"
+    spec = TrackerSpec((tracker,), "diffit-test")
+    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
+    run_id = json.loads((run / "trackers.json").read_text())[tracker]
+    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)
+    assert json.loads((run / "trackers.json").read_text())[tracker] == run_id
+    return run, run_id
+
+
 @pytest.mark.e2e
 def test_mlflow_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_run(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'diffit-cli[mlflow]')")
@@ -138,12 +151,7 @@ def test_mlflow_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_t
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    run = tmp_path / "run"
-    spec = TrackerSpec(("mlflow",), "diffit-test")
-    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
-    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
-    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)  # params are write-once: this raised before
-    assert json.loads((run / "trackers.json").read_text())["mlflow"] == run_id
+    run, run_id = _train_and_resume(tmp_path, "mlflow")  # params are write-once: this raised before
 
     client = MlflowClient()
     r = client.get_run(run_id)
@@ -172,12 +180,7 @@ def test_aim_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_
     from aim.storage.context import Context
     from click.testing import CliRunner as ClickRunner
 
-    run = tmp_path / "run"
-    spec = TrackerSpec(("aim",), "diffit-test")
-    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
-    run_hash = json.loads((run / "trackers.json").read_text())["aim"]
-    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)
-    assert json.loads((run / "trackers.json").read_text())["aim"] == run_hash
+    run, run_hash = _train_and_resume(tmp_path, "aim")
 
     # Aim's readers go through the repository's index, which `aim up` keeps up to date; here `aim storage reindex`
     r = ClickRunner().invoke(cli_entry_point, ["storage", "--repo", str(run / "trackers"), "reindex", "-y"])
@@ -200,8 +203,6 @@ def test_aim_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_
 
 def _comet_archive(zip_path):
     """An offline Comet experiment's archive: its experiment.json and its messages (one JSON object a line)."""
-    import zipfile
-
     with zipfile.ZipFile(zip_path) as z:
         return (zip_path, json.loads(z.read("experiment.json")),
                 [json.loads(line) for line in z.read("messages.json").decode().splitlines()])
@@ -211,16 +212,9 @@ def _comet_archive(zip_path):
 def test_comet_offline_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_experiment(tmp_path,
                                                                                                       monkeypatch):
     pytest.importorskip("comet_ml", reason="comet_ml is not installed (pip install 'diffit-cli[comet_ml]')")
-    import zipfile
-
     monkeypatch.setenv("COMET_START_ONLINE", "false")  # no API key needed: an archive to `comet upload` later
     monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
-    run = tmp_path / "run"
-    spec = TrackerSpec(("comet_ml",), "diffit-test")
-    train(tiny_unet("train.total_kimg=0.016"), run, trackers=spec)
-    key = json.loads((run / "trackers.json").read_text())["comet_ml"]
-    train(tiny_unet("train.total_kimg=0.032"), run, trackers=spec)
-    assert json.loads((run / "trackers.json").read_text())["comet_ml"] == key
+    run, key = _train_and_resume(tmp_path, "comet_ml")
 
     archives = [_comet_archive(z) for z in (tmp_path / "comet").glob("*.zip")]
     assert len(archives) == 2 and all(exp["offline_id"] == key for _, exp, _ in archives)  # one experiment
