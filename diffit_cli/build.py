@@ -75,9 +75,18 @@ def compile_blocks(net: torch.nn.Module, note: Callable[[str], None] | None = No
 
     Static shapes by default (`dynamic=False`): the U-Net's blocks of one class run at several resolutions, and
     dynamo's automatic dynamic shapes then made inductor fail on the `demo` network ("cannot determine truth value
-    of Relational: 1 < s53", seen on CPU); with static shapes each resolution gets its own graph."""
+    of Relational: 1 < s53", seen on CPU); with static shapes each resolution gets its own graph.
+
+    Every block of a class runs one code object, and dynamo keeps one graph per (shape, grad mode) of every network
+    compiled in the process in that object's cache, which stops at `recompile_limit` (8): past it the blocks ran
+    eagerly without a word (seen with two networks in one process, as `ablate` trains them, and with the `ffhq64`
+    U-Net's shapes in training and sampling). So each call makes room for this network's blocks."""
     failed: list[str] = []
     options = {"dynamic": False, **options}
+    blocks = net.checkpointable_blocks()
+    room = 4 * len(blocks)  # at most one shape per block, in training and in sampling (no grad), at two batch sizes
+    torch._dynamo.config.recompile_limit += room
+    torch._dynamo.config.accumulated_recompile_limit += room
 
     def regional(block: torch.nn.Module):
         compiled, eager = torch.compile(block._call_impl, **options), block._call_impl
@@ -95,7 +104,6 @@ def compile_blocks(net: torch.nn.Module, note: Callable[[str], None] | None = No
             return eager(*args, **kwargs)
         return call
 
-    blocks = net.checkpointable_blocks()
     for block in blocks:
         block._compiled_call_impl = regional(block)  # what nn.Module.__call__ runs (as Module.compile() sets it)
     return len(blocks)

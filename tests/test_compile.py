@@ -91,3 +91,29 @@ def test_blocks_compile_with_static_shapes_by_default(monkeypatch):
     compile_blocks(net, dynamic=None, mode="max-autotune")
     n = len(net.checkpointable_blocks())
     assert seen == [{"dynamic": False}] * n + [{"dynamic": None, "mode": "max-autotune"}] * n
+
+
+def test_every_block_call_stays_compiled_with_many_networks_in_one_process(monkeypatch):
+    """Dynamo keeps one graph per (shape, grad mode) of a block class in one cache that stopped at 8 entries, past
+    which blocks ran eagerly without a word: four U-Nets of other widths in one process (as `ablate` trains them),
+    each in training and without grad, must run every block call through a compiled graph."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    torch._dynamo.reset()
+    runs = []
+
+    def counting(gm, example_inputs):  # a backend that runs the traced graph and counts its calls
+        return lambda *args: runs.append(1) or gm.forward(*args)
+
+    expected = 0
+    for channels in ("[16, 16]", "[16, 32]", "[32, 32]", "[24, 48]"):
+        p = tiny_unet(f"model.channels={channels}")
+        net = build_network(p.model).train()
+        n = compile_blocks(net, backend=counting)
+        x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+        net(x, t, None)
+        with torch.no_grad():
+            net.eval()(x, t, None)
+        expected += 2 * n
+    torch._dynamo.reset()
+    assert len(runs) == expected
