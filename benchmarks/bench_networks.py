@@ -26,6 +26,7 @@ from flops import datasheet_peak, gemm_rate, largest_batch, sync, train_flops
 from diffit_cli.build import count_parameters
 from diffit_cli.core.layers import TMSA
 from diffit_cli.models import LATENT_SIZES, ImageDiffiT, LatentDiffiT
+from diffit_cli.training.loop import CPU_BF16_VARIABLE, native_cpu_bf16
 
 CIFAR10 = dict(img_resolution=32, channels=(128, 256, 256), blocks=(2, 2, 2), window_size=4, head_dim=32,
                time_dim=512)
@@ -112,7 +113,8 @@ def run_case(name, device, steps, rates):
     model, inputs, target, batch = make_case(name, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     flops = train_flops(model) * batch
-    variants = [(bf16, sdpa) for bf16 in (False, True) for sdpa in (True, False)]
+    variants = [(bf16, sdpa) for bf16 in (False, True) if ("bf16" if bf16 else "fp32") in rates
+                for sdpa in (True, False)]
     steps_of = {v: step_fn(model, opt, inputs, target, v[0], device) for v in variants}
     best = {v: float("inf") for v in variants}
     peak = {v: 0.0 for v in variants}
@@ -187,6 +189,8 @@ def measure_case(case: str, args) -> dict:
         torch.backends.cudnn.allow_tf32 = False
     probe = 1.0 if args.quick else 2.0
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device.type == "cpu" and not native_cpu_bf16():  # emulated bf16: ~10× slower, its probe alone takes minutes
+        del dtypes["bf16"]
     rates = {k: gemm_rate(device, dt, probe) for k, dt in dtypes.items()}
     rows, flops = run_case(case, device, args.steps or (2 if args.quick else 5), rates)
     biggest = max_batch(case, device)
@@ -207,7 +211,10 @@ def report(results: list[dict], args) -> None:
           "(2048² CPU / 8192² CUDA matmul, best of a probe before and after the case):")
     for res in results:
         rates = res["rates"]
-        print(f"  {res['case']}: fp32 {rates['fp32'] / 1e12:.3f} TFLOP/s, bf16 {rates['bf16'] / 1e12:.3f} TFLOP/s")
+        print(f"  {res['case']}: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in rates.items()))
+    if "bf16" not in results[0]["rates"]:
+        print("  bf16 not measured: this CPU has no native bf16 (AVX512-BF16 or AMX), where training runs fp32; "
+              f"{CPU_BF16_VARIABLE}=1 measures emulated bf16 anyway")
     rows = [r for res in results for r in res["rows"]]
     header = ["case", "dtype", "attn", "img/s", "ms/step", "TFLOP/s", "MFU (GEMM)", "MFU (peak)",
               "peak GiB" + (" (RSS)" if device == "cpu" else "")]
@@ -225,11 +232,12 @@ def report(results: list[dict], args) -> None:
           "SDPA >= plain on CPU; image fp32 step >= 40% of fp32 GEMM):")
     for res in results:
         get = {(r["dtype"], r["attn"]): r for r in res["rows"]}
-        fp32, bf16, rates = get[("fp32", "sdpa")], get[("bf16", "sdpa")], res["rates"]
-        print(f"  {res['case']}: fp32 step {fp32['of_gemm']:.0%} of fp32 GEMM; bf16/fp32 step speed "
-              f"{bf16['img_s'] / fp32['img_s']:.2f}x (bf16/fp32 GEMM {rates['bf16'] / rates['fp32']:.2f}x); "
-              f"SDPA/plain fp32 {fp32['img_s'] / get[('fp32', 'plain')]['img_s']:.2f}x, "
-              f"bf16 {bf16['img_s'] / get[('bf16', 'plain')]['img_s']:.2f}x")
+        fp32, bf16, rates = get[("fp32", "sdpa")], get.get(("bf16", "sdpa")), res["rates"]
+        print(f"  {res['case']}: fp32 step {fp32['of_gemm']:.0%} of fp32 GEMM; "
+              + (f"bf16/fp32 step speed {bf16['img_s'] / fp32['img_s']:.2f}x (bf16/fp32 GEMM "
+                 f"{rates['bf16'] / rates['fp32']:.2f}x); " if bf16 else "")
+              + f"SDPA/plain fp32 {fp32['img_s'] / get[('fp32', 'plain')]['img_s']:.2f}x"
+              + (f", bf16 {bf16['img_s'] / get[('bf16', 'plain')]['img_s']:.2f}x" if bf16 else ""))
     print_table("Parameter counts (all parameters(), frozen pos_embed included)", ["network", "parameters"],
                 [[n, f"{c:,}"] for n, c in parameter_counts()])
     if device == "cpu":

@@ -9,6 +9,7 @@ presets are shrunk to tiny widths (the figures measure the loop, not the paper's
 
     python benchmarks/bench_train.py            # CPU: tiny widths
     python benchmarks/bench_train.py --quick    # fewer steps
+    python benchmarks/bench_train.py --full --presets imagenet256,cifar10    # GPU: paper sizes, these first
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 steps per preset")
     ap.add_argument("--full", action="store_true", help="paper-sized networks (GPU)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--presets", default="demo,cifar10,ffhq64,imagenet256", help="which presets, in this order")
     args = ap.parse_args()
     steps = 3 if args.quick else 8
     cases = {k: ([] if args.full else v) + SHAPES for k, v in TINY.items()}
@@ -109,6 +111,10 @@ def main() -> None:
         if not torch.cuda.is_available():
             lat.append("train.mixed_precision=bf16")
         cases["imagenet256"] = lat
+        unknown = [k for k in args.presets.split(",") if k not in cases]
+        if unknown:
+            ap.error(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(cases)}")
+        cases = {k: cases[k] for k in args.presets.split(",")}
         # the precision training really runs (a bf16 GEMM probe on a CPU without native bf16 takes minutes)
         precisions = {training_precision(load_preset(k, v).train.mixed_precision) for k, v in cases.items()}
         rates = {p: gemm_rate(device, DTYPES[p], 1.0 if args.quick else 2.0) for p in precisions}
