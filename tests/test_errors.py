@@ -42,6 +42,9 @@ def world(tmp_path_factory):
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(w / folder / f"{i}.png")
     (w / "imgs_bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for name in ("cat", "dog", "fox"):  # three classes, one subfolder each
+        (w / "classes" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(w / "classes" / name / "0.png")
     (w / "empty").mkdir()
     (w / "texts").mkdir()
     (w / "texts" / "a.txt").write_text("not an image")
@@ -124,6 +127,10 @@ ROWS = [
     _row(["train", "--data", "{w}/flat.npz", *TINY, "--run-dir", "{w}/new"], "flat.npz", id="data: npz shape"),
     _row(["train", "--data", "{w}/imgs", *TINY, "--set", "data.use_labels=true", "--set", "model.num_classes=4",
           "--run-dir", "{w}/new"], "label", id="data: labels absent"),
+    _row(["train", "--data", "{w}/imgs", *TINY, "--set", "model.num_classes=4", "--run-dir", "{w}/new"],
+         "no class labels", "model.num_classes=0", id="data: a conditional network on unlabelled data"),
+    _row(["train", "--data", "{w}/classes", *TINY, "--set", "model.num_classes=2", "--run-dir", "{w}/new"],
+         "3 classes", "model.num_classes=3", id="data: more classes than the network has"),
     _row(["train", "--preset", "imagenet256", "--data", "{w}/latents4", "--set", "model.input_size=8",
           "--set", "data.resolution=64", "--run-dir", "{w}/new"], "resolution", id="data: latent resolution"),
     _row(["eval-fid", "{w}/nope", "--ref", "{w}/stats.npz", *RANDCONV], "nope", id="eval-fid: samples missing"),

@@ -196,6 +196,7 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     if dataset.kind == "latent" and dataset.num_channels != preset.model.in_channels:
         raise TrainError(f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
                          f"network expects {preset.model.in_channels}; re-encode them or fix the preset")
+    _check_classes(preset, dataset)
     if cpu_fp32:  # after the checks of the user's data: an error there comes alone
         emit(Message("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
                      "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
@@ -216,6 +217,20 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     return Run(preset, run_dir, accelerator, net, model, ema, opt, diffusion, codec, dataset, batch_gpu, accum,
                monitor, TrainState(), emit, augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
                noise_gen=torch.Generator(device))
+
+
+def _check_classes(preset: Preset, dataset) -> None:
+    """The data's labels must index the network's class table (row `num_classes` is the null class): a dataset with
+    more classes than `model.num_classes` (or none, for a class-conditional network) is refused before any step;
+    a larger table than the data needs is fine."""
+    wanted, have, name = preset.model.num_classes, dataset.num_classes, dataset.name
+    if wanted and not have:
+        raise TrainError(f"the network is class-conditional (model.num_classes {wanted}) but {name!r} has no class "
+                         "labels; give labelled data (class subfolders, dataset.json labels, arr_1, a label column) "
+                         "or set model.num_classes=0 for an unconditional model")
+    if wanted and have > wanted:
+        raise TrainError(f"{name!r} has {have} classes but the network has model.num_classes {wanted}; set "
+                         f"--set model.num_classes={have} (or 0 for an unconditional model)")
 
 
 def _step(run: Run) -> torch.Tensor:
