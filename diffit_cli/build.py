@@ -79,8 +79,8 @@ def compile_blocks(net: torch.nn.Module, note: Callable[[str], None] | None = No
 
     Every block of a class runs one code object, and dynamo keeps one graph per (shape, grad mode) of every network
     compiled in the process in that object's cache, which stops at `recompile_limit` (8): past it the blocks ran
-    eagerly without a word (seen with two networks in one process, as `ablate` trains them, and with the `ffhq64`
-    U-Net's shapes in training and sampling). So each call makes room for this network's blocks."""
+    eagerly without a word (seen with several U-Nets compiled in one process, as `ablate` trains them). So each
+    call makes room for this network's blocks."""
     failed: list[str] = []
     options = {"dynamic": False, **options}
     blocks = net.checkpointable_blocks()
