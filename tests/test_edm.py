@@ -140,3 +140,11 @@ def test_karras_sigmas():
     assert karras_sigmas(1, 0.002, 80.0) == [80.0, 0.0]
     with pytest.raises(ValueError):
         karras_sigmas(0, 0.002, 80.0)
+
+
+def test_a_network_of_another_output_shape_is_refused_not_broadcast():
+    """c_skip·x + c_out·F(x) broadcasts a 3-channel F against a 1-channel x: the loss would train the wrong thing."""
+    edm = EDM()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"maps \(2, 1, 8, 8\) to \(2, 3, 8, 8\)"):
+        edm.loss(lambda x, t, y: x.expand(-1, 3, -1, -1), x)

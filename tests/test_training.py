@@ -106,6 +106,27 @@ def test_exact_resume_after_a_kill(tmp_path):
 
 
 @pytest.mark.e2e
+def test_grey_images_train_preview_and_sample(tmp_path):
+    """A 1-channel dataset (MNIST-like grey PNGs) trains, draws its preview grid and samples grey images: the U-Net's
+    head predicted 3 channels, which EDM broadcast in the loss and the first preview grid then crashed on."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (tmp_path / "grey" / str(k)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(tmp_path / "grey" / str(k) / f"{i}.png")
+    p = tiny_unet(f"data.path={tmp_path / 'grey'}", "data.channels=1", "model.in_channels=1", "model.num_classes=2",
+                  "sample.guidance.channels=all")
+    train(p, tmp_path / "run")
+    assert Image.open(tmp_path / "run" / "samples" / "grid-latest.png").mode == "L"
+    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(latest_checkpoint(tmp_path / "run")),
+                                         "--seeds", "0-1", "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 16, 16, 1)
+
+
+@pytest.mark.e2e
 def test_one_process_trains_twice_with_different_precisions(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFIT_CPU_BF16", "1")  # bf16 autocast even where this CPU only emulates it
     assert train(tiny_unet("train.total_kimg=0.008"), tmp_path / "fp32").step == 1

@@ -47,6 +47,13 @@ def test_window_clamped_and_out_channels():
         ImageDiffiT(img_resolution=32, channels=(16, 32), blocks=(1, 1), window_size=(4, 4, 4), head_dim=16)
 
 
+def test_output_has_the_input_channels_by_default():
+    """A grey (1-channel) network predicts 1 channel: the head followed a fixed 3 and EDM broadcast it silently."""
+    model = ImageDiffiT(img_resolution=16, in_channels=1, channels=(16, 32), blocks=(1, 1), window_size=4,
+                        head_dim=16, time_dim=16)
+    assert model(torch.randn(2, 1, 16, 16), torch.zeros(2)).shape == (2, 1, 16, 16)
+
+
 def test_resblock_is_outer_residual_over_block():
     torch.manual_seed(0)
     rb = ResBlock(32, 2, 8, window_size=4, mlp_ratio=4.0, dropout=0.0, time_mode="tmsa")

@@ -131,6 +131,8 @@ class EDM:
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
         c_noise = self.c_noise(sigma).flatten()  # (B,)
         F_x = call_network(net, autocast_dtype, self.c_in(sigma) * x, c_noise, y, **kwargs)
+        if F_x.shape != x.shape:  # a broadcast here would train and sample the wrong thing without an error
+            raise ValueError(f"the network maps {tuple(x.shape)} to {tuple(F_x.shape)}; EDM needs the input's shape")
         return self.c_skip(sigma) * x + self.c_out(sigma) * F_x
 
     def denoiser(

@@ -109,9 +109,10 @@ class ImageDiffiT(nn.Module):
 
     forward(x (B, C, H, W), t (B,) = c_noise, y (B,) int64 or None, augment_labels (B, A) or None) -> (B, C_out, H, W).
     Head count per stage = channels // head_dim. The head conv is zero-initialised, so the output is 0 at init.
+    C_out = C unless `out_channels` says otherwise (EDM's SongUNet: out_channels = img_channels).
     """
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int = 3,
+    def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
                  channels=(128, 256, 256), blocks=(2, 2, 2), window_size=(4, 4, 4), head_dim: int = 32,
                  time_dim: int = 512, mlp_ratio: float = 4.0, dropout: float = 0.13, num_classes: int = 0,
                  label_dropout: float = 0.0, augment_dim: int = 0, time_mode: str = "tmsa",
@@ -142,6 +143,7 @@ class ImageDiffiT(nn.Module):
                                  for i in range(n))
         self.dec = nn.ModuleList(Stage(channels[i + 1], channels[i], blocks[i], res_block(i), up=True,
                                        c_skip=channels[i]) for i in reversed(range(n - 1)))
+        out_channels = in_channels if out_channels is None else out_channels
         self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], out_channels, 3,
                                                                                 padding=1))
         self.initialize_weights()
