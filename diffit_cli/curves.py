@@ -1,4 +1,5 @@
-"""Training curves from `log.jsonl` alone: loss, learning rate, img/s and (when measured) FID against kimg, for one run
+"""Training curves from `log.jsonl` alone: loss, learning rate, img/s, the gradient norm and the largest attention
+logit (the two early signs of a diverging run, docs/stability.md) and, when measured, FID against kimg, for one run
 (`curves.png` in the run folder, redrawn at each report) or several on shared axes (`diffit plot`)."""
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from diffit_cli.plots import Panel, Series, save_plot
 
 LOG = "log.jsonl"
 CURVES = "curves.png"
-PANELS = (("loss", "loss"), ("lr", "learning rate"), ("img_per_s", "img/s"))
+PANELS = (("loss", "loss"), ("lr", "learning rate"), ("img_per_s", "img/s"), ("grad_norm", "gradient norm"),
+          ("attn_logit_max", "largest attention logit"))
+FROM_ZERO = {"lr", "img_per_s"}  # axes that start at 0 (a warm-up's last steps are not a 1 % cliff)
 
 
 def read_log(run_dir: Path | str) -> list[dict]:
@@ -43,13 +46,13 @@ def taken_path(records: list[dict]) -> list[dict]:
 
 
 def curve_panels(runs: dict[str, list[dict]]) -> list[Panel]:
-    """Loss, lr, img/s panels (and FID when any run measured it), one line per run, against kimg."""
+    """The PANELS that any run logged (and FID when any run measured it), one line per run, against kimg."""
     reports = {name: taken_path([r for r in recs if is_report(r)]) for name, recs in runs.items()}
     fids = {name: taken_path([r for r in recs if r.get("event") == "fid"]) for name, recs in runs.items()}
     label = (lambda name: name) if len(runs) > 1 else (lambda name: "")
     panels = [Panel(title, "kimg", title, [Series(label(n), [r["kimg"] for r in rs], [r.get(key) for r in rs])
-                                           for n, rs in reports.items()], marker=None)
-              for key, title in PANELS]
+                                           for n, rs in reports.items()], marker=None, y_from_zero=key in FROM_ZERO)
+              for key, title in PANELS if any(r.get(key) is not None for rs in reports.values() for r in rs)]
     if any(fids.values()):
         extractors = sorted({r["extractor"] for rs in fids.values() for r in rs})
         panels.append(Panel("FID", "kimg", f"FID ({', '.join(extractors)})",
@@ -64,7 +67,7 @@ def curve_panels(runs: dict[str, list[dict]]) -> list[Panel]:
 def draw_curves(run_dir: Path | str) -> Path:
     """Redraw `<run_dir>/curves.png` from its log.jsonl."""
     run_dir = Path(run_dir)
-    return save_plot(run_dir / CURVES, curve_panels({run_dir.name: read_log(run_dir)}), ncols=2)
+    return save_plot(run_dir / CURVES, curve_panels({run_dir.name: read_log(run_dir)}), ncols=3)
 
 
 def plot_runs(run_dirs: list[Path | str], out: Path | str = CURVES) -> Path:
@@ -80,4 +83,4 @@ def plot_runs(run_dirs: list[Path | str], out: Path | str = CURVES) -> Path:
             raise DiffitError(f"{d / LOG} holds no report yet; plot it after its first report")
         name = d.name if d.name not in runs else str(d)
         runs[name] = records
-    return save_plot(out, curve_panels(runs), ncols=2)
+    return save_plot(out, curve_panels(runs), ncols=3)

@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE")
+_START_UMASK = os.umask(0o022)
+os.umask(_START_UMASK)  # (read at import, in the main thread: setting it briefly is not thread-safe)
+
+
+def _umask() -> int:
+    """The process's umask now (Linux reports it; elsewhere the one at import)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return _START_UMASK
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], size: int | None = None) -> Path:
@@ -25,6 +36,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], size: in
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it (mkstemp's 0600 hid results from the group)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -39,6 +39,7 @@ class Panel:
     note: str = ""
     x_range: tuple[float, float] | None = None  # line plots: fixed x extent (e.g. shared with a sibling panel)
     marker: str | None = "o"  # line plots: the point marker (None for long curves)
+    y_from_zero: bool = False  # line plots: the y axis starts at 0
 
 
 def _draw(ax, panel: Panel) -> None:
@@ -60,6 +61,8 @@ def _draw(ax, panel: Panel) -> None:
             pad = (panel.x_range[1] / panel.x_range[0]) ** 0.05 if panel.log_x else (panel.x_range[1] - panel.x_range[0]) * 0.05
             lo, hi = panel.x_range
             ax.set_xlim(lo / pad, hi * pad) if panel.log_x else ax.set_xlim(lo - pad, hi + pad)
+        if panel.y_from_zero:
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
     ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
     ax.grid(alpha=0.3)
     if any(s.name for s in panel.series):

@@ -1,11 +1,15 @@
 """Checkpoints: atomic writes, the latest pointer, keep-last-K, safe loading, release-format import."""
 
+import os
+import stat
+
 import pytest
 import torch
 
 from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
 from diffit_cli.config import load_preset
+from diffit_cli.fileio import atomic_write_bytes
 
 from helpers import TINY_UNET, TINY_VIT, tiny_unet, tiny_vit
 
@@ -142,3 +146,15 @@ def test_a_new_run_without_room_for_two_checkpoints_is_refused_before_anything_i
     assert CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args]).exit_code == 0
     actual = ck.latest_checkpoint(tmp_path / "run").stat().st_size
     assert 0.9 < estimate / actual < 1.1  # the tensors and their zip records; the preset text is left out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_usual_permissions(tmp_path, umask):
+    """Atomic writes go through a temporary file that mkstemp makes 0600: checkpoints, grids and curves of a run
+    folder shared with a group were unreadable to it. They get what open() would give under the umask."""
+    old = os.umask(umask)
+    try:
+        path = atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -311,18 +311,21 @@ def test_plot_draws_several_runs_from_their_logs(tmp_path):
     for name, fid in (("a", True), ("b", False)):
         d = tmp_path / name
         d.mkdir()
-        lines = [{"kimg": k, "step": k, "loss": 1 / k, "lr": 1e-3, "img_per_s": 100.0} for k in range(1, 6)]
+        lines = [{"kimg": k, "step": k, "loss": 1 / k, "lr": 1e-3, "img_per_s": 100.0, "grad_norm": 2.0 / k}
+                 for k in range(1, 6)]
         if fid:
             lines.append({"event": "fid", "kimg": 5, "step": 5, "fid": 30.0, "extractor": STANDIN})
             lines.append({"event": "spike", "kimg": 5, "loss": 99.0, "median": 1.0, "action": "warn"})
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kimg": 6, "lo')  # torn end
-    loss = curve_panels({"a": read_log(tmp_path / "a")})[0]
-    assert loss.series[0].y == [1 / k for k in range(1, 6)]  # the spike line (it has a loss too) is no report
+    panels = curve_panels({"a": read_log(tmp_path / "a")})
+    assert panels[0].series[0].y == [1 / k for k in range(1, 6)]  # the spike line (it has a loss too) is no report
+    # what the log holds: no attention-logit panel for a log without it
+    assert [p.title for p in panels] == ["loss", "learning rate", "img/s", "gradient norm", "FID"]
     out = tmp_path / "both.png"
     r = cli("plot", tmp_path / "a", tmp_path / "b", "--out", out)
     assert r.exit_code == 0, r.output
     with Image.open(out) as im:
-        assert im.size[0] > 600 and im.size[1] > 500  # 2 × 2 panels (loss, lr, img/s, FID)
+        assert im.size[0] > 900 and im.size[1] > 500  # 2 rows of 3 panels
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "missing", tmp_path / "empty"):
         r = cli("plot", tmp_path / "a", bad)
