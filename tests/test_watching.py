@@ -17,6 +17,8 @@ from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.config import dump_preset
 from diffit_cli.curves import curve_panels, read_log, taken_path
 from diffit_cli.data import open_source
+from diffit_cli.errors import DiffitError
+from diffit_cli.fid import sampled as S
 from diffit_cli.generate import generate, png_path
 from diffit_cli.sampling import make_decoder
 from diffit_cli.training import TrackerSpec, train
@@ -368,3 +370,20 @@ def test_eval_fid_flag_combinations_are_one_line_errors(tmp_path):
                        (["--ckpt", tmp_path / "x.pt", tmp_path / "samples"], "drop SAMPLES")):
         r = cli("eval-fid", *args)
         assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+
+
+def test_eval_fid_ckpt_across_machines_needs_a_shared_keep_folder(monkeypatch, tmp_path):
+    """Without --keep the images go to the main machine's /tmp: processes on two hosts are refused before any
+    sampling; on one host, or with --keep, they go ahead."""
+    class TwoProcesses:
+        num_processes = 2
+
+    hosts = {"one": ["node-a", "node-a"], "two": ["node-a", "node-b"]}
+    for case, names in hosts.items():
+        monkeypatch.setattr(S, "gather_object", lambda obj, names=names: names)
+        S.check_shared_scratch(TwoProcesses(), tmp_path / "keep")
+        if case == "one":
+            S.check_shared_scratch(TwoProcesses(), None)
+        else:
+            with pytest.raises(DiffitError, match="several machines needs --keep DIR"):
+                S.check_shared_scratch(TwoProcesses(), None)

@@ -5,13 +5,14 @@ function behind FID along training and `diffit eval-fid --ckpt` (`score_checkpoi
 from __future__ import annotations
 
 import shutil
+import socket
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from diffit_cli.build import build_diffusion
 from diffit_cli.checkpoint import read_snapshot, snapshot_network
@@ -76,6 +77,15 @@ def sample_fid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, 
     return result
 
 
+def check_shared_scratch(state, keep: Path | None) -> None:
+    """Without `--keep`, the processes write their images into a temporary folder of the main process's machine
+    and the main process scores them all: processes on other machines would write into their own /tmp, and the
+    run would fail only after sampling. Said before any work, on every process alike."""
+    if keep is None and state.num_processes > 1 and len(set(gather_object([socket.gethostname()]))) > 1:
+        raise DiffitError("eval-fid --ckpt on several machines needs --keep DIR on a file system they all see (the "
+                          "main process scores every process's images)")
+
+
 def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, reference=None, batch: int | None = None,
                      feature_extractor: str | None = None, keep: Path | str | None = None,
                      inception_weights=None, progress: Progress | None = None) -> dict | None:
@@ -95,6 +105,7 @@ def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, ref
     extractor = feature_extractor or preset.eval.feature_extractor
     check_extractor(extractor, inception_weights)
     keep = Path(keep) if keep is not None else None
+    check_shared_scratch(state, keep)
     emit = main_process_only(progress, state.is_main_process)
     ref_desc = None
     work = [None]
@@ -103,7 +114,7 @@ def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, ref
             reference, ref_desc = preset_reference(preset, feature_extractor=extractor, batch=preset.eval.batch,
                                                    inception_weights=inception_weights, progress=progress)
         work = [tempfile.mkdtemp(prefix="diffit-fid-")]
-    broadcast_object_list(work)  # one scratch folder for every process (one machine; multi-node: use --keep)
+    broadcast_object_list(work)  # one scratch folder for every process (one machine: see check_shared_scratch)
     net = snapshot_network(weights, preset, str(path), state.device)
     del weights
     diffusion = build_diffusion(preset.diffusion, preset.model)
