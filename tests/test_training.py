@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
@@ -109,13 +110,12 @@ def test_exact_resume_after_a_kill(tmp_path):
 def test_grey_images_train_preview_and_sample(tmp_path):
     """A 1-channel dataset (MNIST-like grey PNGs) trains, draws its preview grid and samples grey images: the U-Net's
     head predicted 3 channels, which EDM broadcast in the loss and the first preview grid then crashed on."""
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for k in range(2):
         (tmp_path / "grey" / str(k)).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(tmp_path / "grey" / str(k) / f"{i}.png")
+            grey = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L")
+            grey.save(tmp_path / "grey" / str(k) / f"{i}.png")
     p = tiny_unet(f"data.path={tmp_path / 'grey'}", "data.channels=1", "model.in_channels=1", "model.num_classes=2",
                   "sample.guidance.channels=all")
     train(p, tmp_path / "run")
