@@ -28,6 +28,7 @@ import copy
 import time
 
 import torch
+from bench_samplers import Timed
 from flops import datasheet_peak, mfu_text, sync, train_flops
 
 from diffit_cli.build import build_diffusion, build_network, compile_blocks
@@ -51,6 +52,10 @@ def prepare(variant: str, net: torch.nn.Module, backend: str):
     if variant.startswith("whole"):
         return torch.compile(net, dynamic=False, **options), graphs, []
     return net, False, []
+
+
+def failed_line(variant: str, e: Exception) -> None:
+    print(f"{variant:16} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:140]}")
 
 
 def train_case(name: str, args, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -101,7 +106,7 @@ def train_case(name: str, args, device: torch.device, dtype: torch.dtype | None)
             if failed:
                 raise RuntimeError(failed[0])
         except Exception as e:  # a path that does not work here: say so and go on with the others
-            print(f"{variant:16} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:140]}")
+            failed_line(variant, e)
             continue
         finally:
             del net, opt
@@ -112,21 +117,6 @@ def train_case(name: str, args, device: torch.device, dtype: torch.dtype | None)
         achieved = flops / dt
         print(f"{variant:16} {warm:>9.1f} {batch / dt:>9.1f} {achieved / 1e12:>8.2f} {mfu_text(achieved, peak):>9} "
               f"{base['dt'] / dt:>7.2f}× {abs(float(loss) - base['loss']) / base['loss']:>7.1e}")
-
-
-class Timed:
-    """A network whose calls are timed with a sync before and after each."""
-
-    def __init__(self, net, device: torch.device) -> None:
-        self.net, self.device, self.seconds = net, device, 0.0
-
-    def __call__(self, *args, **kwargs):
-        sync(self.device)
-        t0 = time.perf_counter()
-        out = self.net(*args, **kwargs)
-        sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        return out
 
 
 def marked(net):
@@ -175,7 +165,7 @@ def sampling_case(args, device: torch.device, dtype: torch.dtype | None) -> None
             if failed:
                 raise RuntimeError(failed[0])
         except Exception as e:
-            print(f"{variant:16} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:140]}")
+            failed_line(variant, e)
             continue
         finally:
             del net

@@ -387,3 +387,14 @@ def test_eval_fid_ckpt_across_machines_needs_a_shared_keep_folder(monkeypatch, t
         else:
             with pytest.raises(DiffitError, match="several machines needs --keep DIR"):
                 S.check_shared_scratch(TwoProcesses(), None)
+    # and `eval-fid --ckpt` asks it before any sampling
+    p = tiny_unet()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "ema": build_network(p.model).state_dict(), "preset": dump_preset(p)}, ckpt)
+
+    def refuse(state, keep):
+        raise DiffitError(f"asked with keep={keep}")
+
+    monkeypatch.setattr(S, "check_shared_scratch", refuse)
+    r = cli("eval-fid", "--ckpt", ckpt, "--num", 4, "--feature-extractor", STANDIN, "--ref", tmp_path / "none.npz")
+    assert r.exit_code == 2 and "asked with keep=None" in r.output, r.output
