@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -88,6 +89,18 @@ def format_bytes(n: float) -> str:
 def write_json(path: Path | str, data: Any) -> Path:
     """`data` as indented JSON at `path`, atomically (values JSON cannot hold are written as text)."""
     return atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def strict_json(data: Any) -> Any:
+    """`data` with each non-finite float as the text "inf", "-inf" or "nan": Python writes them as Infinity/NaN,
+    which strict parsers (jq, JavaScript, most JSON libraries) reject."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
 
 
 def read_json(path: Path | str) -> Any | None:

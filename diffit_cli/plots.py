@@ -53,8 +53,8 @@ def _draw(ax, panel: Panel) -> None:
     else:
         for s in panel.series:
             pts = [(x, y) for x, y in zip(s.x, s.y) if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=panel.marker, label=s.name or None)
+            if pts:  # a lone point (a run's first report) needs a marker to be seen at all
+                ax.plot(*zip(*pts), marker=panel.marker or ("o" if len(pts) == 1 else None), label=s.name or None)
         if panel.log_x:
             ax.set_xscale("log")
         if panel.x_range is not None and panel.x_range[0] < panel.x_range[1]:

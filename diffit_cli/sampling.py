@@ -3,7 +3,6 @@ sampling settings, seeds split across processes, resumable PNG/NPZ output and a 
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import time
@@ -20,7 +19,7 @@ from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_value
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
-from diffit_cli.fileio import atomic_write_bytes, check_writable, new_output, read_json
+from diffit_cli.fileio import check_writable, new_output, read_json, strict_json, write_json
 from diffit_cli.generate import Decode, NpzSink, PngSink, generate, image_grid, save_png
 from diffit_cli.preemption import Preempted, preemption_signals
 
@@ -119,13 +118,13 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
-    recipe = {  # everything that decides an image besides its seed
+    recipe = strict_json({  # everything that decides an image besides its seed (s_max may be inf: "inf")
         "checkpoint_sha256": file_sha256(path, 16), "weights": "raw" if raw else "ema", "preset": preset.name,
         "sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "guidance": sample_cfg.guidance.model_dump(mode="json"),
         "stochastic": {"s_churn": sample_cfg.s_churn, "s_min": sample_cfg.s_min, "s_max": sample_cfg.s_max,
                        "s_noise": sample_cfg.s_noise, "eta": sample_cfg.eta},
         "vae": vae_id, "precision": precision, "classes": classes or "random",
-    }
+    })
     recipe_path = out.with_name(f"{out.stem}.sample.json") if out.suffix == ".npz" else out / "sample.json"
     # a new output that fails before its first image (a bad network, a full disk) leaves nothing, not even the recipe
     with new_output(recipe_path if out.suffix == ".npz" else out, keep=lambda: bool(sink.done(seeds)),
@@ -151,7 +150,7 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
                       nfe=nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step: one forward of the doubled batch
                       seeds=_compact_seeds(seeds), count=len(seeds), processes=state.num_processes,
                       torch=torch.__version__, python=platform.python_version(), complete=True)
-        atomic_write_bytes(recipe_path, json.dumps(recipe, indent=2).encode())
+        write_json(recipe_path, recipe)
         result.update(recipe=str(recipe_path), nfe=recipe["nfe"])
     state.wait_for_everyone()
     return result
@@ -195,7 +194,7 @@ def _write_images(net, diffusion, decode: Decode, preset: Preset, seeds: list[in
 def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:
     """Refuse (or with `force`, clear) output made with another recipe; record this one before any image is written,
     so a killed run is checked too."""
-    old = read_json(recipe_path) if recipe_path.is_file() else None
+    old = strict_json(read_json(recipe_path)) if recipe_path.is_file() else None  # (earlier files: Infinity)
     changed = [k for k in recipe if old is not None and old.get(k) != recipe[k]]
     if changed and not force:
         raise DiffitError(f"{str(out)!r} holds samples made with another recipe (changed: {', '.join(changed)}); "
@@ -204,7 +203,7 @@ def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink,
         if changed:
             sink.clear()
         if old is None or changed:
-            atomic_write_bytes(recipe_path, json.dumps({**recipe, "complete": False}, indent=2).encode())
+            write_json(recipe_path, {**recipe, "complete": False})
 
 
 def _compact_seeds(seeds: list[int]) -> str:

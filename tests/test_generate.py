@@ -221,7 +221,11 @@ def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeyp
 
     with pytest.raises(Killed):
         run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4, progress=kill)
-    assert json.loads((tmp_path / "s.sample.json").read_text())["complete"] is False
+    recipe_file = tmp_path / "s.sample.json"
+    recipe = json.loads(recipe_file.read_text(), parse_constant=pytest.fail)  # strict JSON: no Infinity/NaN
+    assert recipe["complete"] is False and recipe["stochastic"]["s_max"] == "inf"
+    # a recipe written before it was strict (s_max as Infinity) is the same recipe: the run still resumes below
+    recipe_file.write_text(json.dumps({**recipe, "stochastic": {**recipe["stochastic"], "s_max": float("inf")}}))
     with pytest.raises(DiffitError, match="changed: steps"):
         run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4, overrides=["sample.steps=2"])
     run_sample(str(unet_ckpt), list(range(8)), tmp_path / "s.npz", batch=4)  # same recipe: resumes

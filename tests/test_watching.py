@@ -15,7 +15,7 @@ from diffit_cli import metrics as M
 from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.config import dump_preset
-from diffit_cli.curves import curve_panels, read_log, taken_path
+from diffit_cli.curves import curve_panels, draw_curves, read_log, taken_path
 from diffit_cli.data import open_source
 from diffit_cli.errors import DiffitError
 from diffit_cli.fid import sampled as S
@@ -335,6 +335,16 @@ def test_plot_draws_several_runs_from_their_logs(tmp_path):
     (tmp_path / "empty" / "log.jsonl").write_text("")
     r = cli("plot", tmp_path / "empty")
     assert r.exit_code == 2 and "no report yet" in r.output
+
+
+def test_a_run_with_one_report_shows_its_point(tmp_path):
+    """A short run (or any run at its first report) has one point per curve: a line without a marker drew nothing."""
+    rec = {"kimg": 2.0, "step": 32, "loss": 1.0, "lr": 1e-3, "img_per_s": 300.0, "grad_norm": 1.2}
+    (tmp_path / "log.jsonl").write_text(json.dumps(rec) + "\n")
+    with Image.open(draw_curves(tmp_path)) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    blue = (np.abs(rgb - [31, 119, 180]).sum(-1) < 40).sum()  # matplotlib's first line colour (C0)
+    assert blue > 4 * 20  # a visible marker in each of the four panels
 
 
 @pytest.mark.e2e
