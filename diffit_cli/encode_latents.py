@@ -39,7 +39,7 @@ from diffit_cli.data import (
     write_shard,
 )
 from diffit_cli.data.loader import unwrap_worker_error
-from diffit_cli.events import Progress, Start, Step, quiet
+from diffit_cli.events import Message, Progress, Start, Step, quiet
 from diffit_cli.fileio import check_writable, new_output
 from diffit_cli.preemption import Preempted, preemption_signals, shielded_workers
 
@@ -145,7 +145,7 @@ def _encode(source, codec: VAECodec, plan: dict, out: Path, state: PartialState,
             report.shard(sizes[k], skipped=True)
         else:
             todo.append(k)
-    with preemption_signals() as caught:  # a signal stops this process after the shard in hand is written
+    with preemption_signals(lambda text: report.emit(Message(text, "warning"))) as caught:  # stops after the shard
         _encode_shards(source, codec, todo, shard_size, sizes, out, dtype, batch, num_workers, report, caught)
     state.wait_for_everyone()
 

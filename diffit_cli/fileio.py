@@ -113,14 +113,14 @@ def read_json(path: Path | str) -> Any | None:
 
 @contextlib.contextmanager
 def new_output(path: Path | str, keep: Callable[[], bool], owner: bool = True) -> Iterator[None]:
-    """Around a run that creates `path` (an output file or folder): if the run fails while `keep()` is false (no
-    checkpoint, shard or image to resume from yet), `path` goes, so a failed new run leaves nothing behind. Only
-    the `owner` (the main process) removes; output that existed before is never touched."""
+    """Around a run that creates `path` (an output file or folder): if the run fails or is interrupted while `keep()`
+    is false (no checkpoint, shard or image to resume from yet), `path` goes, so a failed new run leaves nothing
+    behind. Only the `owner` (the main process) removes; output that existed before is never touched."""
     path = Path(path)
     fresh = not path.exists()
     try:
         yield
-    except Exception:
+    except BaseException:  # Ctrl-C too
         if owner and fresh and not keep():
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise

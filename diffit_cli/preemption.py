@@ -1,6 +1,7 @@
-"""Preemption (SLURM's `--signal`, a scheduler's SIGTERM): a worker collects the signal, finishes the unit of work
-in hand (an optimizer step and a checkpoint, a sample batch, a latent shard), and stops; the command exits with
-`PREEMPTED_EXIT`, and rerunning the same command continues where it stopped."""
+"""Preemption (SLURM's `--signal`, a scheduler's SIGTERM) and Ctrl-C: a worker collects the signal, finishes the unit
+of work in hand (an optimizer step and a checkpoint, a sample batch, a latent shard), and stops; the command exits
+with `PREEMPTED_EXIT` (`INTERRUPTED_EXIT` for Ctrl-C), and rerunning the same command continues where it stopped.
+A second Ctrl-C interrupts at once."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import contextlib
 import multiprocessing
 import signal
 import threading
+from typing import Callable
 
 PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after saving its work: rerun to continue
+INTERRUPTED_EXIT = 130  # the same after Ctrl-C (SIGINT): 128 + 2, as shells report an interrupted command
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def exit_code(signal_name: str) -> int:
+    """The exit code of a command stopped by `signal_name` after saving its work."""
+    return INTERRUPTED_EXIT if signal_name == "SIGINT" else PREEMPTED_EXIT
 
 
 class Preempted(Exception):
@@ -18,21 +27,32 @@ class Preempted(Exception):
 
     def __init__(self, signal_name: str, where: str):
         super().__init__(f"stopped by {signal_name} after {where}; rerun the same command to continue "
-                         f"(exit {PREEMPTED_EXIT})")
+                         f"(exit {exit_code(signal_name)})")
         self.signal_name = signal_name
 
 
 @contextlib.contextmanager
-def preemption_signals():
-    """Collect SIGTERM / SIGUSR1 into a list while working; the worker checks it after each unit of work. Only the
-    main thread can install handlers; elsewhere nothing is caught."""
+def preemption_signals(on_interrupt: Callable[[str], None] | None = None):
+    """Collect SIGTERM / SIGUSR1 / SIGINT into a list while working; the worker checks it after each unit of work.
+    The first Ctrl-C is collected like the others and `on_interrupt` gets a line saying so (a batch may take
+    minutes); a second one raises KeyboardInterrupt at once. Only the main thread can install handlers; elsewhere
+    nothing is caught."""
     caught: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
-    previous = {n: signal.signal(getattr(signal, n), lambda sig, frame: caught.append(signal.Signals(sig).name))
-                for n in names}
+
+    def collect(sig, frame):
+        name = signal.Signals(sig).name
+        if name == "SIGINT" and name in caught:
+            raise KeyboardInterrupt
+        caught.append(name)
+        if name == "SIGINT" and on_interrupt is not None:
+            on_interrupt("Ctrl-C: saving the work in hand, then stopping (press Ctrl-C again to stop at once and "
+                         "lose it)")
+
+    names = [n for n in SIGNALS if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), collect) for n in names}
     try:
         yield caught
     finally:
@@ -42,8 +62,9 @@ def preemption_signals():
 
 def shield_worker(_worker_id: int | None = None) -> None:
     """Runs in each data worker: ignore the preemption signals (a launcher such as torchrun sends them to the whole
-    process group); the main process stops after its unit of work and the workers end with it."""
-    for name in ("SIGTERM", "SIGUSR1"):
+    process group, a terminal its Ctrl-C); the main process stops after its unit of work and the workers end with
+    it."""
+    for name in SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 

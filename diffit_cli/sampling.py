@@ -174,9 +174,9 @@ def _write_images(net, diffusion, decode: Decode, preset: Preset, seeds: list[in
     emit(Start("sample", len(seeds), done, "images", f"sampling {len(todo) * state.num_processes} of {len(seeds)} "
                f"images on {device} × {state.num_processes}"))
     t0 = time.perf_counter()
-    # a signal (SLURM's warning, a preemption) stops this process after the batch in hand is written; no barrier:
-    # a launcher ends the other processes when one exits, and the rerun samples what is missing
-    with preemption_signals() as caught:
+    # a signal (SLURM's warning, a preemption, Ctrl-C) stops this process after the batch in hand is written; no
+    # barrier: a launcher ends the other processes when one exits, and the rerun samples what is missing
+    with preemption_signals(lambda text: emit(Message(text, "warning"))) as caught:
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
             fixed = None if classes is None else [classes[position[s] % len(classes)] for s in chunk]

@@ -233,10 +233,11 @@ def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeyp
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ["png", "s.npz"])
-def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(unet_ckpt, tmp_path, monkeypatch, name):
-    """Issue #13: SIGUSR1 during `diffit sample`: the batch in hand is written, exit 3; the same command finishes the
-    rest, and the images equal an uninterrupted run's."""
+@pytest.mark.parametrize("name, sig, code", [("png", "SIGUSR1", 3), ("s.npz", "SIGINT", 130)])
+def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(unet_ckpt, tmp_path, monkeypatch, name, sig,
+                                                                          code):
+    """Issue #13: SIGUSR1 (SLURM's warning) or Ctrl-C during `diffit sample`: the batch in hand is written, exit 3
+    (130); the same command finishes the rest, and the images equal an uninterrupted run's."""
     import os
     import signal
 
@@ -250,14 +251,15 @@ def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(unet_ck
 
     def write_then_signal(self, *a):
         write(self, *a)
-        os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's `--signal=B:USR1@120` would, mid-run
+        os.kill(os.getpid(), getattr(signal, sig))  # as SLURM's `--signal=B:USR1@120` or a Ctrl-C would, mid-run
 
     out = tmp_path / "cut" / name
     with monkeypatch.context() as m:
         m.setattr(sink_type, "write", write_then_signal)
         r = CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(out)])
-    assert r.exit_code == 3, r.output
-    assert "stopped by SIGUSR1" in r.output and "rerun the same command" in " ".join(r.output.split())
+    assert r.exit_code == code, r.output
+    assert f"stopped by {sig}" in r.output and "rerun the same command" in " ".join(r.output.split())
+    assert sig != "SIGINT" or "Ctrl-C again" in " ".join(r.output.split())  # said at once: a batch may take minutes
     assert sink_type(out).done(list(range(10))) == {0, 1, 2, 3}  # the first batch, and nothing more
     assert CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(out)]).exit_code == 0
     read = (lambda p: np.load(p)["arr_0"]) if name.endswith(".npz") else (lambda p: _pngs(p, range(10)))

@@ -328,9 +328,11 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_ov
 
 
 @pytest.mark.e2e
-def test_sigusr1_checkpoints_exits_3_and_the_rerun_is_bit_identical(tmp_path):
-    """Issue #13: SLURM's `--signal=B:USR1@120` mid-run: checkpoint after the current step, exit 3; the rerun
-    finishes with the weights of an uninterrupted run (both runs as real subprocesses, same threads)."""
+@pytest.mark.parametrize("sig, code", [("SIGUSR1", 3), ("SIGINT", 130)])
+def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig, code):
+    """Issue #13: SLURM's `--signal=B:USR1@120` (exit 3) or Ctrl-C (exit 130) mid-run: checkpoint after the current
+    step; the rerun finishes with the weights of an uninterrupted run (both runs as real subprocesses, same
+    threads)."""
     import signal
     import time
 
@@ -347,10 +349,10 @@ def test_sigusr1_checkpoints_exits_3_and_the_rerun_is_bit_identical(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err[-2000:]
-    assert "stopped by SIGUSR1" in err and "rerun the same command" in " ".join(err.split())
+    assert proc.returncode == code, err[-2000:]
+    assert f"stopped by {sig}" in err and "rerun the same command" in " ".join(err.split())
     cut = _final(tmp_path / "cut")
     assert 0 < cut["nimg"] < 400  # a checkpoint mid-way, not at a snapshot boundary
     again = subprocess.run(cmd + [str(tmp_path / "cut")], env=env, capture_output=True, text=True, timeout=300)
@@ -385,3 +387,44 @@ def test_sigterm_to_torchrun_reaches_both_processes_and_data_workers_survive_it(
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _final(tmp_path / "run")["nimg"] == 304  # whole global batches of 8
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs Linux /proc")
+def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path):
+    """`kill` of one rank (or a signal that reaches the ranks a step apart): the processes agree on the step after
+    which they stop, so none waits at the checkpoint's barrier while another is in the next step's gradient
+    all-reduce (that hung); the checkpoint is written, exit 3, and the rerun finishes."""
+    import signal
+    import time
+
+    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008")
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29581", "-m",
+           "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGUSR1)  # one rank only
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.communicate()
+        pytest.fail("the processes did not stop together (hung)")
+    assert proc.returncode != 0 and "stopped by SIGUSR1" in err, err[-3000:]
+    cut = _final(tmp_path / "run")
+    assert 0 < cut["nimg"] < 300  # the signal's checkpoint, not a snapshot
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _final(tmp_path / "run")["nimg"] == 304

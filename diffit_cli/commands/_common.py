@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from diffit_cli.errors import DiffitError
-from diffit_cli.preemption import PREEMPTED_EXIT, Preempted
+from diffit_cli.preemption import INTERRUPTED_EXIT, Preempted, exit_code
 
 console = Console(stderr=True)
 
@@ -53,7 +53,7 @@ def path_error(e: OSError) -> str:
 
 def user_errors(fn: Callable) -> Callable:
     """Decorator for command bodies: DiffitError (and bad-value errors from the library) → message, exit 2; a worker
-    stopped by a preemption signal after saving its work → a note, exit 3 (`diffit_cli.preemption`)."""
+    stopped by a preemption signal or Ctrl-C after saving its work → a note, exit 3 or 130 (`preemption`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -61,7 +61,7 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Preempted as e:
             console.print(f"[yellow]{e}[/]", highlight=False)
-            raise typer.Exit(code=PREEMPTED_EXIT) from None
+            raise typer.Exit(code=exit_code(e.signal_name)) from None
         except DiffitError as e:
             if STATE.debug:
                 raise
@@ -70,8 +70,25 @@ def user_errors(fn: Callable) -> Callable:
             if STATE.debug or e.filename is None:
                 raise
             fail(path_error(e).replace("[", r"\["))
+        except BaseException as e:  # Ctrl-C before the work started, or a second one (torch.save may wrap it)
+            if STATE.debug or not _interrupted(e):
+                raise
+            console.print("[yellow]interrupted[/]: what was not saved yet is lost (checkpoints, images and shards "
+                          "already written are kept); rerun the same command to continue", highlight=False)
+            raise typer.Exit(code=INTERRUPTED_EXIT) from None
 
     return wrapper
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is `e` or in its chain of causes."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class RichProgress:

@@ -75,12 +75,13 @@ def train_cmd(
         state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
                       trackers=trackers, inception_weights=inception_weights, progress=progress)
     if state.preempted:
-        from diffit_cli.preemption import PREEMPTED_EXIT
+        from diffit_cli.preemption import exit_code
 
         if state.main_process:
             console.print(f"[yellow]stopped by {state.preempted}[/] at {state.nimg / 1000:.3f} kimg after writing a "
-                          f"checkpoint; rerun the same command to continue (exit {PREEMPTED_EXIT})", highlight=False)
-        raise typer.Exit(code=PREEMPTED_EXIT)
+                          f"checkpoint; rerun the same command to continue (exit {exit_code(state.preempted)})",
+                          highlight=False)
+        raise typer.Exit(code=exit_code(state.preempted))
     if state.stopped:
         if state.main_process:
             console.print(f"[bold red]stopped:[/] {state.stopped} (train.on_spike=stop)", highlight=False)

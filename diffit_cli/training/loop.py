@@ -49,7 +49,7 @@ from diffit_cli.training.recipe import (
     step_unless,
     to_model_space,
 )
-from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
+from diffit_cli.training.recovery import AgreedStop, check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
 from diffit_cli.training.tracking import LOG_DIR as TRACKER_DIR
 from diffit_cli.training.tracking import TrackerSpec, flat_config, resolve_trackers, start_trackers
@@ -103,18 +103,20 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
     total_nimg = int(tc.total_kimg * 1000)
     loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
     run.model.train()
-    with preemption_signals() as caught:
+    with preemption_signals(lambda text: run.emit(Message(text, "warning"))) as caught:
+        stop = AgreedStop(caught, run.world)
         while state.nimg < total_nimg:
             loss_sum += _step(run)
             loss_n += run.accum
-            if caught:  # SLURM's warning before a time limit or preemption: checkpoint now, exit PREEMPTED_EXIT
+            if signal_name := stop():  # SLURM's warning, a preemption, Ctrl-C: checkpoint now, then exit 3 (130)
                 _settle_skips(run)
                 snapshot(run, grid=False)
-                state.preempted = caught[0]
+                state.preempted = signal_name
                 break
             loss_sum, loss_n, t_report, n_report = _after_step(run, loss_sum, loss_n, t_report, n_report)
             if state.stopped:
                 break
+        stop.close()
     redraw_curves(run, force=True)
     acc.end_training()
     state.main_process = acc.is_main_process

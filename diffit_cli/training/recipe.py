@@ -41,7 +41,7 @@ class TrainState:
     lr_scale: float = 1.0  # learning-rate multiplier, lowered by each spike rollback (train.spike_lr_factor)
     rollbacks: int = 0
     stopped: str | None = None  # why the run stopped early (train.on_spike=stop)
-    preempted: str | None = None  # the signal that stopped the run after a checkpoint (SIGTERM, SIGUSR1)
+    preempted: str | None = None  # the signal that stopped the run after a checkpoint (SIGTERM, SIGUSR1, SIGINT)
     data_s: float = 0.0  # seconds spent waiting for the data loader since the last report
     best: dict | None = None  # FID along training: {"fid", "kimg", "extractor"} of the best snapshot (best.pt)
     history: list = field(default_factory=list)
