@@ -17,7 +17,7 @@ from diffit_cli import __version__
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.study import CHANGE_FLOOR, RESULT, Study
 from diffit_cli.fileio import atomic_write_bytes, read_json, write_json
-from diffit_cli.metrics import TEST_EXTRACTOR
+from diffit_cli.metrics import INCEPTION, TEST_EXTRACTOR
 from diffit_cli.plots import Panel, Series, colormap, save_image_table, save_plot
 
 RESULT_FIELDS = ["study", "variant", "label", "group", "x", "metric", "value", "paper", "difference", "extractor",
@@ -36,6 +36,15 @@ def collect_rows(study: Study, sdir: Path) -> list[dict]:
             r = {**r, "status": "done"}
         rows.append(r)
     return rows
+
+def paper_difference(value: float | None, paper: float | None, budget: str, extractor: str | None) -> float | None:
+    """value − paper where the two are comparable: the `paper` budget (the presets unchanged, FID-50K) scored with
+    Inception features, as the paper was. At a smaller budget or with another extractor the gap measures the budget,
+    not the method, so there is none (the tables print "–")."""
+    if value is None or paper is None or budget != "paper" or extractor != INCEPTION:
+        return None
+    return value - paper
+
 
 def _num(v: Any, digits: int = 3, signed: bool = False) -> str:
     if v is None:

@@ -19,7 +19,7 @@ from diffit_cli import metrics as M  # through the module: tests and users may s
 from diffit_cli.ablation.attention import attention_maps, save_map_pngs
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
-from diffit_cli.ablation.report import collect_rows, write_results
+from diffit_cli.ablation.report import collect_rows, paper_difference, write_results
 from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
 from diffit_cli.build import build_diffusion, parameter_count
 from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
@@ -120,7 +120,7 @@ class _Runner:
         res = {
             "study": self.study.name, "variant": variant.name, "label": variant.label, "group": variant.group,
             "x": variant.x, "metric": self.study.metric, "value": value, "paper": paper,
-            "difference": None if value is None or paper is None else value - paper,
+            "difference": paper_difference(value, paper, self.budget, self.extractor),
             "extractor": self.extractor if self.study.metric == "fid" else None, "budget": self.budget,
             "parameters": params, "seconds": round(time.time() - started, 1), "paper_note": variant.paper_note,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "diffit_version": __version__,
