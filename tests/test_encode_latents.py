@@ -255,9 +255,11 @@ def _cli(images, out, vae, *extra):
 
 
 @pytest.mark.e2e
-def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(tiny_vae, images, tmp_path, monkeypatch):
-    """Issue #13: SIGTERM during encode-latents: the shard in hand is written, exit 3; the rerun's bytes equal an
-    uninterrupted run's."""
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 3), ("SIGINT", 130)])
+def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(tiny_vae, images, tmp_path, monkeypatch, sig,
+                                                                       code):
+    """Issue #13: SIGTERM (a scheduler's preemption notice) or Ctrl-C during encode-latents: the shard in hand is
+    written, exit 3 (130); the rerun's bytes equal an uninterrupted run's."""
     import os
     import signal
 
@@ -268,12 +270,12 @@ def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(tiny_vae,
 
     def write_then_signal(*a, **k):
         write(*a, **k)
-        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption notice
+        os.kill(os.getpid(), getattr(signal, sig))
 
     with monkeypatch.context() as m:
         m.setattr(E, "write_shard", write_then_signal)
         r = _cli(images, tmp_path / "part", tiny_vae / "folder")
-    assert r.exit_code == 3 and "stopped by SIGTERM" in r.output, r.output
+    assert r.exit_code == code and f"stopped by {sig}" in r.output, r.output
     assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
     assert _cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
     assert _bytes(tmp_path / "full") == _bytes(tmp_path / "part")
