@@ -14,7 +14,7 @@ from helpers import tiny_unet, tiny_vit
 
 @pytest.mark.parametrize("time_mode", ["tmsa", "bias", "separate"])
 @pytest.mark.parametrize("window,grid", [(4, 8), (8, 8)], ids=["windowed", "global"])
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU: the eager reference, on purpose
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU: the eager reference
 def test_flex_equals_the_reference_forward(time_mode, window, grid):
     torch.manual_seed(0)
     attn = TMSA(32, 4, 16, window, time_mode).eval()
