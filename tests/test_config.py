@@ -60,8 +60,8 @@ def test_presets_are_frozen():
 
 
 def test_override_applies_before_validation():
-    p = load_preset("cifar10", ["train.lr=2e-4", "model.blocks=[4, 4, 4]", "sample.guidance.channels=all"])
-    assert p.train.lr == 2e-4 and p.model.blocks == (4, 4, 4) and p.sample.guidance.channels == "all"
+    p = load_preset("cifar10", ["train.lr=2e-4", "model.blocks=[4, 4, 4]", "sample.guidance.channels=2"])
+    assert p.train.lr == 2e-4 and p.model.blocks == (4, 4, 4) and p.sample.guidance.channels == 2
     base = preset_to_dict(load_preset("cifar10"))
     assert diff_presets(base, preset_to_dict(p)) == ["model.blocks", "sample.guidance.channels", "train.lr"]
     assert preset_from_yaml(dump_preset(p)) == p
@@ -171,5 +171,10 @@ def test_guidance_is_one_subsection_and_old_flat_keys_still_read():
     assert old.sample.guidance.scale == 4.6 and old.sample.guidance.channels == "all"
     with pytest.raises(PresetError, match=r"guidance.channels 7: the model predicts 4 channels; use 1..4 or all"):
         load_preset("imagenet256", ["sample.guidance.channels=7"])
+    # image presets guide every channel, so a grey (1-channel) variant needs no guidance setting
+    assert load_preset("demo").sample.guidance.channels == "all"
+    assert load_preset("demo", ["data.channels=1", "model.in_channels=1"]).sample.guidance.channels == "all"
+    with pytest.raises(PresetError, match=r"guidance.channels 3: the model predicts 1 channels; use 1..1 or all"):
+        load_preset("demo", ["data.channels=1", "model.in_channels=1", "sample.guidance.channels=3"])
     with pytest.raises(PresetError, match="σ_lo < σ_hi"):
         load_preset("imagenet256", ["sample.guidance.interval=[5, 1]"])

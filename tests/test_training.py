@@ -116,8 +116,7 @@ def test_grey_images_train_preview_and_sample(tmp_path):
         for i in range(4):
             grey = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L")
             grey.save(tmp_path / "grey" / str(k) / f"{i}.png")
-    p = tiny_unet(f"data.path={tmp_path / 'grey'}", "data.channels=1", "model.in_channels=1", "model.num_classes=2",
-                  "sample.guidance.channels=all")
+    p = tiny_unet(f"data.path={tmp_path / 'grey'}", "data.channels=1", "model.in_channels=1", "model.num_classes=2")
     train(p, tmp_path / "run")
     assert Image.open(tmp_path / "run" / "samples" / "grid-latest.png").mode == "L"
     r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(latest_checkpoint(tmp_path / "run")),

@@ -226,12 +226,13 @@ class TrainConfig(Section):
 
 class GuidanceConfig(Section):
     """Classifier-free guidance: exactly the fields of `core.guidance.Guidance` (its null class is the model's
-    `num_classes`). `channels`: how many prediction channels are guided (3 = the release's three-channel CFG)."""
+    `num_classes`). `channels`: how many prediction channels are guided: `all` by default (for RGB images the same
+    as 3, and right for grey ones); the latent presets set 3, the release's three-channel CFG of 4 latent channels."""
 
     scale: Annotated[float, Field(ge=0)] = 1.0
     schedule: Literal["constant", "power-cosine", "interval"] = "constant"
     power: Annotated[float, Field(gt=0)] = 4.0
-    channels: Pos | Literal["all"] = 3
+    channels: Pos | Literal["all"] = "all"
     interval: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.28, 5.42)
 
     @model_validator(mode="after")
