@@ -37,6 +37,7 @@ from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.fileio import atomic_write_bytes, offline, read_json, write_json
 from diffit_cli.generate import sampling_precision
+from diffit_cli.preemption import Preempted
 from diffit_cli.sampling import resolve_weights, run_sample
 
 
@@ -138,7 +139,14 @@ class _Runner:
         # each variant (its run folder) is its own tracker run, grouped by the study
         trackers = dataclasses.replace(self.trackers, name=run_dir.name, group=self.study.name) \
             if self.trackers and self.trackers.log_with else None
-        return training.train(preset, run_dir, trackers=trackers, progress=self.emit)
+        state = training.train(preset, run_dir, trackers=trackers, progress=self.emit)
+        # a run cut short is not the variant's result: the study stops (the rerun resumes the training)
+        if state.preempted:
+            raise Preempted(state.preempted, f"checkpointing {label} at {state.nimg / 1000:g} kimg")
+        if state.stopped:
+            raise StudyError(f"{label}: training stopped at {state.nimg / 1000:g} kimg ({state.stopped}, "
+                             "train.on_spike=stop); no result is recorded for it")
+        return state
 
     def run_train(self, v: Variant, preset: Preset, vdir: Path) -> dict:
 
