@@ -427,3 +427,18 @@ def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _final(tmp_path / "run")["nimg"] == 304
+
+
+def test_without_a_gloo_group_each_process_acts_on_its_own_signal(monkeypatch):
+    from diffit_cli.training.recovery import AgreedStop
+
+    def no_gloo(**kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] no address to connect to\nmore")
+
+    monkeypatch.setattr(torch.distributed, "new_group", no_gloo)
+    notes, caught = [], []
+    stop = AgreedStop(caught, world=2, note=notes.append)
+    assert len(notes) == 1 and "no address to connect to" in notes[0] and "\n" not in notes[0]
+    assert stop() is None
+    caught.append("SIGTERM")
+    assert stop() == "SIGTERM" and stop.close() is None  # at once, nothing in flight

@@ -103,8 +103,9 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
     total_nimg = int(tc.total_kimg * 1000)
     loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
     run.model.train()
-    with preemption_signals(lambda text: run.emit(Message(text, "warning"))) as caught:
-        stop = AgreedStop(caught, run.world)
+    warn = lambda text: run.emit(Message(text, "warning"))  # noqa: E731
+    with preemption_signals(warn) as caught:
+        stop = AgreedStop(caught, run.world, warn)
         while state.nimg < total_nimg:
             loss_sum += _step(run)
             loss_n += run.accum

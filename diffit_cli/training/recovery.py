@@ -4,6 +4,7 @@ loss-spike response (warn, stop, roll back), and one agreed step at which every 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -118,11 +119,18 @@ class AgreedStop:
     checkpoint's barrier while the others entered the next step's gradient all-reduce. So the processes' flags are
     combined (max) over a CPU (gloo) group, one step late and without a device sync: each call starts the all-reduce
     of this process's flag and reads the one started by the previous call, the same value on every process after the
-    same step. One process: its own flag, at once. `close()` waits for the last all-reduce when the loop ends."""
+    same step. One process: its own flag, at once. `close()` waits for the last all-reduce when the loop ends. Where
+    no gloo group can be made (a cluster whose hosts gloo cannot reach), each process acts on its own flag and
+    `note` says so."""
 
-    def __init__(self, caught: list[str], world: int):
-        self.caught, self.pending = caught, None
-        self.group = torch.distributed.new_group(backend="gloo") if world > 1 else None  # collective: every process
+    def __init__(self, caught: list[str], world: int, note: Callable[[str], None]):
+        self.caught, self.pending, self.group = caught, None, None
+        if world > 1:
+            try:
+                self.group = torch.distributed.new_group(backend="gloo")  # collective: every process
+            except RuntimeError as e:
+                note(f"no CPU process group to agree on a stop ({str(e).splitlines()[0][:120]}): a signal that "
+                     "reaches the processes a step apart can leave one waiting at the checkpoint")
 
     def __call__(self) -> str | None:
         if self.group is None:
