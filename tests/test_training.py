@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -326,6 +327,23 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_ov
     assert not lock.exists()  # released at the end
 
 
+def _wait_for_reports(run_dir, n: int) -> None:
+    """Until the run's log.jsonl holds `n` lines (at most 2 minutes): the run is past start-up, mid-training."""
+    log, deadline = run_dir / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
+def _torchrun_train(tmp_path, port: int, *extra: str) -> tuple[list[str], dict]:
+    """(command, environment) training the tiny preset for 0.3 kimg with two processes under torchrun."""
+    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008", *extra)
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+           "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "run")]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig, code", [("SIGUSR1", 3), ("SIGINT", 130)])
 def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig, code):
@@ -333,7 +351,6 @@ def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig
     step; the rerun finishes with the weights of an uninterrupted run (both runs as real subprocesses, same
     threads)."""
     import signal
-    import time
 
     p = tiny_unet("train.total_kimg=0.4", "train.snapshot_kimg=0.4", "train.report_kimg=0.008")
     preset_file = tmp_path / "p.yaml"
@@ -344,10 +361,7 @@ def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig
     assert straight.returncode == 0, straight.stderr[-2000:]
     proc = subprocess.Popen(cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    log = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
-        time.sleep(0.05)
+    _wait_for_reports(tmp_path / "cut", 5)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
@@ -365,18 +379,10 @@ def test_sigterm_to_torchrun_reaches_both_processes_and_data_workers_survive_it(
     processes (and to their data workers, which ignore it); both finish the step, the checkpoint is written, and
     the rerun finishes. torchrun itself exits 1 around the processes' 3 (the sbatch requeues on either)."""
     import signal
-    import time
 
-    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008", "data.num_workers=1")
-    preset_file = tmp_path / "p.yaml"
-    preset_file.write_text(dump_preset(p))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29579", "-m",
-           "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "run")]
+    cmd, env = _torchrun_train(tmp_path, 29579, "data.num_workers=1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    _wait_for_reports(tmp_path / "run", 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped by SIGTERM" in err, err[-3000:]
@@ -399,19 +405,11 @@ def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path)
     which they stop, so none waits at the checkpoint's barrier while another is in the next step's gradient
     all-reduce (that hung); the checkpoint is written, exit 3, and the rerun finishes."""
     import signal
-    import time
 
-    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008")
-    preset_file = tmp_path / "p.yaml"
-    preset_file.write_text(dump_preset(p))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29581", "-m",
-           "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "run")]
+    cmd, env = _torchrun_train(tmp_path, 29581)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    log, deadline = tmp_path / "run" / "log.jsonl", time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    _wait_for_reports(tmp_path / "run", 3)
     ranks = _children(proc.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[-1], signal.SIGUSR1)  # one rank only
