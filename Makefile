@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   — install, train the tiny `demo` preset on the built-in synthetic data, write a sample grid
-#   make test   — install with test extras, run the test suite (make test-fast: without the end-to-end tests)
+#   make test   — install with test extras, lint, run the test suite (make test-fast: without the end-to-end tests)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DIFFIT := $(VENV)/bin/diffit
 
-.PHONY: demo test test-fast test-cuda install clean bench
+.PHONY: demo test test-fast test-cuda lint format install clean bench
 
 # the package alone (what `make demo` needs), then the test extras on top (what `make test` needs)
 $(VENV)/.installed: pyproject.toml
@@ -24,7 +24,16 @@ demo: $(VENV)/.installed
 	$(DIFFIT) train --preset demo --run-dir runs/demo
 	@echo "Sample grids: runs/demo/samples/ (latest: runs/demo/samples/grid-latest.png); curves: runs/demo/curves.png"
 
-test: $(VENV)/.installed-test
+# ruff: the formatter's layout and the linter's rules (pyproject.toml [tool.ruff]); `make format` applies them
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # the suite without the tests that train, sample, encode or score end to end (about a minute)

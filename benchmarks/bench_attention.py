@@ -37,8 +37,7 @@ def time_variant(attn: TMSA, x, x_t, hw, train: bool, dtype, steps: int) -> floa
         xi = x.detach().requires_grad_(train)
         sync(x.device)
         t0 = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32), \
-                torch.set_grad_enabled(train):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32), torch.set_grad_enabled(train):
             out = attn(xi, x_t, hw)
         if train:
             out.float().sum().backward()
@@ -59,8 +58,10 @@ def main() -> None:
     dtype = torch.bfloat16 if train else torch.float32
     steps = args.steps or (3 if args.quick else 10)
     shapes = QUICK if args.quick or device.type == "cpu" else SHAPES
-    print(f"device {device} ({torch.cuda.get_device_name(device) if train else 'CPU'}), torch {torch.__version__}; "
-          f"{'forward + backward, bf16' if train else 'forward only, fp32'}; best of {steps} calls")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if train else 'CPU'}), torch {torch.__version__}; "
+        f"{'forward + backward, bf16' if train else 'forward only, fp32'}; best of {steps} calls"
+    )
     print(f"{'shape':32} {'sdpa ms':>9} {'flex ms':>9} {'plain ms':>9} {'flex/sdpa':>10}")
     for name, (batch, side, width, heads, window) in shapes.items():
         torch.manual_seed(0)
@@ -70,8 +71,10 @@ def main() -> None:
         for label, sdpa, backend in (("sdpa", True, "sdpa"), ("flex", True, "flex"), ("plain", False, "sdpa")):
             attn.use_sdpa, attn.backend = sdpa, backend
             times[label] = time_variant(attn, x, x_t, (side, side), train, dtype, steps)
-        print(f"{name:32} {times['sdpa'] * 1e3:>9.2f} {times['flex'] * 1e3:>9.2f} {times['plain'] * 1e3:>9.2f} "
-              f"{times['flex'] / times['sdpa']:>9.2f}x")
+        print(
+            f"{name:32} {times['sdpa'] * 1e3:>9.2f} {times['flex'] * 1e3:>9.2f} {times['plain'] * 1e3:>9.2f} "
+            f"{times['flex'] / times['sdpa']:>9.2f}x"
+        )
 
 
 if __name__ == "__main__":

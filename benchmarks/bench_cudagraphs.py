@@ -35,8 +35,10 @@ from diffit_cli.build import build_diffusion, build_network, compile_blocks
 from diffit_cli.config import load_preset
 from diffit_cli.core.samplers import nfe, sample
 
-TINY = {"cifar10": ["model.channels=[32, 64, 64]", "model.time_dim=64"],
-        "ffhq64": ["model.channels=[32, 64, 64, 64]", "model.time_dim=64"]}
+TINY = {
+    "cifar10": ["model.channels=[32, 64, 64]", "model.time_dim=64"],
+    "ffhq64": ["model.channels=[32, 64, 64, 64]", "model.time_dim=64"],
+}
 BATCH = {"cifar10": 64, "ffhq64": 32}
 VARIANTS = ("eager", "whole+graphs", "regional+graphs", "regional", "whole")  # the most wanted first
 
@@ -70,10 +72,11 @@ def train_case(name: str, args, device: torch.device, dtype: torch.dtype | None)
     x0 = torch.randn(batch, *shape, device=device)
     aug = x0.new_zeros(batch, m.augment_dim) if m.augment_dim else None
     peak = datasheet_peak(device, "bf16" if dtype else "fp32")
-    print(f"\n{name} network, per-GPU batch {batch}, {'bf16' if dtype else 'fp32'}, "
-          f"{flops / batch / 1e9:.2f} GFLOP per training image")
-    print(f"{'variant':16} {'warm-up s':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU peak':>9} {'× eager':>8} "
-          f"{'loss Δ':>8}")
+    print(
+        f"\n{name} network, per-GPU batch {batch}, {'bf16' if dtype else 'fp32'}, "
+        f"{flops / batch / 1e9:.2f} GFLOP per training image"
+    )
+    print(f"{'variant':16} {'warm-up s':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU peak':>9} {'× eager':>8} {'loss Δ':>8}")
     base = {}
     for variant in VARIANTS:
         net = copy.deepcopy(initial).train()
@@ -82,7 +85,7 @@ def train_case(name: str, args, device: torch.device, dtype: torch.dtype | None)
         try:
             call, graphs, failed = prepare(variant, net, args.backend)
 
-            def step(i: int) -> torch.Tensor:
+            def step(i: int, call=call, graphs=graphs, gen=gen, opt=opt) -> torch.Tensor:
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 gen.manual_seed(i)  # the same σ and noise for every variant
@@ -115,15 +118,19 @@ def train_case(name: str, args, device: torch.device, dtype: torch.dtype | None)
         base.setdefault("dt", dt)
         base.setdefault("loss", float(loss))
         achieved = flops / dt
-        print(f"{variant:16} {warm:>9.1f} {batch / dt:>9.1f} {achieved / 1e12:>8.2f} {mfu_text(achieved, peak):>9} "
-              f"{base['dt'] / dt:>7.2f}× {abs(float(loss) - base['loss']) / base['loss']:>7.1e}")
+        print(
+            f"{variant:16} {warm:>9.1f} {batch / dt:>9.1f} {achieved / 1e12:>8.2f} {mfu_text(achieved, peak):>9} "
+            f"{base['dt'] / dt:>7.2f}× {abs(float(loss) - base['loss']) / base['loss']:>7.1e}"
+        )
 
 
 def marked(net):
     """`net` with a new CUDA-graph iteration marked before each call (the sampler keeps no output across calls)."""
+
     def call(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
         return net(*args, **kwargs)
+
     return call
 
 
@@ -135,8 +142,10 @@ def sampling_case(args, device: torch.device, dtype: torch.dtype | None) -> None
     initial = build_network(preset.model, device).eval()
     noise = torch.randn(batch, 3, 32, 32, device=device)
     gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
-    print(f"\ncifar10 network sampling: EDM Heun {steps} steps (NFE {nfe('heun', steps)}), batch {batch}, "
-          f"{'bf16' if dtype else 'fp32'}")
+    print(
+        f"\ncifar10 network sampling: EDM Heun {steps} steps (NFE {nfe('heun', steps)}), batch {batch}, "
+        f"{'bf16' if dtype else 'fp32'}"
+    )
     print(f"{'variant':16} {'warm-up s':>9} {'img/s':>9} {'outside net':>12} {'max |Δx0|':>10}")
     reference = None
     for variant in ("eager", "whole+graphs", "regional+graphs"):
@@ -146,8 +155,9 @@ def sampling_case(args, device: torch.device, dtype: torch.dtype | None) -> None
             call = marked(call) if graphs else call
 
             def run(network):
-                return sample(diffusion, network, noise, sampler="heun", steps=steps, generators=gens,
-                              autocast_dtype=dtype)
+                return sample(
+                    diffusion, network, noise, sampler="heun", steps=steps, generators=gens, autocast_dtype=dtype
+                )
 
             t0 = time.perf_counter()
             run(call)  # compiling, warm-up and recording
@@ -170,8 +180,10 @@ def sampling_case(args, device: torch.device, dtype: torch.dtype | None) -> None
         finally:
             del net
         reference = x0 if reference is None else reference
-        print(f"{variant:16} {warm:>9.1f} {batch / total:>9.1f} {outside:>11.1%} "
-              f"{(x0 - reference).abs().max().item():>10.2e}")
+        print(
+            f"{variant:16} {warm:>9.1f} {batch / total:>9.1f} {outside:>11.1%} "
+            f"{(x0 - reference).abs().max().item():>10.2e}"
+        )
 
 
 def main() -> None:

@@ -29,8 +29,10 @@ def per_item_ms(src, start: int = 0, n: int = 100, reps: int = 3) -> float:
 def main() -> None:
     for res in (32, 64):
         ms = per_item_ms(SyntheticShapes(res, size=1000))
-        print(f"synthetic shapes {res}²: {ms:.3f} ms/item" + (f"  (target < 1 ms: {'met' if ms < 1 else 'MISSED'})"
-                                                            if res == 32 else ""))
+        print(
+            f"synthetic shapes {res}²: {ms:.3f} ms/item"
+            + (f"  (target < 1 ms: {'met' if ms < 1 else 'MISSED'})" if res == 32 else "")
+        )
     with tempfile.TemporaryDirectory() as d:
         rng = np.random.default_rng(0)
         for i in range(100):

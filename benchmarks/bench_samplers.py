@@ -41,8 +41,12 @@ class SmallNet(nn.Module):
         self.label = nn.Embedding(num_classes + 1, width) if num_classes else None
         self.conv_in = nn.Conv2d(in_ch, width, 3, padding=1)
         self.body = nn.Sequential(
-            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
         )
         self.conv_out = nn.Conv2d(width, out_ch, 3, padding=1)
 
@@ -93,8 +97,12 @@ def bench(diffusion, net, sampler: str, shape, batch: int, device, repeats: int,
         total = time.perf_counter() - t0
         if r and (best is None or total < best["total"]):
             best = {"total": total, "net": timed.seconds, "calls": timed.calls}
-    return {**best, "nfe": nfe(sampler, steps), "per_sample_ms": 1e3 * best["total"] / batch,
-            "outside": (best["total"] - best["net"]) / best["total"]}
+    return {
+        **best,
+        "nfe": nfe(sampler, steps),
+        "per_sample_ms": 1e3 * best["total"] / batch,
+        "outside": (best["total"] - best["net"]) / best["total"],
+    }
 
 
 def latent_throughput(device: torch.device, tiny: bool, steps: int) -> None:
@@ -107,17 +115,28 @@ def latent_throughput(device: torch.device, tiny: bool, steps: int) -> None:
     net = net.to(device).eval()
     guidance = Guidance(scale=4.0, channels=3)  # the release's three-channel CFG (constant: every call doubled)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    print(f"\nlatent DiffiT {'tiny (hidden 64, depth 2, 8×8)' if tiny else 'XL/2 (32×32 latents)'}, DDPM {steps} "
-          f"steps, 3-channel CFG, {'bf16' if dtype else 'fp32'}")
+    print(
+        f"\nlatent DiffiT {'tiny (hidden 64, depth 2, 8×8)' if tiny else 'XL/2 (32×32 latents)'}, DDPM {steps} "
+        f"steps, 3-channel CFG, {'bf16' if dtype else 'fp32'}"
+    )
     print(f"{'batch':>6} {'img/s':>9} {'outside net':>12} {'FID-50K 1 GPU':>14} {'8 GPUs':>9}")
     for batch in batches:
         y = torch.arange(batch, device=device) % 1000
         gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
         noise = torch.randn(batch, 4, res, res, device=device)
 
-        def run(network, n):
-            sample(GaussianDiffusion(), network, noise, y=y, sampler="ddpm", steps=n, generators=gens,
-                   guidance=guidance, autocast_dtype=dtype)
+        def run(network, n, noise=noise, y=y, gens=gens):
+            sample(
+                GaussianDiffusion(),
+                network,
+                noise,
+                y=y,
+                sampler="ddpm",
+                steps=n,
+                generators=gens,
+                guidance=guidance,
+                autocast_dtype=dtype,
+            )
 
         run(net, 2)  # warm-up
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -132,8 +151,10 @@ def latent_throughput(device: torch.device, tiny: bool, steps: int) -> None:
         sync()
         outside = 1 - timed.seconds / (time.perf_counter() - t0)
         img_s = batch / total
-        print(f"{batch:>6} {img_s:>9.2f} {100 * outside:>11.2f}% {50_000 / img_s / 3600:>12.2f} h "
-              f"{50_000 / 8 / img_s / 3600:>7.2f} h")
+        print(
+            f"{batch:>6} {img_s:>9.2f} {100 * outside:>11.2f}% {50_000 / img_s / 3600:>12.2f} h "
+            f"{50_000 / 8 / img_s / 3600:>7.2f} h"
+        )
     print("FID-50K columns: 50,000 images at the img/s above (sampling only: no VAE decode, no Inception)")
 
 
@@ -158,17 +179,36 @@ def main() -> None:
     latent_net = SmallNet(4, 8, num_classes=10).to(device).eval()
     y = torch.arange(args.batch, device=device) % 10
     runs = [("image EDM", EDM(), image_net, s, (3, res, res), None, None) for s in ("heun", "euler", "dpmpp-2m")]
-    runs += [("latent DDPM", GaussianDiffusion(), latent_net, s, (4, res, res), None, y)
-             for s in ("ddpm", "ddim", "heun", "dpmpp-2m")]
-    runs += [("latent DDPM + CFG 4.4 p-cos", GaussianDiffusion(), latent_net, s, (4, res, res),
-              Guidance(scale=4.4, schedule="power-cosine", null_class=10), y) for s in ("ddpm", "heun")]
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{res}×{res}, best of {args.repeats}")
-    print(f"{'model':<28} {'sampler':<9} {'NFE':>4} {'calls':>5} {'ms/sample':>10} {'net ms/call':>11} {'outside net':>11}")
+    runs += [
+        ("latent DDPM", GaussianDiffusion(), latent_net, s, (4, res, res), None, y)
+        for s in ("ddpm", "ddim", "heun", "dpmpp-2m")
+    ]
+    runs += [
+        (
+            "latent DDPM + CFG 4.4 p-cos",
+            GaussianDiffusion(),
+            latent_net,
+            s,
+            (4, res, res),
+            Guidance(scale=4.4, schedule="power-cosine", null_class=10),
+            y,
+        )
+        for s in ("ddpm", "heun")
+    ]
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"{res}×{res}, best of {args.repeats}"
+    )
+    print(
+        f"{'model':<28} {'sampler':<9} {'NFE':>4} {'calls':>5} {'ms/sample':>10} {'net ms/call':>11} "
+        f"{'outside net':>11}"
+    )
     for label, diffusion, net, sampler, shape, guidance, labels in runs:
         r = bench(diffusion, net, sampler, shape, args.batch, device, args.repeats, guidance, labels)
-        print(f"{label:<28} {sampler:<9} {r['nfe']:>4} {r['calls']:>5} {r['per_sample_ms']:>10.2f} "
-              f"{1e3 * r['net'] / r['calls']:>11.2f} {100 * r['outside']:>10.2f}%")
+        print(
+            f"{label:<28} {sampler:<9} {r['nfe']:>4} {r['calls']:>5} {r['per_sample_ms']:>10.2f} "
+            f"{1e3 * r['net'] / r['calls']:>11.2f} {100 * r['outside']:>10.2f}%"
+        )
     latent_throughput(device, args.quick or device.type == "cpu", args.xl_steps)
 
 

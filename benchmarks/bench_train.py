@@ -62,6 +62,7 @@ def bare_step(preset, device: torch.device):
         out.float().square().mean().backward()
         opt.step()
         torch.cuda.synchronize(device)
+
     return step_at
 
 
@@ -69,8 +70,16 @@ def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
     preset = load_preset(name, overrides)
     batch = preset.train.batch
     total = steps * batch / 1000
-    preset = load_preset(name, overrides + [f"train.total_kimg={total}", f"train.report_kimg={batch / 1000}",
-                                            f"train.snapshot_kimg={total * 10}", f"data.num_workers={workers}"])
+    preset = load_preset(
+        name,
+        overrides
+        + [
+            f"train.total_kimg={total}",
+            f"train.report_kimg={batch / 1000}",
+            f"train.snapshot_kimg={total * 10}",
+            f"data.num_workers={workers}",
+        ],
+    )
     reports = []
     with tempfile.TemporaryDirectory() as d:
         state = train(preset, d, progress=lambda e: reports.append(e.figures) if isinstance(e, Step) else None)
@@ -79,15 +88,25 @@ def run(name: str, overrides: list[str], steps: int, workers: int) -> dict:
     steady = reports[1:] or reports  # the first step pays for warm-up
     img_s = sum(r["img_per_s"] for r in steady) / len(steady)
     data = sum(r["data_share"] for r in steady) / len(steady)
-    mem = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    mem = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     with torch.device("meta"):
         flops = train_flops(build_network(preset.model))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     per_gpu = preset.train.batch_gpu or batch
-    return {"preset": name, "batch": batch, "img_per_s": img_s, "data_share": data, "peak_gib": mem,
-            "precision": training_precision(preset.train.mixed_precision), "flops": flops,
-            "max_batch": largest_batch(bare_step(preset, device), per_gpu) if device.type == "cuda" else None}
+    return {
+        "preset": name,
+        "batch": batch,
+        "img_per_s": img_s,
+        "data_share": data,
+        "peak_gib": mem,
+        "precision": training_precision(preset.train.mixed_precision),
+        "flops": flops,
+        "max_batch": largest_batch(bare_step(preset, device), per_gpu) if device.type == "cuda" else None,
+    }
 
 
 def main() -> None:
@@ -104,8 +123,18 @@ def main() -> None:
     if device.type == "cuda":  # fp32 means fp32 in the probe as in the step (train() leaves TF32 at its default)
         torch.backends.cuda.matmul.allow_tf32 = False
     with tempfile.TemporaryDirectory() as d:
-        lat = ["model.input_size=8", "data.resolution=64", "model.hidden_size=128", "model.depth=4",
-               "model.num_heads=4", "train.batch=32"] if not args.full else ["train.batch_gpu=32"]
+        lat = (
+            [
+                "model.input_size=8",
+                "data.resolution=64",
+                "model.hidden_size=128",
+                "model.depth=4",
+                "model.num_heads=4",
+                "train.batch=32",
+            ]
+            if not args.full
+            else ["train.batch_gpu=32"]
+        )
         size = 8 if not args.full else 32
         lat.append(f"data.path={_latent_shards(Path(d) / 'lat', size)}")
         if not torch.cuda.is_available():
@@ -118,21 +147,32 @@ def main() -> None:
         # the precision training really runs (a bf16 GEMM probe on a CPU without native bf16 takes minutes)
         precisions = {training_precision(load_preset(k, v).train.mixed_precision) for k, v in cases.items()}
         rates = {p: gemm_rate(device, DTYPES[p], 1.0 if args.quick else 2.0) for p in precisions}
-        print(f"device: {dev}; torch {torch.__version__}; {'paper-sized' if args.full else 'tiny widths'}; "
-              f"{steps} steps per preset (first one excluded); measured GEMM rate: "
-              + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in rates.items()), flush=True)
-        print(f"{'preset':12} {'batch':>6} {'prec':>5} {'img/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU GEMM':>9} "
-              f"{'MFU peak':>9} {'data share':>11} {'peak GiB':>9} {'max batch':>10}", flush=True)
+        print(
+            f"device: {dev}; torch {torch.__version__}; {'paper-sized' if args.full else 'tiny widths'}; "
+            f"{steps} steps per preset (first one excluded); measured GEMM rate: "
+            + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in rates.items()),
+            flush=True,
+        )
+        print(
+            f"{'preset':12} {'batch':>6} {'prec':>5} {'img/s':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU GEMM':>9} "
+            f"{'MFU peak':>9} {'data share':>11} {'peak GiB':>9} {'max batch':>10}",
+            flush=True,
+        )
         for name, ov in cases.items():  # each row as soon as its case has run
             r = run(name, ov, steps, args.workers)
             achieved = r["flops"] * r["img_per_s"]
-            print(f"{r['preset']:12} {r['batch']:>6} {r['precision']:>5} {r['img_per_s']:>9.1f} "
-                  f"{r['flops'] / 1e9:>10.3f} {achieved / 1e12:>8.3f} {mfu_text(achieved, rates[r['precision']]):>9} "
-                  f"{mfu_text(achieved, datasheet_peak(device, r['precision'])):>9} {r['data_share']:>10.1%} "
-                  f"{r['peak_gib']:>9.2f} {r['max_batch'] or 'n/a':>10}", flush=True)
-    print("peak memory: CUDA max allocated on GPU, process max RSS on CPU (cumulative over the presets); max batch: "
-          "largest per-GPU batch of a bare train step that fits (CUDA only); MFU uses the whole loop's img/s "
-          "(data loading, EMA, reports included)")
+            print(
+                f"{r['preset']:12} {r['batch']:>6} {r['precision']:>5} {r['img_per_s']:>9.1f} "
+                f"{r['flops'] / 1e9:>10.3f} {achieved / 1e12:>8.3f} {mfu_text(achieved, rates[r['precision']]):>9} "
+                f"{mfu_text(achieved, datasheet_peak(device, r['precision'])):>9} {r['data_share']:>10.1%} "
+                f"{r['peak_gib']:>9.2f} {r['max_batch'] or 'n/a':>10}",
+                flush=True,
+            )
+    print(
+        "peak memory: CUDA max allocated on GPU, process max RSS on CPU (cumulative over the presets); max batch: "
+        "largest per-GPU batch of a bare train step that fits (CUDA only); MFU uses the whole loop's img/s "
+        "(data loading, EMA, reports included)"
+    )
 
 
 if __name__ == "__main__":

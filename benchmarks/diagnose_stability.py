@@ -41,6 +41,7 @@ def stage_of(name: str) -> str:
 
 def instrument(net: torch.nn.Module, stats: dict) -> list:
     """Forward hooks that fill `stats[stage]` with logit maxima, q time-share and block output RMS."""
+
     def on_tmsa(name):
         def hook(m, args, out):
             x, x_t, hw = args
@@ -51,11 +52,13 @@ def instrument(net: torch.nn.Module, stats: dict) -> list:
                 q_t = m.qkv_temb(x_t.float())[:, :C] + m.qkv.bias[:C].float()  # (B, C)
                 share = q_t.norm(dim=-1) / q_s.norm(dim=-1).mean(dim=1).clamp_min(1e-12)
                 stats[stage_of(name)]["q_time_share"].append(share.mean().item())
+
         return hook
 
     def on_block(name):
         def hook(m, args, out):
             stats[stage_of(name)]["act_rms"].append(out.detach().float().pow(2).mean().sqrt().item())
+
         return hook
 
     handles = []
@@ -90,8 +93,16 @@ def main() -> None:
     nimg, step = ckpt["nimg"], ckpt["step"]
     diffusion = build_diffusion(preset.diffusion, preset.model)
     codec = make_codec(preset.data, torch.device("cpu"))
-    loader = make_loader(open_source(preset.data), tc.batch, seed=tc.seed, rank=0, world_size=1, num_workers=0,
-                         pin_memory=False, start_index=nimg)
+    loader = make_loader(
+        open_source(preset.data),
+        tc.batch,
+        seed=tc.seed,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        pin_memory=False,
+        start_index=nimg,
+    )
     batches = iter(loader)
     noise_gen = torch.Generator()
     stages = sorted({stage_of(n) for n, _ in net.named_parameters()})

@@ -19,7 +19,7 @@ in the same run, and the datasheet dense peak when the device is in PEAK_TFLOPS.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,7 @@ def block_flops(block: DiffiTBlock, tokens: int) -> int:
     tokenwise = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
     flops = sum(_linear(m, tokens) for m in tokenwise)
     flops += sum(_linear(m, 1) for m in block.modules() if isinstance(m, nn.Linear) and m not in tokenwise)
-    kv = attn.window_size ** 2 + (attn.time_mode == "separate")
+    kv = attn.window_size**2 + (attn.time_mode == "separate")
     return flops + 4 * tokens * kv * attn.num_heads * attn.head_dim
 
 
@@ -117,7 +117,7 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def datasheet_peak(device: torch.device, dtype: str) -> float | None:

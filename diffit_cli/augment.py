@@ -26,9 +26,20 @@ import torch
 import torch.nn.functional as F
 
 # Low-pass filter of the sym6 wavelet (its published decomposition coefficients).
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+SYM6 = (
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
+)
 
 
 def _mat(a, b, c, d, e, f) -> torch.Tensor:
@@ -59,34 +70,62 @@ def _const(*values: float, device) -> torch.Tensor:
 class AugmentPipe:
     """EDM geometric augmentation: `pipe(images)` → (augmented images, labels (B, label_dim) float32)."""
 
-    def __init__(self, p: float = 0.12, *, xflip: float = 1e8, yflip: float = 1, scale: float = 1,
-                 rotate_frac: float = 1, aniso: float = 1, translate_frac: float = 1, rotate_int: float = 0,
-                 translate_int: float = 0, translate_int_max: float = 0.125, scale_std: float = 0.2,
-                 rotate_frac_max: float = 1, aniso_std: float = 0.2, aniso_rotate_prob: float = 0.5,
-                 translate_frac_std: float = 0.125):
+    def __init__(
+        self,
+        p: float = 0.12,
+        *,
+        xflip: float = 1e8,
+        yflip: float = 1,
+        scale: float = 1,
+        rotate_frac: float = 1,
+        aniso: float = 1,
+        translate_frac: float = 1,
+        rotate_int: float = 0,
+        translate_int: float = 0,
+        translate_int_max: float = 0.125,
+        scale_std: float = 0.2,
+        rotate_frac_max: float = 1,
+        aniso_std: float = 0.2,
+        aniso_rotate_prob: float = 0.5,
+        translate_frac_std: float = 0.125,
+    ):
         if not 0 <= p <= 1:
             raise ValueError(f"augmentation probability must lie in [0, 1], got {p}")
         self.p = float(p)
-        self.xflip, self.yflip, self.rotate_int, self.translate_int = map(float, (xflip, yflip, rotate_int,
-                                                                                 translate_int))
-        self.scale, self.rotate_frac, self.aniso, self.translate_frac = map(float, (scale, rotate_frac, aniso,
-                                                                                   translate_frac))
+        self.xflip, self.yflip, self.rotate_int, self.translate_int = map(
+            float, (xflip, yflip, rotate_int, translate_int)
+        )
+        self.scale, self.rotate_frac, self.aniso, self.translate_frac = map(
+            float, (scale, rotate_frac, aniso, translate_frac)
+        )
         self.translate_int_max, self.scale_std, self.rotate_frac_max = translate_int_max, scale_std, rotate_frac_max
-        self.aniso_std, self.aniso_rotate_prob, self.translate_frac_std = aniso_std, aniso_rotate_prob, \
-            translate_frac_std
+        self.aniso_std, self.aniso_rotate_prob, self.translate_frac_std = (
+            aniso_std,
+            aniso_rotate_prob,
+            translate_frac_std,
+        )
 
     @property
     def label_dim(self) -> int:
         """Length of the label vector (9 for EDM's configuration)."""
-        sizes = [(self.xflip, 1), (self.yflip, 1), (self.rotate_int, 2), (self.translate_int, 2),
-                 (self.scale, 1), (self.rotate_frac, 2), (self.aniso, 2), (self.translate_frac, 2)]
+        sizes = [
+            (self.xflip, 1),
+            (self.yflip, 1),
+            (self.rotate_int, 2),
+            (self.translate_int, 2),
+            (self.scale, 1),
+            (self.rotate_frac, 2),
+            (self.aniso, 2),
+            (self.translate_frac, 2),
+        ]
         return sum(n for mult, n in sizes if mult > 0)
 
     def __repr__(self) -> str:
         return f"AugmentPipe(p={self.p}, label_dim={self.label_dim})"
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, h, w = images.shape
         dev = images.device
         g = generator

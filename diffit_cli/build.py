@@ -5,7 +5,7 @@ Each builder receives only its own preset section, so the schema and the constru
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,25 +28,24 @@ def build_network(cfg: ModelConfig, device: torch.device | str | None = None) ->
     elif cfg.kind == "vit":
         net = LatentDiffiT(**kwargs)
     elif cfg.kind == "encdec":  # Table 4 baselines
-
         net = EncoderDecoder(**kwargs)
     elif cfg.kind == "ddpmpp":  # Table 5 baseline
-
         net = DDPMpp(**kwargs)
     else:
         raise TypeError(f"unknown model kind {cfg.kind!r}")
     set_attention_backend(net, getattr(cfg, "attention_kernel", "sdpa"))
     return net if device is None else net.to(device)
 
+
 def build_diffusion(cfg: EDMConfig | DDPMConfig, model: ModelConfig):
     """Diffusion object from `preset.diffusion`; the DDPM variance type follows the network's `learn_sigma`."""
     if isinstance(cfg, EDMConfig):
         return EDM(**cfg.model_dump(exclude={"kind"}))
     if isinstance(cfg, (EDMVPConfig, EDMVEConfig)):  # Table 5: EDM's VP / VE preconditioning
-
         return (VPPrecond if isinstance(cfg, EDMVPConfig) else VEPrecond)(**cfg.model_dump(exclude={"kind"}))
     learn_sigma = getattr(model, "learn_sigma", False)
     return GaussianDiffusion(num_timesteps=cfg.num_timesteps, schedule=cfg.schedule, learn_sigma=learn_sigma)
+
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (EDM, image space) or AdamW (DiT/ADM, latent space) from `preset.train`, with torch's fused kernel where
@@ -59,6 +58,7 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
         return cls(params, fused=True, **kwargs)
     except RuntimeError:  # a device without the fused kernel
         return cls(params, **kwargs)
+
 
 def want_compile(setting: bool | str, device: torch.device | str) -> bool:
     """`train.compile` / `sample --compile`: "auto" compiles on CUDA only (inductor on a CPU costs minutes of
@@ -102,6 +102,7 @@ def compile_blocks(net: torch.nn.Module, note: Callable[[str], None] | None = No
                         note(f"torch.compile failed ({failed[0]}); running the network eagerly")
                     return out
             return eager(*args, **kwargs)
+
         return call
 
     for block in blocks:
@@ -119,6 +120,7 @@ def _first_cause(e: BaseException) -> str:
 
 def count_parameters(net: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
+
 
 def parameter_count(cfg: ModelConfig) -> int:
     """Parameters of a preset's network, counted on the meta device (no memory, instant even for XL/2)."""

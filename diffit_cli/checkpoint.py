@@ -27,11 +27,14 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
 BEST = "best.pt"  # the snapshot with the lowest FID along training (never pruned while it is the best)
 
+
 class CheckpointError(DiffitError):
     """A missing, corrupt or mismatching checkpoint."""
 
+
 def checkpoint_name(nimg: int) -> str:
     return f"ckpt-{nimg / 1000:012.3f}.pt"  # ckpt-<kimg>.pt, sortable
+
 
 def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int, best: bool = False) -> Path:
     """Write `checkpoints/ckpt-<kimg>.pt` atomically, repoint `latest.pt` (and `best.pt` when `best`), keep the
@@ -49,7 +52,9 @@ def save_checkpoint(run_dir: Path | str, state: dict, nimg: int, keep: int, best
             old.unlink()
     return path
 
+
 TENSOR_RECORD_BYTES = 320  # torch.save's zip entry per tensor: headers, name, 64-byte alignment (measured ~250-350)
+
 
 def state_nbytes(obj) -> int:
     """Size on disk of a (nested) checkpoint dict saved with `torch.save`: its tensors and their zip records."""
@@ -61,6 +66,7 @@ def state_nbytes(obj) -> int:
         return sum(state_nbytes(v) for v in obj)
     return 0
 
+
 def check_free_space(run_dir: Path | str, nbytes: int, count: int = 2) -> None:
     """Refuse to start a run whose folder's disk cannot hold `count` checkpoints of `nbytes` (a checkpoint is
     written beside the previous one before that is pruned)."""
@@ -69,41 +75,49 @@ def check_free_space(run_dir: Path | str, nbytes: int, count: int = 2) -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < count * nbytes:
-        raise CheckpointError(f"{run_dir}: {format_bytes(free)} free, but {count} checkpoints of "
-                              f"{format_bytes(nbytes)} need {format_bytes(count * nbytes)}; free space or choose "
-                              "another --run-dir")
+        raise CheckpointError(
+            f"{run_dir}: {format_bytes(free)} free, but {count} checkpoints of "
+            f"{format_bytes(nbytes)} need {format_bytes(count * nbytes)}; free space or choose "
+            "another --run-dir"
+        )
+
 
 def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     """(nimg, path) of every `checkpoints/ckpt-<kimg>.pt`, oldest first."""
     found = []
     for path in (Path(run_dir) / CHECKPOINT_DIR).glob("ckpt-*.pt"):
         try:
-            found.append((round(float(path.stem[len("ckpt-"):]) * 1000), path))
+            found.append((round(float(path.stem[len("ckpt-") :]) * 1000), path))
         except ValueError:
             continue
     return sorted(found)
+
 
 def last_checkpoint_before(run_dir: Path | str, nimg: int) -> Path | None:
     """The newest checkpoint saved at or before `nimg` images (the last good one before a loss spike)."""
     before = [path for n, path in list_checkpoints(run_dir) if n <= nimg]
     return before[-1] if before else None
 
+
 def set_aside_checkpoints_after(run_dir: Path | str, keep: Path) -> list[Path]:
     """Rename the checkpoints newer than `keep` to `*.pt.spiked` (kept for inspection, never resumed from)."""
     moved = []
-    for n, path in list_checkpoints(run_dir):
+    for _, path in list_checkpoints(run_dir):
         if path.name > keep.name:
             moved.append(path.rename(path.with_name(path.name + ".spiked")))
     return moved
+
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
     link = Path(run_dir) / CHECKPOINT_DIR / LATEST
     return link.resolve() if link.exists() else None
 
+
 def best_checkpoint(run_dir: Path | str) -> Path | None:
     """The checkpoint `best.pt` points at (lowest FID along training), None without one."""
     link = Path(run_dir) / CHECKPOINT_DIR / BEST
     return link.resolve() if link.exists() else None
+
 
 def load_checkpoint(path: Path | str) -> dict:
     """Load a training checkpoint on the CPU with `weights_only=True`; corrupt files get a clear error."""
@@ -121,15 +135,17 @@ def load_checkpoint(path: Path | str) -> dict:
         raise CheckpointError(f"{str(path)!r} is not a diffit training checkpoint (no preset/ema inside)")
     return state
 
+
 def strip_prefixes(state_dict: dict) -> dict:
     """Remove DDP `module.` and torch.compile `_orig_mod.` prefixes."""
     out = {}
     for k, v in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
+
 
 def file_sha256(path: Path | str, limit: int | None = None) -> str:
     h = hashlib.sha256()
@@ -138,19 +154,33 @@ def file_sha256(path: Path | str, limit: int | None = None) -> str:
             h.update(chunk)
     return h.hexdigest()[:limit]
 
+
 def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Compare keys and shapes before loading; a mismatch names the offending keys."""
     own = net.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
     if missing or unexpected or shapes:  # counts and the first two of each kind: one readable message
-        parts = [f"{len(found)} {what} ({'; '.join(found[:2])}{' ...' if len(found) > 2 else ''})" for what, found in
-                 (("tensors of another shape", shapes), ("missing keys", missing), ("unexpected keys", unexpected))
-                 if found]
-        raise CheckpointError(f"{source} does not fit the preset's network: " + ", ".join(parts)
-                              + "; pass the --preset the weights were trained with")
+        parts = [
+            f"{len(found)} {what} ({'; '.join(found[:2])}{' ...' if len(found) > 2 else ''})"
+            for what, found in (
+                ("tensors of another shape", shapes),
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+            )
+            if found
+        ]
+        raise CheckpointError(
+            f"{source} does not fit the preset's network: "
+            + ", ".join(parts)
+            + "; pass the --preset the weights were trained with"
+        )
+
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
@@ -160,6 +190,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
+
 
 def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True) -> tuple[dict, Preset]:
     """(weights, preset) from a `.pt` checkpoint or a `.safetensors` file, without building a network (DESIGN §3):
@@ -172,16 +203,17 @@ def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool =
         if "preset" in meta:
             preset = preset if preset is not None else preset_from_yaml(meta["preset"], str(path))
         elif preset is None:
-            raise CheckpointError(f"{str(path)!r} carries no preset (a released weight file?); pass --preset, "
-                                  "e.g. --preset imagenet256")
+            raise CheckpointError(
+                f"{str(path)!r} carries no preset (a released weight file?); pass --preset, e.g. --preset imagenet256"
+            )
     else:
         state = load_checkpoint(path)
         preset = preset if preset is not None else preset_from_yaml(state["preset"], str(path))
         weights = state["ema" if ema else "model"]
     return strip_prefixes(weights), preset
 
-def snapshot_network(weights: dict, preset: Preset, source: str, device: torch.device | str = "cpu"
-                     ) -> torch.nn.Module:
+
+def snapshot_network(weights: dict, preset: Preset, source: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The preset's network with `weights` loaded (checked key by key), in eval mode without gradients."""
 
     net = build_network(preset.model)
@@ -189,11 +221,14 @@ def snapshot_network(weights: dict, preset: Preset, source: str, device: torch.d
     net.load_state_dict(weights, strict=True)
     return net.eval().requires_grad_(False).to(device)
 
-def load_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True,
-                  device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Preset]:
+
+def load_snapshot(
+    path: Path | str, *, preset: Preset | None = None, ema: bool = True, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Preset]:
     """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file (DESIGN §3)."""
     weights, preset = read_snapshot(path, preset=preset, ema=ema)
     return snapshot_network(weights, preset, str(path), device), preset
+
 
 def save_safetensors(path: Path | str, net: torch.nn.Module, preset: Preset) -> Path:
     """Export weights with the preset in the metadata (self-describing, loadable by `load_snapshot`)."""

@@ -32,16 +32,21 @@ from diffit_cli.fileio import offline
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 VAE_CONFIG_PATH = Path(__file__).resolve().parent / "assets" / "sd-vae-ft-ema.json"
-LOCAL_HINT = ("pass a local copy instead: --vae /path/to/folder (holding config.json and "
-              "diffusion_pytorch_model.safetensors, e.g. from `huggingface-cli download {id}`) or "
-              "--vae /path/to/weights.safetensors")
+LOCAL_HINT = (
+    "pass a local copy instead: --vae /path/to/folder (holding config.json and "
+    "diffusion_pytorch_model.safetensors, e.g. from `huggingface-cli download {id}`) or "
+    "--vae /path/to/weights.safetensors"
+)
+
 
 class VAEError(DiffitError):
     """The VAE cannot be found, downloaded or loaded."""
 
+
 def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     """Model-space images (B, C, H, W) in [-1, 1] → uint8 (B, H, W, C), clamped, rounded half up."""
     return (x.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
 
 class PixelCodec:
     """Image-space codec: uint8 NCHW ⇄ float [-1, 1]."""
@@ -60,14 +65,22 @@ class PixelCodec:
         """Model-space images → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
         return decode_pixels(x).cpu().numpy()
 
+
 # -------------------------------------------------------------------------------------------- loading
 def _looks_like_path(spec: str) -> bool:
-    return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
-            or spec.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")))
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.count("/") > 1
+        or os.sep != "/"
+        and os.sep in spec
+        or spec.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+    )
+
 
 def vae_config() -> dict:
     """The shipped sd-vae-ft-ema `AutoencoderKL` config."""
     return json.loads(VAE_CONFIG_PATH.read_text())
+
 
 def _config_from_weights(sd: dict[str, torch.Tensor]) -> dict:
     """The shipped config, with block widths, depth and channels read from the weights' shapes."""
@@ -86,6 +99,7 @@ def _config_from_weights(sd: dict[str, torch.Tensor]) -> dict:
         cfg["out_channels"] = sd["decoder.conv_out.weight"].shape[0]
     return cfg
 
+
 def _load_single_file(path: Path):
     from diffusers import AutoencoderKL  # here: diffusers takes seconds to import and pixel runs never need it
 
@@ -99,15 +113,19 @@ def _load_single_file(path: Path):
 
             sd = convert_ldm_vae_checkpoint(sd, vae_config())
         except Exception as e:
-            raise VAEError(f"{str(path)!r} does not hold AutoencoderKL weights in diffusers or LDM layout "
-                           f"({e})") from None
+            raise VAEError(
+                f"{str(path)!r} does not hold AutoencoderKL weights in diffusers or LDM layout ({e})"
+            ) from None
     vae = AutoencoderKL.from_config(_config_from_weights(sd))
     missing, unexpected = vae.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise VAEError(f"{str(path)!r} does not match the SD-VAE (KL-f8) architecture: "
-                       f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                       f"(e.g. {unexpected[:2]})")
+        raise VAEError(
+            f"{str(path)!r} does not match the SD-VAE (KL-f8) architecture: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]})"
+        )
     return vae
+
 
 def load_vae(spec: Any = DEFAULT_VAE, *, cache_dir: str | Path | None = None):
     """`AutoencoderKL` from a Hub id, a local folder, a `.safetensors` file, or an instance (returned as is)."""
@@ -124,26 +142,33 @@ def load_vae(spec: Any = DEFAULT_VAE, *, cache_dir: str | Path | None = None):
     if path.is_dir():
         sub = next((s for s in ("", "vae") if (path / s / "config.json").is_file()), None)
         if sub is None:
-            raise VAEError(f"--vae {text!r}: the folder has no config.json (nor vae/config.json); pass a "
-                           "folder written by AutoencoderKL.save_pretrained or a .safetensors file")
+            raise VAEError(
+                f"--vae {text!r}: the folder has no config.json (nor vae/config.json); pass a "
+                "folder written by AutoencoderKL.save_pretrained or a .safetensors file"
+            )
         try:
             return AutoencoderKL.from_pretrained(str(path), subfolder=sub or None)
         except Exception as e:
             raise VAEError(f"cannot load the VAE folder {text!r}: {e}") from None
     if _looks_like_path(text):
-        raise VAEError(f"--vae {text!r} does not exist (expected a Hub id such as {DEFAULT_VAE}, a folder or "
-                       "a .safetensors file)")
+        raise VAEError(
+            f"--vae {text!r} does not exist (expected a Hub id such as {DEFAULT_VAE}, a folder or a .safetensors file)"
+        )
     no_downloads = offline()
     try:
         with warnings.catch_warnings():  # diffusers passes a deprecated huggingface_hub argument
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
             return AutoencoderKL.from_pretrained(text, local_files_only=no_downloads, cache_dir=cache_dir)
     except Exception as e:
-        reason = ("downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE) and it is not in the local Hugging Face cache"
-                  if no_downloads
-                  else f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-        raise VAEError(f"cannot load the VAE {text!r} from the Hugging Face Hub: {reason}; "
-                       + LOCAL_HINT.format(id=text)) from None
+        reason = (
+            "downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE) and it is not in the local Hugging Face cache"
+            if no_downloads
+            else f"the download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        )
+        raise VAEError(
+            f"cannot load the VAE {text!r} from the Hugging Face Hub: {reason}; " + LOCAL_HINT.format(id=text)
+        ) from None
+
 
 def _module_hash(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
@@ -152,15 +177,22 @@ def _module_hash(module: torch.nn.Module) -> str:
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
+
 class VAECodec:
     """SD-VAE latent codec. `encode_stats(uint8 images)` → posterior (mean, std); `encode(raw batch)` →
     model-space latents (scaled samples) from images or stored stats; `decode(latents)` → uint8 NHWC."""
 
     kind = "latent"
 
-    def __init__(self, vae: Any = DEFAULT_VAE, *, device: torch.device | str | None = None,
-                 precision: str = "fp32", scale: float = DEFAULT_LATENT_SCALE,
-                 cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        vae: Any = DEFAULT_VAE,
+        *,
+        device: torch.device | str | None = None,
+        precision: str = "fp32",
+        scale: float = DEFAULT_LATENT_SCALE,
+        cache_dir: str | Path | None = None,
+    ):
         if precision not in ("fp32", "bf16"):
             raise VAEError(f"VAE precision must be fp32 or bf16, got {precision!r}")
         self.vae_id = str(vae) if not isinstance(vae, torch.nn.Module) else type(vae).__name__
@@ -192,8 +224,9 @@ class VAECodec:
             dist = self.vae.encode(x).latent_dist
         return dist.mean.to(torch.float32), dist.std.to(torch.float32)
 
-    def encode(self, batch: torch.Tensor, generator: torch.Generator | None = None, *, xflip: bool = True
-               ) -> torch.Tensor:
+    def encode(
+        self, batch: torch.Tensor, generator: torch.Generator | None = None, *, xflip: bool = True
+    ) -> torch.Tensor:
         """Raw batch → model-space latents: stored stats (B, 2, 2, C, h, w) via `sample_latent`, or uint8
         images encoded now (then `xflip` mirrors each image with probability ½ first)."""
         if batch.dtype == torch.uint8:
@@ -204,8 +237,9 @@ class VAECodec:
             mean, std = self.encode_stats(batch)
             eps = torch.randn(mean.shape, generator=generator, device=mean.device)
             return (mean + std * eps) * self.scaling_factor
-        return sample_latent(batch.to(self.device, non_blocking=True), scale=self.scaling_factor, xflip=xflip,
-                             generator=generator)
+        return sample_latent(
+            batch.to(self.device, non_blocking=True), scale=self.scaling_factor, xflip=xflip, generator=generator
+        )
 
     @torch.no_grad()
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
@@ -217,6 +251,7 @@ class VAECodec:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Model-space latents → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
         return self.decode_tensor(latents).cpu().numpy()
+
 
 def make_codec(data_cfg: Any, device: torch.device | str | None = None, vae: str | None = None, **kwargs):
     """The codec a `DataConfig` needs: PixelCodec for `space: pixel`, VAECodec for `latent` (`vae` if given,

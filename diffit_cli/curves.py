@@ -12,8 +12,13 @@ from diffit_cli.plots import Panel, Series, save_plot
 
 LOG = "log.jsonl"
 CURVES = "curves.png"
-PANELS = (("loss", "loss"), ("lr", "learning rate"), ("img_per_s", "img/s"), ("grad_norm", "gradient norm"),
-          ("attn_logit_max", "largest attention logit"))
+PANELS = (
+    ("loss", "loss"),
+    ("lr", "learning rate"),
+    ("img_per_s", "img/s"),
+    ("grad_norm", "gradient norm"),
+    ("attn_logit_max", "largest attention logit"),
+)
 FROM_ZERO = {"lr", "img_per_s"}  # axes that start at 0 (a warm-up's last steps are not a 1 % cliff)
 
 
@@ -50,14 +55,28 @@ def curve_panels(runs: dict[str, list[dict]]) -> list[Panel]:
     reports = {name: taken_path([r for r in recs if is_report(r)]) for name, recs in runs.items()}
     fids = {name: taken_path([r for r in recs if r.get("event") == "fid"]) for name, recs in runs.items()}
     label = (lambda name: name) if len(runs) > 1 else (lambda name: "")
-    panels = [Panel(title, "kimg", title, [Series(label(n), [r["kimg"] for r in rs], [r.get(key) for r in rs])
-                                           for n, rs in reports.items()], marker=None, y_from_zero=key in FROM_ZERO)
-              for key, title in PANELS if any(r.get(key) is not None for rs in reports.values() for r in rs)]
+    panels = [
+        Panel(
+            title,
+            "kimg",
+            title,
+            [Series(label(n), [r["kimg"] for r in rs], [r.get(key) for r in rs]) for n, rs in reports.items()],
+            marker=None,
+            y_from_zero=key in FROM_ZERO,
+        )
+        for key, title in PANELS
+        if any(r.get(key) is not None for rs in reports.values() for r in rs)
+    ]
     if any(fids.values()):
         extractors = sorted({r["extractor"] for rs in fids.values() for r in rs})
-        panels.append(Panel("FID", "kimg", f"FID ({', '.join(extractors)})",
-                            [Series(label(n), [r["kimg"] for r in rs], [r["fid"] for r in rs])
-                             for n, rs in fids.items()]))
+        panels.append(
+            Panel(
+                "FID",
+                "kimg",
+                f"FID ({', '.join(extractors)})",
+                [Series(label(n), [r["kimg"] for r in rs], [r["fid"] for r in rs]) for n, rs in fids.items()],
+            )
+        )
     kimgs = [r["kimg"] for rs in (*reports.values(), *fids.values()) for r in rs]
     for p in panels:  # one kimg axis for every panel
         p.x_range = (min(kimgs), max(kimgs)) if kimgs else None

@@ -45,14 +45,39 @@ from diffit_cli.preemption import Preempted, preemption_signals, shielded_worker
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Settings that must agree between a partial output folder and the command that resumes it.
-PLAN_KEYS = ("source", "vae", "scaling_factor", "resolution", "latent_channels", "latent_size", "crop", "count",
-             "dtype", "shard_size", "class_names")
+PLAN_KEYS = (
+    "source",
+    "vae",
+    "scaling_factor",
+    "resolution",
+    "latent_channels",
+    "latent_size",
+    "crop",
+    "count",
+    "dtype",
+    "shard_size",
+    "class_names",
+)
 
-def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: int = 256, vae: Any = DEFAULT_VAE,
-                   batch: int = 32, precision: str = "fp32", shard_size: int = 1024, dtype: str = "fp16",
-                   num_workers: int = 4, skip_bad_images: bool = False, max_images: int | None = None,
-                   device: str | torch.device | None = None, synthetic_size: int | None = None,
-                   force: bool = False, progress: Progress | None = None) -> dict:
+
+def encode_latents(
+    src: str | Path | None,
+    out_dir: str | Path,
+    *,
+    resolution: int = 256,
+    vae: Any = DEFAULT_VAE,
+    batch: int = 32,
+    precision: str = "fp32",
+    shard_size: int = 1024,
+    dtype: str = "fp16",
+    num_workers: int = 4,
+    skip_bad_images: bool = False,
+    max_images: int | None = None,
+    device: str | torch.device | None = None,
+    synthetic_size: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict:
     """Encode `src` (image folder, .zip, .npz; None = built-in synthetic shapes) into `out_dir`.
 
     Returns the final manifest. Resumable and idempotent (see the module docstring). `vae` is a Hub id, a
@@ -74,16 +99,22 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
     except RuntimeError:
         raise DataError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
     if src is not None and not is_named(src) and not Path(src).exists():
-        raise DataError(f"source {str(src)!r} does not exist; pass an image folder, .zip, .npz, torchvision:NAME "
-                        "or hf:OWNER/NAME")
+        raise DataError(
+            f"source {str(src)!r} does not exist; pass an image folder, .zip, .npz, torchvision:NAME or hf:OWNER/NAME"
+        )
     out = check_writable(out_dir, folder=True)  # a file in the way: said now, not after the VAE is loaded
 
     state = PartialState(cpu=device is not None and device.type == "cpu")
     dev = state.device if device is None else device
     if dev.type == state.device.type and dev.index is None:  # `--device cuda` under accelerate: this rank's GPU
         dev = state.device
-    source = open_source(src, resolution, channels=3, skip_bad_images=skip_bad_images,  # the user's input first,
-                         **({"synthetic_size": synthetic_size} if synthetic_size else {}))  # then the VAE
+    source = open_source(
+        src,
+        resolution,
+        channels=3,
+        skip_bad_images=skip_bad_images,  # the user's input first,
+        **({"synthetic_size": synthetic_size} if synthetic_size else {}),
+    )  # then the VAE
     if source.kind != "pixel":
         raise DataError(f"{str(src)!r} already holds latents; encode-latents needs images")
     count = len(source) if max_images is None else min(len(source), max_images)
@@ -114,12 +145,33 @@ def encode_latents(src: str | Path | None, out_dir: str | Path, *, resolution: i
 
     # a new output that fails before its first shard (e.g. a corrupt image) leaves nothing
     with new_output(out, keep=lambda: any(out.glob(shard_name(0).replace("00000", "*"))), owner=state.is_main_process):
-        return _encode(source, codec, plan, out, state, force=force, dtype=DTYPES[dtype], batch=batch,
-                       num_workers=num_workers, progress=progress)
+        return _encode(
+            source,
+            codec,
+            plan,
+            out,
+            state,
+            force=force,
+            dtype=DTYPES[dtype],
+            batch=batch,
+            num_workers=num_workers,
+            progress=progress,
+        )
 
 
-def _encode(source, codec: VAECodec, plan: dict, out: Path, state: PartialState, *, force: bool, dtype: torch.dtype,
-            batch: int, num_workers: int, progress: Progress | None) -> dict:
+def _encode(
+    source,
+    codec: VAECodec,
+    plan: dict,
+    out: Path,
+    state: PartialState,
+    *,
+    force: bool,
+    dtype: torch.dtype,
+    batch: int,
+    num_workers: int,
+    progress: Progress | None,
+) -> dict:
     """The manifest (refusing another plan), this process's missing shards, then the final manifest."""
     count, shard_size, n_shards = plan["count"], plan["shard_size"], math.ceil(plan["count"] / plan["shard_size"])
     existing = read_manifest(out) if (out / MANIFEST_NAME).exists() else None
@@ -149,9 +201,11 @@ def _encode(source, codec: VAECodec, plan: dict, out: Path, state: PartialState,
         _encode_shards(source, codec, todo, shard_size, sizes, out, dtype, batch, num_workers, report, caught)
     state.wait_for_everyone()
 
-    manifest = dict(plan, complete=True,
-                    shards=[{"file": shard_name(k), "count": min(shard_size, count - k * shard_size)}
-                            for k in range(n_shards)])
+    manifest = dict(
+        plan,
+        complete=True,
+        shards=[{"file": shard_name(k), "count": min(shard_size, count - k * shard_size)} for k in range(n_shards)],
+    )
     if state.is_main_process:
         missing = [s["file"] for s in manifest["shards"] if shard_count(out / s["file"]) != s["count"]]
         if missing:
@@ -159,6 +213,7 @@ def _encode(source, codec: VAECodec, plan: dict, out: Path, state: PartialState,
         write_manifest(out, manifest)
     state.wait_for_everyone()
     return manifest
+
 
 def _plan_value(manifest: dict, key: str) -> Any:
     value = manifest.get(key)
@@ -168,15 +223,19 @@ def _plan_value(manifest: dict, key: str) -> Any:
         return value.get("hash")
     return value
 
+
 def _changed_plan(old: dict, new: dict, out: Path, force: bool) -> bool:
     """Whether `out` holds latents of another plan; refused (every changed key listed) unless `force`."""
     changed = [key for key in PLAN_KEYS if _plan_value(old, key) != _plan_value(new, key)]
     if changed and not force:
         detail = "; ".join(f"{k}: {_plan_value(old, k)!r} there, {_plan_value(new, k)!r} now" for k in changed)
-        raise DataError(f"{str(out)!r} already holds latents encoded with different settings (changed: "
-                        f"{', '.join(changed)} — {detail}); choose another output folder, or pass --force to "
-                        "replace them")
+        raise DataError(
+            f"{str(out)!r} already holds latents encoded with different settings (changed: "
+            f"{', '.join(changed)} — {detail}); choose another output folder, or pass --force to "
+            "replace them"
+        )
     return bool(changed)
+
 
 class _Reporter:
     """`encode` events of this process: a Start when the first shard is done or skipped (so early errors print
@@ -204,23 +263,54 @@ class _Reporter:
             self.emit(Start("encode", self.total, 0, "images"))
         t0, n0 = self.first
         rate = (self.encoded - n0) / (now - t0) if now > t0 and self.encoded > n0 else None
-        self.emit(Step("encode", self.done, self.total,
-                       {"encoded": self.encoded, "shards_done": self.shards_done, "shards_total": self.shards_total,
-                        "skipped": skipped, "img_per_s": rate}, f"{rate:.1f} img/s" if rate else ""))
+        self.emit(
+            Step(
+                "encode",
+                self.done,
+                self.total,
+                {
+                    "encoded": self.encoded,
+                    "shards_done": self.shards_done,
+                    "shards_total": self.shards_total,
+                    "skipped": skipped,
+                    "img_per_s": rate,
+                },
+                f"{rate:.1f} img/s" if rate else "",
+            )
+        )
 
 
-def _encode_shards(source, codec: VAECodec, shards: list[int], shard_size: int, sizes: dict[int, int], out: Path,
-                   dtype: torch.dtype, batch: int, num_workers: int, report: _Reporter, caught: list[str]) -> None:
+def _encode_shards(
+    source,
+    codec: VAECodec,
+    shards: list[int],
+    shard_size: int,
+    sizes: dict[int, int],
+    out: Path,
+    dtype: torch.dtype,
+    batch: int,
+    num_workers: int,
+    report: _Reporter,
+    caught: list[str],
+) -> None:
     """Encode the given shards through one DataLoader (workers start once); batches never straddle shards,
     so a shard's bytes do not depend on which shards were already done. A signal in `caught` stops the work after
     the shard in hand is written (`Preempted`)."""
-    plan = [(k, list(range(a, min(a + batch, k * shard_size + sizes[k]))))
-            for k in shards for a in range(k * shard_size, k * shard_size + sizes[k], batch)]
+    plan = [
+        (k, list(range(a, min(a + batch, k * shard_size + sizes[k]))))
+        for k in shards
+        for a in range(k * shard_size, k * shard_size + sizes[k], batch)
+    ]
     if not plan:
         return
-    loader = torch.utils.data.DataLoader(source, batch_sampler=[idx for _, idx in plan], num_workers=num_workers,
-                                         pin_memory=codec.device.type == "cuda", worker_init_fn=shielded_workers(),
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        source,
+        batch_sampler=[idx for _, idx in plan],
+        num_workers=num_workers,
+        pin_memory=codec.device.type == "cuda",
+        worker_init_fn=shielded_workers(),
+        generator=torch.Generator().manual_seed(0),
+    )
     means, stds, labels = [], [], []
     try:
         for (k, idx), (images, y) in zip(plan, loader):

@@ -10,8 +10,9 @@ for every command, and a Python caller may pass any callable (e.g. `events.appen
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Union
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Message:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
-Event = Union[Start, Step, Message]
+Event = Start | Step | Message
 
 
 class Progress(Protocol):

@@ -12,8 +12,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE")
 _START_UMASK = os.umask(0o022)
@@ -48,8 +49,11 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], size: in
         Path(tmp).unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
             need = f"{format_bytes(size)} needed" if size else f"more than the {format_bytes(written)} written needed"
-            raise OSError(e.errno, f"No space left on device ({need}, "
-                                   f"{format_bytes(shutil.disk_usage(path.parent).free)} free)", str(path)) from None
+            raise OSError(
+                e.errno,
+                f"No space left on device ({need}, {format_bytes(shutil.disk_usage(path.parent).free)} free)",
+                str(path),
+            ) from None
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise

@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from diffit_cli.fileio import atomic_write, atomic_write_bytes
 
 Decode = Callable[[torch.Tensor], np.ndarray]  # model-space batch → uint8 NHWC
 
+
 def make_guidance(sample: SampleConfig, num_classes: int) -> Guidance | None:
     """`core.guidance.Guidance` from `sample.guidance` (validated with the preset); None when the scale is 1."""
     if sample.guidance.scale == 1.0:
@@ -34,34 +35,66 @@ def make_guidance(sample: SampleConfig, num_classes: int) -> Guidance | None:
         raise DiffitError("classifier-free guidance (--cfg-scale != 1) needs a class-conditional model")
     return Guidance(**sample.guidance.model_dump(), null_class=num_classes)
 
+
 def seed_labels(seeds: list[int], num_classes: int, classes: list[int] | None) -> torch.Tensor | None:
     """Class label of each seed: fixed (cycled) or drawn from the seed alone."""
     if num_classes == 0:
         return None
     if classes is not None:
         return torch.tensor([classes[i % len(classes)] for i in range(len(seeds))], dtype=torch.long)
-    return torch.tensor([int(torch.randint(num_classes, (), generator=torch.Generator().manual_seed(s)))
-                         for s in seeds], dtype=torch.long)
+    return torch.tensor(
+        [int(torch.randint(num_classes, (), generator=torch.Generator().manual_seed(s))) for s in seeds],
+        dtype=torch.long,
+    )
+
 
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
     return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
+
 @torch.no_grad()
-def sample_batch(net: torch.nn.Module, diffusion, shape: tuple[int, int, int], seeds: list[int],
-                 labels: torch.Tensor | None, sample: SampleConfig, device: torch.device, num_classes: int,
-                 precision: str = "fp32") -> torch.Tensor:
+def sample_batch(
+    net: torch.nn.Module,
+    diffusion,
+    shape: tuple[int, int, int],
+    seeds: list[int],
+    labels: torch.Tensor | None,
+    sample: SampleConfig,
+    device: torch.device,
+    num_classes: int,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """Model-space samples (B, C, H, W) float32 for `seeds`; each row depends only on its seed."""
     gens = _generators(seeds, device)
     noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # (B, C, H, W)
     y = labels.to(device) if labels is not None else None
     autocast = torch.bfloat16 if precision == "bf16" else None
-    return run_sampler(diffusion, net, noise, y=y, sampler=sample.sampler, steps=sample.steps,
-                       guidance=make_guidance(sample, num_classes), generators=gens, autocast_dtype=autocast,
-                       **sample.sampler_kwargs())
+    return run_sampler(
+        diffusion,
+        net,
+        noise,
+        y=y,
+        sampler=sample.sampler,
+        steps=sample.steps,
+        guidance=make_guidance(sample, num_classes),
+        generators=gens,
+        autocast_dtype=autocast,
+        **sample.sampler_kwargs(),
+    )
 
-def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], decode: Decode, *,
-             precision: str = "fp32", batch: int = 64, device: torch.device | str = "cpu",
-             classes: list[int] | None = None) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
+
+def generate(
+    net: torch.nn.Module,
+    diffusion,
+    preset: Preset,
+    seeds: list[int],
+    decode: Decode,
+    *,
+    precision: str = "fp32",
+    batch: int = 64,
+    device: torch.device | str = "cpu",
+    classes: list[int] | None = None,
+) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
     """Yield `(seeds, labels, uint8 NHWC images)` batches sampled with `preset.sample` (DESIGN §3)."""
     device = torch.device(device)
     m = preset.model
@@ -69,28 +102,48 @@ def generate(net: torch.nn.Module, diffusion, preset: Preset, seeds: list[int], 
     shape = (m.in_channels, size, size)
     labels = seed_labels(seeds, m.num_classes, classes)
     for i in range(0, len(seeds), batch):
-        chunk = seeds[i:i + batch]
-        y = labels[i:i + batch] if labels is not None else None
+        chunk = seeds[i : i + batch]
+        y = labels[i : i + batch] if labels is not None else None
         x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision)
         yield chunk, (y.numpy() if y is not None else None), decode(x)
+
 
 def sampling_precision(preset: Preset, device: torch.device | str) -> str:
     """bf16 sampling where training ran bf16 on a GPU; fp32 on the CPU (where bf16 is emulated on most CPUs: ~10×
     slower than fp32)."""
     return "bf16" if preset.train.mixed_precision == "bf16" and torch.device(device).type == "cuda" else "fp32"
 
-def preview_grid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, path: Path | str,
-                 device: torch.device | str = "cpu", seeds: int = 64) -> Path:
+
+def preview_grid(
+    net: torch.nn.Module,
+    diffusion,
+    preset: Preset,
+    decode: Decode,
+    path: Path | str,
+    device: torch.device | str = "cpu",
+    seeds: int = 64,
+) -> Path:
     """Training's preview: `seeds` samples of `net` with the preset's sampler (one class per column when
     class-conditional), saved as a grid PNG at `path` and as `grid-latest.png` beside it."""
     k = preset.model.num_classes
     classes = list(range(min(k, 8))) if k else None
-    _, _, images = next(generate(net, diffusion, preset, list(range(seeds)), decode,
-                                 precision=sampling_precision(preset, device),
-                                 batch=seeds, device=device, classes=classes))
+    _, _, images = next(
+        generate(
+            net,
+            diffusion,
+            preset,
+            list(range(seeds)),
+            decode,
+            precision=sampling_precision(preset, device),
+            batch=seeds,
+            device=device,
+            classes=classes,
+        )
+    )
     grid = image_grid(images, ncol=len(classes) if classes else None)
     save_png(Path(path).with_name("grid-latest.png"), grid)
     return save_png(path, grid)
+
 
 def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
     """uint8 NHWC → one uint8 HWC grid image (ncol defaults to ⌈√N⌉)."""
@@ -100,8 +153,9 @@ def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
     grid = np.zeros((nrow * h, ncol * w, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, k = divmod(i, ncol)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = img
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = img
     return grid
+
 
 def save_png(path: Path | str, image: np.ndarray) -> Path:
     """Write one uint8 HWC image as PNG, atomically."""
@@ -110,10 +164,12 @@ def save_png(path: Path | str, image: np.ndarray) -> Path:
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
 
+
 # ------------------------------------------------------------------------------------------------ sinks
 def png_path(out_dir: Path, seed: int) -> Path:
     """EDM layout: one subfolder per thousand seeds."""
     return Path(out_dir) / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
+
 
 PNG_END = b"IEND\xaeB`\x82"  # a PNG's last chunk (type and CRC): a file cut short by a crash lacks it
 
@@ -158,6 +214,7 @@ class PngSink:
         """Remove the images of an earlier run (`NNNNNN/NNNNNN.png`; nothing else in the folder)."""
         for f in self.out.glob("[0-9]" * 6 + "/" + "[0-9]" * 6 + ".png"):
             f.unlink()
+
 
 class NpzSink:
     """ADM evaluator contract (`arr_0` uint8 NHWC, `arr_1` labels): per-batch parts, assembled when complete.
@@ -221,8 +278,10 @@ class NpzSink:
                     index[int(s)] = (f, i)
         missing = [s for s in seeds if s not in index]
         if missing:
-            raise DiffitError(f"{len(missing)} seeds are missing from {self.parts} (first: {missing[0]}); "
-                              "rerun the same command to finish them")
+            raise DiffitError(
+                f"{len(missing)} seeds are missing from {self.parts} (first: {missing[0]}); "
+                "rerun the same command to finish them"
+            )
         with np.load(index[seeds[0]][0]) as z:
             h, w, c = z["images"].shape[1:]
             members = [("arr_0", "images", np.uint8, (len(seeds), h, w, c))]
@@ -233,9 +292,14 @@ class NpzSink:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for member, key, dtype, shape in members:
                     with zf.open(f"{member}.npy", "w", force_zip64=True) as fp:
-                        np.lib.format.write_array_header_2_0(fp, {
-                            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                            "shape": shape})
+                        np.lib.format.write_array_header_2_0(
+                            fp,
+                            {
+                                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                "fortran_order": False,
+                                "shape": shape,
+                            },
+                        )
                         loaded: tuple[Path | None, np.ndarray | None] = (None, None)
                         for s in seeds:
                             part, row = index[s]

@@ -58,7 +58,11 @@ def _draw(ax, panel: Panel) -> None:
         if panel.log_x:
             ax.set_xscale("log")
         if panel.x_range is not None and panel.x_range[0] < panel.x_range[1]:
-            pad = (panel.x_range[1] / panel.x_range[0]) ** 0.05 if panel.log_x else (panel.x_range[1] - panel.x_range[0]) * 0.05
+            pad = (
+                (panel.x_range[1] / panel.x_range[0]) ** 0.05
+                if panel.log_x
+                else (panel.x_range[1] - panel.x_range[0]) * 0.05
+            )
             lo, hi = panel.x_range
             ax.set_xlim(lo / pad, hi * pad) if panel.log_x else ax.set_xlim(lo - pad, hi + pad)
         if panel.y_from_zero:
@@ -68,8 +72,13 @@ def _draw(ax, panel: Panel) -> None:
     if any(s.name for s in panel.series):
         ax.legend(fontsize=8, loc="best")
     if panel.note:
-        ax.annotate(panel.note, (0, -0.42 if panel.categories is not None else -0.3), xycoords="axes fraction",
-                    fontsize=7, color="0.4")
+        ax.annotate(
+            panel.note,
+            (0, -0.42 if panel.categories is not None else -0.3),
+            xycoords="axes fraction",
+            fontsize=7,
+            color="0.4",
+        )
 
 
 def figure_png(fig) -> bytes:
@@ -87,7 +96,7 @@ def save_plot(path: Path | str, panels: list[Panel], title: str | None = None, n
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         _draw(ax, panel)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
@@ -104,8 +113,14 @@ def colormap(values: np.ndarray, lo: float | None = None, hi: float | None = Non
     return np.round(matplotlib.colormaps["viridis"](u)[..., :3] * 255).astype(np.uint8)
 
 
-def save_image_table(path: Path | str, cells: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
-                     title: str = "", note: str = "") -> Path:
+def save_image_table(
+    path: Path | str,
+    cells: list[list[np.ndarray]],
+    row_labels: list[str],
+    col_labels: list[str],
+    title: str = "",
+    note: str = "",
+) -> Path:
     """A labelled grid of uint8 HWC images (rows may be shorter than the header) as a PNG, written atomically."""
     rows, cols = len(cells), max(len(r) for r in cells)
     fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols + 1.6, 1.2 * rows + 0.8), squeeze=False)

@@ -10,7 +10,7 @@ import contextlib
 import multiprocessing
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after saving its work: rerun to continue
 INTERRUPTED_EXIT = 130  # the same after Ctrl-C (SIGINT): 128 + 2, as shells report an interrupted command
@@ -26,8 +26,10 @@ class Preempted(Exception):
     """Raised by a worker that stopped on a signal after saving its work (`diffit sample`, `encode-latents`)."""
 
     def __init__(self, signal_name: str, where: str):
-        super().__init__(f"stopped by {signal_name} after {where}; rerun the same command to continue "
-                         f"(exit {exit_code(signal_name)})")
+        super().__init__(
+            f"stopped by {signal_name} after {where}; rerun the same command to continue "
+            f"(exit {exit_code(signal_name)})"
+        )
         self.signal_name = signal_name
 
 
@@ -48,8 +50,9 @@ def preemption_signals(on_interrupt: Callable[[str], None] | None = None):
             raise KeyboardInterrupt
         caught.append(name)
         if name == "SIGINT" and on_interrupt is not None:
-            on_interrupt("Ctrl-C: saving the work in hand, then stopping (press Ctrl-C again to stop at once and "
-                         "lose it)")
+            on_interrupt(
+                "Ctrl-C: saving the work in hand, then stopping (press Ctrl-C again to stop at once and lose it)"
+            )
 
     names = [n for n in SIGNALS if hasattr(signal, n)]
     previous = {n: signal.signal(getattr(signal, n), collect) for n in names}

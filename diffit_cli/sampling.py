@@ -68,9 +68,11 @@ def resolve_weights(ref: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename))
     except Exception as e:  # offline, missing repo/file, no network: one message with the fix
-        raise DiffitError(f"could not fetch {filename!r} from the Hub repository {repo!r} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); when offline, download it elsewhere "
-                          f"(huggingface-cli download {repo} {filename}) and pass the local file") from None
+        raise DiffitError(
+            f"could not fetch {filename!r} from the Hub repository {repo!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); when offline, download it elsewhere "
+            f"(huggingface-cli download {repo} {filename}) and pass the local file"
+        ) from None
 
 
 def make_decoder(preset: Preset, vae: str | None, device: torch.device, precision: str) -> tuple[Decode, str | None]:
@@ -80,19 +82,32 @@ def make_decoder(preset: Preset, vae: str | None, device: torch.device, precisio
     return make_codec(preset.data, device, vae=vae, precision=precision).decode, vae or preset.data.vae
 
 
-def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset | None = None,
-               overrides: list[str] | None = None, sample: dict | None = None, precision: str = "fp32",
-               batch: int | None = None, classes: str | None = None,
-               vae: str | None = None, raw: bool = False, grid: Path | str | None = None, force: bool = False,
-               compile: bool | str = "auto", progress: Progress | None = None) -> dict:
+def run_sample(
+    ckpt: str,
+    seeds: list[int],
+    out: Path | str,
+    *,
+    preset: Preset | None = None,
+    overrides: list[str] | None = None,
+    sample: dict | None = None,
+    precision: str = "fp32",
+    batch: int | None = None,
+    classes: str | None = None,
+    vae: str | None = None,
+    raw: bool = False,
+    grid: Path | str | None = None,
+    force: bool = False,
+    compile: bool | str = "auto",
+    progress: Progress | None = None,
+) -> dict:
     """`diffit sample`: generate images for `seeds` into a PNG folder or an `.npz`, resumably, on every process.
 
     `preset` is needed only for weight files that carry none (the release); `overrides` are
     `sample.key=value` strings (`--set`) and `sample` typed values by dotted key within the section (the command's
     flags, e.g. {"guidance.scale": 4.6}), both applied to the checkpoint's preset and validated like any preset
     before a network is built. Output made with another recipe (checkpoint, sampler, steps, guidance, ...) is
-    refused, naming what changed, unless `force` (then it is replaced); the same recipe resumes. `compile`: torch.compile
-    each network block ("auto": on CUDA only; see `build.compile_blocks`).
+    refused, naming what changed, unless `force` (then it is replaced); the same recipe resumes. `compile`:
+    torch.compile each network block ("auto": on CUDA only; see `build.compile_blocks`).
     """
     if not seeds:
         raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
@@ -110,25 +125,40 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
     if precision not in ("fp32", "bf16"):
         raise DiffitError(f"precision {precision!r}: choose fp32 or bf16")
     weights, preset = read_snapshot(path, preset=preset, ema=not raw)
-    raw_preset = set_values(apply_overrides(preset_to_dict(preset), overrides),
-                            {f"sample.{k}": v for k, v in (sample or {}).items()})
+    raw_preset = set_values(
+        apply_overrides(preset_to_dict(preset), overrides), {f"sample.{k}": v for k, v in (sample or {}).items()}
+    )
     preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
     sample_cfg = preset.sample
     batch = batch or sample_cfg.batch
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
-    recipe = strict_json({  # everything that decides an image besides its seed (s_max may be inf: "inf")
-        "checkpoint_sha256": file_sha256(path, 16), "weights": "raw" if raw else "ema", "preset": preset.name,
-        "sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "guidance": sample_cfg.guidance.model_dump(mode="json"),
-        "stochastic": {"s_churn": sample_cfg.s_churn, "s_min": sample_cfg.s_min, "s_max": sample_cfg.s_max,
-                       "s_noise": sample_cfg.s_noise, "eta": sample_cfg.eta},
-        "vae": vae_id, "precision": precision, "classes": classes or "random",
-    })
+    recipe = strict_json(
+        {  # everything that decides an image besides its seed (s_max may be inf: "inf")
+            "checkpoint_sha256": file_sha256(path, 16),
+            "weights": "raw" if raw else "ema",
+            "preset": preset.name,
+            "sampler": sample_cfg.sampler,
+            "steps": sample_cfg.steps,
+            "guidance": sample_cfg.guidance.model_dump(mode="json"),
+            "stochastic": {
+                "s_churn": sample_cfg.s_churn,
+                "s_min": sample_cfg.s_min,
+                "s_max": sample_cfg.s_max,
+                "s_noise": sample_cfg.s_noise,
+                "eta": sample_cfg.eta,
+            },
+            "vae": vae_id,
+            "precision": precision,
+            "classes": classes or "random",
+        }
+    )
     recipe_path = out.with_name(f"{out.stem}.sample.json") if out.suffix == ".npz" else out / "sample.json"
     # a new output that fails before its first image (a bad network, a full disk) leaves nothing, not even the recipe
-    with new_output(recipe_path if out.suffix == ".npz" else out, keep=lambda: bool(sink.done(seeds)),
-                    owner=state.is_main_process):
+    with new_output(
+        recipe_path if out.suffix == ".npz" else out, keep=lambda: bool(sink.done(seeds)), owner=state.is_main_process
+    ):
         _check_recipe(recipe_path, recipe, out, force, sink, state.is_main_process)
         state.wait_for_everyone()
         net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
@@ -138,57 +168,101 @@ def run_sample(ckpt: str, seeds: list[int], out: Path | str, *, preset: Preset |
             compile_blocks(net, lambda text: warn(Message(text, "warning")))
         diffusion = build_diffusion(preset.diffusion, preset.model)
         decode, _ = make_decoder(preset, vae, device, precision)
-        _write_images(net, diffusion, decode, preset, seeds, sink, state, batch=batch, classes=class_list,
-                      precision=precision, progress=progress)
+        _write_images(
+            net,
+            diffusion,
+            decode,
+            preset,
+            seeds,
+            sink,
+            state,
+            batch=batch,
+            classes=class_list,
+            precision=precision,
+            progress=progress,
+        )
     state.wait_for_everyone()
     result = {"out": str(out), "images": len(seeds)}
     if state.is_main_process:
         if grid is not None:
             save_png(grid, image_grid(sink.images(seeds[:64])))
         sink.finish(seeds)
-        recipe.update(diffit_version=__version__, checkpoint=str(ckpt),
-                      nfe=nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step: one forward of the doubled batch
-                      seeds=_compact_seeds(seeds), count=len(seeds), processes=state.num_processes,
-                      torch=torch.__version__, python=platform.python_version(), complete=True)
+        recipe.update(
+            diffit_version=__version__,
+            checkpoint=str(ckpt),
+            nfe=nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step: one forward of the doubled batch
+            seeds=_compact_seeds(seeds),
+            count=len(seeds),
+            processes=state.num_processes,
+            torch=torch.__version__,
+            python=platform.python_version(),
+            complete=True,
+        )
         write_json(recipe_path, recipe)
         result.update(recipe=str(recipe_path), nfe=recipe["nfe"])
     state.wait_for_everyone()
     return result
 
 
-def _write_images(net, diffusion, decode: Decode, preset: Preset, seeds: list[int], sink, state: PartialState, *,
-                  batch: int, classes: list[int] | None, precision: str, progress: Progress | None) -> None:
+def _write_images(
+    net,
+    diffusion,
+    decode: Decode,
+    preset: Preset,
+    seeds: list[int],
+    sink,
+    state: PartialState,
+    *,
+    batch: int,
+    classes: list[int] | None,
+    precision: str,
+    progress: Progress | None,
+) -> None:
     """This process's share of `seeds` that `sink` does not hold yet, batch by batch; a preemption signal stops it
     after the batch in hand is written (`Preempted`)."""
     device = state.device
-    mine = seeds[state.process_index::state.num_processes]
+    mine = seeds[state.process_index :: state.num_processes]
     have = sink.done(mine)
     todo = [s for s in mine if s not in have]
     emit = main_process_only(progress, state.is_main_process)
     if sink.torn:  # a machine crash truncated them: their seeds are sampled again
-        emit(Message(f"{len(sink.torn)} unreadable output file(s) (torn by a crash?) removed and redone, first: "
-                     f"{sink.torn[0]}", "warning"))
+        emit(
+            Message(
+                f"{len(sink.torn)} unreadable output file(s) (torn by a crash?) removed and redone, first: "
+                f"{sink.torn[0]}",
+                "warning",
+            )
+        )
     # labels are a function of the seed (or of its position in the fixed list), never of the process
     position = {s: i for i, s in enumerate(seeds)}
     done = len(seeds) - len(todo) * state.num_processes
-    emit(Start("sample", len(seeds), done, "images", f"sampling {len(todo) * state.num_processes} of {len(seeds)} "
-               f"images on {device} × {state.num_processes}"))
+    emit(
+        Start(
+            "sample",
+            len(seeds),
+            done,
+            "images",
+            f"sampling {len(todo) * state.num_processes} of {len(seeds)} images on {device} × {state.num_processes}",
+        )
+    )
     t0 = time.perf_counter()
     # a signal (SLURM's warning, a preemption, Ctrl-C) stops this process after the batch in hand is written; no
     # barrier: a launcher ends the other processes when one exits, and the rerun samples what is missing
     with preemption_signals(lambda text: emit(Message(text, "warning"))) as caught:
         for i in range(0, len(todo), batch):
-            chunk = todo[i:i + batch]
+            chunk = todo[i : i + batch]
             fixed = None if classes is None else [classes[position[s] % len(classes)] for s in chunk]
-            for s_chunk, labels, images in generate(net, diffusion, preset, chunk, decode, precision=precision,
-                                                    batch=batch, device=device, classes=fixed):
+            for s_chunk, labels, images in generate(
+                net, diffusion, preset, chunk, decode, precision=precision, batch=batch, device=device, classes=fixed
+            ):
                 sink.write(s_chunk, labels, images)
                 done += len(s_chunk) * state.num_processes
                 rate = (done - len(seeds) + len(todo) * state.num_processes) / max(time.perf_counter() - t0, 1e-9)
                 emit(Step("sample", done, len(seeds), {"img_per_s": rate}, f"{rate:.2f} img/s"))
             if caught:
-                raise Preempted(caught[0], f"writing {i + len(chunk)} of this process's {len(todo)} images to "
-                                           f"{sink.out}")
+                raise Preempted(
+                    caught[0], f"writing {i + len(chunk)} of this process's {len(todo)} images to {sink.out}"
+                )
 
 
 def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:
@@ -197,8 +271,10 @@ def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink,
     old = strict_json(read_json(recipe_path)) if recipe_path.is_file() else None  # (earlier files: Infinity)
     changed = [k for k in recipe if old is not None and old.get(k) != recipe[k]]
     if changed and not force:
-        raise DiffitError(f"{str(out)!r} holds samples made with another recipe (changed: {', '.join(changed)}); "
-                          "rerun with the same settings, choose another --out, or pass --force to replace them")
+        raise DiffitError(
+            f"{str(out)!r} holds samples made with another recipe (changed: {', '.join(changed)}); "
+            "rerun with the same settings, choose another --out, or pass --force to replace them"
+        )
     if main:
         if changed:
             sink.clear()

@@ -3,18 +3,44 @@
 from diffit_cli.config import load_preset
 
 TINY_UNET = [
-    "model.img_resolution=16", "data.resolution=16", "model.channels=[16, 16]", "model.blocks=[1, 1]",
-    "model.window_size=[4, 4]", "model.head_dim=8", "model.time_dim=32", "model.mlp_ratio=2.0",
-    "train.batch=8", "train.total_kimg=0.032", "train.report_kimg=0.008", "train.snapshot_kimg=0.016",
-    "train.lr_rampup_kimg=0", "train.mixed_precision=fp32", "data.num_workers=0", "sample.steps=4",
-    "sample.batch=8", "model.num_classes=0", "data.use_labels=false",
+    "model.img_resolution=16",
+    "data.resolution=16",
+    "model.channels=[16, 16]",
+    "model.blocks=[1, 1]",
+    "model.window_size=[4, 4]",
+    "model.head_dim=8",
+    "model.time_dim=32",
+    "model.mlp_ratio=2.0",
+    "train.batch=8",
+    "train.total_kimg=0.032",
+    "train.report_kimg=0.008",
+    "train.snapshot_kimg=0.016",
+    "train.lr_rampup_kimg=0",
+    "train.mixed_precision=fp32",
+    "data.num_workers=0",
+    "sample.steps=4",
+    "sample.batch=8",
+    "model.num_classes=0",
+    "data.use_labels=false",
 ]
 
 TINY_VIT = [
-    "model.input_size=8", "data.resolution=64", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
-    "model.num_classes=4", "train.batch=8", "train.total_kimg=0.016", "train.report_kimg=0.008",
-    "train.snapshot_kimg=0.008", "train.mixed_precision=fp32", "data.num_workers=0", "sample.steps=4",
-    "sample.sampler=ddpm", "sample.batch=4", "sample.guidance.scale=2.0",
+    "model.input_size=8",
+    "data.resolution=64",
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.num_classes=4",
+    "train.batch=8",
+    "train.total_kimg=0.016",
+    "train.report_kimg=0.008",
+    "train.snapshot_kimg=0.008",
+    "train.mixed_precision=fp32",
+    "data.num_workers=0",
+    "sample.steps=4",
+    "sample.sampler=ddpm",
+    "sample.batch=4",
+    "sample.guidance.scale=2.0",
 ]
 
 
@@ -51,13 +77,31 @@ def fake_latent_shards(root, n=16, size=8, classes=4):
 
     root.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    write_shard(root / shard_name(0), torch.randn(n, 2, 4, size, size, generator=g),
-                torch.rand(n, 2, 4, size, size, generator=g) * 0.1, torch.arange(n) % classes)
-    write_manifest(root, {
-        "format": "diffit-latents", "version": 1, "complete": True, "resolution": size * 8, "latent_channels": 4,
-        "latent_size": size, "scaling_factor": 0.18215, "count": n, "num_classes": classes,
-        "class_names": [f"c{i}" for i in range(classes)], "dtype": "fp32", "shard_size": n,
-        "shards": [{"file": shard_name(0), "count": n}], "vae": "test", "mirror": True,
-    })
+    write_shard(
+        root / shard_name(0),
+        torch.randn(n, 2, 4, size, size, generator=g),
+        torch.rand(n, 2, 4, size, size, generator=g) * 0.1,
+        torch.arange(n) % classes,
+    )
+    write_manifest(
+        root,
+        {
+            "format": "diffit-latents",
+            "version": 1,
+            "complete": True,
+            "resolution": size * 8,
+            "latent_channels": 4,
+            "latent_size": size,
+            "scaling_factor": 0.18215,
+            "count": n,
+            "num_classes": classes,
+            "class_names": [f"c{i}" for i in range(classes)],
+            "dtype": "fp32",
+            "shard_size": n,
+            "shards": [{"file": shard_name(0), "count": n}],
+            "vae": "test",
+            "mirror": True,
+        },
+    )
     read_manifest(root)
     return root

@@ -20,8 +20,18 @@ from diffit_cli.config import load_preset
 from diffit_cli.events import Start
 from diffit_cli.metrics import INCEPTION, TEST_EXTRACTOR
 
-PAPER_STUDIES = ["time-feature-dims", "architecture", "tmsa-in-ddpmpp", "time-in-attention", "time-token",
-                 "time-embedding", "window-size", "tmsa-vs-adaln", "cfg-scale", "attention-maps"]
+PAPER_STUDIES = [
+    "time-feature-dims",
+    "architecture",
+    "tmsa-in-ddpmpp",
+    "time-in-attention",
+    "time-token",
+    "time-embedding",
+    "window-size",
+    "tmsa-vs-adaln",
+    "cfg-scale",
+    "attention-maps",
+]
 # every study file on disk is validated: a new one needs no edit here
 STUDIES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "presets" / "ablations").glob("*.yaml"))
 
@@ -68,10 +78,15 @@ def test_sample_study_changes_only_sampling():
 def test_dry_run_lists_the_resolved_overrides():
     plan = A.plan_study("window-size", "tiny")
     changes = {v.name: v.changes for v in plan.variants}
-    assert changes == {"w2": {"model.window_size": ([4, 4], [2, 2])}, "w4": {},
-                       "w8": {"model.window_size": ([4, 4], [8, 8])}}
+    assert changes == {
+        "w2": {"model.window_size": ([4, 4], [2, 2])},
+        "w4": {},
+        "w8": {"model.window_size": ([4, 4], [8, 8])},
+    }
     tia = {v.name: v for v in A.plan_study("time-in-attention", "paper").variants}
-    assert tia["bias"].changes == {"model.time_mode": ("tmsa", "bias")} and tia["bias"].overrides == ["model.time_mode=bias"]
+    assert tia["bias"].changes == {"model.time_mode": ("tmsa", "bias")} and tia["bias"].overrides == [
+        "model.time_mode=bias"
+    ]
     arch = {v.name: v for v in A.plan_study("architecture", "paper").variants}
     assert arch["A"].changes["model.kind"] == ("unet", "encdec") and arch["A"].changes["model.encoder"] == (None, "vit")
     assert arch["A"].network == "EncoderDecoder" and arch["E"].network == "ImageDiffiT" and arch["E"].changes == {}
@@ -100,7 +115,11 @@ def test_tiny_budget_turns_the_latent_model_into_a_pixel_stand_in():
     p = A.resolve_preset(s, s.variant("adaln"), "tiny")
     assert (p.data.space, p.data.path, p.data.vae, p.model.in_channels) == ("pixel", None, None, 3)
     assert (p.model.kind, p.model.time_mode, p.model.num_classes, p.data.use_labels) == ("vit", "adaln", 8, True)
-    assert p.sample.guidance.scale == 1.0 and p.train.ema_decay is None and A.load_study("tmsa-vs-adaln").points("tiny") == 4
+    assert (
+        p.sample.guidance.scale == 1.0
+        and p.train.ema_decay is None
+        and A.load_study("tmsa-vs-adaln").points("tiny") == 4
+    )
     paper = A.resolve_preset(s, s.variant("adaln"), "paper")
     assert (paper.data.space, paper.model.depth, paper.train.total_kimg) == ("latent", 28, 256000)
 
@@ -113,8 +132,10 @@ def test_study_errors_name_the_fix(tmp_path):
     with pytest.raises(A.StudyError, match="choose one of tiny, small, paper"):
         A.plan_study("window-size", "huge")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ntitle: t\nsource: s\nkind: sample\nbase: imagenet256\n"
-                   "variants: [{name: a, overrides: [model.depth=2]}, {name: a}]\n")
+    bad.write_text(
+        "name: bad\ntitle: t\nsource: s\nkind: sample\nbase: imagenet256\n"
+        "variants: [{name: a, overrides: [model.depth=2]}, {name: a}]\n"
+    )
     with pytest.raises(A.StudyError) as e:
         A.load_study(bad)
     assert "unique" in str(e.value) or "sample.*" in str(e.value)
@@ -129,9 +150,20 @@ def test_table4_networks_and_diffit_equivalence():
     assert 80e6 < parameter_count(a.model) < 120e6  # ViT-Base (86M) + SETR-MLA
     with pytest.raises(Exception, match="setr-mla"):
         load_preset("cifar10", ["model.kind=encdec", "model.encoder=vit", "model.decoder=multires"])
-    tiny = ["model.channels=[16, 32]", "model.blocks=[1, 1]", "model.window_size=[4, 4]", "model.head_dim=8",
-            "model.time_dim=32", "model.img_resolution=16", "data.resolution=16", "model.vit_width=32",
-            "model.vit_heads=4", "model.vit_depth=4", "model.mla_channels=16", "model.num_classes=3"]
+    tiny = [
+        "model.channels=[16, 32]",
+        "model.blocks=[1, 1]",
+        "model.window_size=[4, 4]",
+        "model.head_dim=8",
+        "model.time_dim=32",
+        "model.img_resolution=16",
+        "data.resolution=16",
+        "model.vit_width=32",
+        "model.vit_heads=4",
+        "model.vit_depth=4",
+        "model.mla_channels=16",
+        "model.num_classes=3",
+    ]
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([-1.0, 1.0]), torch.tensor([0, 2])
     for enc, dec in [("vit", "setr-mla"), ("multires", "setr-mla"), ("multires", "multires"), ("diffit", "multires")]:
         p = load_preset("cifar10", tiny + ["model.kind=encdec", f"model.encoder={enc}", f"model.decoder={dec}"])
@@ -146,7 +178,9 @@ def test_table4_networks_and_diffit_equivalence():
 def test_ddpmpp_and_vp_ve_preconditioning():
     p = load_preset("cifar10", ["model={kind: ddpmpp, img_resolution: 32}", "diffusion={kind: edm-vp}"])
     assert 55e6 < parameter_count(p.model) < 57e6  # EDM's DDPM++ CIFAR-10 network: 55.7M
-    t = load_preset("cifar10", ["model={kind: ddpmpp, img_resolution: 32, attention: tmsa}", "diffusion={kind: edm-ve}"])
+    t = load_preset(
+        "cifar10", ["model={kind: ddpmpp, img_resolution: 32, attention: tmsa}", "diffusion={kind: edm-ve}"]
+    )
     assert parameter_count(t.model) > parameter_count(p.model)
     vp = build_diffusion(p.diffusion, p.model)
     ve = build_diffusion(t.diffusion, t.model)
@@ -163,12 +197,15 @@ def test_ddpmpp_and_vp_ve_preconditioning():
     n = torch.randn(3, 3, 8, 8)
     sigma = torch.tensor([0.01, 1.0, 50.0])
     for d, target in [(vp, n), (ve, -n)]:  # an ideal network (ε for VP, −ε for VE) denoises exactly
-        ideal = lambda x_in, c_noise, y=None, **k: target  # noqa: E731
+        ideal = lambda x_in, c_noise, y=None, target=target, **k: target  # noqa: E731
         x = x0 + sigma.view(-1, 1, 1, 1) * n
         assert torch.allclose(d.denoise(ideal, x, sigma), x0, atol=1e-4)
         assert d.loss(ideal, x0, sigma=sigma, noise=n).abs().max() < 1e-6
-    small = ["model={kind: ddpmpp, img_resolution: 16, model_channels: 16, num_blocks: 1, attn_resolutions: [8], "
-             "dropout: 0}", "data.resolution=16"]
+    small = [
+        "model={kind: ddpmpp, img_resolution: 16, model_channels: 16, num_blocks: 1, attn_resolutions: [8], "
+        "dropout: 0}",
+        "data.resolution=16",
+    ]
     for diff, attn in [("edm-vp", "plain"), ("edm-ve", "tmsa")]:
         q = load_preset("cifar10", small + [f"diffusion={{kind: {diff}}}", f"model.attention={attn}"])
         net, d = build_network(q.model), build_diffusion(q.diffusion, q.model)
@@ -208,7 +245,9 @@ def test_window_size_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [r["variant"] for r in table] == ["w2", "w4", "w8"] and {r["budget"] for r in table} == {"test"}
     assert {"metric", "paper", "difference", "extractor"} <= set(table[0])
     md = (out / "results.md").read_text()
-    assert TEST_EXTRACTOR in md and "NOT comparable" in md and "| w8 |" in md and "![window-size](window-size.png)" in md
+    assert (
+        TEST_EXTRACTOR in md and "NOT comparable" in md and "| w8 |" in md and "![window-size](window-size.png)" in md
+    )
     with Image.open(out / "window-size.png") as im:
         assert im.size[0] > 600 and im.size[1] > 300
 
@@ -255,8 +294,9 @@ def test_attention_maps_depend_on_t_with_tmsa_only(tmp_path):
     sigmas = A.load_study("attention-maps").timesteps
 
     def pngs(variant, kind):
-        return [np.asarray(Image.open(out / variant / "attention" / f"{kind}-sigma{s:g}.png")).astype(int)
-                for s in sigmas]
+        return [
+            np.asarray(Image.open(out / variant / "attention" / f"{kind}-sigma{s:g}.png")).astype(int) for s in sigmas
+        ]
 
     tmsa, mlp = pngs("tmsa", "fixed-change"), pngs("mlp", "fixed-change")
     assert max(np.abs(a - b).max() for a, b in itertools.combinations(tmsa, 2)) > 50  # the map moves with t
@@ -277,10 +317,12 @@ def test_cli_list_and_errors():
     assert r.exit_code == 0 and all(s in r.output for s in STUDIES)
     r = cli("ablate")
     assert r.exit_code == 0 and "window-size" in r.output
-    for args, text in [(["ablate", "window-sizes"], "unknown study 'window-sizes'"),
-                       (["ablate", "window-size", "--only", "w3", "--dry-run"], "valid variants: w2, w4, w8"),
-                       (["ablate", "window-size", "--budget", "huge"], "unknown budget"),
-                       (["ablate", "window-size", "--checkpoint", "x.pt", "--budget", "test"], "--checkpoint")]:
+    for args, text in [
+        (["ablate", "window-sizes"], "unknown study 'window-sizes'"),
+        (["ablate", "window-size", "--only", "w3", "--dry-run"], "valid variants: w2, w4, w8"),
+        (["ablate", "window-size", "--budget", "huge"], "unknown budget"),
+        (["ablate", "window-size", "--checkpoint", "x.pt", "--budget", "test"], "--checkpoint"),
+    ]:
         r = cli(*args)
         assert r.exit_code == 2, (args, r.output)
         assert text in r.output and "Traceback" not in r.output
@@ -290,8 +332,16 @@ def test_cli_list_and_errors():
 def test_inception_weights_reach_the_metrics(tmp_path, monkeypatch):
     from diffit_cli import metrics as M
 
-    r = cli("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "a"),
-            "--inception-weights", str(tmp_path / "missing.pth"))
+    r = cli(
+        "ablate",
+        "window-size",
+        "--budget",
+        "test",
+        "--runs-dir",
+        str(tmp_path / "a"),
+        "--inception-weights",
+        str(tmp_path / "missing.pth"),
+    )
     assert r.exit_code == 2 and "missing.pth" in r.output and "is not a file" in r.output
     assert A.choose_extractor("tiny") == TEST_EXTRACTOR  # no weights cached in the tests' TORCH_HOME
     assert A.choose_extractor("tiny", have_weights=True) == INCEPTION
@@ -317,9 +367,14 @@ def test_plots_are_drawn_by_matplotlib(tmp_path):
 
     from diffit_cli.plots import Panel, Series, colormap, save_image_table, save_plot
 
-    path = save_plot(tmp_path / "p.png", [Panel("a", "x", "y", [Series("s1", [1, 2, 4], [3.0, None, 1.0]),
-                                                                Series("s2", [1], [2.0])], log_x=True),
-                                          Panel("b", "v", "y", [Series("", [], [1.0, 2.0])], ["p", "q"])], "title")
+    path = save_plot(
+        tmp_path / "p.png",
+        [
+            Panel("a", "x", "y", [Series("s1", [1, 2, 4], [3.0, None, 1.0]), Series("s2", [1], [2.0])], log_x=True),
+            Panel("b", "v", "y", [Series("", [], [1.0, 2.0])], ["p", "q"]),
+        ],
+        "title",
+    )
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 1.8 * im.height  # two panels side by side
     c = colormap(np.array([[0.0, 1.0]]))
@@ -341,9 +396,14 @@ def test_the_gap_to_the_paper_is_given_only_where_it_is_comparable():
     assert paper_difference(2.5, None, "paper", INCEPTION) is None
 
 
-@pytest.mark.parametrize("field, value, code, words", [("preempted", "SIGUSR1", 3, "stopped by SIGUSR1"),
-                                                       ("preempted", "SIGINT", 130, "stopped by SIGINT"),
-                                                       ("stopped", "loss spike", 2, "no result is recorded")])
+@pytest.mark.parametrize(
+    "field, value, code, words",
+    [
+        ("preempted", "SIGUSR1", 3, "stopped by SIGUSR1"),
+        ("preempted", "SIGINT", 130, "stopped by SIGINT"),
+        ("stopped", "loss spike", 2, "no result is recorded"),
+    ],
+)
 def test_a_variant_whose_training_was_cut_short_is_not_scored(tmp_path, monkeypatch, field, value, code, words):
     """A signal (SLURM's warning, Ctrl-C) or train.on_spike=stop ends a variant's training early: the study stops
     there instead of scoring the half-trained checkpoint and recording it as the variant's result (a rerun would

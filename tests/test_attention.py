@@ -4,12 +4,11 @@ bias-gradient check runs on a GPU (tests/test_cuda.py)."""
 
 import pytest
 import torch
+from helpers import tiny_unet, tiny_vit
 
 from diffit_cli.build import build_network
 from diffit_cli.core.layers import TMSA, set_attention_backend
 from diffit_cli.training import TrainError, train
-
-from helpers import tiny_unet, tiny_vit
 
 
 @pytest.mark.parametrize("time_mode", ["tmsa", "bias", "separate"])

@@ -5,20 +5,26 @@ import stat
 
 import pytest
 import torch
+from helpers import TINY_UNET, TINY_VIT, tiny_unet, tiny_vit
 
 from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
 from diffit_cli.config import load_preset
 from diffit_cli.fileio import atomic_write_bytes
 
-from helpers import TINY_UNET, TINY_VIT, tiny_unet, tiny_vit
-
 
 def _state(preset, net):
     from diffit_cli.config import dump_preset
 
-    return {"model": net.state_dict(), "ema": net.state_dict(), "optimizer": {}, "nimg": 0, "step": 0,
-            "skipped": 0, "preset": dump_preset(preset)}
+    return {
+        "model": net.state_dict(),
+        "ema": net.state_dict(),
+        "optimizer": {},
+        "nimg": 0,
+        "step": 0,
+        "skipped": 0,
+        "preset": dump_preset(preset),
+    }
 
 
 def test_latest_and_keep(tmp_path):
@@ -70,8 +76,9 @@ def test_snapshot_roundtrip_pt_and_safetensors(tmp_path):
         assert torch.equal(a, b), k
     ck.save_safetensors(tmp_path / "w.safetensors", net, p)
     loaded2, preset2 = ck.load_snapshot(tmp_path / "w.safetensors")
-    assert preset2 == p and all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
-                                                                   loaded2.state_dict().values()))
+    assert preset2 == p and all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded2.state_dict().values())
+    )
 
 
 def test_release_style_file_needs_preset_and_matching_shapes(tmp_path):

@@ -40,9 +40,9 @@ def test_help_does_not_import_torch():
     code = (
         "import sys; from diffit_cli.app import build_app; from typer.testing import CliRunner;"
         "app = build_app();"
-        "[CliRunner().invoke(app, a) for a in (['--help'], *[[c, '--help'] for c in %r])];"
+        f"[CliRunner().invoke(app, a) for a in (['--help'], *[[c, '--help'] for c in {COMMANDS!r}])];"
         "heavy = [m for m in ('torch', 'accelerate', 'diffusers', 'torch_fidelity') if m in sys.modules];"
-        "assert not heavy, heavy" % COMMANDS
+        f"assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -98,11 +98,14 @@ def test_broken_plugin_does_not_break_the_cli(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "train" in r.output
 
 
-@pytest.mark.parametrize("args", [
-    ["train", "--run-dir", "{file}", "--set", "train.total_kimg=0.008"],
-    ["train", "--run-dir", "{file}/below", "--set", "train.total_kimg=0.008"],
-    ["eval-fid", "{imgs}", "--save-ref", "{file}/below/ref.npz", "--feature-extractor", "diffit-randconv-v1"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--run-dir", "{file}", "--set", "train.total_kimg=0.008"],
+        ["train", "--run-dir", "{file}/below", "--set", "train.total_kimg=0.008"],
+        ["eval-fid", "{imgs}", "--save-ref", "{file}/below/ref.npz", "--feature-extractor", "diffit-randconv-v1"],
+    ],
+)
 def test_a_file_in_the_way_of_an_output_path_is_one_line_exit_2(tmp_path, args):
     """Issue #13: an OSError on a path the user gave names the path and the fix, with no traceback."""
     import numpy as np
@@ -159,7 +162,7 @@ def test_an_interrupt_is_one_line_exit_130_and_a_new_run_leaves_nothing(tmp_path
             try:
                 raise KeyboardInterrupt
             except KeyboardInterrupt:
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
 
     monkeypatch.setattr(training, "train", interrupted)
     r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run")])

@@ -6,11 +6,10 @@ itself is tested in tests/test_cuda.py."""
 
 import pytest
 import torch
+from helpers import tiny_unet, tiny_vit
 
 from diffit_cli.build import build_network, compile_blocks, want_compile
 from diffit_cli.training.recipe import enable_activation_checkpointing
-
-from helpers import tiny_unet, tiny_vit
 
 
 def _loss_and_grads(net, x, t, y):

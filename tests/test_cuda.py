@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
+from helpers import fake_latent_shards, tiny_unet, tiny_vit
 
 from diffit_cli.build import build_diffusion, build_network, compile_blocks
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
-from diffit_cli.core.layers import TMSA
 from diffit_cli.config import SampleConfig
+from diffit_cli.core.layers import TMSA
 from diffit_cli.events import Step
 from diffit_cli.generate import sample_batch
 from diffit_cli.training import train
-
-from helpers import fake_latent_shards, tiny_unet, tiny_vit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and DIFFIT_TEST_CUDA=1")
 CUDA = torch.device("cuda")
@@ -101,8 +100,11 @@ def test_latent_vit_bf16_is_close_to_fp32():
     net = build_network(p.model, CUDA)
     for prm in net.parameters():  # leave the zero-initialised output path: random weights everywhere
         prm.data.normal_(0, 0.05)
-    x, t, y = torch.randn(4, 4, 8, 8, device=CUDA), torch.tensor([1.0, 100, 500, 999], device=CUDA), \
-        torch.arange(4, device=CUDA)
+    x, t, y = (
+        torch.randn(4, 4, 8, 8, device=CUDA),
+        torch.tensor([1.0, 100, 500, 999], device=CUDA),
+        torch.arange(4, device=CUDA),
+    )
     with torch.no_grad():
         ref = net(x, t, y)
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -118,8 +120,13 @@ def _reports(preset, run_dir):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_image_training_on_cuda_and_checkpoint_loads_on_cpu(tmp_path, precision):
-    p = tiny_unet(f"train.mixed_precision={precision}", "train.total_kimg=0.08", "train.snapshot_kimg=0.08",
-                  "train.augment_p=0.3", "data.num_workers=2")
+    p = tiny_unet(
+        f"train.mixed_precision={precision}",
+        "train.total_kimg=0.08",
+        "train.snapshot_kimg=0.08",
+        "train.augment_p=0.3",
+        "data.num_workers=2",
+    )
     state, reports = _reports(p, tmp_path)
     assert state.step == 10 and all(math.isfinite(r["loss"]) for r in reports)
     assert reports[-1]["mem_gb"] > 0
@@ -149,8 +156,12 @@ def test_each_image_depends_only_on_its_seed_on_cuda(precision):
     sample = SampleConfig(steps=4)
     seeds, labels = [5, 6, 7, 8], torch.tensor([0, 1, 2, 3])
     whole = sample_batch(net, diffusion, (3, 16, 16), seeds, labels, sample, CUDA, 4, precision)
-    parts = torch.cat([sample_batch(net, diffusion, (3, 16, 16), seeds[:1], labels[:1], sample, CUDA, 4, precision),
-                       sample_batch(net, diffusion, (3, 16, 16), seeds[1:], labels[1:], sample, CUDA, 4, precision)])
+    parts = torch.cat(
+        [
+            sample_batch(net, diffusion, (3, 16, 16), seeds[:1], labels[:1], sample, CUDA, 4, precision),
+            sample_batch(net, diffusion, (3, 16, 16), seeds[1:], labels[1:], sample, CUDA, 4, precision),
+        ]
+    )
     # kernels may differ with the batch size: equal up to float rounding, far from another seed's image
     tol = 1e-4 if precision == "fp32" else 3e-2
     assert (whole - parts).abs().max().item() < tol

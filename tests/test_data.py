@@ -226,12 +226,14 @@ def test_a_loader_left_open_does_not_hang_the_exit():
     """Data workers ignore SIGTERM (preemption), the signal multiprocessing stops daemonic children with at exit: a
     loader whose iterator is still held at exit (as a traceback holds it after an error) must not make the exit wait
     on its workers for ever."""
-    script = ("import torch\n"
-              "from diffit_cli.data.loader import make_loader\n"
-              "ds = torch.utils.data.TensorDataset(torch.zeros(64, 3), torch.zeros(64))\n"
-              "it = iter(make_loader(ds, 8, num_workers=1))\n"
-              "next(it)\n"
-              "print('got a batch')\n")
+    script = (
+        "import torch\n"
+        "from diffit_cli.data.loader import make_loader\n"
+        "ds = torch.utils.data.TensorDataset(torch.zeros(64, 3), torch.zeros(64))\n"
+        "it = iter(make_loader(ds, 8, num_workers=1))\n"
+        "next(it)\n"
+        "print('got a batch')\n"
+    )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "got a batch" in r.stdout, r.stderr
 
@@ -263,12 +265,25 @@ def _latent_folder(root, n=5, shard=2, res=64, complete=True):
     labels = torch.arange(n) % 3
     shards = []
     for k, a in enumerate(range(0, n, shard)):
-        write_shard(root / shard_name(k), mean[a:a + shard], std[a:a + shard], labels[a:a + shard], torch.float32)
+        write_shard(root / shard_name(k), mean[a : a + shard], std[a : a + shard], labels[a : a + shard], torch.float32)
         shards.append({"file": shard_name(k), "count": min(shard, n - a)})
-    write_manifest(root, {"format": "diffit-latents", "version": 1, "complete": complete, "resolution": res,
-                          "latent_channels": 4, "latent_size": res // 8, "scaling_factor": 0.18215,
-                          "class_names": ["a", "b", "c"], "count": n, "shard_size": shard, "shards": shards,
-                          "dtype": "float32"})
+    write_manifest(
+        root,
+        {
+            "format": "diffit-latents",
+            "version": 1,
+            "complete": complete,
+            "resolution": res,
+            "latent_channels": 4,
+            "latent_size": res // 8,
+            "scaling_factor": 0.18215,
+            "class_names": ["a", "b", "c"],
+            "count": n,
+            "shard_size": shard,
+            "shards": shards,
+            "dtype": "float32",
+        },
+    )
     return mean, std, labels
 
 
@@ -327,8 +342,11 @@ def test_loader_is_deterministic_and_covers_each_epoch():
     stream = sum(a, [])
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert stream[:10] != stream[10:20]  # a new order each epoch
-    assert _take(make_loader(_Index(10), 4, num_workers=0, shuffle=False), 3) == [[0, 1, 2, 3], [4, 5, 6, 7],
-                                                                                  [8, 9, 0, 1]]
+    assert _take(make_loader(_Index(10), 4, num_workers=0, shuffle=False), 3) == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 0, 1],
+    ]
 
 
 def test_loader_resumes_exactly_at_start_index():
@@ -369,8 +387,16 @@ def test_training_and_fid_read_the_same_image_set(tmp_path, container):
     from diffit_cli.fid.inputs import open_input
 
     root = tmp_path / "imgs"
-    files = {"a/1.png": "PNG", "a/2.JPEG": "JPEG", "b/3.webp": "WEBP", "b/4.Tif": "TIFF", "b/5.gif": "GIF",
-             ".ipynb_checkpoints/a/6.png": "PNG", "a/.7.png": "PNG", "__MACOSX/a/8.png": "PNG"}
+    files = {
+        "a/1.png": "PNG",
+        "a/2.JPEG": "JPEG",
+        "b/3.webp": "WEBP",
+        "b/4.Tif": "TIFF",
+        "b/5.gif": "GIF",
+        ".ipynb_checkpoints/a/6.png": "PNG",
+        "a/.7.png": "PNG",
+        "__MACOSX/a/8.png": "PNG",
+    }
     for i, (name, fmt) in enumerate(files.items()):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), 25 * i, np.uint8)).save(root / name, format=fmt)

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_UNET, tiny_unet, tiny_vit
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -15,11 +16,14 @@ from diffit_cli.app import build_app
 from diffit_cli.config import load_preset
 from diffit_cli.data import SyntheticShapes, cache_dir, open_source, require_data
 from diffit_cli.errors import DiffitError
-from helpers import TINY_UNET, tiny_unet, tiny_vit
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TINY_CIFAR = [s for s in TINY_UNET if not s.startswith(("model.num_classes", "data.use_labels"))] + [
-    "model.num_classes=10", "data.use_labels=true", "model.dropout=0", "train.augment_p=0"]
+    "model.num_classes=10",
+    "data.use_labels=true",
+    "model.dropout=0",
+    "train.augment_p=0",
+]
 
 
 def cli(*args):
@@ -126,8 +130,9 @@ def test_hf_dataset_saved_locally_trains_offline_with_its_labels(tmp_path, cache
     assert torch.equal(pq[5][0], x) and pq.class_names == src.class_names
 
     sets = [a for s in TINY_UNET + ["model.num_classes=3", "data.use_labels=true"] for a in ("--set", s)]
-    r = cli("train", "--preset", "demo", "--data", f"hf:{tmp_path / 'shapes'}", "--run-dir", str(tmp_path / "run"),
-            *sets)
+    r = cli(
+        "train", "--preset", "demo", "--data", f"hf:{tmp_path / 'shapes'}", "--run-dir", str(tmp_path / "run"), *sets
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "checkpoints" / "latest.pt").exists()
 
@@ -145,8 +150,14 @@ def test_hf_dataset_without_an_image_column_is_one_line_naming_its_columns(tmp_p
 def test_ffhq64_without_data_exits_2_with_the_preparation_steps(tmp_path):
     r = cli("train", "--preset", "ffhq64", "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2 and "Traceback" not in r.output
-    for step in ("FFHQ", "dataset_tool.py", "--resolution=64x64", "--data ffhq-64x64.zip", "hf:OWNER/NAME",
-                 "Getting the data"):
+    for step in (
+        "FFHQ",
+        "dataset_tool.py",
+        "--resolution=64x64",
+        "--data ffhq-64x64.zip",
+        "hf:OWNER/NAME",
+        "Getting the data",
+    ):
         assert step in r.output, step
     assert not (tmp_path / "run").exists()
     with pytest.raises(DiffitError, match="encode-latents /data/imagenet/train"):
@@ -176,8 +187,12 @@ def test_training_statistics_are_computed_once_and_reused(monkeypatch, cache):
     stats = M.read_stats(path)
     assert stats["num_images"] == 16 and stats["extractor"] == M.TEST_EXTRACTOR
     src = open_source(p.data)  # the images training reads, through save_reference itself
-    M.save_reference(np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(16)]), cache / "direct.npz",
-                     feature_extractor=M.TEST_EXTRACTOR, batch=8)
+    M.save_reference(
+        np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(16)]),
+        cache / "direct.npz",
+        feature_extractor=M.TEST_EXTRACTOR,
+        batch=8,
+    )
     np.testing.assert_allclose(stats["mu"], M.read_stats(cache / "direct.npz")["mu"], rtol=1e-6, atol=1e-7)
 
     def no_reading(*a, **k):
@@ -199,9 +214,20 @@ def test_eval_fid_scores_against_a_presets_training_set(tmp_path, cache):
     (tmp_path / "samples").mkdir()
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "samples" / f"{i}.png")
-    args = ["eval-fid", str(tmp_path / "samples"), "--preset", "demo", "--data", str(tmp_path / "train.npz"),
-            "--set", "data.resolution=16", "--set", "model.img_resolution=16", "--feature-extractor",
-            "diffit-randconv-v1"]
+    args = [
+        "eval-fid",
+        str(tmp_path / "samples"),
+        "--preset",
+        "demo",
+        "--data",
+        str(tmp_path / "train.npz"),
+        "--set",
+        "data.resolution=16",
+        "--set",
+        "model.img_resolution=16",
+        "--feature-extractor",
+        "diffit-randconv-v1",
+    ]
     r = cli(*args)
     assert r.exit_code == 0, r.output
     assert "statistics of 12 training images" in r.output and str(cache / "fid-refs") in r.output

@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
-from diffit_cli.core.schedules import space_timesteps
 from diffit_cli.core.ddpm import (
     GaussianDiffusion,
     approx_standard_normal_cdf,
     cosine_betas,
     linear_betas,
 )
-
+from diffit_cli.core.schedules import space_timesteps
 
 # element-wise loops gain nothing from threads; avoid spin-waits on shared cores
 pytestmark = pytest.mark.usefixtures("one_thread")

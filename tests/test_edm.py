@@ -8,7 +8,6 @@ import torch
 from diffit_cli.core.edm import EDM
 from diffit_cli.core.schedules import karras_sigmas
 
-
 # element-wise loops gain nothing from threads; avoid spin-waits on shared cores
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,17 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_vae
 from PIL import Image
 from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
 from diffit_cli.codecs import DEFAULT_VAE, PixelCodec, VAECodec, VAEError, load_vae, make_codec, vae_config
 from diffit_cli.config import DataConfig
-from diffit_cli.events import Start, Step
 from diffit_cli.data import MANIFEST_NAME, DataError, LatentShardSource, make_loader, open_source, shard_name
 from diffit_cli.encode_latents import encode_latents
-
-from helpers import save_tiny_vae
+from diffit_cli.events import Start, Step
 
 RES = 32
 
@@ -57,8 +56,9 @@ def test_shards_manifest_and_labels(tiny_vae, images, tmp_path):
     assert json.loads((tmp_path / "lat" / "manifest.json").read_text()) == m
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["manifest.json", shard_name(0), shard_name(1)]
 
-    src = open_source(DataConfig(path=str(tmp_path / "lat"), space="latent", resolution=RES, channels=4,
-                                 vae="x", use_labels=True))
+    src = open_source(
+        DataConfig(path=str(tmp_path / "lat"), space="latent", resolution=RES, channels=4, vae="x", use_labels=True)
+    )
     assert isinstance(src, LatentShardSource) and len(src) == 6 and src.labels().tolist() == [0, 0, 0, 1, 1, 1]
     stats, label = src[4]
     assert stats.shape == (2, 2, 4, 4, 4) and stats.dtype == torch.float32 and int(label) == 1
@@ -78,8 +78,9 @@ def test_shards_manifest_and_labels(tiny_vae, images, tmp_path):
 
     # the training path: stats batch → model-space latents; decode → uint8 NHWC
     batch, _ = next(iter(make_loader(src, 3, num_workers=0)))
-    z = make_codec(DataConfig(space="latent", resolution=RES, channels=4, vae=str(tiny_vae / "folder")),
-                   device="cpu").encode(batch, generator=torch.Generator().manual_seed(0))
+    z = make_codec(
+        DataConfig(space="latent", resolution=RES, channels=4, vae=str(tiny_vae / "folder")), device="cpu"
+    ).encode(batch, generator=torch.Generator().manual_seed(0))
     assert z.shape == (3, 4, 4, 4) and z.dtype == torch.float32
     out = codec.decode(z)
     assert out.shape == (3, RES, RES, 3) and out.dtype == np.uint8
@@ -123,8 +124,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_vae, images, tmp_path):
     with pytest.raises(DataError, match="incomplete"):
         open_source(tmp_path / "part")
     events = []
-    _encode(images, tmp_path / "part", tiny_vae / "vae.safetensors",
-            progress=events.append)
+    _encode(images, tmp_path / "part", tiny_vae / "vae.safetensors", progress=events.append)
     steps = [e for e in events if isinstance(e, Step)]
     assert steps[0].figures["skipped"] and steps[-1].figures["encoded"] == 2  # same weights from a single file
     full, part = _bytes(tmp_path / "full"), _bytes(tmp_path / "part")
@@ -172,8 +172,10 @@ def _cached(repo_id):
 def test_hub_id_offline_fails_fast_with_a_clear_message(images, tmp_path):
     if _cached(DEFAULT_VAE):
         pytest.skip(f"{DEFAULT_VAE} is in the local Hugging Face cache")
-    result = CliRunner().invoke(build_app(), ["encode-latents", str(images), str(tmp_path / "out"),
-                                              "--resolution", str(RES), "--vae", DEFAULT_VAE])
+    result = CliRunner().invoke(
+        build_app(),
+        ["encode-latents", str(images), str(tmp_path / "out"), "--resolution", str(RES), "--vae", DEFAULT_VAE],
+    )
     text = result.output
     assert result.exit_code == 2, text
     assert "Traceback" not in text and "HF_HUB_OFFLINE" in text and "--vae /path/to" in text
@@ -182,16 +184,36 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(images, tmp_path):
 
 @pytest.mark.e2e
 def test_cli_encodes(tiny_vae, images, tmp_path):
-    result = CliRunner().invoke(build_app(), [
-        "encode-latents", str(images), str(tmp_path / "out"), "--resolution", "64", "--vae",
-        str(tiny_vae / "vae.safetensors"), "--batch", "4", "--shard-size", "8", "--dtype", "fp16",
-        "--workers", "0", "--device", "cpu"])
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "encode-latents",
+            str(images),
+            str(tmp_path / "out"),
+            "--resolution",
+            "64",
+            "--vae",
+            str(tiny_vae / "vae.safetensors"),
+            "--batch",
+            "4",
+            "--shard-size",
+            "8",
+            "--dtype",
+            "fp16",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output
     src = open_source(tmp_path / "out", 64)
     assert len(src) == 6 and src[0][0].shape == (2, 2, 4, 8, 8) and src[0][0].dtype == torch.float16
-    bad = CliRunner().invoke(build_app(), ["encode-latents", str(images), str(tmp_path / "o2"),
-                                           "--resolution", "60", "--vae", str(tiny_vae / "folder")])
+    bad = CliRunner().invoke(
+        build_app(),
+        ["encode-latents", str(images), str(tmp_path / "o2"), "--resolution", "60", "--vae", str(tiny_vae / "folder")],
+    )
     assert bad.exit_code == 2 and "multiple of 8" in bad.output
 
 
@@ -216,9 +238,16 @@ def _ldm_key(key, blocks=4):
     key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
     key = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets)\.", up, key).replace(".resnets.", ".block.")
     key = re.sub(r"decoder\.up_blocks\.(\d+)\.(upsamplers)\.0\.", up, key).replace(".upsamplers.", ".upsample.")
-    for a, b in [("mid_block.attentions.0.", "mid.attn_1."), ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"),
-                 ("to_v", "v"), ("to_out.0", "proj_out"), ("conv_shortcut", "nin_shortcut"),
-                 ("conv_norm_out", "norm_out")]:
+    for a, b in [
+        ("mid_block.attentions.0.", "mid.attn_1."),
+        ("group_norm", "norm"),
+        ("to_q", "q"),
+        ("to_k", "k"),
+        ("to_v", "v"),
+        ("to_out.0", "proj_out"),
+        ("conv_shortcut", "nin_shortcut"),
+        ("conv_norm_out", "norm_out"),
+    ]:
         key = key.replace(a, b)
     return "first_stage_model." + key
 
@@ -249,15 +278,34 @@ def test_shipped_config_is_sd_vae_ft_ema():
 
 
 def _cli(images, out, vae, *extra):
-    return CliRunner().invoke(build_app(), ["encode-latents", str(images), str(out), "--resolution", str(RES),
-                                            "--vae", str(vae), "--batch", "2", "--shard-size", "4", "--workers", "0",
-                                            "--device", "cpu", *extra])
+    return CliRunner().invoke(
+        build_app(),
+        [
+            "encode-latents",
+            str(images),
+            str(out),
+            "--resolution",
+            str(RES),
+            "--vae",
+            str(vae),
+            "--batch",
+            "2",
+            "--shard-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 3), ("SIGINT", 130)])
-def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(tiny_vae, images, tmp_path, monkeypatch, sig,
-                                                                       code):
+def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
+    tiny_vae, images, tmp_path, monkeypatch, sig, code
+):
     """Issue #13: SIGTERM (a scheduler's preemption notice) or Ctrl-C during encode-latents: the shard in hand is
     written, exit 3 (130); the rerun's bytes equal an uninterrupted run's."""
     import os

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
 from PIL import Image
 from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
-
-from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
 
 TINY = sum([["--set", s] for s in TINY_UNET], [])
 RANDCONV = ["--feature-extractor", "diffit-randconv-v1"]
@@ -65,8 +64,20 @@ def world(tmp_path_factory):
     from diffit_cli.build import build_network
 
     net = build_network(p.model)
-    save_checkpoint(w / "run", {"model": net.state_dict(), "ema": net.state_dict(), "optimizer": {}, "nimg": 0,
-                                "step": 0, "skipped": 0, "preset": dump_preset(p)}, 0, keep=1)
+    save_checkpoint(
+        w / "run",
+        {
+            "model": net.state_dict(),
+            "ema": net.state_dict(),
+            "optimizer": {},
+            "nimg": 0,
+            "step": 0,
+            "skipped": 0,
+            "preset": dump_preset(p),
+        },
+        0,
+        keep=1,
+    )
     ckpt = w / "run" / "checkpoints" / "ckpt-00000000.000.pt"
     (w / "ckpt.pt").write_bytes(ckpt.read_bytes())
     (w / "truncated.pt").write_bytes(ckpt.read_bytes()[:2000])
@@ -78,11 +89,13 @@ def world(tmp_path_factory):
 
     run = CliRunner().invoke
     app = build_app()
-    for args in (["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--out", str(w / "old.npz")],
-                 ["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--out", str(w / "old_png")],
-                 ["eval-fid", str(w / "imgs"), "--save-ref", str(w / "stats.npz"), *RANDCONV],
-                 ["encode-latents", str(w / "imgs"), str(w / "lat"), *[a.format(w=w) for a in VAE_ARGS]],
-                 ["train", "--run-dir", str(w / "trained"), *TINY, "--set", "train.total_kimg=0.008"]):
+    for args in (
+        ["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--out", str(w / "old.npz")],
+        ["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--out", str(w / "old_png")],
+        ["eval-fid", str(w / "imgs"), "--save-ref", str(w / "stats.npz"), *RANDCONV],
+        ["encode-latents", str(w / "imgs"), str(w / "lat"), *[a.format(w=w) for a in VAE_ARGS]],
+        ["train", "--run-dir", str(w / "trained"), *TINY, "--set", "train.total_kimg=0.008"],
+    ):
         r = run(app, args)
         assert r.exit_code == 0, (args, r.output)
     return w
@@ -101,16 +114,22 @@ ROWS = [
     _row(["train", "--set", "train.lr=-1"], "train.lr", id="preset: out of range"),
     _row(["train", "--preset", "{w}/broken.yaml"], "broken.yaml", "yaml", id="preset: broken YAML"),
     _row(["train", "--preset", "{w}/list.yaml"], "list.yaml", "mapping", id="preset: not a mapping"),
-    _row(["train", "--set", "model.channels=[16, 16]", "--set", "model.blocks=[1]"], "blocks",
-         id="preset: inconsistent stages"),
+    _row(
+        ["train", "--set", "model.channels=[16, 16]", "--set", "model.blocks=[1]"],
+        "blocks",
+        id="preset: inconsistent stages",
+    ),
     _row(["train", "--set", "train.batch"], "key=value", id="preset: --set without ="),
     _row(["train", "--set", "train.on_spike=explode"], "on_spike", "rollback", id="preset: bad on_spike"),
     _row(["train", "--set", "train.mixed_precision=fp8"], "mixed_precision", "bf16", id="preset: bad precision"),
     _row(["train", "--set", "sample.sampler=foo"], "sampler", "heun", id="preset: bad sampler"),
     _row(["train", "--set", "train.ema_decay=0.5"], "ema", id="preset: two EMAs"),
     _row(["train", "--set", "data.space=latent"], "data.vae", id="preset: latent without VAE"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--set", "model.depth=3", "--out", "{w}/o.npz"], "sample.",
-         id="sample: --set outside sample.*"),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--set", "model.depth=3", "--out", "{w}/o.npz"],
+        "sample.",
+        id="sample: --set outside sample.*",
+    ),
     _row(["ablate", "nosuch"], "nosuch", id="ablate: unknown study"),
     _row(["ablate", "window-size", "--budget", "huge"], "huge", "tiny", id="ablate: bad budget"),
     _row(["ablate", "window-size", "--only", "novariant", "--dry-run"], "novariant", id="ablate: unknown variant"),
@@ -118,34 +137,81 @@ ROWS = [
     _row(["train", "--data", "{w}/nope", *TINY], "nope", "does not exist", id="data: missing"),
     _row(["train", "--data", "{w}/empty", *TINY, "--run-dir", "{w}/new"], "no images", id="data: empty folder"),
     _row(["train", "--data", "{w}/texts", *TINY, "--run-dir", "{w}/new"], "no images", id="data: not images"),
-    _row(["train", "--data", "{w}/corrupt.zip", *TINY, "--run-dir", "{w}/new"], "corrupt.zip",
-         id="data: corrupt zip"),
-    _row(["train", "--data", "{w}/imgs_bad", *TINY, "--run-dir", "{w}/new"], "broken.png", "--skip-bad-images",
-         id="data: corrupt image"),
-    _row(["train", "--data", "{w}/float.npz", *TINY, "--run-dir", "{w}/new"], "float.npz", "uint8",
-         id="data: npz dtype"),
+    _row(["train", "--data", "{w}/corrupt.zip", *TINY, "--run-dir", "{w}/new"], "corrupt.zip", id="data: corrupt zip"),
+    _row(
+        ["train", "--data", "{w}/imgs_bad", *TINY, "--run-dir", "{w}/new"],
+        "broken.png",
+        "--skip-bad-images",
+        id="data: corrupt image",
+    ),
+    _row(
+        ["train", "--data", "{w}/float.npz", *TINY, "--run-dir", "{w}/new"], "float.npz", "uint8", id="data: npz dtype"
+    ),
     _row(["train", "--data", "{w}/flat.npz", *TINY, "--run-dir", "{w}/new"], "flat.npz", id="data: npz shape"),
-    _row(["train", "--data", "{w}/imgs", *TINY, "--set", "data.use_labels=true", "--set", "model.num_classes=4",
-          "--run-dir", "{w}/new"], "label", id="data: labels absent"),
-    _row(["train", "--data", "{w}/imgs", *TINY, "--set", "model.num_classes=4", "--run-dir", "{w}/new"],
-         "no class labels", "model.num_classes=0", id="data: a conditional network on unlabelled data"),
-    _row(["train", "--data", "{w}/classes", *TINY, "--set", "model.num_classes=2", "--run-dir", "{w}/new"],
-         "3 classes", "model.num_classes=3", id="data: more classes than the network has"),
-    _row(["train", "--preset", "imagenet256", "--data", "{w}/latents4", "--set", "model.input_size=8",
-          "--set", "data.resolution=64", "--run-dir", "{w}/new"], "resolution", id="data: latent resolution"),
+    _row(
+        [
+            "train",
+            "--data",
+            "{w}/imgs",
+            *TINY,
+            "--set",
+            "data.use_labels=true",
+            "--set",
+            "model.num_classes=4",
+            "--run-dir",
+            "{w}/new",
+        ],
+        "label",
+        id="data: labels absent",
+    ),
+    _row(
+        ["train", "--data", "{w}/imgs", *TINY, "--set", "model.num_classes=4", "--run-dir", "{w}/new"],
+        "no class labels",
+        "model.num_classes=0",
+        id="data: a conditional network on unlabelled data",
+    ),
+    _row(
+        ["train", "--data", "{w}/classes", *TINY, "--set", "model.num_classes=2", "--run-dir", "{w}/new"],
+        "3 classes",
+        "model.num_classes=3",
+        id="data: more classes than the network has",
+    ),
+    _row(
+        [
+            "train",
+            "--preset",
+            "imagenet256",
+            "--data",
+            "{w}/latents4",
+            "--set",
+            "model.input_size=8",
+            "--set",
+            "data.resolution=64",
+            "--run-dir",
+            "{w}/new",
+        ],
+        "resolution",
+        id="data: latent resolution",
+    ),
     _row(["eval-fid", "{w}/nope", "--ref", "{w}/stats.npz", *RANDCONV], "nope", id="eval-fid: samples missing"),
     _row(["eval-fid", "{w}/empty", "--ref", "{w}/stats.npz", *RANDCONV], "no images", id="eval-fid: samples empty"),
     _row(["eval-fid", "{w}/imgs", "--ref", "{w}/nope.npz", *RANDCONV], "nope.npz", id="eval-fid: ref missing"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/stats_bad.npz", *RANDCONV], "stats_bad.npz",
-         id="eval-fid: ref of no known layout"),
-    _row(["eval-fid", "{w}/imgs_bad", "--ref", "{w}/stats.npz", *RANDCONV], "broken.png",
-         id="eval-fid: corrupt image"),
-    _row(["eval-fid", "{w}/corrupt.zip", "--ref", "{w}/stats.npz", *RANDCONV], "corrupt.zip",
-         id="eval-fid: corrupt zip"),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats_bad.npz", *RANDCONV],
+        "stats_bad.npz",
+        id="eval-fid: ref of no known layout",
+    ),
+    _row(["eval-fid", "{w}/imgs_bad", "--ref", "{w}/stats.npz", *RANDCONV], "broken.png", id="eval-fid: corrupt image"),
+    _row(
+        ["eval-fid", "{w}/corrupt.zip", "--ref", "{w}/stats.npz", *RANDCONV], "corrupt.zip", id="eval-fid: corrupt zip"
+    ),
     _row(["encode-latents", "{w}/nope", "{w}/lat2", *VAE_ARGS], "nope", id="encode: source missing"),
     _row(["encode-latents", "{w}/empty", "{w}/lat2", *VAE_ARGS], "no images", id="encode: no images"),
-    _row(["encode-latents", "{w}/empty", "{w}/lat2", "--vae", "nobody/novae"], "no images",
-         id="encode: inputs checked before the VAE"),
+    _row(
+        ["encode-latents", "{w}/empty", "{w}/lat2", "--vae", "nobody/novae"],
+        "no images",
+        id="encode: inputs checked before the VAE",
+    ),
     _row(["encode-latents", "{w}/corrupt.zip", "{w}/lat2", *VAE_ARGS], "corrupt.zip", id="encode: corrupt zip"),
     _row(["encode-latents", "{w}/imgs_bad", "{w}/lat2", *VAE_ARGS], "broken.png", id="encode: corrupt image"),
     _row(["encode-latents", "{w}/lat", "{w}/lat2", *VAE_ARGS], "latents", id="encode: latents as source"),
@@ -153,79 +219,177 @@ ROWS = [
     _row(["sample", "--ckpt", "{w}/missing.pt", "--out", "{w}/o"], "missing.pt", id="ckpt: missing"),
     _row(["sample", "--ckpt", "{w}/random.pt", "--out", "{w}/o"], "random.pt", id="ckpt: corrupt"),
     _row(["sample", "--ckpt", "{w}/truncated.pt", "--out", "{w}/o"], "truncated.pt", id="ckpt: truncated"),
-    _row(["sample", "--ckpt", "{w}/vit.safetensors", "--preset", "demo", "--out", "{w}/o"], "vit.safetensors",
-         id="ckpt: safetensors of another architecture"),
-    _row(["sample", "--ckpt", "{w}/vit.safetensors", "--out", "{w}/o"], "--preset",
-         id="ckpt: weights without a preset"),
-    _row(["sample", "--ckpt", "nobody/nothing:model.safetensors", "--out", "{w}/o"], "nobody/nothing",
-         id="ckpt: Hub reference offline"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/imgs", "--inception-weights", "{w}/notes.txt"], "notes.txt",
-         id="weights: not a weights file"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/imgs", "--inception-weights", "{w}/none.pt"], "none.pt",
-         id="weights: missing file"),
+    _row(
+        ["sample", "--ckpt", "{w}/vit.safetensors", "--preset", "demo", "--out", "{w}/o"],
+        "vit.safetensors",
+        id="ckpt: safetensors of another architecture",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/vit.safetensors", "--out", "{w}/o"], "--preset", id="ckpt: weights without a preset"
+    ),
+    _row(
+        ["sample", "--ckpt", "nobody/nothing:model.safetensors", "--out", "{w}/o"],
+        "nobody/nothing",
+        id="ckpt: Hub reference offline",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/imgs", "--inception-weights", "{w}/notes.txt"],
+        "notes.txt",
+        id="weights: not a weights file",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/imgs", "--inception-weights", "{w}/none.pt"],
+        "none.pt",
+        id="weights: missing file",
+    ),
     _row(["eval-fid", "{w}/imgs", "--ref", "{w}/imgs"], "offline", id="weights: Inception offline"),
-    _row(["train", "--run-dir", "{w}/trained", *TINY, "--set", "train.lr=0.5"], "train.lr", "--force",
-         id="recipe: train with a changed preset"),
+    _row(
+        ["train", "--run-dir", "{w}/trained", *TINY, "--set", "train.lr=0.5"],
+        "train.lr",
+        "--force",
+        id="recipe: train with a changed preset",
+    ),
     # ---------------------------------------------------------------- output paths
     _row(["train", "--run-dir", "{w}/blocker", *TINY], "blocker", "in the way", id="out: run dir is a file"),
     _row(["train", "--run-dir", "{w}/blocker/run", *TINY], "blocker", "in the way", id="out: run dir below a file"),
-    _row(["train", "--run-dir", "{w}/readonly/run", *TINY], "readonly", "read-only", fault=("EROFS", "readonly"),
-         id="out: run dir read-only"),
-    _row(["train", "--run-dir", "{w}/full", *TINY], "full", "disk is full", fault=("ENOSPC", "full"),
-         id="out: train on a full disk"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/blocker/png"], "blocker", "in the way",
-         id="out: sample folder below a file"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/blocker/s.npz"], "blocker",
-         "in the way", id="out: sample npz below a file"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/blocker"], "blocker", "in the way",
-         id="out: sample folder is a file"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/readonly/s.npz"], "readonly",
-         "read-only", fault=("EROFS", "readonly"), id="out: sample read-only"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/full.npz"], "full.npz",
-         "disk is full", fault=("ENOSPC", "full.npz"), id="out: sample on a full disk"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/o", "--grid", "{w}/blocker/g.png"],
-         "blocker", "in the way", id="out: grid below a file"),
-    _row(["eval-fid", "{w}/imgs", "--save-ref", "{w}/blocker/ref.npz", *RANDCONV], "blocker", "in the way",
-         id="out: save-ref below a file"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--json", "{w}/blocker/r.json", *RANDCONV], "blocker",
-         "in the way", id="out: --json below a file"),
-    _row(["eval-fid", "{w}/imgs", "--save-ref", "{w}/full.npz", *RANDCONV], "full.npz", "disk is full",
-         fault=("ENOSPC", "full.npz"), id="out: save-ref on a full disk"),
+    _row(
+        ["train", "--run-dir", "{w}/readonly/run", *TINY],
+        "readonly",
+        "read-only",
+        fault=("EROFS", "readonly"),
+        id="out: run dir read-only",
+    ),
+    _row(
+        ["train", "--run-dir", "{w}/full", *TINY],
+        "full",
+        "disk is full",
+        fault=("ENOSPC", "full"),
+        id="out: train on a full disk",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/blocker/png"],
+        "blocker",
+        "in the way",
+        id="out: sample folder below a file",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/blocker/s.npz"],
+        "blocker",
+        "in the way",
+        id="out: sample npz below a file",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/blocker"],
+        "blocker",
+        "in the way",
+        id="out: sample folder is a file",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/readonly/s.npz"],
+        "readonly",
+        "read-only",
+        fault=("EROFS", "readonly"),
+        id="out: sample read-only",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/full.npz"],
+        "full.npz",
+        "disk is full",
+        fault=("ENOSPC", "full.npz"),
+        id="out: sample on a full disk",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/o", "--grid", "{w}/blocker/g.png"],
+        "blocker",
+        "in the way",
+        id="out: grid below a file",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--save-ref", "{w}/blocker/ref.npz", *RANDCONV],
+        "blocker",
+        "in the way",
+        id="out: save-ref below a file",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--json", "{w}/blocker/r.json", *RANDCONV],
+        "blocker",
+        "in the way",
+        id="out: --json below a file",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--save-ref", "{w}/full.npz", *RANDCONV],
+        "full.npz",
+        "disk is full",
+        fault=("ENOSPC", "full.npz"),
+        id="out: save-ref on a full disk",
+    ),
     _row(["encode-latents", "{w}/imgs", "{w}/blocker", *VAE_ARGS], "blocker", id="out: encode out is a file"),
-    _row(["encode-latents", "{w}/imgs", "{w}/blocker/lat", *VAE_ARGS], "blocker", "in the way",
-         id="out: encode out below a file"),
-    _row(["encode-latents", "{w}/imgs", "{w}/readonly/lat", *VAE_ARGS], "readonly", "read-only",
-         fault=("EROFS", "readonly"), id="out: encode read-only"),
-    _row(["encode-latents", "{w}/imgs", "{w}/fulllat", *VAE_ARGS], "fulllat", "disk is full",
-         fault=("ENOSPC", "fulllat"), id="out: encode on a full disk"),
-    _row(["ablate", "window-size", "--runs-dir", "{w}/blocker", "--only", "w4"], "blocker", "in the way",
-         id="out: ablate runs dir is a file"),
+    _row(
+        ["encode-latents", "{w}/imgs", "{w}/blocker/lat", *VAE_ARGS],
+        "blocker",
+        "in the way",
+        id="out: encode out below a file",
+    ),
+    _row(
+        ["encode-latents", "{w}/imgs", "{w}/readonly/lat", *VAE_ARGS],
+        "readonly",
+        "read-only",
+        fault=("EROFS", "readonly"),
+        id="out: encode read-only",
+    ),
+    _row(
+        ["encode-latents", "{w}/imgs", "{w}/fulllat", *VAE_ARGS],
+        "fulllat",
+        "disk is full",
+        fault=("ENOSPC", "fulllat"),
+        id="out: encode on a full disk",
+    ),
+    _row(
+        ["ablate", "window-size", "--runs-dir", "{w}/blocker", "--only", "w4"],
+        "blocker",
+        "in the way",
+        id="out: ablate runs dir is a file",
+    ),
     # ---------------------------------------------------------------- enumerated flags
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--sampler", "foo"], "sampler", "heun", id="enum: --sampler"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-schedule", "foo"], "schedule", "power-cosine",
-         id="enum: --cfg-schedule"),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-schedule", "foo"],
+        "schedule",
+        "power-cosine",
+        id="enum: --cfg-schedule",
+    ),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-channels", "7"], "channels", id="enum: --cfg-channels 7"),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-channels", "some"], "channels", id="enum: --cfg-channels some"),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--precision", "fp8"], "precision", "bf16", id="enum: --precision"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--classes", "abc", "--out", "{w}/o"], "classes",
-         id="enum: --classes"),
+    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--classes", "abc", "--out", "{w}/o"], "classes", id="enum: --classes"),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "5-1"], "seed", id="enum: --seeds backwards"),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "a-b"], "seed", id="enum: --seeds not numbers"),
     _row(["encode-latents", "{w}/imgs", "{w}/lat2", "--precision", "fp8"], "fp8", id="enum: encode --precision"),
     _row(["encode-latents", "{w}/imgs", "{w}/lat2", "--dtype", "int8"], "int8", id="enum: encode --dtype"),
     _row(["encode-latents", "{w}/imgs", "{w}/lat2", "--device", "tpu"], "tpu", id="enum: encode --device"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--metrics", "foo", *RANDCONV], "foo",
-         id="enum: --metrics"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--feature-extractor", "foo"], "foo",
-         id="enum: --feature-extractor"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--device", "tpu", *RANDCONV], "tpu",
-         id="enum: eval-fid --device"),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--metrics", "foo", *RANDCONV], "foo", id="enum: --metrics"
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--feature-extractor", "foo"],
+        "foo",
+        id="enum: --feature-extractor",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--device", "tpu", *RANDCONV],
+        "tpu",
+        id="enum: eval-fid --device",
+    ),
     # ---------------------------------------------------------------- numeric ranges
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--steps", "0"], "steps", id="range: --steps 0"),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--batch", "0"], "batch", id="range: sample --batch 0"),
     _row(["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-scale", "-1"], "cfg-scale", id="range: --cfg-scale -1"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--classes", "3", "--out", "{w}/o"], "classes", "unconditional",
-         id="range: --classes on an unconditional model"),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--classes", "3", "--out", "{w}/o"],
+        "classes",
+        "unconditional",
+        id="range: --classes on an unconditional model",
+    ),
     _row(["train", "--kimg", "0", *TINY], "kimg", id="range: --kimg 0"),
     _row(["train", "--batch-gpu", "0", *TINY], "batch-gpu", id="range: --batch-gpu 0"),
     _row(["train", "--batch-gpu", "3", *TINY], "batch", id="range: --batch-gpu not a divisor"),
@@ -234,26 +398,52 @@ ROWS = [
     _row(["encode-latents", "{w}/imgs", "{w}/lat2", "--shard-size", "0"], "shard-size", id="range: --shard-size 0"),
     _row(["encode-latents", "{w}/imgs", "{w}/lat2", "--workers", "-1"], "workers", id="range: --workers -1"),
     _row(["encode-latents", "{w}/imgs", "{w}/lat2", "--max-images", "0"], "max-images", id="range: --max-images 0"),
-    _row(["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--batch", "0", *RANDCONV], "batch",
-         id="range: eval-fid --batch 0"),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--batch", "0", *RANDCONV],
+        "batch",
+        id="range: eval-fid --batch 0",
+    ),
     # ---------------------------------------------------------------- recipe changes on existing outputs
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/old.npz", "--steps", "3"], "steps",
-         "--force", id="recipe: npz with other steps"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/old_png", "--sampler", "euler"],
-         "sampler", "--force", id="recipe: png folder with another sampler"),
-    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/old.npz", "--raw"], "weights",
-         "--force", id="recipe: npz with raw weights"),
-    _row(["encode-latents", "{w}/imgs", "{w}/lat", *VAE_ARGS[:-2], "--resolution", "24", "--device", "cpu"],
-         "resolution", "--force", id="recipe: latents at another resolution"),
-    _row(["encode-latents", "{w}/imgs_bad", "{w}/lat", *VAE_ARGS, "--skip-bad-images"], "source", "--force",
-         id="recipe: latents of another source"),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/old.npz", "--steps", "3"],
+        "steps",
+        "--force",
+        id="recipe: npz with other steps",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/old_png", "--sampler", "euler"],
+        "sampler",
+        "--force",
+        id="recipe: png folder with another sampler",
+    ),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--seeds", "0-1", "--out", "{w}/old.npz", "--raw"],
+        "weights",
+        "--force",
+        id="recipe: npz with raw weights",
+    ),
+    _row(
+        ["encode-latents", "{w}/imgs", "{w}/lat", *VAE_ARGS[:-2], "--resolution", "24", "--device", "cpu"],
+        "resolution",
+        "--force",
+        id="recipe: latents at another resolution",
+    ),
+    _row(
+        ["encode-latents", "{w}/imgs_bad", "{w}/lat", *VAE_ARGS, "--skip-bad-images"],
+        "source",
+        "--force",
+        id="recipe: latents of another source",
+    ),
 ]
 
 
 def _tree(root: Path) -> dict[str, str]:
     """Every file under `root` → its hash (a symlink → where it points)."""
-    return {str(p.relative_to(root)): f"-> {p.readlink()}" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()}
+    return {
+        str(p.relative_to(root)): f"-> {p.readlink()}" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
 
 
 def _inject(monkeypatch, world: Path, fault) -> None:
@@ -266,8 +456,11 @@ def _inject(monkeypatch, world: Path, fault) -> None:
 
     def refuse(path):
         if str(path).startswith(target):
-            raise OSError(getattr(errno, code), {"EROFS": "Read-only file system",
-                                                 "ENOSPC": "No space left on device"}[code], str(path))
+            raise OSError(
+                getattr(errno, code),
+                {"EROFS": "Read-only file system", "ENOSPC": "No space left on device"}[code],
+                str(path),
+            )
 
     def fake_mkstemp(*a, dir=None, prefix="", **k):
         refuse(Path(dir) / prefix.lstrip("."))  # the temporary file beside the target: `.NAME.xxxx.tmp`
@@ -309,5 +502,17 @@ def test_the_table_covers_the_contract():
     commands = {row.values[0][0] for row in ROWS}
     assert commands == {"train", "sample", "eval-fid", "encode-latents", "ablate"}
     classes = {row.id.split(":")[0] for row in ROWS}
-    assert classes == {"preset", "sample", "ablate", "data", "eval-fid", "encode", "ckpt", "weights", "recipe", "out",
-                       "enum", "range"}
+    assert classes == {
+        "preset",
+        "sample",
+        "ablate",
+        "data",
+        "eval-fid",
+        "encode",
+        "ckpt",
+        "weights",
+        "recipe",
+        "out",
+        "enum",
+        "range",
+    }

@@ -15,10 +15,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from flops import forward_flops, train_flops  # noqa: E402
 
 NETS = {
-    "unet": lambda mode: ImageDiffiT(img_resolution=16, channels=(16, 32), blocks=(1, 2), window_size=(4, 8),
-                                     head_dim=8, time_dim=32, mlp_ratio=2.0, num_classes=3, time_mode=mode),
-    "vit": lambda mode: LatentDiffiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
-                                     num_classes=3, time_mode=mode),
+    "unet": lambda mode: ImageDiffiT(
+        img_resolution=16,
+        channels=(16, 32),
+        blocks=(1, 2),
+        window_size=(4, 8),
+        head_dim=8,
+        time_dim=32,
+        mlp_ratio=2.0,
+        num_classes=3,
+        time_mode=mode,
+    ),
+    "vit": lambda mode: LatentDiffiT(
+        input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3, time_mode=mode
+    ),
 }
 
 

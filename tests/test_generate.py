@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_unet
 from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
@@ -15,8 +16,6 @@ from diffit_cli.config import dump_preset
 from diffit_cli.errors import DiffitError
 from diffit_cli.generate import png_path
 from diffit_cli.sampling import _compact_seeds, parse_classes, parse_seeds, run_sample
-
-from helpers import tiny_unet
 
 
 def _perturbed_net(preset):
@@ -33,8 +32,20 @@ def unet_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("unet")
     p = tiny_unet()
     net = _perturbed_net(p)
-    save_checkpoint(root, {"model": net.state_dict(), "ema": net.state_dict(), "optimizer": {}, "nimg": 0,
-                           "step": 0, "skipped": 0, "preset": dump_preset(p)}, 0, keep=1)
+    save_checkpoint(
+        root,
+        {
+            "model": net.state_dict(),
+            "ema": net.state_dict(),
+            "optimizer": {},
+            "nimg": 0,
+            "step": 0,
+            "skipped": 0,
+            "preset": dump_preset(p),
+        },
+        0,
+        keep=1,
+    )
     return root / "checkpoints" / "latest.pt"
 
 
@@ -127,15 +138,19 @@ def test_cli_errors_exit_2(unet_ckpt, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flag, value, valid", [
-    ("--sampler", "heun2", ["heun", "euler", "dpmpp-2m", "ddpm", "ddim"]),
-    ("--cfg-schedule", "cosine", ["constant", "power-cosine", "interval"]),
-    ("--cfg-channels", "some", ["all"]),
-    ("--precision", "fp64", ["fp32", "bf16"]),
-])
+@pytest.mark.parametrize(
+    "flag, value, valid",
+    [
+        ("--sampler", "heun2", ["heun", "euler", "dpmpp-2m", "ddpm", "ddim"]),
+        ("--cfg-schedule", "cosine", ["constant", "power-cosine", "interval"]),
+        ("--cfg-channels", "some", ["all"]),
+        ("--precision", "fp64", ["fp32", "bf16"]),
+    ],
+)
 def test_bad_enumerated_flags_name_the_valid_values_before_reading_anything(tmp_path, flag, value, valid):
-    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(tmp_path / "not-read.pt"), flag, value,
-                                         "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        build_app(), ["sample", "--ckpt", str(tmp_path / "not-read.pt"), flag, value, "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "does not exist" not in r.output  # refused before the checkpoint was looked at
     assert all(v in r.output for v in valid) and not (tmp_path / "o").exists()
@@ -146,24 +161,41 @@ def test_cfg_channels_beyond_the_models_channels_is_refused(unet_ckpt, tmp_path,
 
     built = []
     monkeypatch.setattr(sampling, "snapshot_network", lambda *a, **k: built.append(a))
-    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt),
-                                         "--cfg-channels", "7", "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        build_app(), ["sample", "--ckpt", str(unet_ckpt), "--cfg-channels", "7", "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "guidance.channels 7" in r.output and "1..3 or all" in r.output, r.output
     assert built == [] and not (tmp_path / "o").exists()  # no network was built
 
 
 @pytest.mark.e2e
 def test_cli_sample_writes_pngs(unet_ckpt, tmp_path):
-    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3", "--out",
-                                         str(tmp_path / "o"), "--steps", "3", "--grid", str(tmp_path / "g.png")])
+    r = CliRunner().invoke(
+        build_app(),
+        [
+            "sample",
+            "--ckpt",
+            str(unet_ckpt),
+            "--seeds",
+            "0-3",
+            "--out",
+            str(tmp_path / "o"),
+            "--steps",
+            "3",
+            "--grid",
+            str(tmp_path / "g.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert all(png_path(tmp_path / "o", s).is_file() for s in range(4)) and (tmp_path / "g.png").is_file()
     assert json.loads((tmp_path / "o" / "sample.json").read_text())["steps"] == 3
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
-                    reason="two processes on one GPU: NCCL needs a GPU per process")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="two processes on one GPU: NCCL needs a GPU per process",
+)
 def test_two_processes_give_the_same_npz(unet_ckpt, tmp_path):
     """Seeds are split across 2 gloo processes (torchrun); the assembled .npz equals the 1-process one."""
     import os
@@ -171,9 +203,24 @@ def test_two_processes_give_the_same_npz(unet_ckpt, tmp_path):
     import sys
 
     run_sample(str(unet_ckpt), list(range(5)), tmp_path / "one.npz", batch=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29583", "-m",
-           "diffit_cli", "sample", "--ckpt", str(unet_ckpt), "--seeds", "0-4", "--batch", "2", "--out",
-           str(tmp_path / "two.npz")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29583",
+        "-m",
+        "diffit_cli",
+        "sample",
+        "--ckpt",
+        str(unet_ckpt),
+        "--seeds",
+        "0-4",
+        "--batch",
+        "2",
+        "--out",
+        str(tmp_path / "two.npz"),
+    ]
     out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     recipe = json.loads((tmp_path / "two.sample.json").read_text())
@@ -189,13 +236,20 @@ def test_another_recipe_is_refused_unless_forced(unet_ckpt, tmp_path, out_name):
     import hashlib
 
     out = tmp_path / out_name
-    run = lambda *a: CliRunner().invoke(build_app(), ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3",  # noqa: E731
-                                                      "--out", str(out), *a])
+
+    def run(*a):
+        return CliRunner().invoke(
+            build_app(), ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3", "--out", str(out), *a]
+        )
+
     assert run("--steps", "3").exit_code == 0
 
     def digest():
-        return sorted((str(p.relative_to(tmp_path)), hashlib.sha256(p.read_bytes()).hexdigest())
-                      for p in tmp_path.rglob("*") if p.is_file())
+        return sorted(
+            (str(p.relative_to(tmp_path)), hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in tmp_path.rglob("*")
+            if p.is_file()
+        )
 
     before = digest()
     r = run("--steps", "4", "--sampler", "euler")
@@ -234,8 +288,9 @@ def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeyp
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name, sig, code", [("png", "SIGUSR1", 3), ("s.npz", "SIGINT", 130)])
-def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(unet_ckpt, tmp_path, monkeypatch, name, sig,
-                                                                          code):
+def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
+    unet_ckpt, tmp_path, monkeypatch, name, sig, code
+):
     """Issue #13: SIGUSR1 (SLURM's warning) or Ctrl-C during `diffit sample`: the batch in hand is written, exit 3
     (130); the same command finishes the rest, and the images equal an uninterrupted run's."""
     import os
@@ -338,7 +393,12 @@ def test_the_training_preview_samples_in_fp32_on_the_cpu(tmp_path, monkeypatch):
     seen = []
     real = G.sample_batch
     monkeypatch.setattr(G, "sample_batch", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
-    out = G.preview_grid(_perturbed_net(p), build_diffusion(p.diffusion, p.model), p,
-                         lambda x: ((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy(),
-                         tmp_path / "grid.png", seeds=4)
+    out = G.preview_grid(
+        _perturbed_net(p),
+        build_diffusion(p.diffusion, p.model),
+        p,
+        lambda x: ((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+        tmp_path / "grid.png",
+        seeds=4,
+    )
     assert seen == ["fp32"] and out.is_file() and (tmp_path / "grid-latest.png").is_file()

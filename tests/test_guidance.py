@@ -141,8 +141,9 @@ def test_interval_guidance_skips_the_unconditional_half_outside(sampler, steps):
 
     gens = [torch.Generator().manual_seed(i) for i in range(2)]  # the same ancestral noise again
     assert torch.equal(torch.stack([torch.randn(4, 2, 2, generator=g) for g in gens]), noise)
-    ref = sample(d, AlwaysDoubled(), noise, y=y, sampler=sampler, steps=steps, generators=gens,
-                 guidance=Guidance(scale=1.0))  # the reference does its own guidance
+    ref = sample(
+        d, AlwaysDoubled(), noise, y=y, sampler=sampler, steps=steps, generators=gens, guidance=Guidance(scale=1.0)
+    )  # the reference does its own guidance
     torch.testing.assert_close(x, ref)
 
 
@@ -167,8 +168,16 @@ def test_guided_sampling_one_doubled_forward_per_evaluation(sampler, steps):
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     noise = torch.stack([torch.randn(4, 2, 2, generator=g) for g in gens])
     y = torch.tensor([3, 4])
-    x = sample(d, net, noise, y=y, sampler=sampler, steps=steps, generators=gens,
-               guidance=Guidance(scale=4.4, schedule="power-cosine"))
+    x = sample(
+        d,
+        net,
+        noise,
+        y=y,
+        sampler=sampler,
+        steps=steps,
+        generators=gens,
+        guidance=Guidance(scale=4.4, schedule="power-cosine"),
+    )
     assert x.shape == noise.shape and torch.isfinite(x).all()
     assert len(net.calls) == nfe(sampler, steps)
     assert all(b == 4 and torch.equal(labels, torch.tensor([3, 4, NULL, NULL])) for b, labels, _ in net.calls)

@@ -9,8 +9,18 @@ CORE_FORBIDDEN = {"typer", "rich", "accelerate", "pydantic", "PIL", "yaml", "dif
 # Function-local imports are allowed only to keep start-up fast, of packages that are slow to import (and
 # optional ones), each with its reason on the line. `commands/` and `app.py` are exempt: `diffit --help` must not
 # import torch, so every command body imports the pipeline it wraps.
-HEAVY = {"torch", "accelerate", "diffusers", "torch_fidelity", "matplotlib", "huggingface_hub", "importlib",
-         "torchvision", "datasets", "mlflow"}
+HEAVY = {
+    "torch",
+    "accelerate",
+    "diffusers",
+    "torch_fidelity",
+    "matplotlib",
+    "huggingface_hub",
+    "importlib",
+    "torchvision",
+    "datasets",
+    "mlflow",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -20,8 +30,12 @@ def _module_name(path: Path) -> str:
 
 
 def _pipeline_files() -> list[Path]:
-    return [f for f in PKG.rglob("*.py") if not {"core", "commands", "presets"} & set(f.relative_to(PKG).parts)
-            and f.name not in ("app.py", "__main__.py")]
+    return [
+        f
+        for f in PKG.rglob("*.py")
+        if not {"core", "commands", "presets"} & set(f.relative_to(PKG).parts)
+        and f.name not in ("app.py", "__main__.py")
+    ]
 
 
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:
@@ -73,7 +87,7 @@ def test_no_import_circles_in_the_pipeline():
         state[m] = 1
         for n in graph[m]:
             if state.get(n) == 1:
-                raise AssertionError("import circle: " + " → ".join(path[path.index(n):] + [n]))
+                raise AssertionError("import circle: " + " → ".join(path[path.index(n) :] + [n]))
             if n not in state:
                 visit(n, path + [n])
         state[m] = 2
@@ -96,9 +110,11 @@ def test_function_local_imports_are_heavy_packages_with_a_reason():
                     heavy = module.split(".")[0] in HEAVY
                     reason = "#" in lines[node.lineno - 1]
                     if not (heavy and reason):
-                        offenders.append(f"{f.relative_to(PKG)}:{node.lineno} imports {module}"
-                                         + ("" if heavy else " (not a slow package: import it at the top)")
-                                         + ("" if reason else " (no reason given on the line)"))
+                        offenders.append(
+                            f"{f.relative_to(PKG)}:{node.lineno} imports {module}"
+                            + ("" if heavy else " (not a slow package: import it at the top)")
+                            + ("" if reason else " (no reason given on the line)")
+                        )
     assert not offenders, "\n".join(offenders)
 
 

@@ -7,11 +7,11 @@ import torch
 
 from diffit_cli.core.layers import (
     TIME_MODES,
+    TMSA,
     DiffiTBlock,
     FourierEmbedding,
     LabelEmbedder,
     TimestepEmbedder,
-    TMSA,
     relative_position_index,
     timestep_embedding,
     window_merge,
@@ -116,9 +116,9 @@ def test_windowed_tmsa_equals_global_tmsa_per_window():
     grid = x.view(2, 8, 8, 16)
     for r in (0, 4):  # the test may loop; the module does not
         for c in (0, 4):
-            crop = grid[:, r:r + 4, c:c + 4].reshape(2, 16, 16)
+            crop = grid[:, r : r + 4, c : c + 4].reshape(2, 16, 16)
             ref = attn(crop, x_t, (4, 4))  # window = grid: global attention on the crop
-            assert torch.allclose(out[:, r:r + 4, c:c + 4].reshape(2, 16, 16), ref, atol=1e-5)
+            assert torch.allclose(out[:, r : r + 4, c : c + 4].reshape(2, 16, 16), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", TIME_MODES)
@@ -146,8 +146,8 @@ def test_store_attn_and_key_time_projection_cancels():
     assert before.shape == (2 * 4, 2, 16, 16)
     assert torch.allclose(before.sum(-1), torch.ones(()))
     with torch.no_grad():
-        attn.qkv_temb.weight[C:2 * C].normal_(std=3.0)  # key rows
-        attn.qkv_temb.bias[C:2 * C].normal_(std=3.0)
+        attn.qkv_temb.weight[C : 2 * C].normal_(std=3.0)  # key rows
+        attn.qkv_temb.bias[C : 2 * C].normal_(std=3.0)
     attn(x, x_t, (8, 8))
     assert torch.allclose(attn.last_attn, before, atol=1e-5)
     with torch.no_grad():
@@ -168,11 +168,11 @@ def test_softmax_invariant_key_terms_get_no_gradient(mode):
         attn.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             attn(x, x_t, (8, 8)).float().square().mean().backward()
-        assert torch.count_nonzero(attn.qkv.bias.grad[C:2 * C]) == 0
+        assert torch.count_nonzero(attn.qkv.bias.grad[C : 2 * C]) == 0
         assert torch.count_nonzero(attn.qkv.bias.grad[:C]) > 0
         if mode == "tmsa":
-            assert torch.count_nonzero(attn.qkv_temb.weight.grad[C:2 * C]) == 0
-            assert torch.count_nonzero(attn.qkv_temb.bias.grad[C:2 * C]) == 0
+            assert torch.count_nonzero(attn.qkv_temb.weight.grad[C : 2 * C]) == 0
+            assert torch.count_nonzero(attn.qkv_temb.bias.grad[C : 2 * C]) == 0
             assert torch.count_nonzero(attn.qkv_temb.weight.grad[:C]) > 0
 
 

@@ -333,8 +333,21 @@ def cli(*args):
 
 def test_cli_prints_a_table_and_writes_json(data, tmp_path):
     out = tmp_path / "res" / "metrics.json"
-    r = cli(data["npz"], "--ref", data["shift20"], "--metrics", "fid,is,kid,pr", "--feature-extractor", EXT,
-            "--device", "cpu", "--batch", "32", "--json", out)
+    r = cli(
+        data["npz"],
+        "--ref",
+        data["shift20"],
+        "--metrics",
+        "fid,is,kid,pr",
+        "--feature-extractor",
+        EXT,
+        "--device",
+        "cpu",
+        "--batch",
+        "32",
+        "--json",
+        out,
+    )
     assert r.exit_code == 0, r.output
     for word in ("FID", "Inception Score", "KID", "Precision", "Recall", EXT):
         assert word in r.output
@@ -379,8 +392,9 @@ def test_a_non_weights_file_is_named_without_unsafe_advice(data, tmp_path, conte
     """Issue #13: torch's hint to retry with weights_only=False (i.e. to execute a pickle) is never passed on."""
     bad = tmp_path / "inception.pth"
     bad.write_bytes(content)
-    r = CliRunner().invoke(build_app(), ["eval-fid", str(data["a"]), "--ref", str(data["b"]),
-                                         "--inception-weights", str(bad)])
+    r = CliRunner().invoke(
+        build_app(), ["eval-fid", str(data["a"]), "--ref", str(data["b"]), "--inception-weights", str(bad)]
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     flat = "".join(r.output.split())
     assert str(bad) in flat and "statedictoftensors" in flat

@@ -6,15 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_UNET, tiny_unet
 from typer.testing import CliRunner
 
 from diffit_cli.app import build_app
 from diffit_cli.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from diffit_cli.events import Message, Step
-from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training import train
-
-from helpers import TINY_UNET, tiny_unet
+from diffit_cli.training.monitor import SpikeDetector
 
 
 def _feed(det, losses, report_kimg=2.0):
@@ -94,6 +93,7 @@ def _spike_at(monkeypatch, kimg: float):
         if abs(k - kimg) < 1e-9 and not getattr(self, "_fired", False):
             self._fired = True
             from diffit_cli.training.monitor import Spike
+
             return Spike(k, k, start_nimg, loss * 10, loss)
         return out
 
@@ -104,7 +104,12 @@ def _log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-ROLLBACK = ("train.total_kimg=0.048", "train.on_spike=rollback", "train.spike_lr_factor=0.25", "train.keep_checkpoints=5")
+ROLLBACK = (
+    "train.total_kimg=0.048",
+    "train.on_spike=rollback",
+    "train.spike_lr_factor=0.25",
+    "train.keep_checkpoints=5",
+)
 
 
 @pytest.mark.e2e
@@ -167,8 +172,9 @@ def test_report_logs_gradient_norm_and_attention_logits(tmp_path):
     for r in state.history:
         assert r["grad_norm"] > 0 and r["grad_norm_max"] >= r["grad_norm"] * 0.999
         assert math.isfinite(r["attn_logit_max"])
-    assert [json.loads(line)["attn_logit_max"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == \
-        [r["attn_logit_max"] for r in state.history]
+    assert [json.loads(line)["attn_logit_max"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [
+        r["attn_logit_max"] for r in state.history
+    ]
 
 
 @pytest.mark.e2e

@@ -16,8 +16,8 @@ import torch
 
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.edm import EDM
-from diffit_cli.core.schedules import karras_sigmas
 from diffit_cli.core.samplers import SAMPLERS, nfe, sample
+from diffit_cli.core.schedules import karras_sigmas
 
 SHAPE = (1, 64, 64)  # per-sample shape: 4,096 scalar samples per row
 
@@ -50,8 +50,10 @@ def mixture_stats():
     return mean, math.sqrt(second - mean**2)
 
 
-def edm_net_for(D, edm=EDM()):
+def edm_net_for(D, edm=None):
     """A raw EDM network whose preconditioned output is exactly D (inverts EDM Table 1)."""
+
+    edm = edm or EDM()
 
     def net(x_in, c_noise, y=None):
         sigma = (4 * c_noise.to(torch.float64)).exp().reshape(-1, 1, 1, 1)
@@ -104,7 +106,7 @@ def assert_matches(x, mean, std, tol=0.01):
 def scalar_reference(D, sigmas, x, sampler):
     """Independent float64 scalar Heun (EDM Alg. 2) / DPM-Solver++(2M) for one starting point."""
     if sampler == "heun":
-        for i, (a, b) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        for a, b in zip(sigmas[:-1], sigmas[1:]):
             d = (x - D(x, a)) / a
             xn = x + (b - a) * d
             if b > 0:
@@ -163,8 +165,18 @@ def test_heun_with_churn_reproduces_gaussian():
     # churn adds error of its own (EDM §4): ≈1.3% over-dispersion at 64 steps with S_churn = 10
     mu, s = 0.3, 0.5
     noise, gens = seeded(range(16))
-    x = sample(EDM(), edm_net_for(gaussian_D(mu, s)), noise, sampler="heun", steps=64, generators=gens,
-               S_churn=10, S_min=0.05, S_max=50, S_noise=1.0)
+    x = sample(
+        EDM(),
+        edm_net_for(gaussian_D(mu, s)),
+        noise,
+        sampler="heun",
+        steps=64,
+        generators=gens,
+        S_churn=10,
+        S_min=0.05,
+        S_max=50,
+        S_noise=1.0,
+    )
     assert_matches(x, mu, s, tol=0.025)
 
 
@@ -240,8 +252,15 @@ def test_sigma_samplers_take_a_user_sigma_list(sampler):
     churn = {"S_churn": 5.0} if sampler != "dpmpp-2m" else {}  # the per-row noise stream is used too
 
     def run(**kw):
-        return sample(EDM(), net, noise, sampler=sampler, generators=[torch.Generator().manual_seed(i)
-                                                                      for i in range(3)], **churn, **kw)
+        return sample(
+            EDM(),
+            net,
+            noise,
+            sampler=sampler,
+            generators=[torch.Generator().manual_seed(i) for i in range(3)],
+            **churn,
+            **kw,
+        )
 
     karras = run(steps=12, sigma_max=40.0, rho=5.0)
     assert torch.equal(karras, run(sigmas=karras_sigmas(12, 0.002, 40.0, 5.0)))

@@ -28,11 +28,13 @@ time.sleep(float(sys.argv[3]))
 def _batch(tmp_path, code: int, sleep: float, warn: bool):
     (tmp_path / "bin").mkdir(exist_ok=True)
     scontrol = tmp_path / "bin" / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(0o755)
     (tmp_path / "step.py").write_text(STEP)
-    script = f'set -euo pipefail; source {SLURM / "preemptible.sh"}; preemptible {sys.executable} ' \
-             f'{tmp_path / "step.py"} {tmp_path / "got"} {code} {sleep}'
+    script = (
+        f"set -euo pipefail; source {SLURM / 'preemptible.sh'}; preemptible {sys.executable} "
+        f"{tmp_path / 'step.py'} {tmp_path / 'got'} {code} {sleep}"
+    )
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 30
@@ -42,8 +44,11 @@ def _batch(tmp_path, code: int, sleep: float, warn: bool):
         proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends to the batch shell
     out, _ = proc.communicate(timeout=60)
     log = tmp_path / "scontrol.log"
-    return proc.returncode, (tmp_path / "got").read_text() if (tmp_path / "got").exists() else None, \
-        log.read_text() if log.exists() else ""
+    return (
+        proc.returncode,
+        (tmp_path / "got").read_text() if (tmp_path / "got").exists() else None,
+        log.read_text() if log.exists() else "",
+    )
 
 
 @pytest.mark.parametrize("code", [3, 1])  # diffit itself, or a launcher (torchrun) that exits 1 around it
@@ -63,5 +68,4 @@ def test_the_sbatch_scripts_ask_for_the_warning_and_use_preemptible():
         text = (SLURM / f"{name}.sbatch").read_text()
         assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text, name
         assert "preemptible.sh" in text and "\npreemptible srun " in text, name
-    subprocess.run(["bash", "-n", *(str(p) for p in SLURM.glob("*.sbatch")), str(SLURM / "preemptible.sh")],
-                   check=True)
+    subprocess.run(["bash", "-n", *(str(p) for p in SLURM.glob("*.sbatch")), str(SLURM / "preemptible.sh")], check=True)

@@ -6,17 +6,17 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_unet
 
 from diffit_cli.build import build_network, build_optimizer
 from diffit_cli.training import train
 from diffit_cli.training.recipe import Ema, step_unless
 
-from helpers import tiny_unet
-
 
 def _state(net, opt):
-    return [p.detach().clone() for p in net.parameters()], \
-        [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+    return [p.detach().clone() for p in net.parameters()], [
+        {k: v.clone() for k, v in s.items()} for s in opt.state.values()
+    ]
 
 
 def _grads(net, value=None, seed=0):

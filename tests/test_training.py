@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,8 +19,6 @@ from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.config import dump_preset, load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
-
-from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
 
 
 def _fit_fixed_batch(preset, x0, y=None, steps=25):
@@ -52,8 +51,9 @@ def test_demo_preset_learns_a_fixed_batch():
 
 
 def test_ffhq64_shaped_unet_learns_a_fixed_batch():
-    p = load_preset("ffhq64", ["model.channels=[16, 32, 32, 32]", "model.head_dim=16", "model.time_dim=32",
-                               "model.dropout=0"])
+    p = load_preset(
+        "ffhq64", ["model.channels=[16, 32, 32, 32]", "model.head_dim=16", "model.time_dim=32", "model.dropout=0"]
+    )
     assert p.model.blocks == (1, 2, 2, 2) and p.model.window_size == (8, 8, 8, 8)
     x0 = torch.rand(2, 3, 64, 64) * 2 - 1
     _fit_fixed_batch(p, x0, steps=15)
@@ -120,8 +120,18 @@ def test_grey_images_train_preview_and_sample(tmp_path):
     p = tiny_unet(f"data.path={tmp_path / 'grey'}", "data.channels=1", "model.in_channels=1", "model.num_classes=2")
     train(p, tmp_path / "run")
     assert Image.open(tmp_path / "run" / "samples" / "grid-latest.png").mode == "L"
-    r = CliRunner().invoke(build_app(), ["sample", "--ckpt", str(latest_checkpoint(tmp_path / "run")),
-                                         "--seeds", "0-1", "--out", str(tmp_path / "s.npz")])
+    r = CliRunner().invoke(
+        build_app(),
+        [
+            "sample",
+            "--ckpt",
+            str(latest_checkpoint(tmp_path / "run")),
+            "--seeds",
+            "0-1",
+            "--out",
+            str(tmp_path / "s.npz"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 16, 16, 1)
 
@@ -183,8 +193,10 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
-                    reason="two processes on one GPU: NCCL needs a GPU per process")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="two processes on one GPU: NCCL needs a GPU per process",
+)
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the one-process result."""
     p = tiny_unet("train.total_kimg=0.016", "train.batch_gpu=4", ADAM_EPS)
@@ -192,8 +204,20 @@ def test_two_processes_equal_one(tmp_path):
     preset_file.write_text(dump_preset(p))
     train(p, tmp_path / "one")  # one process: 2 accumulation rounds of 4
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
-           "-m", "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29577",
+        "-m",
+        "diffit_cli",
+        "train",
+        "--preset",
+        str(preset_file),
+        "--run-dir",
+        str(tmp_path / "two"),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "× 2 (" in out.stderr, out.stderr[-2000:]  # really two processes
@@ -251,7 +275,9 @@ def test_tiny_latent_vit_trains_on_shards(tmp_path):
 def test_activation_checkpointing_gives_the_same_step(tmp_path):
     from diffit_cli.training import enable_activation_checkpointing
 
-    assert enable_activation_checkpointing(build_network(tiny_unet().model)) == 3  # ResBlocks: 1 + 1 encoder (incl. bottleneck), 1 decoder
+    assert (
+        enable_activation_checkpointing(build_network(tiny_unet().model)) == 3
+    )  # ResBlocks: 1 + 1 encoder (incl. bottleneck), 1 decoder
     train(tiny_unet("train.total_kimg=0.008"), tmp_path / "plain")
     train(tiny_unet("train.total_kimg=0.008", "train.grad_checkpointing=true"), tmp_path / "ckpt")
     _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "ckpt"), exact=False)
@@ -339,8 +365,20 @@ def _torchrun_train(tmp_path, port: int, *extra: str) -> tuple[list[str], dict]:
     p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008", *extra)
     preset_file = tmp_path / "p.yaml"
     preset_file.write_text(dump_preset(p))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-           "diffit_cli", "train", "--preset", str(preset_file), "--run-dir", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "diffit_cli",
+        "train",
+        "--preset",
+        str(preset_file),
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -359,8 +397,9 @@ def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig
     cmd = [sys.executable, "-m", "diffit_cli", "train", "--preset", str(preset_file), "--run-dir"]
     straight = subprocess.run(cmd + [str(tmp_path / "straight")], env=env, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = subprocess.Popen(cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_reports(tmp_path / "cut", 5)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
@@ -407,8 +446,9 @@ def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path)
     import signal
 
     cmd, env = _torchrun_train(tmp_path, 29581)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     _wait_for_reports(tmp_path / "run", 3)
     ranks = _children(proc.pid)
     assert len(ranks) == 2, ranks

@@ -7,10 +7,24 @@ from diffit_cli.core.layers import TIME_MODES, TMSA
 from diffit_cli.core.unet import ResBlock, group_norm
 from diffit_cli.models import ImageDiffiT
 
-CIFAR_LIKE = dict(img_resolution=32, channels=(32, 64, 64), blocks=(1, 1, 1), window_size=(4, 4, 4), head_dim=16,
-                  time_dim=48, dropout=0.0)
-FFHQ_LIKE = dict(img_resolution=64, channels=(16, 32, 32, 32), blocks=(1, 2, 2, 2), window_size=8, head_dim=16,
-                 time_dim=32, dropout=0.0)
+CIFAR_LIKE = dict(
+    img_resolution=32,
+    channels=(32, 64, 64),
+    blocks=(1, 1, 1),
+    window_size=(4, 4, 4),
+    head_dim=16,
+    time_dim=48,
+    dropout=0.0,
+)
+FFHQ_LIKE = dict(
+    img_resolution=64,
+    channels=(16, 32, 32, 32),
+    blocks=(1, 2, 2, 2),
+    window_size=8,
+    head_dim=16,
+    time_dim=32,
+    dropout=0.0,
+)
 
 
 def wake_head(model, std=0.1):
@@ -39,8 +53,16 @@ def test_shapes_and_zero_output_at_init(cfg):
 
 
 def test_window_clamped_and_out_channels():
-    model = ImageDiffiT(img_resolution=16, in_channels=4, out_channels=8, channels=(16, 32), blocks=(1, 1),
-                        window_size=16, head_dim=16, time_dim=16)
+    model = ImageDiffiT(
+        img_resolution=16,
+        in_channels=4,
+        out_channels=8,
+        channels=(16, 32),
+        blocks=(1, 1),
+        window_size=16,
+        head_dim=16,
+        time_dim=16,
+    )
     assert model.windows == (16, 8)
     assert model(torch.randn(1, 4, 16, 16), torch.zeros(1)).shape == (1, 8, 16, 16)
     with pytest.raises(ValueError):
@@ -49,8 +71,9 @@ def test_window_clamped_and_out_channels():
 
 def test_output_has_the_input_channels_by_default():
     """A grey (1-channel) network predicts 1 channel: the head followed a fixed 3 and EDM broadcast it silently."""
-    model = ImageDiffiT(img_resolution=16, in_channels=1, channels=(16, 32), blocks=(1, 1), window_size=4,
-                        head_dim=16, time_dim=16)
+    model = ImageDiffiT(
+        img_resolution=16, in_channels=1, channels=(16, 32), blocks=(1, 1), window_size=4, head_dim=16, time_dim=16
+    )
     assert model(torch.randn(2, 1, 16, 16), torch.zeros(2)).shape == (2, 1, 16, 16)
 
 
@@ -74,8 +97,8 @@ def test_gradients_reach_every_learnable_parameter():
         if name.endswith("attn.qkv_temb.weight") or name.endswith("attn.qkv_temb.bias"):
             C = p.shape[0] // 3
             # SPEC §2 [Calc]: the key time-projection's gradient vanishes (softmax shift invariance)
-            assert p.grad[C:2 * C].abs().max() < 1e-5 * p.grad.abs().max() + 1e-9, name
-            assert p.grad[:C].abs().max() > 0 and p.grad[2 * C:].abs().max() > 0, name
+            assert p.grad[C : 2 * C].abs().max() < 1e-5 * p.grad.abs().max() + 1e-9, name
+            assert p.grad[:C].abs().max() > 0 and p.grad[2 * C :].abs().max() > 0, name
         else:
             assert p.grad is not None and p.grad.abs().max() > 0, name
 
@@ -116,7 +139,7 @@ def test_time_modes_and_embeddings_differ():
     outs["fourier"] = fourier(x, t).detach()
     names = list(outs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not torch.allclose(outs[a], outs[b]), (a, b)
 
 
@@ -161,8 +184,9 @@ def test_label_table_init_follows_edm_in_image_space_and_the_release_in_latent_s
 
     torch.manual_seed(0)
     image = ImageDiffiT(channels=(32, 32), blocks=(1, 1), window_size=4, head_dim=16, time_dim=256, num_classes=10)
-    latent = LatentDiffiT(input_size=8, patch_size=2, in_channels=4, hidden_size=256, depth=1, num_heads=4,
-                          num_classes=10)
+    latent = LatentDiffiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=256, depth=1, num_heads=4, num_classes=10
+    )
     # EDM's map_label gives unit-scale label rows; DiT/the release keep N(0, .02)
     assert image.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, abs=0.05)
     assert latent.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, abs=0.002)

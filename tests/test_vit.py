@@ -34,24 +34,35 @@ def release_state_dict(input_size, patch, c_in, D, depth, heads, classes, learn_
     out = c_in * (2 if learn_sigma else 1)
     r = torch.randn
     sd = {
-        "x_embedder.proj.weight": r(D, c_in, patch, patch), "x_embedder.proj.bias": r(D),
+        "x_embedder.proj.weight": r(D, c_in, patch, patch),
+        "x_embedder.proj.bias": r(D),
         "pos_embed": r(1, T, D),
-        "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D),
-        "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
+        "t_embedder.mlp.0.weight": r(D, 256),
+        "t_embedder.mlp.0.bias": r(D),
+        "t_embedder.mlp.2.weight": r(D, D),
+        "t_embedder.mlp.2.bias": r(D),
         "y_embedder.embedding_table.weight": r(classes + 1, D),
-        "final_layer.linear.weight": r(patch * patch * out, D), "final_layer.linear.bias": r(patch * patch * out),
+        "final_layer.linear.weight": r(patch * patch * out, D),
+        "final_layer.linear.bias": r(patch * patch * out),
     }
     for n in range(depth):
         b = f"blocks.{n}."
-        sd.update({
-            b + "attn.qkv.weight": r(3 * D, D), b + "attn.qkv.bias": r(3 * D),
-            b + "attn.qkv_temb.weight": r(3 * D, D), b + "attn.qkv_temb.bias": r(3 * D),
-            b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
-            b + "attn.relative_position_bias_table": r((2 * W - 1) ** 2, heads),
-            b + "attn.relative_position_index": torch.randint(0, (2 * W - 1) ** 2, (W * W, W * W)),
-            b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc1.bias": r(4 * D),
-            b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D),
-        })
+        sd.update(
+            {
+                b + "attn.qkv.weight": r(3 * D, D),
+                b + "attn.qkv.bias": r(3 * D),
+                b + "attn.qkv_temb.weight": r(3 * D, D),
+                b + "attn.qkv_temb.bias": r(3 * D),
+                b + "attn.proj.weight": r(D, D),
+                b + "attn.proj.bias": r(D),
+                b + "attn.relative_position_bias_table": r((2 * W - 1) ** 2, heads),
+                b + "attn.relative_position_index": torch.randint(0, (2 * W - 1) ** 2, (W * W, W * W)),
+                b + "mlp.fc1.weight": r(4 * D, D),
+                b + "mlp.fc1.bias": r(4 * D),
+                b + "mlp.fc2.weight": r(D, 4 * D),
+                b + "mlp.fc2.bias": r(D),
+            }
+        )
     return sd
 
 
@@ -128,8 +139,8 @@ def test_time_and_label_dependence_and_gradients():
         g = p.grad
         if name.endswith("attn.qkv_temb.weight") or name.endswith("attn.qkv_temb.bias"):
             # SPEC §2 [Calc]: the key time-projection gets (numerically) zero gradient; q and v rows learn
-            assert g[D:2 * D].abs().max() < 1e-6 * max(1.0, g.abs().max().item()) + 1e-9, name
-            assert g[:D].abs().max() > 0 and g[2 * D:].abs().max() > 0, name
+            assert g[D : 2 * D].abs().max() < 1e-6 * max(1.0, g.abs().max().item()) + 1e-9, name
+            assert g[:D].abs().max() > 0 and g[2 * D :].abs().max() > 0, name
         else:
             assert g is not None and g.abs().max() > 0, name
 
@@ -152,7 +163,7 @@ def test_time_modes_build_run_and_differ():
         outs[mode] = out.detach()
     modes = list(outs)
     for i, a in enumerate(modes):
-        for b in modes[i + 1:]:
+        for b in modes[i + 1 :]:
             assert not torch.allclose(outs[a], outs[b]), (a, b)
 
 

@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_UNET, tiny_unet
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,8 +24,6 @@ from diffit_cli.generate import generate, png_path
 from diffit_cli.sampling import make_decoder
 from diffit_cli.training import TrackerSpec, train
 
-from helpers import TINY_UNET, tiny_unet
-
 STANDIN = M.register_test_extractor()
 
 
@@ -37,8 +36,9 @@ def reference(tmp_path_factory):
     """Statistics (stand-in extractor) of 64 images of the tiny preset's training data."""
     src = open_source(tiny_unet().data)
     path = tmp_path_factory.mktemp("ref") / "ref.npz"
-    M.save_reference(np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(64)]), path,
-                     feature_extractor=STANDIN)
+    M.save_reference(
+        np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(64)]), path, feature_extractor=STANDIN
+    )
     return path
 
 
@@ -58,8 +58,13 @@ def _scalars(logdir):
 def test_fid_along_training_tensorboard_best_checkpoint_curves_and_resume(tmp_path, reference):
     pytest.importorskip("tensorboard", reason="the tensorboard package (in the test extra) is not installed")
     run = tmp_path / "run"
-    fid = ["eval.every_kimg=0.016", "eval.num_samples=8", f"eval.feature_extractor={STANDIN}",
-           f"eval.reference={reference}", "train.keep_checkpoints=1"]
+    fid = [
+        "eval.every_kimg=0.016",
+        "eval.num_samples=8",
+        f"eval.feature_extractor={STANDIN}",
+        f"eval.reference={reference}",
+        "train.keep_checkpoints=1",
+    ]
     state = train(tiny_unet(*fid), run, trackers=TrackerSpec(("tensorboard",)))  # to 0.032 kimg
     log = _log(run)
     fids = [r for r in log if r.get("event") == "fid"]
@@ -145,8 +150,11 @@ def _train_and_resume(tmp_path, tracker):
 @pytest.mark.e2e
 def test_mlflow_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_run(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'diffit-cli[mlflow]')")
-    pytest.importorskip("sqlalchemy", reason="MLflow's sqlite store needs the full mlflow package, not mlflow-skinny "
-                                             "(pip install 'diffit-cli[mlflow]')")
+    pytest.importorskip(
+        "sqlalchemy",
+        reason="MLflow's sqlite store needs the full mlflow package, not mlflow-skinny "
+        "(pip install 'diffit-cli[mlflow]')",
+    )
     import mlflow
     from mlflow import MlflowClient
 
@@ -166,8 +174,10 @@ def test_mlflow_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_t
     assert sorted(reported["train/loss"]) == [1, 2, 3, 4] and set(r.data.metrics) == set(reported)
     for key, values in reported.items():
         assert {m.step: m.value for m in client.get_metric_history(run_id, key)} == pytest.approx(values, rel=1e-6)
-    pngs = sorted((a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")),
-                  key=lambda path: int(path.split("+step+")[1].split("+")[0]))
+    pngs = sorted(
+        (a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")),
+        key=lambda path: int(path.split("+step+")[1].split("+")[0]),
+    )
     assert [path.split("+step+")[1].split("+")[0] for path in pngs] == ["2", "4"]
     for path, kimg in zip(pngs, (0.016, 0.032)):
         got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path / "dl"))
@@ -206,13 +216,17 @@ def test_aim_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_
 def _comet_archive(zip_path):
     """An offline Comet experiment's archive: its experiment.json and its messages (one JSON object a line)."""
     with zipfile.ZipFile(zip_path) as z:
-        return (zip_path, json.loads(z.read("experiment.json")),
-                [json.loads(line) for line in z.read("messages.json").decode().splitlines()])
+        return (
+            zip_path,
+            json.loads(z.read("experiment.json")),
+            [json.loads(line) for line in z.read("messages.json").decode().splitlines()],
+        )
 
 
 @pytest.mark.e2e
-def test_comet_offline_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_experiment(tmp_path,
-                                                                                                      monkeypatch):
+def test_comet_offline_gets_log_jsonl_the_config_and_the_grids_and_a_resume_continues_the_experiment(
+    tmp_path, monkeypatch
+):
     pytest.importorskip("comet_ml", reason="comet_ml is not installed (pip install 'diffit-cli[comet_ml]')")
     monkeypatch.setenv("COMET_START_ONLINE", "false")  # no API key needed: an archive to `comet upload` later
     monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
@@ -233,8 +247,11 @@ def test_comet_offline_gets_log_jsonl_the_config_and_the_grids_and_a_resume_cont
                 metrics.setdefault(metric["metricName"], {})[metric["step"]] = metric["metricValue"]
             elif m["type"] == "parameter_msg":
                 params[m["payload"]["param"]["paramName"]] = m["payload"]["param"]["paramValue"]
-        grids = [m["payload"] for m in messages if m["type"] == "file_upload"
-                 and m["payload"]["upload_type"] == "visualization"]
+        grids = [
+            m["payload"]
+            for m in messages
+            if m["type"] == "file_upload" and m["payload"]["upload_type"] == "visualization"
+        ]
         assert [g["additional_params"]["figName"] for g in grids] == ["samples"]
         kimg = grids[0]["additional_params"]["step"] * 0.008
         with zipfile.ZipFile(zip_path) as z, z.open(grids[0]["file_path"]) as f:
@@ -299,8 +316,9 @@ def test_ablate_logs_each_variant_as_its_own_tracker_run_grouped_by_study(tmp_pa
 
     monkeypatch.setattr(diffit_cli.training, "train", fake_train)
     with pytest.raises(Stop):
-        A.run_study("window-size", "test", runs_dir=tmp_path, only=["w4"],
-                    trackers=TrackerSpec(("tensorboard",), "studies"))
+        A.run_study(
+            "window-size", "test", runs_dir=tmp_path, only=["w4"], trackers=TrackerSpec(("tensorboard",), "studies")
+        )
     assert seen == [TrackerSpec(("tensorboard",), "studies", name="w4", group="window-size")]
 
 
@@ -313,8 +331,10 @@ def test_plot_draws_several_runs_from_their_logs(tmp_path):
     for name, fid in (("a", True), ("b", False)):
         d = tmp_path / name
         d.mkdir()
-        lines = [{"kimg": k, "step": k, "loss": 1 / k, "lr": 1e-3, "img_per_s": 100.0, "grad_norm": 2.0 / k}
-                 for k in range(1, 6)]
+        lines = [
+            {"kimg": k, "step": k, "loss": 1 / k, "lr": 1e-3, "img_per_s": 100.0, "grad_norm": 2.0 / k}
+            for k in range(1, 6)
+        ]
         if fid:
             lines.append({"event": "fid", "kimg": 5, "step": 5, "fid": 30.0, "extractor": STANDIN})
             lines.append({"event": "spike", "kimg": 5, "loss": 99.0, "median": 1.0, "action": "warn"})
@@ -355,8 +375,23 @@ def test_eval_fid_ckpt_repeats_follow_the_seed_ranges(tmp_path, reference):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": net.state_dict(), "ema": net.state_dict(), "preset": dump_preset(p)}, ckpt)
     keep, out = tmp_path / "keep", tmp_path / "fid.json"
-    r = cli("eval-fid", "--ckpt", ckpt, "--num", 8, "--repeats", 2, "--ref", reference, "--feature-extractor", STANDIN,
-            "--keep", keep, "--json", out)
+    r = cli(
+        "eval-fid",
+        "--ckpt",
+        ckpt,
+        "--num",
+        8,
+        "--repeats",
+        2,
+        "--ref",
+        reference,
+        "--feature-extractor",
+        STANDIN,
+        "--keep",
+        keep,
+        "--json",
+        out,
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert [x["seeds"] for x in res["repeats"]] == ["0-7", "8-15"] and len(res["values"]) == 2
@@ -365,8 +400,14 @@ def test_eval_fid_ckpt_repeats_follow_the_seed_ranges(tmp_path, reference):
         assert f"{v:.4f}" in r.output
     assert f"min {res['min']:.4f}" in r.output and f"mean {res['mean']:.4f}" in r.output
     # repeat 1 is seeds 8..15: its kept images are those seeds' samples, and its FID is those images' FID
-    (_, _, images), = generate(net.eval(), build_diffusion(p.diffusion, p.model), p, list(range(8, 16)),
-                               make_decoder(p, None, torch.device("cpu"), "fp32")[0], batch=8)
+    ((_, _, images),) = generate(
+        net.eval(),
+        build_diffusion(p.diffusion, p.model),
+        p,
+        list(range(8, 16)),
+        make_decoder(p, None, torch.device("cpu"), "fp32")[0],
+        batch=8,
+    )
     kept = np.stack([np.asarray(Image.open(png_path(keep / "repeat-1", s))) for s in range(8, 16)])
     assert np.array_equal(kept, images)
     again = M.compute_metrics(keep / "repeat-1", reference, feature_extractor=STANDIN)
@@ -376,8 +417,11 @@ def test_eval_fid_ckpt_repeats_follow_the_seed_ranges(tmp_path, reference):
 
 
 def test_eval_fid_flag_combinations_are_one_line_errors(tmp_path):
-    for args, says in ((["--num", 8], "go with --ckpt"), ([], "give SAMPLES"),
-                       (["--ckpt", tmp_path / "x.pt", tmp_path / "samples"], "drop SAMPLES")):
+    for args, says in (
+        (["--num", 8], "go with --ckpt"),
+        ([], "give SAMPLES"),
+        (["--ckpt", tmp_path / "x.pt", tmp_path / "samples"], "drop SAMPLES"),
+    ):
         r = cli("eval-fid", *args)
         assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
 
@@ -385,6 +429,7 @@ def test_eval_fid_flag_combinations_are_one_line_errors(tmp_path):
 def test_eval_fid_ckpt_across_machines_needs_a_shared_keep_folder(monkeypatch, tmp_path):
     """Without --keep the images go to the main machine's /tmp: processes on two hosts are refused before any
     sampling; on one host, or with --keep, they go ahead."""
+
     class TwoProcesses:
         num_processes = 2
 

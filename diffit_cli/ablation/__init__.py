@@ -9,9 +9,17 @@ import importlib
 from diffit_cli.ablation.budget import BUDGETS, PUBLIC_BUDGETS, Budget, apply_budget, get_budget
 from diffit_cli.ablation.study import RESULT, Study, StudyError, Variant, available_studies, load_study
 
-_LAZY = {"run_study": "run", "choose_extractor": "run", "StudyResult": "run", "attention_maps": "attention",
-         "plan_study": "plan", "resolve_preset": "plan", "default_runs_dir": "plan", "StudyPlan": "plan",
-         "VariantPlan": "plan"}
+_LAZY = {
+    "run_study": "run",
+    "choose_extractor": "run",
+    "StudyResult": "run",
+    "attention_maps": "attention",
+    "plan_study": "plan",
+    "resolve_preset": "plan",
+    "default_runs_dir": "plan",
+    "StudyPlan": "plan",
+    "VariantPlan": "plan",
+}
 
 
 def __getattr__(name: str):
@@ -20,6 +28,25 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'diffit_cli.ablation' has no attribute {name!r}")
 
 
-__all__ = ["BUDGETS", "PUBLIC_BUDGETS", "Budget", "apply_budget", "get_budget", "StudyPlan", "VariantPlan",
-           "default_runs_dir", "plan_study", "resolve_preset", "RESULT", "Study", "StudyError", "Variant",
-           "available_studies", "load_study", "run_study", "choose_extractor", "StudyResult", "attention_maps"]
+__all__ = [
+    "BUDGETS",
+    "PUBLIC_BUDGETS",
+    "Budget",
+    "apply_budget",
+    "get_budget",
+    "StudyPlan",
+    "VariantPlan",
+    "default_runs_dir",
+    "plan_study",
+    "resolve_preset",
+    "RESULT",
+    "Study",
+    "StudyError",
+    "Variant",
+    "available_studies",
+    "load_study",
+    "run_study",
+    "choose_extractor",
+    "StudyResult",
+    "attention_maps",
+]

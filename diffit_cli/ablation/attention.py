@@ -67,12 +67,15 @@ def attention_maps(net, diffusion, preset: Preset, sigmas: list[float], layer: i
     fixed_maps = np.stack([to_map(a) for a in fixed])
     return {
         "sigmas": np.asarray(sigmas, dtype=np.float32),
-        "fixed": fixed_maps, "trajectory": np.stack([to_map(a) for a in traj]),
+        "fixed": fixed_maps,
+        "trajectory": np.stack([to_map(a) for a in traj]),
         "fixed_change": np.abs(fixed_maps - fixed_maps.mean(0, keepdims=True)),
-        "fixed_input": to_uint8(fixed_x), "trajectory_inputs": np.stack([to_uint8(x0 + s * noise) for s in sigmas]),
-        "change": float(np.mean(tv)), "layer": f"{mods.index(attn)} of {len(mods)} ({type(attn).__name__}, window "
-                                              f"{attn.window_size})",
+        "fixed_input": to_uint8(fixed_x),
+        "trajectory_inputs": np.stack([to_uint8(x0 + s * noise) for s in sigmas]),
+        "change": float(np.mean(tv)),
+        "layer": f"{mods.index(attn)} of {len(mods)} ({type(attn).__name__}, window {attn.window_size})",
     }
+
 
 def save_map_pngs(folder: Path, maps: dict) -> None:
     """One colour-mapped PNG per noise level and protocol (one colour scale per protocol); `fixed-change`: the
@@ -83,4 +86,3 @@ def save_map_pngs(folder: Path, maps: dict) -> None:
         for s, m in zip(maps["sigmas"], arr):
             name = proto.replace("_", "-")
             save_png(folder / f"{name}-sigma{float(s):g}.png", colormap(m, 0.0, max(float(arr.max()), CHANGE_FLOOR)))
-

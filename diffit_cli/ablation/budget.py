@@ -36,20 +36,57 @@ class Budget:
 
 _FEW_STEPS = {"heun": 8, "euler": 8, "dpmpp-2m": 8, "ddpm": 25, "ddim": 25}
 BUDGETS: dict[str, Budget] = {
-    "test": Budget("test", "CI smoke test: seconds per study", width_div=16, head_dim=8, resolution=16, max_stages=2,
-                   max_blocks=1, sizes={"vit": dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
-                                         "encdec": dict(vit_width=32, vit_depth=2, vit_heads=2, mla_channels=16)},
-                   kimg=0.048, batch=16,
-                   samples=24, reference_images=64, steps={"heun": 3, "euler": 3, "dpmpp-2m": 3, "ddpm": 4, "ddim": 4},
-                   synthetic=True, ema_halflife_kimg=0.01, fast=True, offline_extractor=True),
-    "tiny": Budget("tiny", "2 CPU cores, minutes per study: widths ÷ 8, 16×16 built-in shapes, 20 kimg, FID of 512 "
-                   "samples", width_div=8, head_dim=8, resolution=16, max_stages=2, max_blocks=1,
-                   sizes={"vit": dict(hidden_size=64, depth=4, num_heads=4, patch_size=2),
-                          "encdec": dict(vit_width=64, vit_depth=4, vit_heads=4, mla_channels=32)}, kimg=20.0, batch=32,
-                   samples=512, reference_images=2048, steps=_FEW_STEPS, synthetic=True, ema_halflife_kimg=0.5,
-                   fast=True, offline_extractor=True),
-    "small": Budget("small", "one GPU, hours per variant: widths ÷ 2, 10 % of the preset's training, FID-10K",
-                    width_div=2, kimg_scale=0.1, samples=10_000),
+    "test": Budget(
+        "test",
+        "CI smoke test: seconds per study",
+        width_div=16,
+        head_dim=8,
+        resolution=16,
+        max_stages=2,
+        max_blocks=1,
+        sizes={
+            "vit": dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
+            "encdec": dict(vit_width=32, vit_depth=2, vit_heads=2, mla_channels=16),
+        },
+        kimg=0.048,
+        batch=16,
+        samples=24,
+        reference_images=64,
+        steps={"heun": 3, "euler": 3, "dpmpp-2m": 3, "ddpm": 4, "ddim": 4},
+        synthetic=True,
+        ema_halflife_kimg=0.01,
+        fast=True,
+        offline_extractor=True,
+    ),
+    "tiny": Budget(
+        "tiny",
+        "2 CPU cores, minutes per study: widths ÷ 8, 16×16 built-in shapes, 20 kimg, FID of 512 samples",
+        width_div=8,
+        head_dim=8,
+        resolution=16,
+        max_stages=2,
+        max_blocks=1,
+        sizes={
+            "vit": dict(hidden_size=64, depth=4, num_heads=4, patch_size=2),
+            "encdec": dict(vit_width=64, vit_depth=4, vit_heads=4, mla_channels=32),
+        },
+        kimg=20.0,
+        batch=32,
+        samples=512,
+        reference_images=2048,
+        steps=_FEW_STEPS,
+        synthetic=True,
+        ema_halflife_kimg=0.5,
+        fast=True,
+        offline_extractor=True,
+    ),
+    "small": Budget(
+        "small",
+        "one GPU, hours per variant: widths ÷ 2, 10 % of the preset's training, FID-10K",
+        width_div=2,
+        kimg_scale=0.1,
+        samples=10_000,
+    ),
     "paper": Budget("paper", "the paper's setting: the preset's widths, training and FID-50K"),
 }
 PUBLIC_BUDGETS = ("tiny", "small", "paper")
@@ -80,8 +117,15 @@ def apply_budget(raw: dict, b: Budget) -> dict:
         data["resolution"] = b.resolution
         m["input_size" if kind == "vit" else "img_resolution"] = b.resolution
     if kind in MODEL_KINDS:  # each model section scales itself
-        MODEL_KINDS[kind].scale(m, b.width_div, head_dim=b.head_dim, max_stages=b.max_stages, max_blocks=b.max_blocks,
-                                old_resolution=old_res, sizes=(b.sizes or {}).get(kind))
+        MODEL_KINDS[kind].scale(
+            m,
+            b.width_div,
+            head_dim=b.head_dim,
+            max_stages=b.max_stages,
+            max_blocks=b.max_blocks,
+            old_resolution=old_res,
+            sizes=(b.sizes or {}).get(kind),
+        )
     if b.fast:
         if "dropout" in m:
             m["dropout"] = 0.0

@@ -15,8 +15,9 @@ from diffit_cli.build import build_network, count_parameters
 from diffit_cli.config import Preset, apply_overrides, diff_presets, preset_to_dict, read_preset_file, validate_preset
 
 
-def resolve_preset(study: Study, variant: Variant | None, budget: str = "tiny",
-                   overrides: list[str] | None = None) -> Preset:
+def resolve_preset(
+    study: Study, variant: Variant | None, budget: str = "tiny", overrides: list[str] | None = None
+) -> Preset:
     """The preset a variant trains with (variant None: the study's base) at `budget`, after user `--set` values.
 
     Order: base preset → `sections` → study overrides → variant overrides → budget shrink → the study's
@@ -36,6 +37,7 @@ def resolve_preset(study: Study, variant: Variant | None, budget: str = "tiny",
     raw["description"] = f"ablation {study.name} ({study.source}), variant {vname}, budget {budget}"
     return validate_preset(raw, f"study {study.name}, variant {vname}, budget {budget}")
 
+
 def _changes(base: Preset, other: Preset) -> dict[str, tuple[Any, Any]]:
     a, b = preset_to_dict(base), preset_to_dict(other)
 
@@ -45,6 +47,7 @@ def _changes(base: Preset, other: Preset) -> dict[str, tuple[Any, Any]]:
         return d
 
     return {k: (get(a, k), get(b, k)) for k in diff_presets(a, b) if k not in SKIP_DIFF}
+
 
 @dataclass
 class VariantPlan:
@@ -59,6 +62,7 @@ class VariantPlan:
     paper: float | None
     status: str  # done | partial | new
 
+
 @dataclass
 class StudyPlan:
     study: str
@@ -72,21 +76,33 @@ class StudyPlan:
 
     def describe(self) -> str:
         """What `diffit ablate STUDY --dry-run` prints: each variant's overrides and their resolved changes."""
+
         def fmt(v: Any) -> str:
             return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else "–" if v is None else str(v)
 
-        lines = [f"{self.title} ({self.study}, {self.kind} study)", f"budget {self.budget}: {self.budget_summary}",
-                 f"base preset {self.base}; runs in {self.study_dir}"]
+        lines = [
+            f"{self.title} ({self.study}, {self.kind} study)",
+            f"budget {self.budget}: {self.budget_summary}",
+            f"base preset {self.base}; runs in {self.study_dir}",
+        ]
         for v in self.variants:
             paper = "" if v.paper is None else f", paper {v.paper:g}"
-            lines += ["", f"{v.name}" + (f" — {v.label}" if v.label else "")
-                      + f"  ({v.network} / {v.diffusion}, {v.parameters:,} parameters{paper}, {v.status})",
-                      f"  overrides: {' '.join(v.overrides) or '–'}"]
-            lines += [f"  {k}: {fmt(a)} → {fmt(b)}" for k, (a, b) in v.changes.items()] or ["  resolved: the base preset"]
+            lines += [
+                "",
+                f"{v.name}"
+                + (f" — {v.label}" if v.label else "")
+                + f"  ({v.network} / {v.diffusion}, {v.parameters:,} parameters{paper}, {v.status})",
+                f"  overrides: {' '.join(v.overrides) or '–'}",
+            ]
+            lines += [f"  {k}: {fmt(a)} → {fmt(b)}" for k, (a, b) in v.changes.items()] or [
+                "  resolved: the base preset"
+            ]
         return "\n".join(lines)
+
 
 def default_runs_dir(study: Study, budget: str) -> Path:
     return Path("runs") / "ablations" / study.name / budget
+
 
 def _network_summary(preset: Preset) -> tuple[int, str, dict[str, int]]:
 
@@ -97,13 +113,20 @@ def _network_summary(preset: Preset) -> tuple[int, str, dict[str, int]]:
         types[type(mod).__name__] = types.get(type(mod).__name__, 0) + 1
     return count_parameters(net), type(net).__name__, types
 
+
 def select_variants(study: Study, only: list[str] | None) -> list[Variant]:
     if not only:
         return list(study.variants)
     return [study.variant(n) for n in dict.fromkeys(only)]
 
-def plan_study(study: Study | str, budget: str = "tiny", overrides: list[str] | None = None,
-               runs_dir: Path | str | None = None, only: list[str] | None = None) -> StudyPlan:
+
+def plan_study(
+    study: Study | str,
+    budget: str = "tiny",
+    overrides: list[str] | None = None,
+    runs_dir: Path | str | None = None,
+    only: list[str] | None = None,
+) -> StudyPlan:
     """What `--dry-run` shows: every variant's overrides, its resolved differences from the base, its network."""
     study = load_study(study) if isinstance(study, (str, Path)) else study
     sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
@@ -114,6 +137,20 @@ def plan_study(study: Study | str, budget: str = "tiny", overrides: list[str] | 
         params, net, types = _network_summary(p)
         vdir = sdir / v.name
         status = "done" if (vdir / RESULT).is_file() else "partial" if vdir.exists() else "new"
-        plans.append(VariantPlan(v.name, v.label, list(v.overrides), _changes(base, p), params, net, p.diffusion.kind,
-                                 types, v.paper, status))
-    return StudyPlan(study.name, study.title, study.kind, budget, get_budget(budget).summary, str(sdir), study.base, plans)
+        plans.append(
+            VariantPlan(
+                v.name,
+                v.label,
+                list(v.overrides),
+                _changes(base, p),
+                params,
+                net,
+                p.diffusion.kind,
+                types,
+                v.paper,
+                status,
+            )
+        )
+    return StudyPlan(
+        study.name, study.title, study.kind, budget, get_budget(budget).summary, str(sdir), study.base, plans
+    )

@@ -93,7 +93,7 @@ class Study(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Study":
+    def _consistent(self) -> Study:
         names = [v.name for v in self.variants]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -115,8 +115,10 @@ class Study(_Strict):
         for v in self.variants:
             if v.name == name:
                 return v
-        raise StudyError(f"unknown variant {name!r} of study {self.name!r}; valid variants: "
-                         + ", ".join(v.name for v in self.variants))
+        raise StudyError(
+            f"unknown variant {name!r} of study {self.name!r}; valid variants: "
+            + ", ".join(v.name for v in self.variants)
+        )
 
     def points(self, budget: str) -> int:
         n = self.curve_points if isinstance(self.curve_points, int) else self.curve_points.get(budget, 4)
@@ -137,8 +139,10 @@ def load_study(name_or_path: str | Path) -> Study:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = study_dir_default() / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise StudyError(f"unknown study {str(name_or_path)!r}; available studies: {', '.join(available_studies())} "
-                             "(or pass the path of a study .yaml file)")
+            raise StudyError(
+                f"unknown study {str(name_or_path)!r}; available studies: {', '.join(available_studies())} "
+                "(or pass the path of a study .yaml file)"
+            )
     try:
         raw = yaml.safe_load(path.read_text())
         return Study.model_validate(raw)

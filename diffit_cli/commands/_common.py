@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import typer
 from rich.console import Console
@@ -73,8 +73,11 @@ def user_errors(fn: Callable) -> Callable:
         except BaseException as e:  # Ctrl-C before the work started, or a second one (torch.save may wrap it)
             if STATE.debug or not _interrupted(e):
                 raise
-            console.print("[yellow]interrupted[/]: what was not saved yet is lost (checkpoints, images and shards "
-                          "already written are kept); rerun the same command to continue", highlight=False)
+            console.print(
+                "[yellow]interrupted[/]: what was not saved yet is lost (checkpoints, images and shards "
+                "already written are kept); rerun the same command to continue",
+                highlight=False,
+            )
             raise typer.Exit(code=INTERRUPTED_EXIT) from None
 
     return wrapper
@@ -100,13 +103,19 @@ class RichProgress:
     def __init__(self, label: Callable[[str], str] | None = None):
         self.label = label or (lambda task: task)
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            TextColumn("{task.completed:,.4g}/{task.total:,.4g} {task.fields[unit]}"),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.4g}/{task.total:,.4g} {task.fields[unit]}"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
         self.bar.__enter__()
         self.tasks: dict[str, int] = {}
         return self
@@ -119,8 +128,9 @@ class RichProgress:
                 self.bar.console.print(event.text, highlight=False)
             if event.task in self.tasks:
                 self.bar.remove_task(self.tasks[event.task])
-            self.tasks[event.task] = self.bar.add_task(self.label(event.task), total=event.total,
-                                                       completed=event.done, unit=event.unit, status="")
+            self.tasks[event.task] = self.bar.add_task(
+                self.label(event.task), total=event.total, completed=event.done, unit=event.unit, status=""
+            )
         elif isinstance(event, Step) and event.task in self.tasks:
             self.bar.update(self.tasks[event.task], completed=event.done, total=event.total, status=event.status)
         elif isinstance(event, Message):

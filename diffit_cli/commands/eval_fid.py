@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -56,7 +55,9 @@ def _show(result: dict) -> None:
 SamplesArg = typer.Argument(None, help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
 RefOpt = typer.Option(None, "--ref", "-r", help="Image folder, .zip, .npz of images, or a mu/sigma statistics .npz.")
 MetricsOpt = typer.Option("fid", "--metrics", "-m", help="Comma-separated: fid, is, kid, pr (precision/recall).")
-BatchOpt = typer.Option(None, "--batch", min=1, help="Images per feature-extraction batch (default 64; --ckpt: eval.batch).")
+BatchOpt = typer.Option(
+    None, "--batch", min=1, help="Images per feature-extraction batch (default 64; --ckpt: eval.batch)."
+)
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 WeightsOpt = typer.Option(None, "--inception-weights", help="Local Inception weights file (offline machines).")
 ExtractorOpt = typer.Option(
@@ -78,21 +79,21 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def eval_fid(
         samples: Path = SamplesArg,
-        ref: Optional[Path] = RefOpt,
+        ref: Path | None = RefOpt,
         metrics: str = MetricsOpt,
-        batch: Optional[int] = BatchOpt,
-        device: Optional[str] = DeviceOpt,
-        inception_weights: Optional[Path] = WeightsOpt,
-        feature_extractor: Optional[str] = ExtractorOpt,
-        save_ref: Optional[Path] = SaveRefOpt,
-        json_out: Optional[Path] = JsonOpt,
-        preset: Optional[str] = PresetOpt,
-        data: Optional[str] = DataOpt,
-        overrides: Optional[List[str]] = SetOpt,
-        ckpt: Optional[str] = CkptOpt,
-        num: Optional[int] = NumOpt,
+        batch: int | None = BatchOpt,
+        device: str | None = DeviceOpt,
+        inception_weights: Path | None = WeightsOpt,
+        feature_extractor: str | None = ExtractorOpt,
+        save_ref: Path | None = SaveRefOpt,
+        json_out: Path | None = JsonOpt,
+        preset: str | None = PresetOpt,
+        data: str | None = DataOpt,
+        overrides: list[str] | None = SetOpt,
+        ckpt: str | None = CkptOpt,
+        num: int | None = NumOpt,
         repeats: int = RepeatsOpt,
-        keep: Optional[Path] = KeepOpt,
+        keep: Path | None = KeepOpt,
     ) -> None:
         from diffit_cli.fileio import check_writable, write_json
 
@@ -102,8 +103,10 @@ def register(app: typer.Typer) -> None:
 
         if ckpt is not None:
             if samples is not None or save_ref is not None or device is not None or metrics != "fid":
-                fail("--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
-                     "--metrics (launch with accelerate to use several GPUs)")
+                fail(
+                    "--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
+                    "--metrics (launch with accelerate to use several GPUs)"
+                )
             result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights)
             if result is not None and json_out is not None:
                 write_json(json_out, result)
@@ -130,9 +133,13 @@ def register(app: typer.Typer) -> None:
                     from diffit_cli.fid.reference import preset_reference
 
                     sets = list(overrides or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
-                    ref, described = preset_reference(load_preset(preset, sets), batch=batch or 64, progress=progress,
-                                                      feature_extractor=feature_extractor or M.INCEPTION,
-                                                      inception_weights=inception_weights)
+                    ref, described = preset_reference(
+                        load_preset(preset, sets),
+                        batch=batch or 64,
+                        progress=progress,
+                        feature_extractor=feature_extractor or M.INCEPTION,
+                        inception_weights=inception_weights,
+                    )
                 result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
                 if described is not None and described != ref:
                     result["notes"].insert(0, f"reference: statistics of {described}")
@@ -153,9 +160,17 @@ def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, i
     from diffit_cli.fid.sampled import score_checkpoint
 
     with RichProgress() as progress:
-        r = score_checkpoint(ckpt, num, repeats=repeats, reference=ref, batch=batch,
-                             feature_extractor=feature_extractor,
-                             keep=keep, inception_weights=inception_weights, progress=progress)
+        r = score_checkpoint(
+            ckpt,
+            num,
+            repeats=repeats,
+            reference=ref,
+            batch=batch,
+            feature_extractor=feature_extractor,
+            keep=keep,
+            inception_weights=inception_weights,
+            progress=progress,
+        )
     if r is None:  # not the main process
         return None
     from rich.console import Console
@@ -163,10 +178,16 @@ def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, i
     out = Console()
     for k, rep in enumerate(r["repeats"]):
         out.print(f"FID repeat {k} (seeds {rep['seeds']}): {rep['fid']:.4f}", highlight=False)
-    out.print(f"FID over {len(r['values'])} repeat{'s' * (len(r['values']) > 1)} of {r['num']:,} images: "
-              f"min {r['min']:.4f}  mean {r['mean']:.4f}  std {r['std']:.4f}", highlight=False)
-    out.print(f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
-              f"{r['steps']} steps, EMA weights", highlight=False)
+    out.print(
+        f"FID over {len(r['values'])} repeat{'s' * (len(r['values']) > 1)} of {r['num']:,} images: "
+        f"min {r['min']:.4f}  mean {r['mean']:.4f}  std {r['std']:.4f}",
+        highlight=False,
+    )
+    out.print(
+        f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
+        f"{r['steps']} steps, EMA weights",
+        highlight=False,
+    )
     for note in r["notes"]:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
     return r

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import typer
 
@@ -19,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def plot_cmd(
-    run_dirs: List[Path] = typer.Argument(..., help="Run folders (each holds log.jsonl)."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders (each holds log.jsonl)."),
     out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="The PNG to write."),
 ) -> None:
     from diffit_cli.curves import plot_runs

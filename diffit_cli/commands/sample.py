@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -21,42 +20,69 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def sample_cmd(
-    ckpt: str = typer.Option(..., "--ckpt", help="Our .pt/.safetensors checkpoint, a release file, or REPO:FILE on the Hub."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Architecture for weight files without a preset (release files)."),
-    overrides: Optional[List[str]] = SetOpt,
+    ckpt: str = typer.Option(
+        ..., "--ckpt", help="Our .pt/.safetensors checkpoint, a release file, or REPO:FILE on the Hub."
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help="Architecture for weight files without a preset (release files)."
+    ),
+    overrides: list[str] | None = SetOpt,
     seeds: str = typer.Option("0-63", "--seeds", help="Seeds: ranges and lists, e.g. 0-49999 or 1,5,7."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder of PNGs, or FILE.npz."),
-    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images per forward batch (per process)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="'random' (per seed), a class, or a list 1,2,3."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="heun | euler | dpmpp-2m | ddpm | ddim."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampling steps."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0, help="Classifier-free guidance scale (1 = off)."),
-    cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | power-cosine | interval."),
-    cfg_power: Optional[float] = typer.Option(None, "--cfg-power", min=0.0, help="Power p of the power-cosine schedule."),
-    cfg_channels: Optional[str] = typer.Option(None, "--cfg-channels", help="Guided ε channels: 3 (release) or all."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="SD VAE for latent models: Hub id, folder or .safetensors."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="Images per forward batch (per process)."),
+    classes: str | None = typer.Option(None, "--classes", help="'random' (per seed), a class, or a list 1,2,3."),
+    sampler: str | None = typer.Option(None, "--sampler", help="heun | euler | dpmpp-2m | ddpm | ddim."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps."),
+    cfg_scale: float | None = typer.Option(
+        None, "--cfg-scale", min=0.0, help="Classifier-free guidance scale (1 = off)."
+    ),
+    cfg_schedule: str | None = typer.Option(None, "--cfg-schedule", help="constant | power-cosine | interval."),
+    cfg_power: float | None = typer.Option(None, "--cfg-power", min=0.0, help="Power p of the power-cosine schedule."),
+    cfg_channels: str | None = typer.Option(None, "--cfg-channels", help="Guided ε channels: 3 (release) or all."),
+    vae: str | None = typer.Option(None, "--vae", help="SD VAE for latent models: Hub id, folder or .safetensors."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (network under autocast)."),
     raw: bool = typer.Option(False, "--raw", help="Use the trained weights instead of the EMA."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of the first 64 images."),
+    grid: Path | None = typer.Option(None, "--grid", help="Also write a grid PNG of the first 64 images."),
     force: bool = typer.Option(False, "--force", help="Replace output made with another recipe."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                            help="torch.compile each network block (default: on CUDA only)."),
+    compile_: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile each network block (default: on CUDA only)."
+    ),
 ) -> None:
     from diffit_cli.config import check_sample_values, load_preset
     from diffit_cli.errors import DiffitError
     from diffit_cli.sampling import parse_seeds, run_sample
 
-    values = {"sampler": sampler, "steps": steps, "guidance.scale": cfg_scale, "guidance.schedule": cfg_schedule,
-              "guidance.power": cfg_power,
-              "guidance.channels": int(cfg_channels) if cfg_channels and cfg_channels.isdigit() else cfg_channels}
+    values = {
+        "sampler": sampler,
+        "steps": steps,
+        "guidance.scale": cfg_scale,
+        "guidance.schedule": cfg_schedule,
+        "guidance.power": cfg_power,
+        "guidance.channels": int(cfg_channels) if cfg_channels and cfg_channels.isdigit() else cfg_channels,
+    }
     check_sample_values(values)  # a bad enumerated flag fails here, before any file is read
     if precision not in ("fp32", "bf16"):
         raise DiffitError(f"--precision {precision!r}: choose fp32 or bf16")
     with RichProgress() as progress:
-        result = run_sample(ckpt, parse_seeds(seeds), out, preset=load_preset(preset) if preset else None,
-                            overrides=overrides, sample=values, precision=precision, batch=batch, classes=classes,
-                            vae=vae, raw=raw, grid=grid, force=force,
-                            compile="auto" if compile_ is None else compile_, progress=progress)
+        result = run_sample(
+            ckpt,
+            parse_seeds(seeds),
+            out,
+            preset=load_preset(preset) if preset else None,
+            overrides=overrides,
+            sample=values,
+            precision=precision,
+            batch=batch,
+            classes=classes,
+            vae=vae,
+            raw=raw,
+            grid=grid,
+            force=force,
+            compile="auto" if compile_ is None else compile_,
+            progress=progress,
+        )
     if "recipe" in result:
-        console.print(f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
-                      f"recipe {result['recipe']})")
+        console.print(
+            f"[green]wrote[/] {result['images']} images → {result['out']} (NFE {result['nfe']}; "
+            f"recipe {result['recipe']})"
+        )

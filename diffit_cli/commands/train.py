@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -23,26 +22,39 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def train_cmd(
-    preset: Optional[str] = PresetOpt,
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, .zip, .npz, latent-shard folder, "
-                                       "torchvision:NAME (e.g. CIFAR10) or hf:OWNER/NAME[:split]."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default runs/<preset name>)."),
-    overrides: Optional[List[str]] = SetOpt,
-    kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="Train this many thousand images in all."),
-    batch_gpu: Optional[int] = typer.Option(None, "--batch-gpu", min=1, help="Per-device batch (gradient accumulation fills the rest)."),
+    preset: str | None = PresetOpt,
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Image folder, .zip, .npz, latent-shard folder, torchvision:NAME (e.g. CIFAR10) or hf:OWNER/NAME[:split].",
+    ),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder (default runs/<preset name>)."),
+    overrides: list[str] | None = SetOpt,
+    kimg: float | None = typer.Option(None, "--kimg", min=0.001, help="Train this many thousand images in all."),
+    batch_gpu: int | None = typer.Option(
+        None, "--batch-gpu", min=1, help="Per-device batch (gradient accumulation fills the rest)."
+    ),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images with a warning."),
-    log_with: Optional[List[str]] = typer.Option(
-        None, "--log-with", help="Experiment tracker: tensorboard, wandb, mlflow, aim, comet_ml or all (repeatable; "
-                                 "offline modes as each tracker has them, e.g. WANDB_MODE=offline)."),
-    tracker_project: str = typer.Option("diffit", "--tracker-project", help="Tracker project (W&B/Comet project, "
-                                                                            "MLflow experiment)."),
+    log_with: list[str] | None = typer.Option(
+        None,
+        "--log-with",
+        help="Experiment tracker: tensorboard, wandb, mlflow, aim, comet_ml or all (repeatable; "
+        "offline modes as each tracker has them, e.g. WANDB_MODE=offline).",
+    ),
+    tracker_project: str = typer.Option(
+        "diffit", "--tracker-project", help="Tracker project (W&B/Comet project, MLflow experiment)."
+    ),
     tensorboard: bool = typer.Option(False, "--tensorboard", hidden=True, help="Same as --log-with tensorboard."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
-                                                     help="FID along training: a local Inception weights file."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                            help="torch.compile each network block (default: on CUDA only)."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
-                                            help="Recompute blocks in the backward pass (less memory)."),
+    inception_weights: Path | None = typer.Option(
+        None, "--inception-weights", help="FID along training: a local Inception weights file."
+    ),
+    compile_: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile each network block (default: on CUDA only)."
+    ),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Recompute blocks in the backward pass (less memory)."
+    ),
     force: bool = typer.Option(False, "--force", help="Resume even though the preset changed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved preset and parameter count, then exit."),
 ) -> None:
@@ -64,33 +76,49 @@ def train_cmd(
 
         info = dry_run_summary(p)
         typer.echo(info["preset"])
-        typer.echo(f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  "
-                   f"images/step: {info['images_per_step']}")
+        typer.echo(
+            f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  images/step: {info['images_per_step']}"
+        )
         return
     from diffit_cli.training import TrackerSpec, train
 
     run_dir = run_dir or Path("runs") / p.name
     trackers = TrackerSpec(tuple(log_with or ()) + ("tensorboard",) * tensorboard, tracker_project)
     with RichProgress() as progress:
-        state = train(p, run_dir, batch_gpu=batch_gpu, force=force, skip_bad_images=skip_bad_images,
-                      trackers=trackers, inception_weights=inception_weights, progress=progress)
+        state = train(
+            p,
+            run_dir,
+            batch_gpu=batch_gpu,
+            force=force,
+            skip_bad_images=skip_bad_images,
+            trackers=trackers,
+            inception_weights=inception_weights,
+            progress=progress,
+        )
     if state.preempted:
         from diffit_cli.preemption import exit_code
 
         if state.main_process:
-            console.print(f"[yellow]stopped by {state.preempted}[/] at {state.nimg / 1000:.3f} kimg after writing a "
-                          f"checkpoint; rerun the same command to continue (exit {exit_code(state.preempted)})",
-                          highlight=False)
+            console.print(
+                f"[yellow]stopped by {state.preempted}[/] at {state.nimg / 1000:.3f} kimg after writing a "
+                f"checkpoint; rerun the same command to continue (exit {exit_code(state.preempted)})",
+                highlight=False,
+            )
         raise typer.Exit(code=exit_code(state.preempted))
     if state.stopped:
         if state.main_process:
             console.print(f"[bold red]stopped:[/] {state.stopped} (train.on_spike=stop)", highlight=False)
         raise typer.Exit(code=1)
     if state.main_process:
-        console.print(f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
-                      f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'}, "
-                      f"curves: {run_dir / 'curves.png'})")
+        console.print(
+            f"[green]done[/] {state.nimg / 1000:.1f} kimg in {run_dir} "
+            f"(latest checkpoint: {run_dir / 'checkpoints' / 'latest.pt'}, grids in {run_dir / 'samples'}, "
+            f"curves: {run_dir / 'curves.png'})"
+        )
         if state.best:
             best = state.best
-            console.print(f"best FID {best['fid']:.4g} at {best['kimg']:g} kimg ({best['extractor']}): "
-                          f"{run_dir / 'checkpoints' / 'best.pt'}", highlight=False)
+            console.print(
+                f"best FID {best['fid']:.4g} at {best['kimg']:g} kimg ({best['extractor']}): "
+                f"{run_dir / 'checkpoints' / 'best.pt'}",
+                highlight=False,
+            )

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from diffit_cli.config.sections import Pos, Section, UNetConfig, shrink_transformer
 
+
 class EncDecConfig(UNetConfig):
     """Table 4 encoder/decoder baselines (SPEC §8; `diffit_cli.core.baselines.EncoderDecoder`).
 
@@ -35,13 +36,15 @@ class EncDecConfig(UNetConfig):
         shrink_transformer(m, div, sizes, ("vit_width", 768), ("vit_heads", 12), {"mla_channels": (256, 8)})
 
     @model_validator(mode="after")
-    def _valid(self) -> "EncDecConfig":
+    def _valid(self) -> EncDecConfig:
         if self.encoder == "vit":
             if self.decoder != "setr-mla":
                 raise ValueError("a ViT encoder has one resolution: pair it with decoder setr-mla (Table 4 A)")
             if self.img_resolution % self.patch_size or self.vit_width % self.vit_heads:
-                raise ValueError(f"ViT encoder: img_resolution {self.img_resolution} must be a multiple of patch_size "
-                                 f"{self.patch_size} and vit_width {self.vit_width} of vit_heads {self.vit_heads}")
+                raise ValueError(
+                    f"ViT encoder: img_resolution {self.img_resolution} must be a multiple of patch_size "
+                    f"{self.patch_size} and vit_width {self.vit_width} of vit_heads {self.vit_heads}"
+                )
         return self
 
 
@@ -77,14 +80,17 @@ class DDPMppConfig(Section):
             m["num_blocks"] = min(int(m.get("num_blocks", 4)), max_blocks)
         new = int(m["img_resolution"])
         if old_resolution and new != old_resolution:
-            m["attn_resolutions"] = [max(1, int(r) * new // int(old_resolution))
-                                     for r in m.get("attn_resolutions", [16])]
+            m["attn_resolutions"] = [
+                max(1, int(r) * new // int(old_resolution)) for r in m.get("attn_resolutions", [16])
+            ]
 
     @model_validator(mode="after")
-    def _valid(self) -> "DDPMppConfig":
+    def _valid(self) -> DDPMppConfig:
         levels = [self.img_resolution // 2**i for i in range(len(self.channel_mult))]
         if self.img_resolution % 2 ** (len(self.channel_mult) - 1):
-            raise ValueError(f"img_resolution {self.img_resolution} cannot be halved {len(self.channel_mult) - 1} times")
+            raise ValueError(
+                f"img_resolution {self.img_resolution} cannot be halved {len(self.channel_mult) - 1} times"
+            )
         bad = [r for r in self.attn_resolutions if r not in levels]
         if bad:
             raise ValueError(f"attn_resolutions {bad} are not among the U-Net's resolutions {levels}")

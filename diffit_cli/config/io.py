@@ -65,7 +65,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
         node = out
         for depth, k in enumerate(keys[:-1]):
             if not isinstance(node.get(k, {}), dict):
-                raise PresetError(f"--set {'.'.join(keys)}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+                raise PresetError(f"--set {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is a value, not a section")
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return out

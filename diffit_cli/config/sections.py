@@ -18,8 +18,14 @@ def round_to_multiple(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def shrink_transformer(m: dict, div: int, sizes: dict | None, width: tuple[str, int], heads: tuple[str, int],
-                       counts: dict[str, tuple[int, int]]) -> None:
+def shrink_transformer(
+    m: dict,
+    div: int,
+    sizes: dict | None,
+    width: tuple[str, int],
+    heads: tuple[str, int],
+    counts: dict[str, tuple[int, int]],
+) -> None:
     """Budget scaling of a transformer part of a raw `model` section: the budget's fixed `sizes`, else the width ÷
     `div` in multiples of the head count and each of `counts` (key: (default, least)) ÷ `div`."""
     if sizes:
@@ -61,8 +67,15 @@ class UNetConfig(Section):
         return self.img_resolution
 
     @staticmethod
-    def scale(m: dict, div: int, *, head_dim: int | None = None, max_stages: int | None = None,
-              max_blocks: int | None = None, **_) -> None:
+    def scale(
+        m: dict,
+        div: int,
+        *,
+        head_dim: int | None = None,
+        max_stages: int | None = None,
+        max_blocks: int | None = None,
+        **_,
+    ) -> None:
         """Shrink a raw `model` section for an ablation budget (SPEC §8): the first `max_stages` stages, widths ÷
         `div` in multiples of the head size, at most `max_blocks` blocks, windows no larger than the maps."""
         stages = len(m["channels"]) if max_stages is None else min(len(m["channels"]), max_stages)
@@ -77,7 +90,7 @@ class UNetConfig(Section):
         m["window_size"] = [min(int(w), res >> i) for i, w in enumerate(m["window_size"])]
 
     @model_validator(mode="after")
-    def _stages_agree(self) -> "UNetConfig":
+    def _stages_agree(self) -> UNetConfig:
         n = len(self.channels)
         if not (len(self.blocks) == len(self.window_size) == n) or n == 0:
             raise ValueError(
@@ -122,7 +135,7 @@ class ViTConfig(Section):
         shrink_transformer(m, div, sizes, ("hidden_size", 1152), ("num_heads", 16), {"depth": (28, 1)})
 
     @model_validator(mode="after")
-    def _divisible(self) -> "ViTConfig":
+    def _divisible(self) -> ViTConfig:
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -179,7 +192,7 @@ class DataConfig(Section):
         return raw
 
     @model_validator(mode="after")
-    def _latent_has_vae(self) -> "DataConfig":
+    def _latent_has_vae(self) -> DataConfig:
         if self.space == "latent" and not self.vae:
             raise ValueError("latent-space data needs data.vae (e.g. stabilityai/sd-vae-ft-ema)")
         return self
@@ -207,8 +220,8 @@ class TrainConfig(Section):
     keep_checkpoints: Pos = 3
     compile: bool | Literal["auto"] = "auto"  # torch.compile each block: auto = on CUDA, off on CPU
     grad_checkpointing: bool = False
-    # loss-spike watch (diffit_cli.training.monitor): `spike_patience` reports in a row above `spike_factor` × the running
-    # median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`
+    # loss-spike watch (diffit_cli.training.monitor): `spike_patience` reports in a row above `spike_factor` × the
+    # running median make a spike; warn, stop, or roll back to the last checkpoint before it with lr × `spike_lr_factor`
     on_spike: Literal["warn", "stop", "rollback"] = "warn"
     max_skipped_steps: Pos = 50  # this many non-finite steps in a row stop the run (exit 2, naming the checkpoint)
     spike_factor: Annotated[float, Field(gt=1)] = 2.0
@@ -216,7 +229,7 @@ class TrainConfig(Section):
     spike_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
 
     @model_validator(mode="after")
-    def _one_ema(self) -> "TrainConfig":
+    def _one_ema(self) -> TrainConfig:
         if (self.ema_halflife_kimg is None) == (self.ema_decay is None):
             raise ValueError("set exactly one of train.ema_halflife_kimg (EDM) and train.ema_decay (per step)")
         if self.batch_gpu is not None and self.batch % self.batch_gpu:
@@ -236,15 +249,20 @@ class GuidanceConfig(Section):
     interval: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.28, 5.42)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "GuidanceConfig":
+    def _ordered(self) -> GuidanceConfig:
         if not self.interval[0] < self.interval[1]:
             raise ValueError(f"interval must be (σ_lo, σ_hi) with σ_lo < σ_hi, got {self.interval}")
         return self
 
 
 # Flat `sample.cfg_*` keys of presets and checkpoints written before `sample.guidance` existed (read only).
-_LEGACY_GUIDANCE_KEYS = {"cfg_scale": "scale", "cfg_schedule": "schedule", "cfg_power": "power",
-                         "cfg_channels": "channels", "cfg_interval": "interval"}
+_LEGACY_GUIDANCE_KEYS = {
+    "cfg_scale": "scale",
+    "cfg_schedule": "schedule",
+    "cfg_power": "power",
+    "cfg_channels": "channels",
+    "cfg_interval": "interval",
+}
 
 
 class SampleConfig(Section):
@@ -294,6 +312,7 @@ class EvalConfig(Section):
         if isinstance(raw, dict) and "reference" in raw and raw["reference"] is None:
             raw = dict(raw, reference="train")
         return raw
+
     # FID along training: every `every_kimg` (0 = off) the EMA network samples `num_samples` images (seeds
     # 0..num_samples-1) and is scored against `reference`; `feature_extractor` is a torch-fidelity registry name
     # (inception-v3-compat, as the published numbers; diffit-randconv-v1: the offline stand-in, not comparable)

@@ -22,7 +22,7 @@ Design choices where the paper is silent (documented ASSUMPTIONs):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -55,8 +55,9 @@ class PlainBlock(nn.Module):
 
     `adaptive` adds AdaptiveScaleShift on the attention input (the ViT baseline's time path)."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float, dropout: float,
-                 time_dim: int | None = None):
+    def __init__(
+        self, dim: int, num_heads: int, window: int, mlp_ratio: float, dropout: float, time_dim: int | None = None
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = TMSA(dim, num_heads, time_dim or 1, window, time_mode="mlp")  # "mlp": no time inside attention
@@ -75,8 +76,16 @@ class PlainBlock(nn.Module):
 class AdaResBlock(nn.Module):
     """Multi-resolution block: x̂ = Conv3×3(SiLU(AdaGN(x, x_t))); out = PlainBlock(x̂) + x (time never in attention)."""
 
-    def __init__(self, channels: int, num_heads: int, time_dim: int, window_size: int, mlp_ratio: float,
-                 dropout: float, time_mode: str = "tmsa"):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int,
+        mlp_ratio: float,
+        dropout: float,
+        time_mode: str = "tmsa",
+    ):
         super().__init__()
         self.norm = group_norm(channels)
         self.ada = AdaptiveScaleShift(time_dim, channels)
@@ -100,14 +109,25 @@ class ViTEncoder(nn.Module):
 
     Returns the outputs of 4 evenly spaced blocks as maps (B, D, H/p, W/p), shallow first."""
 
-    def __init__(self, in_channels: int, img_resolution: int, patch_size: int, width: int, depth: int, heads: int,
-                 time_dim: int, mlp_ratio: float, dropout: float):
+    def __init__(
+        self,
+        in_channels: int,
+        img_resolution: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        time_dim: int,
+        mlp_ratio: float,
+        dropout: float,
+    ):
         super().__init__()
         self.grid = img_resolution // patch_size
         self.patch = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, self.grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(PlainBlock(width, heads, self.grid, mlp_ratio, dropout, time_dim)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            PlainBlock(width, heads, self.grid, mlp_ratio, dropout, time_dim) for _ in range(depth)
+        )
         n = min(4, depth)
         self.taps = sorted({round(depth * (k + 1) / n) - 1 for k in range(n)})
         self.out_channels = [width] * len(self.taps)
@@ -134,8 +154,11 @@ class SETRMLA(nn.Module):
         self.norm = nn.ModuleList(group_norm(mla) for _ in in_channels)
         self.ada = nn.ModuleList(AdaptiveScaleShift(time_dim, mla) for _ in in_channels)
         self.conv2 = nn.ModuleList(nn.Conv2d(mla, half, 3, padding=1) for _ in in_channels)
-        self.head = nn.Sequential(group_norm(half * len(in_channels)), nn.SiLU(),
-                                  nn.Conv2d(half * len(in_channels), out_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            group_norm(half * len(in_channels)),
+            nn.SiLU(),
+            nn.Conv2d(half * len(in_channels), out_channels, 3, padding=1),
+        )
 
     def forward(self, feats: list[torch.Tensor], x_t: torch.Tensor) -> torch.Tensor:
         lat = [conv(f) for conv, f in zip(self.lateral, feats)]
@@ -157,12 +180,30 @@ class EncoderDecoder(nn.Module):
     the same call as ImageDiffiT; the output conv is zero-initialised (output 0 at init).
     """
 
-    def __init__(self, encoder: str = "multires", decoder: str = "multires", img_resolution: int = 32,
-                 in_channels: int = 3, channels=(128, 256, 256), blocks=(2, 2, 2), window_size=(4, 4, 4),
-                 head_dim: int = 32, time_dim: int = 512, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 num_classes: int = 0, label_dropout: float = 0.0, augment_dim: int = 0, time_mode: str = "tmsa",
-                 time_embedding: str = "positional", patch_size: int = 2, vit_depth: int = 12, vit_width: int = 768,
-                 vit_heads: int = 12, mla_channels: int = 256):
+    def __init__(
+        self,
+        encoder: str = "multires",
+        decoder: str = "multires",
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        channels=(128, 256, 256),
+        blocks=(2, 2, 2),
+        window_size=(4, 4, 4),
+        head_dim: int = 32,
+        time_dim: int = 512,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
+        augment_dim: int = 0,
+        time_mode: str = "tmsa",
+        time_embedding: str = "positional",
+        patch_size: int = 2,
+        vit_depth: int = 12,
+        vit_width: int = 768,
+        vit_heads: int = 12,
+        mla_channels: int = 256,
+    ):
         super().__init__()
         if encoder not in ENCODERS or decoder not in DECODERS:
             raise ValueError(f"encoder must be one of {ENCODERS} and decoder one of {DECODERS}")
@@ -182,25 +223,40 @@ class EncoderDecoder(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, time_dim, label_dropout) if num_classes else None
         if encoder == "vit":
             self.tokenizer = None
-            self.vit = ViTEncoder(in_channels, img_resolution, patch_size, vit_width, vit_depth, vit_heads, time_dim,
-                                  mlp_ratio, dropout)
+            self.vit = ViTEncoder(
+                in_channels, img_resolution, patch_size, vit_width, vit_depth, vit_heads, time_dim, mlp_ratio, dropout
+            )
             feat_channels = self.vit.out_channels
         else:
             self.tokenizer = nn.Conv2d(in_channels, channels[0], 3, padding=1)
             self.enc = nn.ModuleList(
-                Stage(channels[max(i - 1, 0)], channels[i], blocks[i],
-                      _block(encoder, channels[i], channels[i] // head_dim, windows[i], **kw), down=i > 0)
-                for i in range(n))
+                Stage(
+                    channels[max(i - 1, 0)],
+                    channels[i],
+                    blocks[i],
+                    _block(encoder, channels[i], channels[i] // head_dim, windows[i], **kw),
+                    down=i > 0,
+                )
+                for i in range(n)
+            )
             feat_channels = list(channels)
         if decoder == "setr-mla":
             self.mla = SETRMLA(feat_channels, mla_channels, in_channels, img_resolution, time_dim)
         else:
             self.dec = nn.ModuleList(
-                Stage(channels[i + 1], channels[i], blocks[i],
-                      _block(decoder, channels[i], channels[i] // head_dim, windows[i], **kw), up=True,
-                      c_skip=channels[i]) for i in reversed(range(n - 1)))
-            self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(),
-                                      nn.Conv2d(channels[0], in_channels, 3, padding=1))
+                Stage(
+                    channels[i + 1],
+                    channels[i],
+                    blocks[i],
+                    _block(decoder, channels[i], channels[i] // head_dim, windows[i], **kw),
+                    up=True,
+                    c_skip=channels[i],
+                )
+                for i in reversed(range(n - 1))
+            )
+            self.head = nn.Sequential(
+                group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], in_channels, 3, padding=1)
+            )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -215,8 +271,9 @@ class EncoderDecoder(nn.Module):
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
 
-    def time_token(self, t: torch.Tensor, y: torch.Tensor | None = None,
-                   augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def time_token(
+        self, t: torch.Tensor, y: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return time_token(self.t_embedder, self.y_embedder, t, y, augment_labels)
 
     def checkpointable_blocks(self) -> list[nn.Module]:
@@ -224,8 +281,13 @@ class EncoderDecoder(nn.Module):
         stages = [*getattr(self, "enc", []), *getattr(self, "dec", [])]
         return [*(self.vit.blocks if self.tokenizer is None else []), *(b for s in stages for b in s.blocks)]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x_t = self.time_token(t, y, augment_labels)
         if self.tokenizer is None:
             feats = self.vit(x, x_t)

@@ -23,7 +23,7 @@ Contracts (other modules rely on them):
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -128,7 +128,7 @@ class GaussianDiffusion:
         self._respaced: dict[str, GaussianDiffusion] = {}
 
     # ---------------------------------------------------------------- respacing (ADM respace.py)
-    def respace(self, section_counts: str | int | Sequence[int]) -> "GaussianDiffusion":
+    def respace(self, section_counts: str | int | Sequence[int]) -> GaussianDiffusion:
         """ADM ``SpacedDiffusion``: keep ``space_timesteps(T, section_counts)``, β_i = 1 − ᾱ_i/ᾱ_prev.
 
         The kept ᾱ are copied, not recomputed, so they equal the original ones bit for bit; the
@@ -140,7 +140,7 @@ class GaussianDiffusion:
             self._respaced[key] = self._respace(section_counts)
         return self._respaced[key]
 
-    def _respace(self, section_counts: str | int | Sequence[int]) -> "GaussianDiffusion":
+    def _respace(self, section_counts: str | int | Sequence[int]) -> GaussianDiffusion:
         keep = sorted(space_timesteps(self.num_timesteps, section_counts))
         keep_t = torch.tensor(keep, dtype=torch.int64)
         alphas_cumprod = self.alphas_cumprod[keep_t]  # (K,)

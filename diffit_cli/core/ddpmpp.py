@@ -60,8 +60,19 @@ class TMSAAttention(nn.Module):
 class Block(nn.Module):
     """DDPM++ residual block with optional down/up-sampling and self-attention (module docstring)."""
 
-    def __init__(self, c_in: int, c_out: int, emb_channels: int, *, down: bool = False, up: bool = False,
-                 attention: str | None = None, num_heads: int = 1, resolution: int = 0, dropout: float = 0.0):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        emb_channels: int,
+        *,
+        down: bool = False,
+        up: bool = False,
+        attention: str | None = None,
+        num_heads: int = 1,
+        resolution: int = 0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.down, self.up = down, up
         self.norm0 = group_norm(c_in)
@@ -100,10 +111,23 @@ class Block(nn.Module):
 class DDPMpp(nn.Module):
     """DDPM++ (Table 5 baseline); forward(x, t = c_noise, y=None, augment_labels=None) -> (B, C, H, W)."""
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, model_channels: int = 128,
-                 channel_mult=(2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions=(16,),
-                 attention: str = "plain", num_heads: int = 1, dropout: float = 0.13, num_classes: int = 0,
-                 label_dropout: float = 0.0, augment_dim: int = 0, time_embedding: str = "positional"):
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        model_channels: int = 128,
+        channel_mult=(2, 2, 2),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 4,
+        attn_resolutions=(16,),
+        attention: str = "plain",
+        num_heads: int = 1,
+        dropout: float = 0.13,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
+        augment_dim: int = 0,
+        time_embedding: str = "positional",
+    ):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -167,8 +191,13 @@ class DDPMpp(nn.Module):
         """The blocks activation checkpointing recomputes: every encoder and decoder block."""
         return [*self.enc, *self.dec]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         emb = F.silu(time_token(self.t_embedder, self.y_embedder, t, y, augment_labels))  # (B, emb)
         h = self.conv_in(x)
         skips = [h]

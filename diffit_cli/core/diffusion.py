@@ -6,7 +6,8 @@ k-diffusion's ε→D adapter). Checked structurally (`isinstance`), so a new dif
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -21,8 +22,9 @@ class SigmaDiffusion(Protocol):
     sigma_min: float
     sigma_max: float
 
-    def denoiser(self, net: Callable, y: Tensor | None = None, *,
-                 autocast_dtype: torch.dtype | None = None) -> Denoiser: ...
+    def denoiser(
+        self, net: Callable, y: Tensor | None = None, *, autocast_dtype: torch.dtype | None = None
+    ) -> Denoiser: ...
 
     def sigma_from_network_time(self, t_in: Tensor) -> Tensor: ...
 
@@ -34,14 +36,22 @@ class AncestralDiffusion(SigmaDiffusion, Protocol):
     num_timesteps: int
     original_num_timesteps: int
 
-    def respace(self, section_counts: str | int | Sequence[int]) -> "AncestralDiffusion": ...
+    def respace(self, section_counts: str | int | Sequence[int]) -> AncestralDiffusion: ...
 
     def network_time(self, t: Tensor) -> Tensor: ...
 
     def ddpm_t_from_network_time(self, t_in: Tensor) -> Tensor: ...
 
-    def p_sample(self, model_output: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None,
-                 clip_denoised: bool = False) -> Tensor: ...
+    def p_sample(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None, clip_denoised: bool = False
+    ) -> Tensor: ...
 
-    def ddim_sample(self, model_output: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None, eta: float = 0.0,
-                    clip_denoised: bool = False) -> Tensor: ...
+    def ddim_sample(
+        self,
+        model_output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        noise: Tensor | None,
+        eta: float = 0.0,
+        clip_denoised: bool = False,
+    ) -> Tensor: ...

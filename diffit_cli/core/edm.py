@@ -21,7 +21,7 @@ Contracts (other modules rely on them):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -184,5 +184,6 @@ class EDM:
         n = noise.to(device=x0.device, dtype=torch.float32) * _expand(sigma, x0)
         D_yn = self.denoise(net, x0 + n, sigma, y, augment_labels, autocast_dtype=autocast_dtype)
         return self.loss_weight(sigma) * mean_flat((D_yn - x0) ** 2)
+
 
 __all__ = ["EDM", "call_network", "autocast_network", "mean_flat"]

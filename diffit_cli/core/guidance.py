@@ -28,8 +28,9 @@ Contracts (other modules rely on them):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -139,17 +140,25 @@ class GuidedNetwork:
         null = torch.full_like(self.y, g.null_class)
         kwargs = {k: _double(v, B) for k, v in kwargs.items()}
         out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, Co, …)
-        return cfg_combine(out.to(torch.float32), x.shape[1], guidance_scale(g, t_in, self.diffusion), g.channels,
-                           active)
+        return cfg_combine(
+            out.to(torch.float32), x.shape[1], guidance_scale(g, t_in, self.diffusion), g.channels, active
+        )
 
 
-def guided_network(net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: SigmaDiffusion
-                   ) -> GuidedNetwork:
+def guided_network(
+    net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: SigmaDiffusion
+) -> GuidedNetwork:
     """Bind labels (and CFG when ``guidance.scale != 1``) to ``net``; see :class:`GuidedNetwork`."""
     return GuidedNetwork(net, y, guidance, diffusion)
 
 
 __all__ = [
-    "Guidance", "GuidedNetwork", "guided_network", "guidance_scale", "power_cosine_scale",
-    "in_interval", "cfg_combine", "SCHEDULES",
+    "Guidance",
+    "GuidedNetwork",
+    "guided_network",
+    "guidance_scale",
+    "power_cosine_scale",
+    "in_interval",
+    "cfg_combine",
+    "SCHEDULES",
 ]

@@ -55,8 +55,9 @@ class TimestepEmbedder(nn.Module):
     map of EDM's augmentation labels is added to the frequency features before the MLP (as EDM's `map_augment`).
     """
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, kind: str = "positional",
-                 augment_dim: int = 0):
+    def __init__(
+        self, hidden_size: int, frequency_embedding_size: int = 256, kind: str = "positional", augment_dim: int = 0
+    ):
         super().__init__()
         if kind not in TIME_EMBEDDINGS:
             raise ValueError(f"time embedding must be one of {TIME_EMBEDDINGS}, got {kind!r}")
@@ -102,8 +103,9 @@ class LabelEmbedder(nn.Module):
             drop = force_drop_ids == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: torch.Tensor, train: bool | None = None,
-                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, labels: torch.Tensor, train: bool | None = None, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         train = self.training if train is None else train
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
@@ -111,8 +113,13 @@ class LabelEmbedder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ relative position / windows
-def time_token(t_embedder: nn.Module, y_embedder: nn.Module | None, t: torch.Tensor, y: torch.Tensor | None = None,
-               augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+def time_token(
+    t_embedder: nn.Module,
+    y_embedder: nn.Module | None,
+    t: torch.Tensor,
+    y: torch.Tensor | None = None,
+    augment_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SPEC §3: x_t = MLP(emb(t) + A·augment_labels) + label embedding (null class when y is None): (B, time_dim)."""
     x_t = t_embedder(t, augment_labels)
     if y_embedder is not None:
@@ -175,11 +182,14 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
     of a raster-order token grid is not a contiguous block, so a block mask over the whole grid would keep nearly
     every 128-token block. PyTorch runs flex's backward on CUDA only; CPU is forward-only (eager reference)."""
     if bias.dim() == 3:
+
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[h, q_idx, kv_idx]
     else:
+
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[b, h, q_idx, kv_idx]
+
     eager = q.device.type != "cuda" or torch.compiler.is_compiling()  # inside a compiled block: traced there
     return (flex_attention if eager else _compiled_flex())(q, k, v, score_mod=score_mod)
 
@@ -204,12 +214,13 @@ class TMSA(nn.Module):
     `store_attn = True` keeps the last softmax weights in `last_attn` (B·nW, heads, N, N[+1]).
     """
 
-    def __init__(self, dim: int, num_heads: int, time_dim: int, window_size: int, time_mode: str = "tmsa",
-                 qkv_bias: bool = True):
+    def __init__(
+        self, dim: int, num_heads: int, time_dim: int, window_size: int, time_mode: str = "tmsa", qkv_bias: bool = True
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.window_size = window_size
         self.time_mode = check_time_mode(time_mode)
         table = (2 * window_size - 1) ** 2
@@ -231,12 +242,12 @@ class TMSA(nn.Module):
 
     def relative_position_bias(self) -> torch.Tensor:
         """Gather B from the table: (heads, w², w²)."""
-        n = self.window_size ** 2
+        n = self.window_size**2
         return self.relative_position_bias_table.t()[:, self.relative_position_index.view(-1)].view(-1, n, n)
 
     def _time_bias(self, x_t: torch.Tensor) -> torch.Tensor:
         """Table 6 F: time-dependent relative position bias, (B, heads, w², w²)."""
-        n = self.window_size ** 2
+        n = self.window_size**2
         table = self.rpb_temb(x_t).view(x_t.shape[0], -1, self.num_heads).transpose(1, 2)  # (B, heads, L)
         return table[:, :, self.relative_position_index.view(-1)].view(x_t.shape[0], self.num_heads, n, n)
 
@@ -270,8 +281,9 @@ class TMSA(nn.Module):
         q_t, _, v_t = shared.chunk(3, dim=-1)
         return torch.cat([q_t, torch.zeros_like(q_t), v_t], dim=-1).unsqueeze(-2)  # (B or 1, 1, 3C)
 
-    def heads(self, x: torch.Tensor, x_t: torch.Tensor | None, hw: tuple[int, int] | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def heads(
+        self, x: torch.Tensor, x_t: torch.Tensor | None, hw: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eq. 3–5: (B, N, C) tokens → q, k, v (B·nW, heads, n, d) per window and the bias B (…, n, n[+1])."""
         B, N, C = x.shape
         H, W = hw if hw is not None else (math.isqrt(N), math.isqrt(N))
@@ -293,18 +305,20 @@ class TMSA(nn.Module):
             bias = F.pad(bias, (0, 1))  # (heads, n, n+1): no positional bias towards the time token
         return q, k, v, bias
 
-    def logits(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
-               hw: tuple[int, int] | None = None) -> torch.Tensor:
+    def logits(
+        self, x: torch.Tensor, x_t: torch.Tensor | None = None, hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The pre-softmax attention logits q·kᵀ/√d + B (Eq. 6), in float32: (B·nW, heads, n, n[+1])."""
         q, k, _, bias = self.heads(x, x_t, hw)
         return (q.float() * self.scale) @ k.float().transpose(-2, -1) + bias.float()
 
-    def forward(self, x: torch.Tensor, x_t: torch.Tensor | None = None,
-                hw: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, x_t: torch.Tensor | None = None, hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         B, N, C = x.shape
         H, W = hw if hw is not None else (math.isqrt(N), math.isqrt(N))
         q, k, v, bias = self.heads(x, x_t, hw)
-        out = self.attend(q, k, v, bias).transpose(1, 2).reshape(-1, self.window_size ** 2, C)  # (B·nW, n, C)
+        out = self.attend(q, k, v, bias).transpose(1, 2).reshape(-1, self.window_size**2, C)  # (B·nW, n, C)
         if out.shape[0] > B:
             out = window_merge(out, self.window_size, H, W)  # (B, H, W, C)
         return self.proj(out.reshape(B, N, C))
@@ -319,10 +333,12 @@ def attention_logit_max(net: nn.Module, run) -> dict[str, torch.Tensor]:
         def record(module, args, kwargs, output):
             inputs = dict(zip(("x", "x_t", "hw"), args), **kwargs)
             found[name] = module.logits(**inputs).amax()
+
         return record
 
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in net.named_modules()
-               if isinstance(m, TMSA)]
+    handles = [
+        m.register_forward_hook(hook(n), with_kwargs=True) for n, m in net.named_modules() if isinstance(m, TMSA)
+    ]
     try:  # eager even inside compiled blocks: hooks added there would make every probe recompile them
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             run()
@@ -357,8 +373,16 @@ class DiffiTBlock(nn.Module):
     LayerNorms have no affine parameters (eps 1e-6). time_mode "adaln" swaps TMSA for DiT adaLN-Zero (Fig. 7b).
     """
 
-    def __init__(self, dim: int, num_heads: int, time_dim: int, window_size: int, mlp_ratio: float = 4.0,
-                 time_mode: str = "tmsa", dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int,
+        mlp_ratio: float = 4.0,
+        time_mode: str = "tmsa",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.time_mode = check_time_mode(time_mode)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

@@ -52,8 +52,16 @@ class _NoisePrecond(EDM):
 class VPPrecond(_NoisePrecond):
     """VP preconditioning and loss (EDM ``VPPrecond`` / ``VPLoss`` constants)."""
 
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> None:
+    def __init__(
+        self,
+        beta_d: float = 19.9,
+        beta_min: float = 0.1,
+        M: int = 1000,
+        epsilon_t: float = 1e-5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+    ) -> None:
         super().__init__(sigma_data=1.0, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
 
@@ -89,8 +97,9 @@ class VPPrecond(_NoisePrecond):
 class VEPrecond(_NoisePrecond):
     """VE preconditioning and loss (EDM ``VEPrecond`` / ``VELoss``): σ log-uniform on [σ_min, σ_max] for training."""
 
-    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0, sample_sigma_max: float = 80.0,
-                 rho: float = 7.0) -> None:
+    def __init__(
+        self, sigma_min: float = 0.02, sigma_max: float = 100.0, sample_sigma_max: float = 80.0, rho: float = 7.0
+    ) -> None:
         super().__init__(sigma_data=1.0, sigma_min=sigma_min, sigma_max=min(sigma_max, sample_sigma_max), rho=rho)
         self.train_sigma_min, self.train_sigma_max = float(sigma_min), float(sigma_max)
 

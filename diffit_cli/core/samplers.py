@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -68,8 +69,13 @@ def _full(x: Tensor, value: float, dtype: torch.dtype = torch.float64) -> Tensor
     return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
 
 
-def karras_steps(diffusion: SigmaDiffusion, steps: int, sigma_min: float | None = None,
-                 sigma_max: float | None = None, rho: float | None = None) -> list[float]:
+def karras_steps(
+    diffusion: SigmaDiffusion,
+    steps: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
+) -> list[float]:
     """EDM eq. 5 steps over the diffusion's σ range (a requested range is clamped to a DDPM table's, as EDM
     clamps to the network's), then 0."""
     lo = diffusion.sigma_min if sigma_min is None else sigma_min
@@ -80,8 +86,18 @@ def karras_steps(diffusion: SigmaDiffusion, steps: int, sigma_min: float | None 
 
 
 # ------------------------------------------------------------------------------------- σ-space solvers
-def _edm_loop(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, callback: Callback,
-              second_order: bool, S_churn: float, S_min: float, S_max: float, S_noise: float) -> Tensor:
+def _edm_loop(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    noise: NoiseFn,
+    callback: Callback,
+    second_order: bool,
+    S_churn: float,
+    S_min: float,
+    S_max: float,
+    S_noise: float,
+) -> Tensor:
     """EDM Alg. 2 (``edm_sampler``): Euler step plus Heun's 2nd-order correction, optional churn."""
     N = len(sigmas) - 1
     x_next = x.to(torch.float64)  # (B, C, H, W), float64
@@ -104,20 +120,41 @@ def _edm_loop(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Nois
     return x_next
 
 
-def heun(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], *, noise: NoiseFn, callback: Callback = None,
-         S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0) -> Tensor:
+def heun(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    *,
+    noise: NoiseFn,
+    callback: Callback = None,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+) -> Tensor:
     """EDM Alg. 2: Heun 2nd order, NFE 2N − 1 (18 steps → 35)."""
     return _edm_loop(denoise, x, sigmas, noise, callback, True, S_churn, S_min, S_max, S_noise)
 
 
-def euler(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], *, noise: NoiseFn, callback: Callback = None,
-          S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0) -> Tensor:
+def euler(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    *,
+    noise: NoiseFn,
+    callback: Callback = None,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+) -> Tensor:
     """EDM Alg. 2 without the correction (k-diffusion ``sample_euler``): NFE N."""
     return _edm_loop(denoise, x, sigmas, noise, callback, False, S_churn, S_min, S_max, S_noise)
 
 
-def dpmpp_2m(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], *, noise: NoiseFn,
-             callback: Callback = None) -> Tensor:
+def dpmpp_2m(
+    denoise: Denoiser, x: Tensor, sigmas: Sequence[float], *, noise: NoiseFn, callback: Callback = None
+) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; k-diffusion ``sample_dpmpp_2m``), λ = −ln σ; NFE N."""
     x = x.to(torch.float64)  # (B, C, H, W)
     old_denoised = None
@@ -144,8 +181,7 @@ def dpmpp_2m(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], *, noise: No
 Step = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # x_t, t (B,), z or None -> x_{t−1}
 
 
-def ancestral(step: Step, x: Tensor, num_timesteps: int, *, noise: NoiseFn | None, callback: Callback = None
-              ) -> Tensor:
+def ancestral(step: Step, x: Tensor, num_timesteps: int, *, noise: NoiseFn | None, callback: Callback = None) -> Tensor:
     """x_T → x_0 over a (respaced) chain: x_{t−1} = step(x_t, t, z), z fresh noise except at t = 0 (or None)."""
     x = x.to(torch.float32)  # x_T, (B, C, H, W)
     for n, i in enumerate(reversed(range(num_timesteps))):
@@ -161,11 +197,14 @@ def ddpm(spaced: AncestralDiffusion, net: Callable, *, clip_denoised: bool = Fal
     return (lambda x, t, z: spaced.p_sample(net(x, spaced.network_time(t), None), x, t, z, clip_denoised)), True
 
 
-def ddim(spaced: AncestralDiffusion, net: Callable, *, eta: float = 0.0, clip_denoised: bool = False
-         ) -> tuple[Step, bool]:
+def ddim(
+    spaced: AncestralDiffusion, net: Callable, *, eta: float = 0.0, clip_denoised: bool = False
+) -> tuple[Step, bool]:
     """ADM ``ddim_sample`` (DDIM eq. 12) over the respaced steps; η = 0 is deterministic."""
+
     def step(x, t, z):
         return spaced.ddim_sample(net(x, spaced.network_time(t), None), x, t, z, eta, clip_denoised)
+
     return step, eta > 0
 
 
@@ -253,8 +292,14 @@ def sample(
             elif list(sigmas) != sorted(sigmas, reverse=True) or sigmas[-1] != 0 or len(sigmas) < 2:
                 raise ValueError("sigmas must be a decreasing list ending in 0, e.g. [80.0, ..., 0.002, 0.0]")
             sigmas = [float(s) for s in sigmas]
-            x0 = spec.fn(diffusion.denoiser(model), noise.to(torch.float64) * sigmas[0], sigmas, noise=fresh,
-                         callback=callback, **options)
+            x0 = spec.fn(
+                diffusion.denoiser(model),
+                noise.to(torch.float64) * sigmas[0],
+                sigmas,
+                noise=fresh,
+                callback=callback,
+                **options,
+            )
         else:
             respacing = options.pop("respacing", None)
             spaced = diffusion.respace(respacing if respacing is not None else str(steps))
@@ -264,6 +309,19 @@ def sample(
 
 
 __all__ = [
-    "sample", "SAMPLERS", "SamplerSpec", "SigmaDiffusion", "AncestralDiffusion", "get_sampler", "nfe",
-    "randn_rows", "karras_steps", "heun", "euler", "dpmpp_2m", "ancestral", "ddpm", "ddim",
+    "sample",
+    "SAMPLERS",
+    "SamplerSpec",
+    "SigmaDiffusion",
+    "AncestralDiffusion",
+    "get_sampler",
+    "nfe",
+    "randn_rows",
+    "karras_steps",
+    "heun",
+    "euler",
+    "dpmpp_2m",
+    "ancestral",
+    "ddpm",
+    "ddim",
 ]

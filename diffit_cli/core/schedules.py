@@ -5,7 +5,7 @@ Pure functions of Python numbers or tables: the σ lists are Python floats, so s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

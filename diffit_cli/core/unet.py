@@ -15,7 +15,7 @@ Tensors run channels-last (NHWC memory) so the token view of a feature map is fr
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -42,8 +42,16 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """DiffiT ResBlock (SPEC §3, Eq. 9–10): x̂ = Conv3×3(Swish(GN(x))); out = DiffiTBlock(x̂, x_t) + x."""
 
-    def __init__(self, channels: int, num_heads: int, time_dim: int, window_size: int, mlp_ratio: float,
-                 dropout: float, time_mode: str):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int,
+        mlp_ratio: float,
+        dropout: float,
+        time_mode: str,
+    ):
         super().__init__()
         self.norm = group_norm(channels)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -82,8 +90,17 @@ class Stage(nn.Module):
     """One U-Net resolution (SPEC §4), shared with the Table 4 baselines. Encoder: [Downsample] → [Conv3×3 width
     match]; decoder (`up`): Upsample → concat skip → Conv3×3 to the width. Then `depth` blocks made by `block()`."""
 
-    def __init__(self, c_in: int, c: int, depth: int, block: Callable[[], nn.Module], *, down: bool = False,
-                 up: bool = False, c_skip: int = 0):
+    def __init__(
+        self,
+        c_in: int,
+        c: int,
+        depth: int,
+        block: Callable[[], nn.Module],
+        *,
+        down: bool = False,
+        up: bool = False,
+        c_skip: int = 0,
+    ):
         super().__init__()
         if down:
             self.down = Downsample(c_in)
@@ -112,11 +129,24 @@ class ImageDiffiT(nn.Module):
     C_out = C unless `out_channels` says otherwise (EDM's SongUNet: out_channels = img_channels).
     """
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
-                 channels=(128, 256, 256), blocks=(2, 2, 2), window_size=(4, 4, 4), head_dim: int = 32,
-                 time_dim: int = 512, mlp_ratio: float = 4.0, dropout: float = 0.13, num_classes: int = 0,
-                 label_dropout: float = 0.0, augment_dim: int = 0, time_mode: str = "tmsa",
-                 time_embedding: str = "positional"):
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        channels=(128, 256, 256),
+        blocks=(2, 2, 2),
+        window_size=(4, 4, 4),
+        head_dim: int = 32,
+        time_dim: int = 512,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.13,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
+        augment_dim: int = 0,
+        time_mode: str = "tmsa",
+        time_embedding: str = "positional",
+    ):
         super().__init__()
         channels, blocks = tuple(channels), tuple(blocks)
         n = len(channels)
@@ -126,26 +156,31 @@ class ImageDiffiT(nn.Module):
         self.img_resolution, self.num_classes = img_resolution, num_classes
         self.time_mode = check_time_mode(time_mode)
         kw = dict(time_dim=time_dim, mlp_ratio=mlp_ratio, dropout=dropout, time_mode=time_mode)
-        res = [img_resolution // 2 ** i for i in range(n)]
+        res = [img_resolution // 2**i for i in range(n)]
         windows = tuple(min(w, r) for w, r in zip(windows, res))  # a window never exceeds the feature map
         for i, (c, r, w) in enumerate(zip(channels, res, windows)):
-            if c % head_dim or r * 2 ** i != img_resolution or r % w:
+            if c % head_dim or r * 2**i != img_resolution or r % w:
                 raise ValueError(f"stage {i}: width {c} vs head_dim {head_dim}, resolution {r} vs window {w}")
         self.windows = windows
 
         self.t_embedder = TimestepEmbedder(time_dim, channels[0], time_embedding, augment_dim)
         self.y_embedder = LabelEmbedder(num_classes, time_dim, label_dropout) if num_classes else None
         self.tokenizer = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+
         def res_block(i: int) -> Callable[[], nn.Module]:
             return lambda: ResBlock(channels[i], channels[i] // head_dim, window_size=windows[i], **kw)
 
-        self.enc = nn.ModuleList(Stage(channels[max(i - 1, 0)], channels[i], blocks[i], res_block(i), down=i > 0)
-                                 for i in range(n))
-        self.dec = nn.ModuleList(Stage(channels[i + 1], channels[i], blocks[i], res_block(i), up=True,
-                                       c_skip=channels[i]) for i in reversed(range(n - 1)))
+        self.enc = nn.ModuleList(
+            Stage(channels[max(i - 1, 0)], channels[i], blocks[i], res_block(i), down=i > 0) for i in range(n)
+        )
+        self.dec = nn.ModuleList(
+            Stage(channels[i + 1], channels[i], blocks[i], res_block(i), up=True, c_skip=channels[i])
+            for i in reversed(range(n - 1))
+        )
         out_channels = in_channels if out_channels is None else out_channels
-        self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], out_channels, 3,
-                                                                                padding=1))
+        self.head = nn.Sequential(
+            group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], out_channels, 3, padding=1)
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -156,16 +191,22 @@ class ImageDiffiT(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def time_token(self, t: torch.Tensor, y: torch.Tensor | None = None,
-                   augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def time_token(
+        self, t: torch.Tensor, y: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return time_token(self.t_embedder, self.y_embedder, t, y, augment_labels)
 
     def checkpointable_blocks(self) -> list[nn.Module]:
         """The blocks activation checkpointing recomputes: every DiffiT ResBlock."""
         return [b for stage in (*self.enc, *self.dec) for b in stage.blocks]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x_t = self.time_token(t, y, augment_labels)
         h = self.tokenizer(x.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W)
         skips = []

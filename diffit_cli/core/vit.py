@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (DiffiTBlock, LabelEmbedder, TimestepEmbedder, check_time_mode, init_rpb_and_time, modulate,
-                     time_token)
+from .layers import (
+    DiffiTBlock,
+    LabelEmbedder,
+    TimestepEmbedder,
+    check_time_mode,
+    init_rpb_and_time,
+    modulate,
+    time_token,
+)
 
 # Named sizes as in DiT (depth, hidden, heads) × patch 2/4/8; "XL/2" is the release's DiffiT-XL/2 (SPEC §5).
 _DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -65,9 +72,20 @@ class LatentDiffiT(nn.Module):
     forward(x (B, C, H, W), t (B,) DDPM step, y (B,) int64 with index num_classes = null) -> (B, 2C or C, H, W).
     """
 
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
-                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, time_mode: str = "tmsa"):
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        time_mode: str = "tmsa",
+    ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -80,7 +98,7 @@ class LatentDiffiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, 256)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
             DiffiTBlock(hidden_size, num_heads, hidden_size, self.grid, mlp_ratio, time_mode) for _ in range(depth)
         )

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,9 @@ class DataError(DiffitError):
 def is_image_name(name: str) -> bool:
     """Whether a relative path (`/`-separated) names an image under the shared rule (extension, nothing hidden)."""
     parts = name.split("/")
-    return (os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-            and not any(p.startswith(".") or p == "__MACOSX" for p in parts))
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not any(
+        p.startswith(".") or p == "__MACOSX" for p in parts
+    )
 
 
 def folder_image_names(root: Path) -> list[str]:
@@ -110,8 +112,12 @@ def npz_member(path: Path, member: str) -> np.ndarray | None:
             with open(path, "rb") as f:
                 f.seek(info.header_offset)
                 local = f.read(30)
-                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
-                    int.from_bytes(local[28:30], "little")
+                start = (
+                    info.header_offset
+                    + 30
+                    + int.from_bytes(local[26:28], "little")
+                    + int.from_bytes(local[28:30], "little")
+                )
                 f.seek(start)
                 shape, fortran, dtype = _read_npy_header(f)
                 if not fortran and not dtype.hasobject:

@@ -25,21 +25,29 @@ LATENT_FORMAT = "diffit-latents"
 LATENT_FORMAT_VERSION = 1
 DEFAULT_LATENT_SCALE = 0.18215
 
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
-def write_shard(path: str | Path, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
-                dtype: torch.dtype = torch.float16) -> None:
+
+def write_shard(
+    path: str | Path, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype = torch.float16
+) -> None:
     """Atomically write one latent shard: `mean`, `std` (N, 2, C, h, w) in `dtype`, `labels` (N,) int64."""
 
     if mean.shape != std.shape or mean.ndim != 5 or mean.shape[1] != 2 or labels.shape != mean.shape[:1]:
-        raise ValueError(f"bad shard shapes: mean {tuple(mean.shape)}, std {tuple(std.shape)}, "
-                         f"labels {tuple(labels.shape)}")
-    tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous(),
-               "labels": labels.to(torch.int64).contiguous()}
+        raise ValueError(
+            f"bad shard shapes: mean {tuple(mean.shape)}, std {tuple(std.shape)}, labels {tuple(labels.shape)}"
+        )
+    tensors = {
+        "mean": mean.to(dtype).contiguous(),
+        "std": std.to(dtype).contiguous(),
+        "labels": labels.to(torch.int64).contiguous(),
+    }
     # one metadata key only: safetensors writes metadata from a hash map, so several keys come out in a
     # random order and identical shards would differ in bytes
     atomic_write_bytes(path, save(tensors, metadata={"format": f"{LATENT_FORMAT}/{LATENT_FORMAT_VERSION}"}))
+
 
 def shard_count(path: str | Path) -> int | None:
     """Number of items in a complete shard file, or None when it is missing or unreadable."""
@@ -47,11 +55,13 @@ def shard_count(path: str | Path) -> int | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             n = f.get_slice("labels").get_shape()[0]
-            ok = (f.metadata() or {}).get("format", "").startswith(LATENT_FORMAT) and \
-                f.get_slice("mean").get_shape()[0] == f.get_slice("std").get_shape()[0] == n
+            ok = (f.metadata() or {}).get("format", "").startswith(LATENT_FORMAT) and f.get_slice("mean").get_shape()[
+                0
+            ] == f.get_slice("std").get_shape()[0] == n
             return n if ok else None
     except Exception:
         return None
+
 
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST_NAME
@@ -62,12 +72,16 @@ def read_manifest(root: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != LATENT_FORMAT:
         raise DataError(f"{str(path)!r} is not a diffit latent manifest (format {LATENT_FORMAT!r})")
     if manifest.get("version", 0) > LATENT_FORMAT_VERSION:
-        raise DataError(f"{str(path)!r} has latent format version {manifest['version']}; this diffit reads "
-                        f"up to {LATENT_FORMAT_VERSION} (upgrade diffit)")
+        raise DataError(
+            f"{str(path)!r} has latent format version {manifest['version']}; this diffit reads "
+            f"up to {LATENT_FORMAT_VERSION} (upgrade diffit)"
+        )
     return manifest
+
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
     atomic_write_bytes(Path(root) / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+
 
 class LatentShardSource(Source):
     """Latents written by `diffit encode-latents`: item = (stats (2, 2, C, h, w) in the stored dtype,
@@ -80,12 +94,16 @@ class LatentShardSource(Source):
         self.name = str(self.root)
         m = self.manifest = read_manifest(self.root)
         if not m.get("complete"):
-            raise DataError(f"latent folder {self.name!r} is incomplete (encoding was interrupted); rerun the "
-                            "same `diffit encode-latents` command to finish it")
+            raise DataError(
+                f"latent folder {self.name!r} is incomplete (encoding was interrupted); rerun the "
+                "same `diffit encode-latents` command to finish it"
+            )
         self.resolution = int(m["resolution"])
         if resolution is not None and check_resolution(resolution) != self.resolution:
-            raise DataError(f"latents in {self.name!r} were encoded at {self.resolution}² but {resolution}² is "
-                            f"wanted; run `diffit encode-latents SRC OUT --resolution {resolution}`")
+            raise DataError(
+                f"latents in {self.name!r} were encoded at {self.resolution}² but {resolution}² is "
+                f"wanted; run `diffit encode-latents SRC OUT --resolution {resolution}`"
+            )
         self.num_channels = int(m["latent_channels"])
         self.latent_size = int(m["latent_size"])
         self.scaling_factor = float(m.get("scaling_factor", DEFAULT_LATENT_SCALE))
@@ -109,8 +127,9 @@ class LatentShardSource(Source):
                 with safe_open(str(self.root / f), framework="np") as h:
                     out.append(h.get_tensor("labels"))
             except Exception as e:
-                raise DataError(f"cannot read latent shard {str(self.root / f)!r}: {e}; rerun "
-                                "`diffit encode-latents` to rewrite it") from None
+                raise DataError(
+                    f"cannot read latent shard {str(self.root / f)!r}: {e}; rerun `diffit encode-latents` to rewrite it"
+                ) from None
         return np.concatenate(out).astype(np.int64)
 
     def __len__(self) -> int:
@@ -141,8 +160,14 @@ class LatentShardSource(Source):
         stats = torch.stack([h.get_slice("mean")[j : j + 1][0], h.get_slice("std")[j : j + 1][0]])
         return stats, torch.tensor(int(self._labels[idx]))
 
-def sample_latent(stats: torch.Tensor, *, scale: float = DEFAULT_LATENT_SCALE, xflip: bool = True,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+
+def sample_latent(
+    stats: torch.Tensor,
+    *,
+    scale: float = DEFAULT_LATENT_SCALE,
+    xflip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """A batch of latent stats (B, 2, 2, C, h, w) → model-space latents z = (mean + std·ε)·scale (float32).
 
     With `xflip` each sample uses its mirror entry with probability ½. Randomness comes from `generator`

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +19,17 @@ from diffit_cli.data.synthetic import SYNTHETIC_SIZE, SyntheticShapes
 from diffit_cli.preemption import shielded_workers
 
 
-def open_source(data: Any = None, resolution: int | None = None, *, channels: int | None = None,
-                xflip: bool | None = None, skip_bad_images: bool = False, synthetic_size: int = SYNTHETIC_SIZE,
-                synthetic_seed: int = 0, synthetic_style: str | None = None) -> Source:
+def open_source(
+    data: Any = None,
+    resolution: int | None = None,
+    *,
+    channels: int | None = None,
+    xflip: bool | None = None,
+    skip_bad_images: bool = False,
+    synthetic_size: int = SYNTHETIC_SIZE,
+    synthetic_seed: int = 0,
+    synthetic_style: str | None = None,
+) -> Source:
     """Open the source named by a `DataConfig`, a path or dataset name, or None (built-in synthetic shapes).
 
     Path → latent shards (a folder with manifest.json), image folder, `.zip` or `.npz`; `torchvision:NAME[:split]`
@@ -49,8 +58,14 @@ def open_source(data: Any = None, resolution: int | None = None, *, channels: in
     kwargs = dict(channels=channels, xflip=xflip, skip_bad_images=skip_bad_images)
 
     if data is None:
-        src: Source = SyntheticShapes(resolution or 32, channels=channels, size=synthetic_size, seed=synthetic_seed,
-                                      xflip=xflip, style=synthetic_style or "varied")
+        src: Source = SyntheticShapes(
+            resolution or 32,
+            channels=channels,
+            size=synthetic_size,
+            seed=synthetic_seed,
+            xflip=xflip,
+            style=synthetic_style or "varied",
+        )
     elif is_named(data):
         if resolution is None:
             raise DataError(f"opening {data!r} needs a resolution")
@@ -71,12 +86,16 @@ def open_source(data: Any = None, resolution: int | None = None, *, channels: in
             elif path.suffix.lower() == ".npz":
                 src = NpzSource(path, resolution, **kwargs)
             else:
-                raise DataError(f"cannot tell what {str(path)!r} is: pass an image folder, a .zip, a .npz, a "
-                                "latent folder (with manifest.json), torchvision:NAME or hf:OWNER/NAME")
+                raise DataError(
+                    f"cannot tell what {str(path)!r} is: pass an image folder, a .zip, a .npz, a "
+                    "latent folder (with manifest.json), torchvision:NAME or hf:OWNER/NAME"
+                )
     if use_labels and src.num_classes == 0:
-        raise DataError(f"data.use_labels is true but {src.name!r} has no class labels (put each class in its "
-                        "own subfolder, add dataset.json labels / arr_1, name data.label_column, or set "
-                        "data.use_labels=false)")
+        raise DataError(
+            f"data.use_labels is true but {src.name!r} has no class labels (put each class in its "
+            "own subfolder, add dataset.json labels / arr_1, name data.label_column, or set "
+            "data.use_labels=false)"
+        )
     return src
 
 
@@ -89,8 +108,17 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     already consumed sees exactly the batches an uninterrupted run would.
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, start: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        start: int = 0,
+    ):
         if n < 1:
             raise DataError("the dataset is empty")
         if batch_size < 1 or batch_size % world_size:
@@ -105,8 +133,9 @@ class StreamBatchSampler(torch.utils.data.Sampler):
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = (np.random.default_rng((self.seed, epoch)).permutation(self.n)
-                                  if self.shuffle else np.arange(self.n))
+            self._perms[epoch] = (
+                np.random.default_rng((self.seed, epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
+            )
         return self._perms[epoch]
 
     def indices(self, first: int, count: int) -> np.ndarray:
@@ -131,7 +160,7 @@ def unwrap_worker_error(message: str) -> str:
     """DataLoader re-raises worker errors with the whole traceback in the message; keep our message."""
     key = "DataError: "
     if message.startswith("Caught ") and key in message:
-        return message[message.rfind(key) + len(key):].strip()
+        return message[message.rfind(key) + len(key) :].strip()
     return message
 
 
@@ -141,21 +170,44 @@ class InfiniteLoader:
     Iterating again (or after `load_state_dict`) restarts the stream at `position`.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 2, pin_memory: bool | None = None,
-                 start_index: int = 0, shuffle: bool = True, prefetch_factor: int = 4):
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        start_index: int = 0,
+        shuffle: bool = True,
+        prefetch_factor: int = 4,
+    ):
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.local_batch = self.batch_size // max(world_size, 1)
         self.position = int(start_index)
-        self.sampler = StreamBatchSampler(len(dataset), self.batch_size, seed=seed, rank=rank,
-                                          world_size=world_size, shuffle=shuffle, start=start_index)
+        self.sampler = StreamBatchSampler(
+            len(dataset),
+            self.batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+            start=start_index,
+        )
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin,
-            persistent_workers=False, prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=pin,
+            persistent_workers=False,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
             worker_init_fn=shielded_workers(),
             # the loader draws its worker base seed from this generator, never from the global RNG
-            generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -175,14 +227,32 @@ class InfiniteLoader:
             yield batch
 
 
-def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int = 0, rank: int = 0,
-                world_size: int = 1, num_workers: int = 2, pin_memory: bool | None = None, start_index: int = 0,
-                shuffle: bool = True) -> InfiniteLoader:
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    pin_memory: bool | None = None,
+    start_index: int = 0,
+    shuffle: bool = True,
+) -> InfiniteLoader:
     """An endless, deterministic loader of this rank's share (batch_size / world_size) of each global batch.
 
     `batch_size` is the global batch of one loader step (use per-GPU batch × world size with gradient
     accumulation); `start_index` = global samples already consumed (resume); pinned memory defaults to
     CUDA availability.
     """
-    return InfiniteLoader(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
-                          num_workers=num_workers, pin_memory=pin_memory, start_index=start_index, shuffle=shuffle)
+    return InfiniteLoader(
+        dataset,
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        start_index=start_index,
+        shuffle=shuffle,
+    )

@@ -42,15 +42,22 @@ def split_spec(rest: str, exists=lambda s: False) -> tuple[str, str | None]:
     return name, split or None
 
 
-def open_named(spec: str, resolution: int, *, channels: int = 3, xflip: bool = False,
-               skip_bad_images: bool = False, image_column: str | None = None,
-               label_column: str | None = None) -> PixelSource:
+def open_named(
+    spec: str,
+    resolution: int,
+    *,
+    channels: int = 3,
+    xflip: bool = False,
+    skip_bad_images: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> PixelSource:
     """The source of a `torchvision:` or `hf:` spec (see the module docstring)."""
     kwargs = dict(channels=channels, xflip=xflip, skip_bad_images=skip_bad_images)
     if spec.startswith(TORCHVISION_PREFIX):
-        name, split = split_spec(spec[len(TORCHVISION_PREFIX):])
+        name, split = split_spec(spec[len(TORCHVISION_PREFIX) :])
         return TorchvisionSource(name, resolution, split=split, **kwargs)
-    name, split = split_spec(spec[len(HF_PREFIX):], lambda s: Path(s).expanduser().exists())
+    name, split = split_spec(spec[len(HF_PREFIX) :], lambda s: Path(s).expanduser().exists())
     return HFSource(name, resolution, split=split, image_column=image_column, label_column=label_column, **kwargs)
 
 
@@ -76,12 +83,20 @@ class NamedSource(PixelSource):
 def _torchvision_class(name: str):
     import torchvision.datasets as tvd  # here, not at the top: torchvision is slow to import and only these need it
 
-    classes = {k: v for k, v in vars(tvd).items() if inspect.isclass(v) and issubclass(v, tvd.VisionDataset)
-               and not issubclass(v, tvd.DatasetFolder) and v is not tvd.VisionDataset}  # folders: --data DIR
+    classes = {
+        k: v
+        for k, v in vars(tvd).items()
+        if inspect.isclass(v)
+        and issubclass(v, tvd.VisionDataset)
+        and not issubclass(v, tvd.DatasetFolder)
+        and v is not tvd.VisionDataset
+    }  # folders: --data DIR
     found = classes.get(name) or next((v for k, v in classes.items() if k.lower() == name.lower()), None)
     if found is None:
-        raise DataError(f"torchvision has no dataset {name!r}; image datasets that suit a preset: CIFAR10, "
-                        "CIFAR100, MNIST, FashionMNIST, KMNIST, SVHN, STL10, CelebA, Flowers102 (torchvision:NAME)")
+        raise DataError(
+            f"torchvision has no dataset {name!r}; image datasets that suit a preset: CIFAR10, "
+            "CIFAR100, MNIST, FashionMNIST, KMNIST, SVHN, STL10, CelebA, Flowers102 (torchvision:NAME)"
+        )
     return found
 
 
@@ -99,8 +114,16 @@ def _by_hand(cls, root: Path) -> str:
 class TorchvisionSource(NamedSource):
     """`torchvision:NAME[:split]`: a torchvision dataset in `<cache>/torchvision`, the train split by default."""
 
-    def __init__(self, dataset: str, resolution: int, *, split: str | None = None, channels: int = 3,
-                 xflip: bool = False, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        dataset: str,
+        resolution: int,
+        *,
+        split: str | None = None,
+        channels: int = 3,
+        xflip: bool = False,
+        skip_bad_images: bool = False,
+    ):
         super().__init__(resolution, channels, xflip, skip_bad_images)
         cls = _torchvision_class(dataset)
         self.root = cache_dir() / "torchvision"
@@ -122,17 +145,25 @@ class TorchvisionSource(NamedSource):
         download = not offline()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._ds = cls(str(self.root), download=download, **kwargs) if "download" in params else \
-                cls(str(self.root), **kwargs)
+            self._ds = (
+                cls(str(self.root), download=download, **kwargs)
+                if "download" in params
+                else cls(str(self.root), **kwargs)
+            )
         except (RuntimeError, OSError, ValueError) as e:  # missing or corrupt files, no network, a failed download
             folder = self.root / getattr(cls, "base_folder", cls.__name__)
             if folder.exists() and not download:
-                raise DataError(f"{self.name}: the files in {folder} are incomplete or fail torchvision's checksum "
-                                f"check; delete {folder} and rerun with downloads on, or {_by_hand(cls, self.root)}"
-                                ) from None
-            why = OFFLINE_NOTE if not download else f"torchvision could not get it ({str(e).strip() or type(e).__name__})"
-            raise DataError(f"{self.name} is not in the cache {self.root} and {why}; {_by_hand(cls, self.root)}, "
-                            f"then rerun (torchvision checks the files' checksums; see {README_SECTION})") from None
+                raise DataError(
+                    f"{self.name}: the files in {folder} are incomplete or fail torchvision's checksum "
+                    f"check; delete {folder} and rerun with downloads on, or {_by_hand(cls, self.root)}"
+                ) from None
+            why = (
+                OFFLINE_NOTE if not download else f"torchvision could not get it ({str(e).strip() or type(e).__name__})"
+            )
+            raise DataError(
+                f"{self.name} is not in the cache {self.root} and {why}; {_by_hand(cls, self.root)}, "
+                f"then rerun (torchvision checks the files' checksums; see {README_SECTION})"
+            ) from None
         self._raw_labels, self.class_names = self._read_labels()
         self._content_id = str(kwargs)
 
@@ -157,8 +188,7 @@ class TorchvisionSource(NamedSource):
 
 # ------------------------------------------------------------------------------------------- Hugging Face
 def _hf_cache() -> Path:
-    return Path(os.environ["HF_DATASETS_CACHE"]) if os.environ.get("HF_DATASETS_CACHE") else \
-        cache_dir() / "huggingface"
+    return Path(os.environ["HF_DATASETS_CACHE"]) if os.environ.get("HF_DATASETS_CACHE") else cache_dir() / "huggingface"
 
 
 def _load_hf(name: str, split: str):
@@ -188,17 +218,20 @@ def _load_hf(name: str, split: str):
         if path.exists():
             raise DataError(f"cannot read hf:{name} as a dataset: {e}") from None
         why = OFFLINE_NOTE if offline() else f"it could not be loaded ({str(e).strip() or type(e).__name__})"
-        raise DataError(f"hf:{name} (split {split}) is not in the cache {cache} and {why}; run once with internet "
-                        f"access, or on a machine that has it run `datasets.load_dataset({name!r}, split={split!r})"
-                        f".save_to_disk(DIR)`, copy DIR here and pass --data hf:DIR (see {README_SECTION})") from None
+        raise DataError(
+            f"hf:{name} (split {split}) is not in the cache {cache} and {why}; run once with internet "
+            f"access, or on a machine that has it run `datasets.load_dataset({name!r}, split={split!r})"
+            f".save_to_disk(DIR)`, copy DIR here and pass --data hf:DIR (see {README_SECTION})"
+        ) from None
 
 
 def _find_column(ds, wanted: str | None, feature_type, role: str, key: str) -> str | None:
     columns = list(ds.column_names)
     if wanted is not None:
         if wanted not in columns:
-            raise DataError(f"{role} column {wanted!r} (data.{key}) is not in the dataset; its columns: "
-                            f"{', '.join(columns)}")
+            raise DataError(
+                f"{role} column {wanted!r} (data.{key}) is not in the dataset; its columns: {', '.join(columns)}"
+            )
         return wanted
     return next((c for c in columns if isinstance(ds.features[c], feature_type)), None)
 
@@ -206,9 +239,18 @@ def _find_column(ds, wanted: str | None, feature_type, role: str, key: str) -> s
 class HFSource(NamedSource):
     """`hf:OWNER/NAME[:split]` or `hf:DIR[:split]`: a Hugging Face dataset's image column (and class labels)."""
 
-    def __init__(self, dataset: str, resolution: int, *, split: str | None = None, image_column: str | None = None,
-                 label_column: str | None = None, channels: int = 3, xflip: bool = False,
-                 skip_bad_images: bool = False):
+    def __init__(
+        self,
+        dataset: str,
+        resolution: int,
+        *,
+        split: str | None = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        channels: int = 3,
+        xflip: bool = False,
+        skip_bad_images: bool = False,
+    ):
         import datasets  # here, not at the top: `datasets` is an optional extra, slow to import
 
         super().__init__(resolution, channels, xflip, skip_bad_images)
@@ -217,8 +259,10 @@ class HFSource(NamedSource):
         ds = _load_hf(dataset, split)
         image = _find_column(ds, image_column, datasets.Image, "image", "image_column")
         if image is None:
-            raise DataError(f"{self.name} has no image column (columns: {', '.join(ds.column_names)}); name it with "
-                            "--set data.image_column=COLUMN")
+            raise DataError(
+                f"{self.name} has no image column (columns: {', '.join(ds.column_names)}); name it with "
+                "--set data.image_column=COLUMN"
+            )
         label = _find_column(ds, label_column, datasets.ClassLabel, "label", "label_column")
         if label is None:
             self._raw_labels, self.class_names = np.full(len(ds), NO_LABEL, np.int64), ()
@@ -226,11 +270,16 @@ class HFSource(NamedSource):
             try:
                 self._raw_labels = np.asarray(ds.with_format("numpy")[label], dtype=np.int64).reshape(-1)
             except (TypeError, ValueError):
-                raise DataError(f"{self.name}: label column {label!r} does not hold class indices "
-                                f"({ds.features[label]}); name another with --set data.label_column=...") from None
+                raise DataError(
+                    f"{self.name}: label column {label!r} does not hold class indices "
+                    f"({ds.features[label]}); name another with --set data.label_column=..."
+                ) from None
             feature = ds.features[label]
-            self.class_names = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else \
-                tuple(str(k) for k in range(int(self._raw_labels.max(initial=-1)) + 1))
+            self.class_names = (
+                tuple(feature.names)
+                if isinstance(feature, datasets.ClassLabel)
+                else tuple(str(k) for k in range(int(self._raw_labels.max(initial=-1)) + 1))
+            )
         self.image_column = image
         self._ds = ds.select_columns([image])
         self._content_id = getattr(ds, "_fingerprint", "")  # datasets' own hash of the data and its processing

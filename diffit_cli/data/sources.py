@@ -30,15 +30,24 @@ import json
 import os
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffit_cli.data.images import (IMAGE_EXTENSIONS, DataError, check_channels, check_resolution, pil_to_chw,
-                                    folder_image_names, npz_member, zip_image_names)
+from diffit_cli.data.images import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    check_channels,
+    check_resolution,
+    folder_image_names,
+    npz_member,
+    pil_to_chw,
+    zip_image_names,
+)
 
 NO_LABEL = -1
 SKIP_HINT = "fix or remove the file, or pass --skip-bad-images to skip unreadable images with a warning"
@@ -66,8 +75,10 @@ class Source(torch.utils.data.Dataset, abc.ABC):
         """A short hash identifying the content list (names, labels), used by latent manifests."""
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.name!r}, {len(self)} items, {self.resolution}², "
-                f"{self.num_channels} ch, {self.num_classes} classes)")
+        return (
+            f"{type(self).__name__}({self.name!r}, {len(self)} items, {self.resolution}², "
+            f"{self.num_channels} ch, {self.num_classes} classes)"
+        )
 
 
 class PixelSource(Source):
@@ -160,8 +171,15 @@ class ImageFolderSource(PixelSource):
     """Images anywhere under `root` (recursive, sorted). Class = first-level subfolder name (sorted) when
     every image lies in a subfolder; unconditional when any image lies directly in the root."""
 
-    def __init__(self, root: str | Path, resolution: int, *, channels: int = 3, xflip: bool = False,
-                 skip_bad_images: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        *,
+        channels: int = 3,
+        xflip: bool = False,
+        skip_bad_images: bool = False,
+    ):
         super().__init__(resolution, channels, xflip, skip_bad_images)
         self.root = Path(root)
         self.name = str(self.root)
@@ -169,8 +187,9 @@ class ImageFolderSource(PixelSource):
             raise DataError(f"image folder {self.name!r} does not exist")
         self.files = folder_image_names(self.root)
         if not self.files:
-            raise DataError(f"no images found in {self.name!r} (looked recursively for "
-                            f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise DataError(
+                f"no images found in {self.name!r} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
         self._raw_labels, self.class_names = _labels_from_names(self.files, self.name)
 
     def _item_name(self, i: int) -> str:
@@ -187,8 +206,15 @@ class ImageFolderSource(PixelSource):
 class FileSource(PixelSource):
     """A pixel source stored in one file (zip archive, `.npz`): `path` and `name` are the file's."""
 
-    def __init__(self, path: str | Path, resolution: int, *, channels: int = 3, xflip: bool = False,
-                 skip_bad_images: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int,
+        *,
+        channels: int = 3,
+        xflip: bool = False,
+        skip_bad_images: bool = False,
+    ):
         super().__init__(resolution, channels, xflip, skip_bad_images)
         self.path = Path(path)
         self.name = str(self.path)
@@ -268,8 +294,9 @@ class NpzSource(FileSource):
             images = images[..., None]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
             hint = " (it looks NCHW; store NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
-            raise DataError(f"{self.name}: arr_0 must be uint8 NHWC images, got {images.dtype} "
-                            f"{tuple(images.shape)}{hint}")
+            raise DataError(
+                f"{self.name}: arr_0 must be uint8 NHWC images, got {images.dtype} {tuple(images.shape)}{hint}"
+            )
         if len(images) == 0:
             raise DataError(f"{self.name}: arr_0 holds no images")
         self._images, self._shape = images, tuple(images.shape)

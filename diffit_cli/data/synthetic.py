@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,8 +46,9 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "circle": lambda u, v: np.hypot(u, v) - 0.9,
     "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) - 0.75,
     "triangle": lambda u, v: _fold_sdf(u / 1.1, v / 1.1 - 0.1, 3, 0.5, -math.pi / 2) * 1.1,
-    "cross": lambda u, v: np.minimum(np.maximum(np.abs(u) - 0.95, np.abs(v) - 0.3),
-                                     np.maximum(np.abs(u) - 0.3, np.abs(v) - 0.95)),
+    "cross": lambda u, v: np.minimum(
+        np.maximum(np.abs(u) - 0.95, np.abs(v) - 0.3), np.maximum(np.abs(u) - 0.3, np.abs(v) - 0.95)
+    ),
     "diamond": lambda u, v: _rhombus(u, v, 0.62, 1.0),
     "ring": lambda u, v: np.abs(np.hypot(u, v) - 0.7) - 0.25,
     "star": lambda u, v: _fold_sdf(u, v, 5, 0.45, -math.pi / 2),
@@ -69,8 +70,16 @@ class SyntheticShapes(PixelSource):
     and diamond stay distinct); "simple" ones 55–75 %, upright, near the centre.
     """
 
-    def __init__(self, resolution: int = 32, *, channels: int = 3, size: int = SYNTHETIC_SIZE, seed: int = 0,
-                 xflip: bool = False, style: str = "varied"):
+    def __init__(
+        self,
+        resolution: int = 32,
+        *,
+        channels: int = 3,
+        size: int = SYNTHETIC_SIZE,
+        seed: int = 0,
+        xflip: bool = False,
+        style: str = "varied",
+    ):
         super().__init__(resolution, channels, xflip, False)
         if size < 1:
             raise DataError(f"the synthetic dataset needs at least one item, got size={size}")
@@ -99,8 +108,11 @@ class SyntheticShapes(PixelSource):
         t = 2 * math.pi * u01[7]
         g = np.clip((xs * math.cos(t) + ys * math.sin(t)) * 0.5 + 0.5, 0, 1)
         f, phi, phase = 1.5 + 3.5 * u01[8], 2 * math.pi * u01[9], 2 * math.pi * u01[10]
-        tex = st["texture"] * (0.04 + 0.06 * u01[11]) * np.sin(
-            math.pi * f * (xs * math.cos(phi) + ys * math.sin(phi)) + phase)
+        tex = (
+            st["texture"]
+            * (0.04 + 0.06 * u01[11])
+            * np.sin(math.pi * f * (xs * math.cos(phi) + ys * math.sin(phi)) + phase)
+        )
         bg = c0[:, None, None] + (c1 - c0)[:, None, None] * g + tex
 
         s = st["size"][0] + st["size"][1] * u01[12]
@@ -117,8 +129,9 @@ class SyntheticShapes(PixelSource):
         img = bg + (fg[:, None, None] * shade - bg) * alpha
         img = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
         if self.num_channels == 1:
-            img = np.round(img.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114],
-                                                                                  np.float32))[None]
+            img = np.round(img.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], np.float32))[
+                None
+            ]
             img = img.astype(np.uint8)
         return img
 

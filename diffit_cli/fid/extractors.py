@@ -23,8 +23,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress, Start, Step, quiet
-from diffit_cli.fileio import offline
 from diffit_cli.fid.inputs import Images, rgb
+from diffit_cli.fileio import offline
 
 INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "diffit-randconv-v1"
@@ -201,8 +201,9 @@ def exact_convolutions():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def extract_features(images: Images, fe: FeatureExtractorBase, device, batch: int, progress: Progress | None,
-                     stage: str) -> dict:
+def extract_features(
+    images: Images, fe: FeatureExtractorBase, device, batch: int, progress: Progress | None, stage: str
+) -> dict:
     """Features of every image, by layer; `progress` sees a `features (<stage>)` task."""
     out: dict[str, list[torch.Tensor]] = {}
     done = 0

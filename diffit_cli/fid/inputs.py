@@ -110,8 +110,9 @@ def _npz_member_images(path: Path, member: str = "arr_0") -> Images:
     """Stream `member` of an npz in batches (works for np.savez and np.savez_compressed)."""
     shape, _, dtype = npz_header(path, member)
     check_image_array(shape, dtype, f"{member} in {path}")
-    return Images(f"{path} ({member})", int(shape[0]),
-                   lambda size: (rgb(batch) for batch in npz_batches(path, member, size)))
+    return Images(
+        f"{path} ({member})", int(shape[0]), lambda size: (rgb(batch) for batch in npz_batches(path, member, size))
+    )
 
 
 def array_images(arr) -> Images:

@@ -44,8 +44,14 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress
-from diffit_cli.fid.extractors import (INCEPTION, TEST_EXTRACTOR, extract_features, extractor_class,
-                                       make_extractor, resolve_device)
+from diffit_cli.fid.extractors import (
+    INCEPTION,
+    TEST_EXTRACTOR,
+    extract_features,
+    extractor_class,
+    make_extractor,
+    resolve_device,
+)
 from diffit_cli.fid.inputs import Images, Statistics, open_input
 from diffit_cli.fileio import atomic_write
 

@@ -26,8 +26,10 @@ from diffit_cli.events import Message, Progress
 from diffit_cli.fid.inputs import Images
 
 TRAIN = "train"  # the `eval.reference` value that means these statistics
-LATENT_NEEDS_FILE = ("FID of a latent model needs a reference statistics file: --set eval.reference="
-                     "VIRTUAL_imagenet256_labeled.npz (ADM's reference batch) or another statistics file")
+LATENT_NEEDS_FILE = (
+    "FID of a latent model needs a reference statistics file: --set eval.reference="
+    "VIRTUAL_imagenet256_labeled.npz (ADM's reference batch) or another statistics file"
+)
 
 
 def source_images(src: Source, count: int, num_workers: int = 0) -> Images:
@@ -46,8 +48,15 @@ def source_images(src: Source, count: int, num_workers: int = 0) -> Images:
     return Images(src.name, count, batches)
 
 
-def training_statistics(preset: Preset, *, feature_extractor: str, limit: int | None = None, batch: int = 64,
-                        inception_weights: str | None = None, progress=None) -> tuple[Path, str]:
+def training_statistics(
+    preset: Preset,
+    *,
+    feature_extractor: str,
+    limit: int | None = None,
+    batch: int = 64,
+    inception_weights: str | None = None,
+    progress=None,
+) -> tuple[Path, str]:
     """(path of the cached statistics .npz, "50000 training images (torchvision:CIFAR10, 32px)") of the first
     `limit` (default: all) training images of `preset`, computed on first use with `save_reference`."""
     if preset.data.space == "latent":
@@ -62,18 +71,41 @@ def training_statistics(preset: Preset, *, feature_extractor: str, limit: int | 
     path = cache_dir() / "fid-refs" / f"{slug}-{res}px-{n}-{key.hexdigest()[:16]}.npz"
     if not path.is_file():
         if progress is not None:
-            progress(Message(f"statistics of {what} with {feature_extractor}, once (cached in {path})",
-                             data={"event": "stage", "stage": "reference", "images": n, "path": str(path)}))
-        M.save_reference(source_images(src, n, preset.data.num_workers), path, feature_extractor=feature_extractor,
-                         batch=batch, inception_weights=inception_weights, progress=progress)
+            progress(
+                Message(
+                    f"statistics of {what} with {feature_extractor}, once (cached in {path})",
+                    data={"event": "stage", "stage": "reference", "images": n, "path": str(path)},
+                )
+            )
+        M.save_reference(
+            source_images(src, n, preset.data.num_workers),
+            path,
+            feature_extractor=feature_extractor,
+            batch=batch,
+            inception_weights=inception_weights,
+            progress=progress,
+        )
     return path, what
 
 
-def preset_reference(preset: Preset, *, feature_extractor: str, limit: int | None = None, batch: int = 64,
-                     inception_weights: str | None = None, progress: Progress | None = None) -> tuple[str, str]:
+def preset_reference(
+    preset: Preset,
+    *,
+    feature_extractor: str,
+    limit: int | None = None,
+    batch: int = 64,
+    inception_weights: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[str, str]:
     """(reference to score against, its description): `eval.reference`, or for `train` the cached statistics."""
     if preset.eval.reference != TRAIN:
         return preset.eval.reference, preset.eval.reference
-    path, what = training_statistics(preset, feature_extractor=feature_extractor, limit=limit, batch=batch,
-                                     inception_weights=inception_weights, progress=progress)
+    path, what = training_statistics(
+        preset,
+        feature_extractor=feature_extractor,
+        limit=limit,
+        batch=batch,
+        inception_weights=inception_weights,
+        progress=progress,
+    )
     return str(path), what

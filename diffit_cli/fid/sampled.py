@@ -33,9 +33,22 @@ def check_extractor(name: str, inception_weights=None) -> None:
         make_extractor(name, [layer], torch.device("cpu"), inception_weights)
 
 
-def sample_fid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, reference, seeds: list[int], *,
-               state, feature_extractor: str, work_dir: Path, keep: Path | None = None, precision: str = "fp32",
-               inception_weights=None, progress: Progress | None = None) -> dict | None:
+def sample_fid(
+    net: torch.nn.Module,
+    diffusion,
+    preset: Preset,
+    decode: Decode,
+    reference,
+    seeds: list[int],
+    *,
+    state,
+    feature_extractor: str,
+    work_dir: Path,
+    keep: Path | None = None,
+    precision: str = "fp32",
+    inception_weights=None,
+    progress: Progress | None = None,
+) -> dict | None:
     """FID of `net`'s samples for `seeds` against `reference` (a statistics file or images).
 
     Every process of `state` (an Accelerator or PartialState) samples its share of the seeds (image i depends only
@@ -51,13 +64,21 @@ def sample_fid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, 
         if keep is None:
             sink.clear()  # parts of an interrupted earlier evaluation
     state.wait_for_everyone()
-    mine = seeds[state.process_index::state.num_processes]
-    emit(Start("fid samples", len(seeds), 0, "images",
-               f"sampling {len(seeds)} images (seeds {seeds[0]}-{seeds[-1]}) on {state.device} × "
-               f"{state.num_processes} for FID ({feature_extractor})"))
+    mine = seeds[state.process_index :: state.num_processes]
+    emit(
+        Start(
+            "fid samples",
+            len(seeds),
+            0,
+            "images",
+            f"sampling {len(seeds)} images (seeds {seeds[0]}-{seeds[-1]}) on {state.device} × "
+            f"{state.num_processes} for FID ({feature_extractor})",
+        )
+    )
     done = 0
-    for chunk, labels, images in generate(net, diffusion, preset, mine, decode, precision=precision,
-                                          batch=preset.sample.batch, device=state.device):
+    for chunk, labels, images in generate(
+        net, diffusion, preset, mine, decode, precision=precision, batch=preset.sample.batch, device=state.device
+    ):
         sink.write(chunk, labels, images)
         done = min(done + len(chunk) * state.num_processes, len(seeds))
         emit(Step("fid samples", done, len(seeds)))
@@ -66,9 +87,15 @@ def sample_fid(net: torch.nn.Module, diffusion, preset: Preset, decode: Decode, 
     if main:
         samples = sink.finish(seeds)
         try:
-            result = compute_metrics(samples, reference, metrics=("fid",), batch=preset.eval.batch,
-                                     feature_extractor=feature_extractor, inception_weights=inception_weights,
-                                     progress=progress)
+            result = compute_metrics(
+                samples,
+                reference,
+                metrics=("fid",),
+                batch=preset.eval.batch,
+                feature_extractor=feature_extractor,
+                inception_weights=inception_weights,
+                progress=progress,
+            )
         finally:
             if keep is None:
                 shutil.rmtree(work_dir, ignore_errors=True)
@@ -82,13 +109,24 @@ def check_shared_scratch(state, keep: Path | None) -> None:
     and the main process scores them all: processes on other machines would write into their own /tmp, and the
     run would fail only after sampling. Said before any work, on every process alike."""
     if keep is None and state.num_processes > 1 and len(set(gather_object([socket.gethostname()]))) > 1:
-        raise DiffitError("eval-fid --ckpt on several machines needs --keep DIR on a file system they all see (the "
-                          "main process scores every process's images)")
+        raise DiffitError(
+            "eval-fid --ckpt on several machines needs --keep DIR on a file system they all see (the "
+            "main process scores every process's images)"
+        )
 
 
-def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, reference=None, batch: int | None = None,
-                     feature_extractor: str | None = None, keep: Path | str | None = None,
-                     inception_weights=None, progress: Progress | None = None) -> dict | None:
+def score_checkpoint(
+    ckpt: str,
+    num: int | None = None,
+    *,
+    repeats: int = 1,
+    reference=None,
+    batch: int | None = None,
+    feature_extractor: str | None = None,
+    keep: Path | str | None = None,
+    inception_weights=None,
+    progress: Progress | None = None,
+) -> dict | None:
     """`diffit eval-fid --ckpt`: FID of a checkpoint's EMA network over `repeats` seed ranges of `num` images
     (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults come from the
     checkpoint's preset (`eval.num_samples`, `eval.reference` or the training data's statistics,
@@ -111,8 +149,13 @@ def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, ref
     work = [None]
     if state.is_main_process:
         if not reference:  # the preset's eval.reference; for `train`, the training data's statistics (cached)
-            reference, ref_desc = preset_reference(preset, feature_extractor=extractor, batch=preset.eval.batch,
-                                                   inception_weights=inception_weights, progress=progress)
+            reference, ref_desc = preset_reference(
+                preset,
+                feature_extractor=extractor,
+                batch=preset.eval.batch,
+                inception_weights=inception_weights,
+                progress=progress,
+            )
         work = [tempfile.mkdtemp(prefix="diffit-fid-")]
     broadcast_object_list(work)  # one scratch folder for every process (one machine: see check_shared_scratch)
     net = snapshot_network(weights, preset, str(path), state.device)
@@ -124,22 +167,47 @@ def score_checkpoint(ckpt: str, num: int | None = None, *, repeats: int = 1, ref
     try:
         for k in range(repeats):
             seeds = list(range(k * num, (k + 1) * num))
-            r = sample_fid(net, diffusion, preset, decode, reference, seeds, state=state, feature_extractor=extractor,
-                           work_dir=Path(work[0]) / f"repeat-{k}", precision=precision,
-                           keep=None if keep is None else (keep if repeats == 1 else keep / f"repeat-{k}"),
-                           inception_weights=inception_weights, progress=progress)
+            r = sample_fid(
+                net,
+                diffusion,
+                preset,
+                decode,
+                reference,
+                seeds,
+                state=state,
+                feature_extractor=extractor,
+                work_dir=Path(work[0]) / f"repeat-{k}",
+                precision=precision,
+                keep=None if keep is None else (keep if repeats == 1 else keep / f"repeat-{k}"),
+                inception_weights=inception_weights,
+                progress=progress,
+            )
             if r is not None:
                 runs.append(r)
-                emit(Message(f"repeat {k}: seeds {r['seeds']}: FID {r['fid']:.4f}",
-                             data={"event": "fid", "repeat": k, "seeds": r["seeds"], "fid": r["fid"]}))
+                emit(
+                    Message(
+                        f"repeat {k}: seeds {r['seeds']}: FID {r['fid']:.4f}",
+                        data={"event": "fid", "repeat": k, "seeds": r["seeds"], "fid": r["fid"]},
+                    )
+                )
     finally:
         if state.is_main_process:
             shutil.rmtree(work[0], ignore_errors=True)
     if not state.is_main_process:
         return None
     values = [r["fid"] for r in runs]
-    return {"checkpoint": str(ckpt), "num": num, "repeats": [{"seeds": r["seeds"], "fid": r["fid"]} for r in runs],
-            "values": values, "min": min(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "extractor": extractor,
-            "reference": ref_desc or str(reference), "precision": precision,
-            "sampler": preset.sample.sampler, "steps": preset.sample.steps, "notes": runs[0]["notes"]}
+    return {
+        "checkpoint": str(ckpt),
+        "num": num,
+        "repeats": [{"seeds": r["seeds"], "fid": r["fid"]} for r in runs],
+        "values": values,
+        "min": min(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "extractor": extractor,
+        "reference": ref_desc or str(reference),
+        "precision": precision,
+        "sampler": preset.sample.sampler,
+        "steps": preset.sample.steps,
+        "notes": runs[0]["notes"],
+    }

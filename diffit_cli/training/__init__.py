@@ -5,10 +5,29 @@ process per run folder)."""
 
 from diffit_cli.training.loop import dry_run_summary, train
 from diffit_cli.training.monitor import Spike, SpikeDetector
-from diffit_cli.training.recipe import (RESUMABLE_KEYS, TrainError, TrainState, enable_activation_checkpointing,
-                                        keyed_seed, learning_rate, to_model_space)
+from diffit_cli.training.recipe import (
+    RESUMABLE_KEYS,
+    TrainError,
+    TrainState,
+    enable_activation_checkpointing,
+    keyed_seed,
+    learning_rate,
+    to_model_space,
+)
 from diffit_cli.training.tracking import TRACKERS, TrackerSpec
 
-__all__ = ["train", "dry_run_summary", "Spike", "SpikeDetector", "RESUMABLE_KEYS", "TrainError",
-           "TrainState", "enable_activation_checkpointing", "keyed_seed", "learning_rate", "to_model_space", "TRACKERS",
-           "TrackerSpec"]
+__all__ = [
+    "train",
+    "dry_run_summary",
+    "Spike",
+    "SpikeDetector",
+    "RESUMABLE_KEYS",
+    "TrainError",
+    "TrainState",
+    "enable_activation_checkpointing",
+    "keyed_seed",
+    "learning_rate",
+    "to_model_space",
+    "TRACKERS",
+    "TrackerSpec",
+]

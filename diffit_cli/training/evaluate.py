@@ -22,11 +22,17 @@ def fid_due(run: Run) -> bool:
 
 
 def fid_reference(run: Run) -> tuple[str, str]:
-    """(reference, description): `eval.reference`; for `train`, the training data's statistics (computed once, cached)."""
+    """(reference, description): `eval.reference`; for `train`, the training data's statistics (computed once,
+    cached)."""
     ev = run.preset.eval
     if run.fid_reference is None:
-        run.fid_reference = preset_reference(run.preset, feature_extractor=ev.feature_extractor, batch=ev.batch,
-                                             inception_weights=run.inception_weights, progress=run.emit)
+        run.fid_reference = preset_reference(
+            run.preset,
+            feature_extractor=ev.feature_extractor,
+            batch=ev.batch,
+            inception_weights=run.inception_weights,
+            progress=run.emit,
+        )
     return run.fid_reference
 
 
@@ -37,19 +43,46 @@ def fid_point(run: Run) -> bool:
     reference, what = fid_reference(run) if acc.is_main_process else (None, None)
     precision = sampling_precision(preset, acc.device)
     decode = run.codec.decode if run.codec is not None else make_decoder(preset, None, acc.device, precision)[0]
-    r = sample_fid(run.ema.net, run.diffusion, preset, decode, reference, list(range(ev.num_samples)), state=acc,
-                   feature_extractor=ev.feature_extractor, work_dir=run.run_dir / WORK_DIR, precision=precision,
-                   inception_weights=run.inception_weights, progress=run.emit)
+    r = sample_fid(
+        run.ema.net,
+        run.diffusion,
+        preset,
+        decode,
+        reference,
+        list(range(ev.num_samples)),
+        state=acc,
+        feature_extractor=ev.feature_extractor,
+        work_dir=run.run_dir / WORK_DIR,
+        precision=precision,
+        inception_weights=run.inception_weights,
+        progress=run.emit,
+    )
     if r is None:
         return False
     kimg = round(state.nimg / 1000, 3)
     best = state.best is None or r["fid"] < state.best["fid"]
     if best:
         state.best = {"fid": r["fid"], "kimg": kimg, "extractor": r["extractor"]}
-    rec = {"event": "fid", "kimg": kimg, "step": state.step, "fid": r["fid"], "extractor": r["extractor"],
-           "num_samples": r["num_samples"], "reference": what, "best": best}
+    rec = {
+        "event": "fid",
+        "kimg": kimg,
+        "step": state.step,
+        "fid": r["fid"],
+        "extractor": r["extractor"],
+        "num_samples": r["num_samples"],
+        "reference": what,
+        "best": best,
+    }
     log_record(run, rec)
-    run.emit(Message(f"FID {r['fid']:.4g} at {kimg:g} kimg ({r['extractor']}, {r['num_samples']} samples)"
-                     + (" — the best so far: checkpoints/best.pt" if best else
-                        f"; best {state.best['fid']:.4g} at {state.best['kimg']:g} kimg"), data=rec))
+    run.emit(
+        Message(
+            f"FID {r['fid']:.4g} at {kimg:g} kimg ({r['extractor']}, {r['num_samples']} samples)"
+            + (
+                " — the best so far: checkpoints/best.pt"
+                if best
+                else f"; best {state.best['fid']:.4g} at {state.best['kimg']:g} kimg"
+            ),
+            data=rec,
+        )
+    )
     return best

@@ -50,8 +50,10 @@ def acquire(run_dir: Path) -> str | None:
                 path.unlink(missing_ok=True)
                 warning = f"took over the lock of a crashed run (PID {pid} on {host}) in {run_dir}"
                 continue
-            raise RunLocked(f"{run_dir} is being trained by PID {pid} on {host} (lock {path}); wait for it, use "
-                            f"another --run-dir, or delete {path} if that process is gone") from None
+            raise RunLocked(
+                f"{run_dir} is being trained by PID {pid} on {host} (lock {path}); wait for it, use "
+                f"another --run-dir, or delete {path} if that process is gone"
+            ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return warning

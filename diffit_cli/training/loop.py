@@ -57,9 +57,17 @@ from diffit_cli.training.tracking import TrackerSpec, flat_config, resolve_track
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
 
-def train(preset: Preset, run_dir: Path | str, *, batch_gpu: int | None = None, force: bool = False,
-          skip_bad_images: bool = False, trackers: TrackerSpec | None = None, inception_weights: str | None = None,
-          progress: Progress | None = None) -> TrainState:
+def train(
+    preset: Preset,
+    run_dir: Path | str,
+    *,
+    batch_gpu: int | None = None,
+    force: bool = False,
+    skip_bad_images: bool = False,
+    trackers: TrackerSpec | None = None,
+    inception_weights: str | None = None,
+    progress: Progress | None = None,
+) -> TrainState:
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists; `trackers`: the experiment
     trackers to log to (Accelerate's), resumed with the run; `inception_weights`: a local weights file for FID
     along training on offline machines."""
@@ -96,10 +104,17 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
     start_trackers(acc, run.run_dir, trackers, {"run": run.run_dir.name, **flat_config(preset_to_dict(preset))})
     start_stream(run)
-    run.emit(Start("train", tc.total_kimg, state.nimg / 1000, "kimg",
-                   f"{'resuming' if ckpt_path is not None else 'starting'} at {state.nimg / 1000:.1f} kimg on "
-                   f"{acc.device} × {run.world} ({count_parameters(run.net):,} parameters; per-device batch "
-                   f"{run.batch_gpu} × {run.accum} accumulation)"))
+    run.emit(
+        Start(
+            "train",
+            tc.total_kimg,
+            state.nimg / 1000,
+            "kimg",
+            f"{'resuming' if ckpt_path is not None else 'starting'} at {state.nimg / 1000:.1f} kimg on "
+            f"{acc.device} × {run.world} ({count_parameters(run.net):,} parameters; per-device batch "
+            f"{run.batch_gpu} × {run.accum} accumulation)",
+        )
+    )
     total_nimg = int(tc.total_kimg * 1000)
     loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
     run.model.train()
@@ -128,7 +143,11 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
     """Report (with the spike watch), FID and snapshot when their boundaries are crossed; the report accumulators.
     An FID point is always a snapshot too, so that `best.pt` can point at it."""
     tc, state = run.preset.train, run.state
-    total_nimg, report_every, snap_every = int(tc.total_kimg * 1000), int(tc.report_kimg * 1000), int(tc.snapshot_kimg * 1000)
+    total_nimg, report_every, snap_every = (
+        int(tc.total_kimg * 1000),
+        int(tc.report_kimg * 1000),
+        int(tc.snapshot_kimg * 1000),
+    )
     done = state.nimg >= total_nimg
     report_due = done or state.nimg // report_every > (state.nimg - tc.batch) // report_every
     fid = fid_due(run)
@@ -152,8 +171,11 @@ CPU_BF16_VARIABLE = "DIFFIT_CPU_BF16"
 
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), or `DIFFIT_CPU_BF16=1` asks for bf16 anyway."""
-    return (os.environ.get(CPU_BF16_VARIABLE) == "1" or torch.cpu._is_avx512_bf16_supported()
-            or torch.cpu._is_amx_tile_supported())
+    return (
+        os.environ.get(CPU_BF16_VARIABLE) == "1"
+        or torch.cpu._is_avx512_bf16_supported()
+        or torch.cpu._is_amx_tile_supported()
+    )
 
 
 def training_precision(mixed_precision: str) -> str:
@@ -163,8 +185,14 @@ def training_precision(mixed_precision: str) -> str:
     return "fp32" if cpu_fp32 else mixed_precision
 
 
-def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images: bool, trackers: list[str],
-           progress: Progress | None) -> Run:
+def _setup(
+    preset: Preset,
+    run_dir: Path,
+    batch_gpu: int | None,
+    skip_bad_images: bool,
+    trackers: list[str],
+    progress: Progress | None,
+) -> Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     from accelerate import Accelerator  # here, not at the top: `diffit train --dry-run` needs no Accelerate
     from accelerate.state import AcceleratorState  # (same reason)
@@ -173,20 +201,27 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     tc = preset.train
     mp = tc.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
-        raise TrainError("fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
-                         "use --set train.mixed_precision=bf16 (or fp32)")
+        raise TrainError(
+            "fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
+            "use --set train.mixed_precision=bf16 (or fp32)"
+        )
     mp = training_precision(mp)
     cpu_fp32 = mp != tc.mixed_precision
     if getattr(preset.model, "attention_kernel", "sdpa") == "flex" and not torch.cuda.is_available():
-        raise TrainError("model.attention_kernel=flex trains on a GPU only (PyTorch's flex_attention has no CPU "
-                         "backward); use --set model.attention_kernel=sdpa")
+        raise TrainError(
+            "model.attention_kernel=flex trains on a GPU only (PyTorch's flex_attention has no CPU "
+            "backward); use --set model.attention_kernel=sdpa"
+        )
     # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
     # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
     AcceleratorState._reset_state()
     # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
-    accelerator = Accelerator(mixed_precision="no" if mp == "fp32" else mp, cpu=not torch.cuda.is_available(),
-                              log_with=trackers or None, project_config=ProjectConfiguration(
-                                  project_dir=str(run_dir), logging_dir=str(run_dir / TRACKER_DIR)))
+    accelerator = Accelerator(
+        mixed_precision="no" if mp == "fp32" else mp,
+        cpu=not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TRACKER_DIR)),
+    )
     device = accelerator.device
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = main_process_only(progress, accelerator.is_main_process)
@@ -194,16 +229,25 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
     with accelerator.main_process_first():  # a dataset by name downloads once, on the main process
         dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
     if dataset.kind == "latent" and preset.data.space != "latent":
-        raise TrainError(f"{preset.data.path!r} holds VAE latents but preset {preset.name!r} trains in pixel space; "
-                         "use a latent preset such as imagenet256")
+        raise TrainError(
+            f"{preset.data.path!r} holds VAE latents but preset {preset.name!r} trains in pixel space; "
+            "use a latent preset such as imagenet256"
+        )
     if dataset.kind == "latent" and dataset.num_channels != preset.model.in_channels:
-        raise TrainError(f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
-                         f"network expects {preset.model.in_channels}; re-encode them or fix the preset")
+        raise TrainError(
+            f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
+            f"network expects {preset.model.in_channels}; re-encode them or fix the preset"
+        )
     _check_classes(preset, dataset)
     if cpu_fp32:  # after the checks of the user's data: an error there comes alone
-        emit(Message("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
-                     "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
-                     f"{CPU_BF16_VARIABLE}=1 to force bf16)", "warning"))
+        emit(
+            Message(
+                "this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
+                "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
+                f"{CPU_BF16_VARIABLE}=1 to force bf16)",
+                "warning",
+            )
+        )
     # shards hold posterior stats already: no VAE needed to train on them
     codec = None if dataset.kind == "latent" else make_codec(preset.data, device)
     diffusion = build_diffusion(preset.diffusion, preset.model)
@@ -217,9 +261,25 @@ def _setup(preset: Preset, run_dir: Path, batch_gpu: int | None, skip_bad_images
         compile_blocks(net, lambda text: emit(Message(text, "warning")))
     model, opt = accelerator.prepare(net, opt)
     monitor = SpikeDetector(factor=tc.spike_factor, patience=tc.spike_patience)
-    return Run(preset, run_dir, accelerator, net, model, ema, opt, diffusion, codec, dataset, batch_gpu, accum,
-               monitor, TrainState(), emit, augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
-               noise_gen=torch.Generator(device))
+    return Run(
+        preset,
+        run_dir,
+        accelerator,
+        net,
+        model,
+        ema,
+        opt,
+        diffusion,
+        codec,
+        dataset,
+        batch_gpu,
+        accum,
+        monitor,
+        TrainState(),
+        emit,
+        augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
+        noise_gen=torch.Generator(device),
+    )
 
 
 def _check_classes(preset: Preset, dataset) -> None:
@@ -228,12 +288,16 @@ def _check_classes(preset: Preset, dataset) -> None:
     a larger table than the data needs is fine."""
     wanted, have, name = preset.model.num_classes, dataset.num_classes, dataset.name
     if wanted and not have:
-        raise TrainError(f"the network is class-conditional (model.num_classes {wanted}) but {name!r} has no class "
-                         "labels; give labelled data (class subfolders, dataset.json labels, arr_1, a label column) "
-                         "or set model.num_classes=0 for an unconditional model")
+        raise TrainError(
+            f"the network is class-conditional (model.num_classes {wanted}) but {name!r} has no class "
+            "labels; give labelled data (class subfolders, dataset.json labels, arr_1, a label column) "
+            "or set model.num_classes=0 for an unconditional model"
+        )
     if wanted and have > wanted:
-        raise TrainError(f"{name!r} has {have} classes but the network has model.num_classes {wanted}; set "
-                         f"--set model.num_classes={have} (or 0 for an unconditional model)")
+        raise TrainError(
+            f"{name!r} has {have} classes but the network has model.num_classes {wanted}; set "
+            f"--set model.num_classes={have} (or 0 for an unconditional model)"
+        )
 
 
 def _step(run: Run) -> torch.Tensor:
@@ -260,7 +324,7 @@ def _step(run: Run) -> torch.Tensor:
         if draws is None:
             draws = run.diffusion.training_noise(tc.batch, tuple(x0.shape[1:]), run.noise_gen)
         lo = (a * world + rank) * run.batch_gpu  # global index of this rank's first sample in this round
-        kwargs = {k: v[lo:lo + run.batch_gpu] for k, v in draws.items()}
+        kwargs = {k: v[lo : lo + run.batch_gpu] for k, v in draws.items()}
         if aug is not None:
             kwargs["augment_labels"] = aug
         with contextlib.nullcontext() if a == run.accum - 1 else acc.no_sync(run.model):
@@ -311,9 +375,11 @@ def _settle_skips(run: Run) -> None:
     run.skips = torch.tensor([0.0, in_a_row], device=run.skips.device)
     if in_a_row >= tc.max_skipped_steps:
         last = latest_checkpoint(run.run_dir)
-        raise TrainError(f"{in_a_row} optimizer steps in a row had non-finite gradients (the last at step "
-                         f"{state.step}): training has diverged; last checkpoint: {last or 'none'}; lower "
-                         "train.lr or set train.on_spike=rollback and rerun")
+        raise TrainError(
+            f"{in_a_row} optimizer steps in a row had non-finite gradients (the last at step "
+            f"{state.step}): training has diverged; last checkpoint: {last or 'none'}; lower "
+            "train.lr or set train.on_spike=rollback and rerun"
+        )
 
 
 def _attention_logit_max(run: Run) -> float | None:
@@ -333,22 +399,42 @@ def _report(run: Run, loss_mean: torch.Tensor, n_report: int, seconds: float) ->
     """Reduce the interval's figures across processes, append them to log.jsonl and emit them as a `Step`."""
     acc, state, tc = run.accelerator, run.state, run.preset.train
     steps = max((state.nimg - n_report) // tc.batch, 1)
-    loss, grad_mean, grad_max = acc.reduce(torch.stack([loss_mean, run.grad_norm_sum / steps, run.grad_norm_max]),
-                                           "mean").tolist()
-    rec = {"kimg": round(state.nimg / 1000, 3), "step": state.step, "loss": loss,
-           "lr": run.opt.param_groups[0]["lr"], "img_per_s": (state.nimg - n_report) / max(seconds, 1e-9),
-           "data_share": state.data_s / max(seconds, 1e-9), "skipped": state.skipped,
-           "grad_norm": grad_mean, "grad_norm_max": grad_max, "attn_logit_max": _attention_logit_max(run),
-           "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if acc.device.type == "cuda" else None}
+    loss, grad_mean, grad_max = acc.reduce(
+        torch.stack([loss_mean, run.grad_norm_sum / steps, run.grad_norm_max]), "mean"
+    ).tolist()
+    rec = {
+        "kimg": round(state.nimg / 1000, 3),
+        "step": state.step,
+        "loss": loss,
+        "lr": run.opt.param_groups[0]["lr"],
+        "img_per_s": (state.nimg - n_report) / max(seconds, 1e-9),
+        "data_share": state.data_s / max(seconds, 1e-9),
+        "skipped": state.skipped,
+        "grad_norm": grad_mean,
+        "grad_norm_max": grad_max,
+        "attn_logit_max": _attention_logit_max(run),
+        "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if acc.device.type == "cuda" else None,
+    }
     run.grad_norm_sum, run.grad_norm_max, state.data_s = zero(run), zero(run), 0.0
     state.history.append(rec)
     log_record(run, rec)
-    run.emit(Step("train", rec["kimg"], tc.total_kimg, rec, f"loss {loss:.4f}  {rec['img_per_s']:.1f} img/s"
-                  + (f"  skipped {state.skipped}" if state.skipped else "")))
+    run.emit(
+        Step(
+            "train",
+            rec["kimg"],
+            tc.total_kimg,
+            rec,
+            f"loss {loss:.4f}  {rec['img_per_s']:.1f} img/s" + (f"  skipped {state.skipped}" if state.skipped else ""),
+        )
+    )
     return {**rec, "interval_start": n_report}
 
 
 def dry_run_summary(preset: Preset) -> dict:
     """What `diffit train --dry-run` prints: the resolved preset and the network's parameter count."""
-    return {"preset": dump_preset(preset), "parameters": parameter_count(preset.model),
-            "images_per_step": preset.train.batch, "steps": math.ceil(preset.train.total_kimg * 1000 / preset.train.batch)}
+    return {
+        "preset": dump_preset(preset),
+        "parameters": parameter_count(preset.model),
+        "images_per_step": preset.train.batch,
+        "steps": math.ceil(preset.train.total_kimg * 1000 / preset.train.batch),
+    }

@@ -53,7 +53,7 @@ class SpikeDetector:
         return None
 
     def _accept(self, loss: float) -> None:
-        self.recent = (self.recent + [loss])[-self.window:]
+        self.recent = (self.recent + [loss])[-self.window :]
 
     def state_dict(self) -> dict:
         return {"recent": list(self.recent), "high": [list(h) for h in self.high], "max_ratio": self.max_ratio}

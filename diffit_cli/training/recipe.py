@@ -22,10 +22,23 @@ from diffit_cli.data import sample_latent
 from diffit_cli.errors import DiffitError
 
 # Keys that may change when a run resumes: they schedule the run but do not change its maths.
-RESUMABLE_KEYS = ("train.total_kimg", "train.report_kimg", "train.snapshot_kimg", "train.keep_checkpoints",
-                  "train.batch_gpu", "train.compile", "train.grad_checkpointing", "data.num_workers", "description",
-                  "train.on_spike", "train.spike_", "train.max_skipped_steps", "sample.", "eval.",
-                  "model.attention_kernel")
+RESUMABLE_KEYS = (
+    "train.total_kimg",
+    "train.report_kimg",
+    "train.snapshot_kimg",
+    "train.keep_checkpoints",
+    "train.batch_gpu",
+    "train.compile",
+    "train.grad_checkpointing",
+    "data.num_workers",
+    "description",
+    "train.on_spike",
+    "train.spike_",
+    "train.max_skipped_steps",
+    "sample.",
+    "eval.",
+    "model.attention_kernel",
+)
 
 
 class TrainError(DiffitError):
@@ -87,9 +100,11 @@ def resume_check(saved_yaml: str, preset: Preset, force: bool, path: Path) -> No
     saved = preset_to_dict(preset_from_yaml(saved_yaml, str(path)))
     changed = [k for k in diff_presets(saved, preset_to_dict(preset)) if not k.startswith(RESUMABLE_KEYS)]
     if changed and not force:
-        raise TrainError(f"the run in {str(path.parent.parent)!r} was made with a different preset "
-                         f"(changed: {', '.join(changed)}); rerun with the same settings, pick a new --run-dir, "
-                         "or pass --force to resume anyway")
+        raise TrainError(
+            f"the run in {str(path.parent.parent)!r} was made with a different preset "
+            f"(changed: {', '.join(changed)}); rerun with the same settings, pick a new --run-dir, "
+            "or pass --force to resume anyway"
+        )
 
 
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:

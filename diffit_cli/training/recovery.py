@@ -3,8 +3,8 @@ loss-spike response (warn, stop, roll back), and one agreed step at which every 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -58,18 +58,24 @@ def resume(run: Run, force: bool) -> Path | None:
             run.emit(Message(f"{candidates[0]} cannot be read (a torn file?); resumed from {path}", "warning"))
         return path
     if candidates:
-        raise CheckpointError(f"no checkpoint in {run.run_dir / 'checkpoints'} can be read ({len(candidates)} tried); "
-                              "move the folder aside to start over")
+        raise CheckpointError(
+            f"no checkpoint in {run.run_dir / 'checkpoints'} can be read ({len(candidates)} tried); "
+            "move the folder aside to start over"
+        )
     return None
 
 
 def check_checkpoint_space(run: Run) -> None:
     """Before a new run's first checkpoint: room for two (raw + EMA weights, and Adam's state: two fp32 moments and
     a step count per parameter, not allocated before the first step)."""
-    adam = [[torch.empty(p.numel(), device="meta")] * 2 + [torch.empty((), device="meta")]  # sizes only, no memory
-            for p in run.net.parameters() if p.requires_grad]
-    check_free_space(run.run_dir, state_nbytes({"model": run.net.state_dict(), "ema": run.ema.net.state_dict(),
-                                                "optimizer": adam}))
+    adam = [
+        [torch.empty(p.numel(), device="meta")] * 2 + [torch.empty((), device="meta")]  # sizes only, no memory
+        for p in run.net.parameters()
+        if p.requires_grad
+    ]
+    check_free_space(
+        run.run_dir, state_nbytes({"model": run.net.state_dict(), "ema": run.ema.net.state_dict(), "optimizer": adam})
+    )
 
 
 def on_spike(run: Run, spike: Spike) -> bool:
@@ -78,9 +84,16 @@ def on_spike(run: Run, spike: Spike) -> bool:
     tc, acc = run.preset.train, run.accelerator
     good = last_checkpoint_before(run.run_dir, spike.start_nimg)
     action = tc.on_spike if (tc.on_spike != "rollback" or good is not None) else "stop"
-    event = {"event": "spike", "kimg": spike.kimg, "first_kimg": spike.first_kimg, "loss": spike.loss,
-             "median": spike.median, "ratio": spike.ratio, "checkpoint": None if good is None else str(good),
-             "action": action}
+    event = {
+        "event": "spike",
+        "kimg": spike.kimg,
+        "first_kimg": spike.first_kimg,
+        "loss": spike.loss,
+        "median": spike.median,
+        "ratio": spike.ratio,
+        "checkpoint": None if good is None else str(good),
+        "action": action,
+    }
     if action == "rollback":  # set the newer (suspect) checkpoints aside, lower the good one's lr scale, load it
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -94,8 +107,9 @@ def on_spike(run: Run, spike: Spike) -> bool:
         start_stream(run)
         event.update(lr_scale=run.state.lr_scale, rollback_kimg=run.state.nimg / 1000)
     elif action == "stop":
-        run.state.stopped = (f"loss spike at {spike.kimg:g} kimg ({spike.ratio:.1f}× the running median); "
-                             + (f"last good checkpoint: {good}" if good else "no checkpoint was saved before it"))
+        run.state.stopped = f"loss spike at {spike.kimg:g} kimg ({spike.ratio:.1f}× the running median); " + (
+            f"last good checkpoint: {good}" if good else "no checkpoint was saved before it"
+        )
     log_record(run, event)
     run.emit(Message(spike_text(event), "warning", event))
     return action != "warn"
@@ -104,8 +118,10 @@ def on_spike(run: Run, spike: Spike) -> bool:
 def spike_text(e: dict) -> str:
     """The one-paragraph warning for a spike event (what happened, the last good checkpoint, what was done)."""
     where = f"last good checkpoint: {e['checkpoint']}" if e["checkpoint"] else "no checkpoint was saved before it"
-    head = (f"loss spike at {e['kimg']:g} kimg: {e['loss']:.4g} is {e['ratio']:.1f}× the running median "
-            f"{e['median']:.4g} since {e['first_kimg']:g} kimg; {where}")
+    head = (
+        f"loss spike at {e['kimg']:g} kimg: {e['loss']:.4g} is {e['ratio']:.1f}× the running median "
+        f"{e['median']:.4g} since {e['first_kimg']:g} kimg; {where}"
+    )
     if e["action"] == "rollback":
         return head + f" — rolled back to it with the learning rate × {e['lr_scale']:g}"
     if e["action"] == "warn":
@@ -129,8 +145,10 @@ class AgreedStop:
             try:
                 self.group = torch.distributed.new_group(backend="gloo")  # collective: every process
             except RuntimeError as e:
-                note(f"no CPU process group to agree on a stop ({str(e).splitlines()[0][:120]}): a signal that "
-                     "reaches the processes a step apart can leave one waiting at the checkpoint")
+                note(
+                    f"no CPU process group to agree on a stop ({str(e).splitlines()[0][:120]}): a signal that "
+                    "reaches the processes a step apart can leave one waiting at the checkpoint"
+                )
 
     def __call__(self) -> str | None:
         if self.group is None:
@@ -138,8 +156,10 @@ class AgreedStop:
         agreed = self.close()
         if agreed is None:
             flag = torch.tensor([max((SIGNALS.index(n) + 1 for n in self.caught), default=0)], dtype=torch.int32)
-            self.pending = torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group,
-                                                        async_op=True), flag
+            self.pending = (
+                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group, async_op=True),
+                flag,
+            )
         return agreed
 
     def close(self) -> str | None:
@@ -157,16 +177,39 @@ def snapshot(run: Run, grid: bool = True, best: bool = False) -> None:
     acc, state, tc, preset = run.accelerator, run.state, run.preset.train, run.preset
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_checkpoint(run.run_dir, {
-            "model": run.net.state_dict(), "ema": run.ema.net.state_dict(), "optimizer": run.opt.state_dict(),
-            "nimg": state.nimg, "step": state.step, "skipped": state.skipped, "lr_scale": state.lr_scale,
-            "rollbacks": state.rollbacks, "monitor": run.monitor.state_dict(), "best": state.best,
-            "preset": dump_preset(preset),
-        }, state.nimg, tc.keep_checkpoints, best=best)
+        save_checkpoint(
+            run.run_dir,
+            {
+                "model": run.net.state_dict(),
+                "ema": run.ema.net.state_dict(),
+                "optimizer": run.opt.state_dict(),
+                "nimg": state.nimg,
+                "step": state.step,
+                "skipped": state.skipped,
+                "lr_scale": state.lr_scale,
+                "rollbacks": state.rollbacks,
+                "monitor": run.monitor.state_dict(),
+                "best": state.best,
+                "preset": dump_preset(preset),
+            },
+            state.nimg,
+            tc.keep_checkpoints,
+            best=best,
+        )
         if grid and run.codec is not None:  # from shards there is no VAE loaded: `diffit sample` decodes those
-            path = preview_grid(run.ema.net, run.diffusion, preset, run.codec.decode,
-                                run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png", acc.device)
+            path = preview_grid(
+                run.ema.net,
+                run.diffusion,
+                preset,
+                run.codec.decode,
+                run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png",
+                acc.device,
+            )
             log_image(acc, "samples", path, state.step)
-            run.emit(Message(f"snapshot at {state.nimg / 1000:.1f} kimg → {path}",
-                             data={"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)}))
+            run.emit(
+                Message(
+                    f"snapshot at {state.nimg / 1000:.1f} kimg → {path}",
+                    data={"event": "snapshot", "kimg": state.nimg / 1000, "grid": str(path)},
+                )
+            )
     acc.wait_for_everyone()

@@ -57,10 +57,18 @@ class Run:
 def start_stream(run: Run) -> None:
     """(Re)open the data stream at the current image count (keyed order: the same batches after a resume)."""
     device = run.accelerator.device
-    run.batches = iter(make_loader(run.dataset, run.batch_gpu * run.world, seed=run.preset.train.seed,
-                                   rank=run.accelerator.process_index, world_size=run.world,
-                                   num_workers=run.preset.data.num_workers, pin_memory=device.type == "cuda",
-                                   start_index=run.state.nimg))
+    run.batches = iter(
+        make_loader(
+            run.dataset,
+            run.batch_gpu * run.world,
+            seed=run.preset.train.seed,
+            rank=run.accelerator.process_index,
+            world_size=run.world,
+            num_workers=run.preset.data.num_workers,
+            pin_memory=device.type == "cuda",
+            start_index=run.state.nimg,
+        )
+    )
     run.grad_norm_sum, run.grad_norm_max, run.state.data_s = zero(run), zero(run), 0.0
     run.skips = torch.tensor([0.0, run.state.skipped_in_a_row], device=device)
 

@@ -18,8 +18,13 @@ from diffit_cli.errors import DiffitError
 from diffit_cli.fileio import read_json, write_json
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml")
-_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-            "aim": ("aim",), "comet_ml": ("comet_ml",)}
+_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "aim": ("aim",),
+    "comet_ml": ("comet_ml",),
+}
 IDS_FILE = "trackers.json"  # {tracker: run id} of this run folder
 LOG_DIR = "trackers"  # Accelerate's logging_dir: TensorBoard event files, Aim's repository
 
@@ -47,8 +52,10 @@ def resolve_trackers(log_with) -> list[str]:
             if n == "all":
                 found = [t for t in TRACKERS if installed(t)]
                 if not found:
-                    raise DiffitError("--log-with all found no tracker package; install one, e.g. "
-                                      "pip install 'diffit-cli[tensorboard]' (or [wandb], [mlflow], [aim], [comet_ml])")
+                    raise DiffitError(
+                        "--log-with all found no tracker package; install one, e.g. "
+                        "pip install 'diffit-cli[tensorboard]' (or [wandb], [mlflow], [aim], [comet_ml])"
+                    )
                 names += found
             elif n not in TRACKERS:
                 raise DiffitError(f"unknown tracker {n!r} for --log-with; choose from {', '.join(TRACKERS)} or all")
@@ -78,10 +85,18 @@ def start_trackers(accelerator, run_dir: Path, spec: TrackerSpec, config: dict) 
     ids = read_json(run_dir / IDS_FILE) or {}
     name = spec.name or run_dir.name
     init = {
-        "wandb": {"id": ids.get("wandb") or secrets.token_hex(4), "resume": "allow", "name": name,
-                  "group": spec.group, "dir": str(run_dir)},
-        "mlflow": {"run_id": ids.get("mlflow"), "run_name": name,
-                   "tags": {"study": spec.group} if spec.group else None},
+        "wandb": {
+            "id": ids.get("wandb") or secrets.token_hex(4),
+            "resume": "allow",
+            "name": name,
+            "group": spec.group,
+            "dir": str(run_dir),
+        },
+        "mlflow": {
+            "run_id": ids.get("mlflow"),
+            "run_name": name,
+            "tags": {"study": spec.group} if spec.group else None,
+        },
         "aim": {"run_hash": ids.get("aim"), "experiment": spec.group or spec.project},
         "comet_ml": {"experiment_key": ids.get("comet_ml")},
     }
@@ -132,8 +147,14 @@ def _run_id(tracker) -> str | None:
 def log_scalars(accelerator, group: str, rec: dict, step: int) -> None:
     """The numbers of a log.jsonl record as `<group>/<key>` scalars at `step` (main process; no-op without trackers)."""
     if accelerator.trackers:
-        accelerator.log({f"{group}/{k}": v for k, v in rec.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, step=step)
+        accelerator.log(
+            {
+                f"{group}/{k}": v
+                for k, v in rec.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            },
+            step=step,
+        )
 
 
 def log_image(accelerator, name: str, png: Path, step: int) -> None:
