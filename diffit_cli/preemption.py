@@ -1,7 +1,8 @@
 """Preemption (SLURM's `--signal`, a scheduler's SIGTERM) and Ctrl-C: a worker collects the signal, finishes the unit
 of work in hand (an optimizer step and a checkpoint, a sample batch, a latent shard), and stops; the command exits
 with `PREEMPTED_EXIT` (`INTERRUPTED_EXIT` for Ctrl-C), and rerunning the same command continues where it stopped.
-A second Ctrl-C interrupts at once."""
+A second Ctrl-C interrupts at once. Several training processes agree on the step after which they all stop
+(`AgreedStop`)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,49 @@ def _kill_daemonic_children() -> None:
         if child.daemon:
             child.kill()
             child.join(5)
+
+
+class AgreedStop:
+    """After each step: the signal on which every process stops now, or None. A launcher, a terminal or `kill` may
+    reach the processes a step apart, or reach only one; a process that checkpointed alone would wait at the
+    checkpoint's barrier while the others entered the next step's gradient all-reduce. So the processes' flags are
+    combined (max) over a CPU (gloo) group, one step late and without a device sync: each call starts the all-reduce
+    of this process's flag and reads the one started by the previous call, the same value on every process after the
+    same step. One process: its own flag, at once. `close()` waits for the last all-reduce when the loop ends. Where
+    no gloo group can be made (a cluster whose hosts gloo cannot reach), each process acts on its own flag and
+    `note` says so."""
+
+    def __init__(self, caught: list[str], world: int, note: Callable[[str], None]):
+        self.caught, self.pending, self.group = caught, None, None
+        if world > 1:
+            import torch  # slow; `commands/` import this module at start-up for the exit codes, before any torch
+
+            try:
+                self.group = torch.distributed.new_group(backend="gloo")  # collective: every process
+            except RuntimeError as e:
+                note(
+                    f"no CPU process group to agree on a stop ({str(e).splitlines()[0][:120]}): a signal that "
+                    "reaches the processes a step apart can leave one waiting at the checkpoint"
+                )
+
+    def __call__(self) -> str | None:
+        if self.group is None:
+            return self.caught[0] if self.caught else None
+        agreed = self.close()
+        if agreed is None:
+            import torch  # slow; `commands/` import this module at start-up for the exit codes, before any torch
+
+            flag = torch.tensor([max((SIGNALS.index(n) + 1 for n in self.caught), default=0)], dtype=torch.int32)
+            self.pending = (
+                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group, async_op=True),
+                flag,
+            )
+        return agreed
+
+    def close(self) -> str | None:
+        """Wait for the all-reduce in flight, if any; the signal it agreed on."""
+        if self.pending is None:
+            return None
+        (work, flag), self.pending = self.pending, None
+        work.wait()
+        return SIGNALS[int(flag) - 1] if int(flag) else None

@@ -468,7 +468,7 @@ def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path)
 
 
 def test_without_a_gloo_group_each_process_acts_on_its_own_signal(monkeypatch):
-    from diffit_cli.training.recovery import AgreedStop
+    from diffit_cli.preemption import AgreedStop
 
     def no_gloo(**kwargs):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] no address to connect to\nmore")

@@ -33,7 +33,7 @@ from diffit_cli.data import open_source, require_data
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fid.sampled import check_extractor
 from diffit_cli.fileio import atomic_write_bytes, check_writable, new_output
-from diffit_cli.preemption import preemption_signals
+from diffit_cli.preemption import AgreedStop, preemption_signals
 from diffit_cli.training import lock
 from diffit_cli.training.evaluate import fid_due, fid_point
 from diffit_cli.training.monitor import SpikeDetector
@@ -49,7 +49,7 @@ from diffit_cli.training.recipe import (
     step_unless,
     to_model_space,
 )
-from diffit_cli.training.recovery import AgreedStop, check_checkpoint_space, on_spike, resume, snapshot
+from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
 from diffit_cli.training.tracking import LOG_DIR as TRACKER_DIR
 from diffit_cli.training.tracking import TrackerSpec, flat_config, resolve_trackers, start_trackers

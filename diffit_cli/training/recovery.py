@@ -1,9 +1,8 @@
 """What keeps a run's results safe: checkpoints and resume (the newest readable one), free space for them, the
-loss-spike response (warn, stop, roll back), and one agreed step at which every process stops on a signal."""
+loss-spike response (warn, stop, roll back), and snapshots with their preview grid."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from diffit_cli.checkpoint import (
 from diffit_cli.config import dump_preset
 from diffit_cli.events import Message
 from diffit_cli.generate import preview_grid
-from diffit_cli.preemption import SIGNALS
 from diffit_cli.training.monitor import Spike
 from diffit_cli.training.recipe import resume_check
 from diffit_cli.training.run import Run, log_record, start_stream
@@ -127,48 +125,6 @@ def spike_text(e: dict) -> str:
     if e["action"] == "warn":
         return head + " — continuing (set train.on_spike=rollback or stop to act on spikes)"
     return head
-
-
-class AgreedStop:
-    """After each step: the signal on which every process stops now, or None. A launcher, a terminal or `kill` may
-    reach the processes a step apart, or reach only one; a process that checkpointed alone would wait at the
-    checkpoint's barrier while the others entered the next step's gradient all-reduce. So the processes' flags are
-    combined (max) over a CPU (gloo) group, one step late and without a device sync: each call starts the all-reduce
-    of this process's flag and reads the one started by the previous call, the same value on every process after the
-    same step. One process: its own flag, at once. `close()` waits for the last all-reduce when the loop ends. Where
-    no gloo group can be made (a cluster whose hosts gloo cannot reach), each process acts on its own flag and
-    `note` says so."""
-
-    def __init__(self, caught: list[str], world: int, note: Callable[[str], None]):
-        self.caught, self.pending, self.group = caught, None, None
-        if world > 1:
-            try:
-                self.group = torch.distributed.new_group(backend="gloo")  # collective: every process
-            except RuntimeError as e:
-                note(
-                    f"no CPU process group to agree on a stop ({str(e).splitlines()[0][:120]}): a signal that "
-                    "reaches the processes a step apart can leave one waiting at the checkpoint"
-                )
-
-    def __call__(self) -> str | None:
-        if self.group is None:
-            return self.caught[0] if self.caught else None
-        agreed = self.close()
-        if agreed is None:
-            flag = torch.tensor([max((SIGNALS.index(n) + 1 for n in self.caught), default=0)], dtype=torch.int32)
-            self.pending = (
-                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group, async_op=True),
-                flag,
-            )
-        return agreed
-
-    def close(self) -> str | None:
-        """Wait for the all-reduce in flight, if any; the signal it agreed on."""
-        if self.pending is None:
-            return None
-        (work, flag), self.pending = self.pending, None
-        work.wait()
-        return SIGNALS[int(flag) - 1] if int(flag) else None
 
 
 def snapshot(run: Run, grid: bool = True, best: bool = False) -> None:
