@@ -1,6 +1,24 @@
-"""Tiny presets shared by the pipeline tests (small enough for 2 CPU cores)."""
+"""Shared by the test modules: `invoke` (the CLI in-process), tiny presets small enough for 2 CPU cores, and data
+made in code (a tiny VAE, latent shards)."""
 
 from diffit_cli.config import load_preset
+
+
+def invoke(*args, env=None):
+    """Run `diffit ARGS...` in this process and return click's `Result` (`exit_code`, `output`, `exception`).
+
+    Arguments may be paths or numbers (each is passed as `str(arg)`); `env` sets environment variables for the
+    call only. A fresh app per call, so no state leaks from one invocation to the next."""
+    from typer.testing import CliRunner
+
+    from diffit_cli.app import build_app
+
+    return CliRunner().invoke(build_app(), [str(a) for a in args], env=env)
+
+
+def set_flags(overrides):
+    """`--set KEY=VALUE` pairs for the command line, one per preset override."""
+    return [flag for override in overrides for flag in ("--set", override)]
 
 TINY_UNET = [
     "model.img_resolution=16",

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import invoke
 from PIL import Image
-from typer.testing import CliRunner
 
 from diffit_cli import ablation as A
-from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network, parameter_count
 from diffit_cli.config import load_preset
 from diffit_cli.events import Start
@@ -34,10 +33,6 @@ PAPER_STUDIES = [
 ]
 # every study file on disk is validated: a new one needs no edit here
 STUDIES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "presets" / "ablations").glob("*.yaml"))
-
-
-def cli(*args):
-    return CliRunner().invoke(build_app(), list(args))
 
 
 # ----------------------------------------------------------------------------------------------- studies
@@ -94,7 +89,7 @@ def test_dry_run_lists_the_resolved_overrides():
     assert dd["ve-tmsa"].changes["diffusion.kind"] == ("edm-vp", "edm-ve")
     assert dd["ve-tmsa"].changes["model.attention"] == ("plain", "tmsa")
 
-    r = cli("ablate", "window-size", "--dry-run", "--set", "train.lr=2e-4")
+    r = invoke("ablate", "window-size", "--dry-run", "--set", "train.lr=2e-4")
     assert r.exit_code == 0, r.output
     assert "model.window_size: [4, 4] → [2, 2]" in r.output and "w8" in r.output
     assert "train.lr" not in r.output  # a user --set applies to the base too, so it is no difference
@@ -268,7 +263,7 @@ def test_window_size_end_to_end_and_resume(tmp_path, monkeypatch):
 @pytest.mark.e2e
 def test_time_in_attention_through_the_cli(tmp_path, monkeypatch):
     out = tmp_path / "tia"
-    r = cli("ablate", "time-in-attention", "--budget", "test", "--runs-dir", str(out))
+    r = invoke("ablate", "time-in-attention", "--budget", "test", "--runs-dir", str(out))
     assert r.exit_code == 0, r.output
     assert "diffit-randconv-v1" in r.output and "tmsa" in r.output
     for name in ("results.md", "results.csv", "results.json", "time-in-attention.png"):
@@ -280,7 +275,7 @@ def test_time_in_attention_through_the_cli(tmp_path, monkeypatch):
     import diffit_cli.training
 
     monkeypatch.setattr(diffit_cli.training, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
-    again = cli("ablate", "time-in-attention", "--budget", "test", "--runs-dir", str(out))
+    again = invoke("ablate", "time-in-attention", "--budget", "test", "--runs-dir", str(out))
     assert again.exit_code == 0, again.output
     assert again.output.count("finished before, skipped") == 3
 
@@ -313,9 +308,9 @@ def test_attention_maps_depend_on_t_with_tmsa_only(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_list_and_errors():
-    r = cli("ablate", "--list")
+    r = invoke("ablate", "--list")
     assert r.exit_code == 0 and all(s in r.output for s in STUDIES)
-    r = cli("ablate")
+    r = invoke("ablate")
     assert r.exit_code == 0 and "window-size" in r.output
     for args, text in [
         (["ablate", "window-sizes"], "unknown study 'window-sizes'"),
@@ -323,16 +318,16 @@ def test_cli_list_and_errors():
         (["ablate", "window-size", "--budget", "huge"], "unknown budget"),
         (["ablate", "window-size", "--checkpoint", "x.pt", "--budget", "test"], "--checkpoint"),
     ]:
-        r = cli(*args)
+        r = invoke(*args)
         assert r.exit_code == 2, (args, r.output)
         assert text in r.output and "Traceback" not in r.output
-    assert "window-size" in cli("ablate", "nope").output  # the message lists the valid studies
+    assert "window-size" in invoke("ablate", "nope").output  # the message lists the valid studies
 
 
 def test_inception_weights_reach_the_metrics(tmp_path, monkeypatch):
     from diffit_cli import metrics as M
 
-    r = cli(
+    r = invoke(
         "ablate",
         "window-size",
         "--budget",
@@ -414,6 +409,6 @@ def test_a_variant_whose_training_was_cut_short_is_not_scored(tmp_path, monkeypa
 
     monkeypatch.setattr(diffit_cli.training, "train", lambda *a, **k: TrainState(nimg=4096, **{field: value}))
     monkeypatch.setattr(_Runner, "sample_and_score", lambda *a, **k: pytest.fail("a cut-short run was scored"))
-    r = cli("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "ws"), "--only", "w2")
+    r = invoke("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "ws"), "--only", "w2")
     assert r.exit_code == code and words in r.output and "Traceback" not in r.output, r.output
     assert not list((tmp_path / "ws").rglob("result.json"))

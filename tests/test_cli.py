@@ -6,33 +6,28 @@ import sys
 import textwrap
 
 import pytest
-from typer.testing import CliRunner
+from helpers import invoke
 
 from diffit_cli import __version__
-from diffit_cli.app import build_app
 
 COMMANDS = ["train", "sample", "eval-fid", "encode-latents", "ablate", "plot"]
 
 
-def run(*args, env=None):
-    return CliRunner().invoke(build_app(), list(args), env=env)
-
-
 def test_help_lists_the_six_commands():
-    r = run("--help")
+    r = invoke("--help")
     assert r.exit_code == 0
     for c in COMMANDS:
         assert c in r.output
 
 
 def test_version():
-    r = run("--version")
+    r = invoke("--version")
     assert r.exit_code == 0 and __version__ in r.output
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_command_help(cmd):
-    r = run(cmd, "--help")
+    r = invoke(cmd, "--help")
     assert r.exit_code == 0, r.output
 
 
@@ -76,9 +71,9 @@ def fake_plugin(tmp_path):
 
 def test_plugin_command_appears_and_runs(fake_plugin, monkeypatch):
     monkeypatch.syspath_prepend(str(fake_plugin))
-    r = run("--help")
+    r = invoke("--help")
     assert "hello" in r.output
-    r = run("hello", "--name", "diffit")
+    r = invoke("hello", "--name", "diffit")
     assert r.exit_code == 0 and "hello diffit from a plugin" in r.output
 
 
@@ -94,7 +89,7 @@ def test_broken_plugin_does_not_break_the_cli(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[diffit.commands]\nbroken = no_such_module_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    r = run("--help")
+    r = invoke("--help")
     assert r.exit_code == 0 and "train" in r.output
 
 
@@ -117,7 +112,7 @@ def test_a_file_in_the_way_of_an_output_path_is_one_line_exit_2(tmp_path, args):
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
     argv = [a.format(file=blocker, imgs=tmp_path / "imgs") for a in args]
-    r = CliRunner().invoke(build_app(), argv)
+    r = invoke(*argv)
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     flat = " ".join(r.output.split())
     assert str(blocker) in "".join(r.output.split()) and "a file is in the way" in flat
@@ -126,7 +121,7 @@ def test_a_file_in_the_way_of_an_output_path_is_one_line_exit_2(tmp_path, args):
 
 def test_encode_latents_checks_the_images_before_the_vae(tmp_path):
     (tmp_path / "empty").mkdir()
-    r = CliRunner().invoke(build_app(), ["encode-latents", str(tmp_path / "empty"), str(tmp_path / "lat")])
+    r = invoke("encode-latents", str(tmp_path / "empty"), str(tmp_path / "lat"))
     assert r.exit_code == 2 and "no images found" in r.output and "VAE" not in r.output, r.output
     assert not (tmp_path / "lat").exists()
 
@@ -165,7 +160,7 @@ def test_an_interrupt_is_one_line_exit_130_and_a_new_run_leaves_nothing(tmp_path
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
 
     monkeypatch.setattr(training, "train", interrupted)
-    r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run")])
+    r = invoke("train", "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 130, r.output
     assert "interrupted" in r.output and "rerun the same command" in " ".join(r.output.split())
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3

@@ -8,11 +8,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, tiny_unet, tiny_vit
+from helpers import TINY_UNET, invoke, tiny_unet, tiny_vit
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffit_cli.app import build_app
 from diffit_cli.config import load_preset
 from diffit_cli.data import SyntheticShapes, cache_dir, open_source, require_data
 from diffit_cli.errors import DiffitError
@@ -24,10 +22,6 @@ TINY_CIFAR = [s for s in TINY_UNET if not s.startswith(("model.num_classes", "da
     "model.dropout=0",
     "train.augment_p=0",
 ]
-
-
-def cli(*args):
-    return CliRunner().invoke(build_app(), list(args))
 
 
 @pytest.fixture
@@ -72,7 +66,7 @@ def cifar_checksums(monkeypatch):
 
 
 def test_cifar10_by_name_offline_without_files_exits_2_naming_the_cache(cache, tmp_path):
-    r = cli("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run"))
+    r = invoke("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2, r.output
     assert "torchvision:CIFAR10" in r.output and str(cache / "torchvision") in r.output
     assert "downloads are off" in r.output and "cifar-10-python.tar.gz" in r.output and "Traceback" not in r.output
@@ -91,12 +85,12 @@ def test_cifar10_trains_on_the_torchvision_files_in_the_cache(cache, tmp_path, c
         assert torch.equal(x, torch.from_numpy(images[i].transpose(2, 0, 1).copy())) and int(y) == labels[i]
 
     sets = [a for s in TINY_CIFAR for a in ("--set", s)]
-    r = cli("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run"), *sets)
+    r = invoke("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run"), *sets)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "checkpoints" / "latest.pt").exists()
 
     (cache / "torchvision" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"changed")  # checksum fails
-    r = cli("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run2"), *sets)
+    r = invoke("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run2"), *sets)
     assert r.exit_code == 2 and "torchvision:CIFAR10" in r.output and "fail torchvision's checksum check" in r.output
 
 
@@ -130,7 +124,7 @@ def test_hf_dataset_saved_locally_trains_offline_with_its_labels(tmp_path, cache
     assert torch.equal(pq[5][0], x) and pq.class_names == src.class_names
 
     sets = [a for s in TINY_UNET + ["model.num_classes=3", "data.use_labels=true"] for a in ("--set", s)]
-    r = cli(
+    r = invoke(
         "train", "--preset", "demo", "--data", f"hf:{tmp_path / 'shapes'}", "--run-dir", str(tmp_path / "run"), *sets
     )
     assert r.exit_code == 0, r.output
@@ -139,16 +133,16 @@ def test_hf_dataset_saved_locally_trains_offline_with_its_labels(tmp_path, cache
 
 def test_hf_dataset_without_an_image_column_is_one_line_naming_its_columns(tmp_path, cache):
     _hf_dataset(tmp_path / "text", image=False)
-    r = cli("train", "--preset", "demo", "--data", f"hf:{tmp_path / 'text'}", "--run-dir", str(tmp_path / "run"))
+    r = invoke("train", "--preset", "demo", "--data", f"hf:{tmp_path / 'text'}", "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "no image column (columns: label, caption)" in r.output and "data.image_column" in r.output
     assert len(r.output.strip().splitlines()) == 1
-    r = cli("train", "--preset", "demo", "--data", "hf:someone/not-cached", "--run-dir", str(tmp_path / "run"))
+    r = invoke("train", "--preset", "demo", "--data", "hf:someone/not-cached", "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2 and "hf:someone/not-cached" in r.output and "save_to_disk" in r.output
 
 
 def test_ffhq64_without_data_exits_2_with_the_preparation_steps(tmp_path):
-    r = cli("train", "--preset", "ffhq64", "--run-dir", str(tmp_path / "run"))
+    r = invoke("train", "--preset", "ffhq64", "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2 and "Traceback" not in r.output
     for step in (
         "FFHQ",
@@ -228,11 +222,11 @@ def test_eval_fid_scores_against_a_presets_training_set(tmp_path, cache):
         "--feature-extractor",
         "diffit-randconv-v1",
     ]
-    r = cli(*args)
+    r = invoke(*args)
     assert r.exit_code == 0, r.output
     assert "statistics of 12 training images" in r.output and str(cache / "fid-refs") in r.output
     [stats] = (cache / "fid-refs").glob("*.npz")
     written = stats.stat().st_mtime_ns
-    assert cli(*args).exit_code == 0 and stats.stat().st_mtime_ns == written  # reused, not recomputed
-    r = cli("eval-fid", str(tmp_path / "samples"), "--data", str(tmp_path / "train.npz"))
+    assert invoke(*args).exit_code == 0 and stats.stat().st_mtime_ns == written  # reused, not recomputed
+    r = invoke("eval-fid", str(tmp_path / "samples"), "--data", str(tmp_path / "train.npz"))
     assert r.exit_code == 2 and "--preset" in r.output

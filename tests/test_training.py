@@ -9,11 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
+from helpers import TINY_UNET, fake_latent_shards, invoke, tiny_unet, tiny_vit
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.config import dump_preset, load_preset
@@ -120,17 +118,8 @@ def test_grey_images_train_preview_and_sample(tmp_path):
     p = tiny_unet(f"data.path={tmp_path / 'grey'}", "data.channels=1", "model.in_channels=1", "model.num_classes=2")
     train(p, tmp_path / "run")
     assert Image.open(tmp_path / "run" / "samples" / "grid-latest.png").mode == "L"
-    r = CliRunner().invoke(
-        build_app(),
-        [
-            "sample",
-            "--ckpt",
-            str(latest_checkpoint(tmp_path / "run")),
-            "--seeds",
-            "0-1",
-            "--out",
-            str(tmp_path / "s.npz"),
-        ],
+    r = invoke(
+        "sample", "--ckpt", str(latest_checkpoint(tmp_path / "run")), "--seeds", "0-1", "--out", str(tmp_path / "s.npz")
     )
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 16, 16, 1)
@@ -224,41 +213,37 @@ def test_two_processes_equal_one(tmp_path):
     _assert_same_state(_final(tmp_path / "one"), _final(tmp_path / "two"), exact=False)
 
 
-def run_cli(*args):
-    return CliRunner().invoke(build_app(), list(args))
-
-
 def test_cli_dry_run_prints_preset_and_parameters():
-    r = run_cli("train", "--preset", "cifar10", "--dry-run")
+    r = invoke("train", "--preset", "cifar10", "--dry-run")
     assert r.exit_code == 0, r.output
     assert "channels:" in r.output and "# parameters:" in r.output
 
 
 def test_cli_bad_data_path(tmp_path):
-    r = run_cli("train", "--data", str(tmp_path / "nope.zip"), "--run-dir", str(tmp_path / "run"))
+    r = invoke("train", "--data", str(tmp_path / "nope.zip"), "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_fp16_on_cpu_is_refused(tmp_path):
     args = sum([["--set", s] for s in TINY_UNET + ["train.mixed_precision=fp16"]], [])
-    r = run_cli("train", "--run-dir", str(tmp_path / "run"), *args)
+    r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 2 and "fp16" in r.output and "Traceback" not in r.output
 
 
 def test_cli_preset_errors_exit_2():
-    r = run_cli("train", "--preset", "cifar100", "--dry-run")
+    r = invoke("train", "--preset", "cifar100", "--dry-run")
     assert r.exit_code == 2 and "available" in r.output and "Traceback" not in r.output
-    r = run_cli("train", "--set", "model.chanels=3", "--dry-run")
+    r = invoke("train", "--set", "model.chanels=3", "--dry-run")
     assert r.exit_code == 2 and "model.chanels" in r.output and "channels" in r.output
-    r = run_cli("train", "--set", "train.lr", "--dry-run")
+    r = invoke("train", "--set", "train.lr", "--dry-run")
     assert r.exit_code == 2 and "section.key=value" in r.output
 
 
 def test_cli_latents_with_a_pixel_preset(tmp_path):
     shards = fake_latent_shards(tmp_path / "lat")
     args = sum([["--set", s] for s in TINY_UNET], [])
-    r = run_cli("train", "--data", str(shards), "--run-dir", str(tmp_path / "run"), *args)
+    r = invoke("train", "--data", str(shards), "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 2 and "latent" in r.output and "Traceback" not in r.output
 
 
@@ -294,7 +279,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch,
 
     monkeypatch.setattr(importlib.util, "find_spec", no_tensorboard)
     args = sum([["--set", s] for s in TINY_UNET], [])
-    r = run_cli("train", "--run-dir", str(tmp_path / "run"), *flag, *args)
+    r = invoke("train", "--run-dir", str(tmp_path / "run"), *flag, *args)
     assert r.exit_code == 2 and "pip install 'diffit-cli[tensorboard]'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()  # nothing half-written
 

@@ -7,28 +7,23 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, tiny_unet
+from helpers import TINY_UNET, invoke, tiny_unet
 from PIL import Image
-from typer.testing import CliRunner
 
 from diffit_cli import checkpoint as ck
 from diffit_cli import metrics as M
-from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.config import dump_preset
 from diffit_cli.curves import curve_panels, draw_curves, read_log, taken_path
 from diffit_cli.data import open_source
 from diffit_cli.errors import DiffitError
-from diffit_cli.fid import sampled as S
-from diffit_cli.generate import generate, png_path
-from diffit_cli.sampling import make_decoder
+from diffit_cli.fid import score as S
+from diffit_cli.sampling.generate import generate
+from diffit_cli.sampling.run import make_decoder
+from diffit_cli.sampling.sinks import png_path
 from diffit_cli.training import TrackerSpec, train
 
 STANDIN = M.register_test_extractor()
-
-
-def cli(*args, env=None):
-    return CliRunner().invoke(build_app(), [str(a) for a in args], env=env)
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +264,9 @@ def test_unknown_or_missing_trackers_are_one_line_errors(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     args = sum([["--set", s] for s in TINY_UNET], [])
-    r = cli("train", "--run-dir", tmp_path / "run", "--log-with", "mlflow", *args)
+    r = invoke("train", "--run-dir", tmp_path / "run", "--log-with", "mlflow", *args)
     assert r.exit_code == 2 and "pip install 'diffit-cli[mlflow]'" in r.output and "Traceback" not in r.output
-    r = cli("train", "--run-dir", tmp_path / "run", "--log-with", "neptune", *args)
+    r = invoke("train", "--run-dir", tmp_path / "run", "--log-with", "neptune", *args)
     assert r.exit_code == 2 and "choose from tensorboard, wandb, mlflow, aim, comet_ml" in r.output
     assert not (tmp_path / "run").exists()
 
@@ -287,7 +282,7 @@ def test_a_tracker_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TensorBoardTracker, "start", refuse)
     args = sum([["--set", s] for s in TINY_UNET], [])
-    r = cli("train", "--run-dir", tmp_path / "run", "--log-with", "tensorboard", *args)
+    r = invoke("train", "--run-dir", tmp_path / "run", "--log-with", "tensorboard", *args)
     assert r.exit_code == 2 and "a tracker did not start: ValueError: no API key" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "run").exists()
 
@@ -296,7 +291,7 @@ def test_fid_along_training_offline_without_inception_weights_stops_before_train
     """The stand-in extractor is used only when asked for: offline with no Inception weights, a run that measures
     FID with the default extractor stops at once (exit 2, saying where the weights go), nothing written."""
     args = sum([["--set", s] for s in TINY_UNET + ["eval.every_kimg=0.016"]], [])
-    r = cli("train", "--run-dir", tmp_path / "run", *args)
+    r = invoke("train", "--run-dir", tmp_path / "run", *args)
     assert r.exit_code == 2 and "Inception" in r.output and "--inception-weights" in r.output
     assert not (tmp_path / "run").exists()
 
@@ -344,16 +339,16 @@ def test_plot_draws_several_runs_from_their_logs(tmp_path):
     # what the log holds: no attention-logit panel for a log without it
     assert [p.title for p in panels] == ["loss", "learning rate", "img/s", "gradient norm", "FID"]
     out = tmp_path / "both.png"
-    r = cli("plot", tmp_path / "a", tmp_path / "b", "--out", out)
+    r = invoke("plot", tmp_path / "a", tmp_path / "b", "--out", out)
     assert r.exit_code == 0, r.output
     with Image.open(out) as im:
         assert im.size[0] > 900 and im.size[1] > 500  # 2 rows of 3 panels
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "missing", tmp_path / "empty"):
-        r = cli("plot", tmp_path / "a", bad)
+        r = invoke("plot", tmp_path / "a", bad)
         assert r.exit_code == 2 and "log.jsonl" in r.output and "Traceback" not in r.output
     (tmp_path / "empty" / "log.jsonl").write_text("")
-    r = cli("plot", tmp_path / "empty")
+    r = invoke("plot", tmp_path / "empty")
     assert r.exit_code == 2 and "no report yet" in r.output
 
 
@@ -375,7 +370,7 @@ def test_eval_fid_ckpt_repeats_follow_the_seed_ranges(tmp_path, reference):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": net.state_dict(), "ema": net.state_dict(), "preset": dump_preset(p)}, ckpt)
     keep, out = tmp_path / "keep", tmp_path / "fid.json"
-    r = cli(
+    r = invoke(
         "eval-fid",
         "--ckpt",
         ckpt,
@@ -412,7 +407,9 @@ def test_eval_fid_ckpt_repeats_follow_the_seed_ranges(tmp_path, reference):
     assert np.array_equal(kept, images)
     again = M.compute_metrics(keep / "repeat-1", reference, feature_extractor=STANDIN)
     assert again["fid"] == pytest.approx(res["values"][1], rel=1e-6)
-    r = cli("eval-fid", "--ckpt", ckpt, "--num", 8, "--ref", reference, "--feature-extractor", STANDIN, "--keep", keep)
+    r = invoke(
+        "eval-fid", "--ckpt", ckpt, "--num", 8, "--ref", reference, "--feature-extractor", STANDIN, "--keep", keep
+    )
     assert r.exit_code == 2 and "not empty" in r.output
 
 
@@ -422,7 +419,7 @@ def test_eval_fid_flag_combinations_are_one_line_errors(tmp_path):
         ([], "give SAMPLES"),
         (["--ckpt", tmp_path / "x.pt", tmp_path / "samples"], "drop SAMPLES"),
     ):
-        r = cli("eval-fid", *args)
+        r = invoke("eval-fid", *args)
         assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
 
 
@@ -451,5 +448,5 @@ def test_eval_fid_ckpt_across_machines_needs_a_shared_keep_folder(monkeypatch, t
         raise DiffitError(f"asked with keep={keep}")
 
     monkeypatch.setattr(S, "check_shared_scratch", refuse)
-    r = cli("eval-fid", "--ckpt", ckpt, "--num", 4, "--feature-extractor", STANDIN, "--ref", tmp_path / "none.npz")
+    r = invoke("eval-fid", "--ckpt", ckpt, "--num", 4, "--feature-extractor", STANDIN, "--ref", tmp_path / "none.npz")
     assert r.exit_code == 2 and "asked with keep=None" in r.output, r.output
