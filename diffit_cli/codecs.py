@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffit_cli.data import DEFAULT_LATENT_SCALE, sample_latent, to_model_space
+from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
-from diffit_cli.fileio import offline
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 VAE_CONFIG_PATH = Path(__file__).resolve().parent / "assets" / "sd-vae-ft-ema.json"

@@ -1,12 +1,13 @@
-"""Files and downloads: atomic writes (a temporary file beside the target, flushed and fsynced, then renamed
-over it: a crash or a kill never leaves a half-written checkpoint, shard, sample or manifest behind), JSON
-files, and whether downloads are switched off.
+"""Files: atomic writes (a temporary file beside the target, flushed and fsynced, then renamed over it: a crash or
+a kill never leaves a half-written checkpoint, shard, sample or manifest behind), output paths checked before any
+work, and JSON files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -16,18 +17,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "DIFFIT_OFFLINE")
-_START_UMASK = os.umask(0o022)
-os.umask(_START_UMASK)  # (read at import, in the main thread: setting it briefly is not thread-safe)
-
 
 def _umask() -> int:
-    """The process's umask now (Linux reports it; elsewhere the one at import)."""
+    """The process's umask now (Linux reports it; elsewhere the one at the first atomic write)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    return _START_UMASK
+    return _umask_by_setting_it()
+
+
+@functools.cache
+def _umask_by_setting_it() -> int:
+    """The umask where no /proc reports it: the only portable way to read it is to set it, so it is put back at
+    once, and read only once (setting it briefly is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], size: int | None = None) -> Path:
@@ -128,9 +134,3 @@ def new_output(path: Path | str, keep: Callable[[], bool], owner: bool = True) -
         if owner and fresh and not keep():
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
-
-
-def offline() -> bool:
-    """Whether downloads are off: HF_HUB_OFFLINE or DIFFIT_OFFLINE set to 1/true/yes/on (Hub models, Inception
-    weights and datasets then fail at once with a message instead of waiting on the network)."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in OFFLINE_VARIABLES)

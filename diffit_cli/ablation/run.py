@@ -32,13 +32,14 @@ from diffit_cli.config import (
     preset_to_dict,
     validate_preset,
 )
+from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fid.reference import preset_reference
-from diffit_cli.fileio import atomic_write_bytes, offline, read_json, write_json
-from diffit_cli.generate import sampling_precision
+from diffit_cli.fileio import atomic_write_bytes, read_json, write_json
+from diffit_cli.precision import sampling_precision
 from diffit_cli.preemption import Preempted
-from diffit_cli.sampling import resolve_weights, run_sample
+from diffit_cli.sampling.run import resolve_weights, run_sample
 
 
 @dataclass

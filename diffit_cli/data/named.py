@@ -9,7 +9,7 @@
   when set, else `<cache>/huggingface`. The image column is the first `Image` feature and the label column the
   first `ClassLabel` feature, unless `data.image_column` / `data.label_column` name them.
 
-Offline (`fileio.offline()`) nothing is downloaded: a dataset not in the cache is one error naming the cache
+Offline (`downloads.offline()`) nothing is downloaded: a dataset not in the cache is one error naming the cache
 path and how to put the files there by hand.
 """
 
@@ -28,7 +28,7 @@ from PIL import Image
 from diffit_cli.data.catalog import HF_PREFIX, README_SECTION, TORCHVISION_PREFIX, cache_dir
 from diffit_cli.data.images import DataError, pil_to_chw
 from diffit_cli.data.sources import NO_LABEL, PixelSource, hash_lines
-from diffit_cli.fileio import offline
+from diffit_cli.downloads import offline
 
 OFFLINE_NOTE = "downloads are off (HF_HUB_OFFLINE / DIFFIT_OFFLINE, or no network)"
 LABEL_ATTRIBUTES = ("targets", "labels", "_labels")  # where torchvision datasets keep their class indices

@@ -21,10 +21,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
+from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress, Start, Step, quiet
 from diffit_cli.fid.inputs import Images, rgb
-from diffit_cli.fileio import offline
 
 INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "diffit-randconv-v1"
