@@ -1,4 +1,4 @@
-"""Table 4 encoder/decoder baselines (SPEC §8): ViT / multi-resolution / DiffiT encoders × SETR-MLA / multi-resolution
+"""DiffiT Table 4 encoder/decoder baselines: ViT / multi-resolution / DiffiT encoders × SETR-MLA / multi-resolution
 / DiffiT decoders, in one network, :class:`EncoderDecoder`.
 
 Table 4 builds DiffiT up from a ViT: A = ViT-Base encoder + SETR-MLA decoder, B = multi-resolution encoder + SETR-MLA,

@@ -45,7 +45,7 @@ class PlainAttention(nn.Module):
 
 
 class TMSAAttention(nn.Module):
-    """Global TMSA on the feature map: the block's time embedding is the time token (SPEC §2)."""
+    """Global TMSA on the feature map: the block's time embedding is the time token (DiffiT Eq. 3–6)."""
 
     def __init__(self, channels: int, num_heads: int, emb_channels: int, resolution: int):
         super().__init__()

@@ -42,7 +42,7 @@ SCHEDULES = ("constant", "power-cosine", "interval")
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance settings (SPEC §5: w = 4.4 power-cosine at 256, 1.49 constant at 512)."""
+    """Classifier-free guidance settings (w = 4.4 power-cosine at 256, 1.49 constant at 512; docs/paper.md)."""
 
     scale: float = 1.0
     schedule: str = "constant"

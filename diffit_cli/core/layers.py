@@ -1,4 +1,5 @@
-"""DiffiT building blocks (SPEC §2–§3): time/label embeddings, relative position bias, windows, TMSA, DiffiT block.
+"""DiffiT building blocks (DiffiT Sec. 3.2, Eq. 3–8): time/label embeddings, relative position bias, windows,
+TMSA, DiffiT block.
 
 Pure torch. Token tensors are (B, N, C) in raster order of an (H, W) grid; the time token x_t is (B, time_dim).
 """
@@ -13,14 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-# Where the time token enters a block (SPEC §8 Tables 6–7, Fig. 7b); "tmsa" is the paper's model.
+# Where the time token enters a block (DiffiT Tables 6–7, Fig. 7b); "tmsa" is the paper's model.
 TIME_MODES = ("tmsa", "bias", "mlp", "adaln", "separate")
 TIME_EMBEDDINGS = ("positional", "fourier")
 ATTENTION_BACKENDS = ("sdpa", "flex")  # TMSA kernels (TMSA.backend); benchmarks/bench_attention.py compares them
 
 
 def check_time_mode(time_mode: str) -> str:
-    """Validate a time_mode name (SPEC §8 ablations)."""
+    """Validate a time_mode name (the DiffiT ablations, docs/paper.md 'Ablations')."""
     if time_mode not in TIME_MODES:
         raise ValueError(f"time_mode must be one of {TIME_MODES}, got {time_mode!r}")
     return time_mode
@@ -28,7 +29,7 @@ def check_time_mode(time_mode: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- time / label
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (B,) t: cos half then sin half, max period 1e4 (SPEC §3, release/DiT) -> (B, dim)."""
+    """Sinusoidal embedding of (B,) t: cos half then sin half, max period 1e4 (release, DiT) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
@@ -49,7 +50,7 @@ class FourierEmbedding(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Time token x_t: frequency features of t → Linear → SiLU → Linear (SPEC §3; release keys `mlp.{0,2}`).
+    """Time token x_t: frequency features of t → Linear → SiLU → Linear (DiffiT Sec. 3.2; release keys `mlp.{0,2}`).
 
     `kind` picks positional (default) or Fourier features (Table 8). With `augment_dim` > 0, a bias-free linear
     map of EDM's augmentation labels is added to the frequency features before the MLP (as EDM's `map_augment`).
@@ -83,7 +84,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with a learned null class at index `num_classes` and label dropout for CFG (SPEC §3, §5).
+    """Class embedding with a learned null class at index `num_classes` and label dropout for CFG (release).
 
     Training-time dropout (probability `dropout_prob`, global torch RNG) applies when `train` is True, or when
     `train` is None and the module is in training mode. `force_drop_ids` (B,) == 1 drops chosen labels.
@@ -120,7 +121,8 @@ def time_token(
     y: torch.Tensor | None = None,
     augment_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC §3: x_t = MLP(emb(t) + A·augment_labels) + label embedding (null class when y is None): (B, time_dim)."""
+    """x_t = MLP(emb(t) + A·augment_labels) + label embedding (null class when y is None): (B, time_dim).
+    docs/paper.md, 'Time token'."""
     x_t = t_embedder(t, augment_labels)
     if y_embedder is not None:
         if y is None:
@@ -130,14 +132,14 @@ def time_token(
 
 
 def relative_position_index(window: int) -> torch.Tensor:
-    """Swin index of each token pair's (Δrow, Δcol) into the (2w−1)² table (SPEC §2, release) -> (w², w²)."""
+    """Swin index of each token pair's (Δrow, Δcol) into the (2w−1)² table (release, Swin) -> (w², w²)."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (w², w², 2), in [0, 2w−2]
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (w², w²) int64
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B·nW, w², C): non-overlapping w×w windows folded into the batch (SPEC §2, no shift)."""
+    """(B, H, W, C) -> (B·nW, w², C): non-overlapping w×w windows folded into the batch (DiffiT Sec. 3.2, no shift)."""
     B, H, W, C = x.shape
     x = x.view(B, H // window, window, W // window, window, C).permute(0, 1, 3, 2, 4, 5)  # (B, h, w', wr, wc, C)
     return x.reshape(-1, window * window, C)
@@ -204,7 +206,7 @@ def set_attention_backend(net: nn.Module, backend: str) -> None:
 
 
 class TMSA(nn.Module):
-    """Time-dependent multi-head self-attention (SPEC §2, Eq. 3–6) with a Swin relative position bias.
+    """Time-dependent multi-head self-attention (DiffiT Sec. 3.2, Eq. 3–6) with a Swin relative position bias.
 
     q,k,v = qkv(x_s) + qkv_temb(x_t);  Attention = Softmax(q·kᵀ/√d + B)·v;  then `proj`.
     Global when `window_size` equals the token grid (latent model), else non-overlapping w×w windows.
@@ -350,7 +352,7 @@ def attention_logit_max(net: nn.Module, run) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------- DiffiT block
 class Mlp(nn.Module):
-    """Linear → GELU(tanh) → Linear, ratio 4 (SPEC §3); `temb` adds x_t to the hidden layer (Table 6 G)."""
+    """Linear → GELU(tanh) → Linear, ratio 4 (release); `temb` adds x_t to the hidden layer (Table 6 G)."""
 
     def __init__(self, dim: int, hidden: int, time_dim: int | None = None, dropout: float = 0.0):
         super().__init__()
@@ -368,7 +370,7 @@ class Mlp(nn.Module):
 
 
 class DiffiTBlock(nn.Module):
-    """DiffiT transformer block, pre-LN (SPEC §3, Eq. 7–8): x̂ = x + TMSA(LN(x), x_t); out = x̂ + MLP(LN(x̂)).
+    """DiffiT transformer block, pre-LN (DiffiT Eq. 7–8): x̂ = x + TMSA(LN(x), x_t); out = x̂ + MLP(LN(x̂)).
 
     LayerNorms have no affine parameters (eps 1e-6). time_mode "adaln" swaps TMSA for DiT adaLN-Zero (Fig. 7b).
     """

@@ -193,7 +193,7 @@ def ancestral(step: Step, x: Tensor, num_timesteps: int, *, noise: NoiseFn | Non
 
 
 def ddpm(spaced: AncestralDiffusion, net: Callable, *, clip_denoised: bool = False) -> tuple[Step, bool]:
-    """ADM ``p_sample`` over the respaced steps (SPEC §6b: 250 of 1000, learned Σ, no clipping); stochastic."""
+    """ADM ``p_sample`` over the respaced steps (DiffiT App. I.2: 250 of 1000, learned Σ, no clipping); stochastic."""
     return (lambda x, t, z: spaced.p_sample(net(x, spaced.network_time(t), None), x, t, z, clip_denoised)), True
 
 

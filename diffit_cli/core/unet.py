@@ -1,9 +1,10 @@
-"""Image-space DiffiT (SPEC §3–§4): DiffiT ResBlocks in a symmetric U-shaped encoder/decoder with windowed TMSA.
+"""Image-space DiffiT (DiffiT Sec. 3.2, Fig. 4, App. I.1): DiffiT ResBlocks in a symmetric U-shaped
+encoder/decoder with windowed TMSA.
 
-Design choices where SPEC §4/§10 leave a gap (documented ASSUMPTIONs):
+Design choices where the paper leaves a gap (docs/paper.md, 'Open choices'):
 - downsampling: stride-2 Conv3×3; upsampling: nearest ×2 then Conv3×3 (paper: "convolutional"); both keep width.
 - skips: every encoder stage output is concatenated onto the decoder input at the same resolution, then the
-  decoder stage's opening Conv3×3 maps it back to the stage width (SPEC §10: concatenation + conv). The lowest
+  decoder stage's opening Conv3×3 maps it back to the stage width (concatenation + conv). The lowest
   stage is the bottleneck and feeds the decoder directly (Tables S.2/S.3: the decoder starts with an upsampler).
 - a stage whose width differs from the incoming one opens with a Conv3×3 that matches the feature maps.
 - GroupNorm uses gcd(32, C) groups (32 at paper widths); dropout sits in each block's MLP hidden layer.
@@ -35,12 +36,12 @@ class GroupNorm(nn.GroupNorm):
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (SPEC §10), fewer when the width is not a multiple of 32."""
+    """GroupNorm with 32 groups (as DDPM/EDM), fewer when the width is not a multiple of 32."""
     return GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    """DiffiT ResBlock (SPEC §3, Eq. 9–10): x̂ = Conv3×3(Swish(GN(x))); out = DiffiTBlock(x̂, x_t) + x."""
+    """DiffiT ResBlock (DiffiT Eq. 9–10): x̂ = Conv3×3(Swish(GN(x))); out = DiffiTBlock(x̂, x_t) + x."""
 
     def __init__(
         self,
@@ -65,7 +66,7 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 Conv3×3 (SPEC §4 "convolutional down-sampling"): (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """Stride-2 Conv3×3 (DiffiT Sec. 3.2 "convolutional down-sampling"): (B, C, H, W) -> (B, C, H/2, W/2)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -76,7 +77,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest ×2 then Conv3×3 (SPEC §4 "convolutional up-sampling"): (B, C, H, W) -> (B, C, 2H, 2W)."""
+    """Nearest ×2 then Conv3×3 (DiffiT Sec. 3.2 "convolutional up-sampling"): (B, C, H, W) -> (B, C, 2H, 2W)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -87,7 +88,7 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.Module):
-    """One U-Net resolution (SPEC §4), shared with the Table 4 baselines. Encoder: [Downsample] → [Conv3×3 width
+    """One U-Net resolution (DiffiT Sec. 3.2), shared with the Table 4 baselines. Encoder: [Downsample] → [Conv3×3 width
     match]; decoder (`up`): Upsample → concat skip → Conv3×3 to the width. Then `depth` blocks made by `block()`."""
 
     def __init__(
@@ -122,7 +123,8 @@ class Stage(nn.Module):
 
 
 class ImageDiffiT(nn.Module):
-    """Image-space DiffiT (SPEC §4): tokenizer → encoder stages → decoder stages with skips → GN/SiLU/Conv head.
+    """Image-space DiffiT (docs/paper.md, 'Image-space network'):
+    tokenizer → encoder stages → decoder stages with skips → GN/SiLU/Conv head.
 
     forward(x (B, C, H, W), t (B,) = c_noise, y (B,) int64 or None, augment_labels (B, A) or None) -> (B, C_out, H, W).
     Head count per stage = channels // head_dim. The head conv is zero-initialised, so the output is 0 at init.
@@ -184,7 +186,7 @@ class ImageDiffiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Initialisation following SPEC §5's scheme (`init_linears_and_conditioning`), RPB trunc-normal .02,
+        """Initialisation following the release's scheme (`init_linears_and_conditioning`), RPB trunc-normal .02,
         adaLN zero, zero-init head conv (output 0 at init)."""
         init_linears_and_conditioning(self)
         init_rpb_and_time(self)
@@ -220,7 +222,7 @@ class ImageDiffiT(nn.Module):
 
 
 def init_linears_and_conditioning(model: nn.Module) -> None:
-    """SPEC §5's scheme for the image-space networks: xavier linears / zero bias, conv biases zero, time-MLP weights
+    """The release's scheme for image-space networks: xavier linears / zero bias, conv biases zero, time-MLP weights
     N(0, .02); the label table N(0, 1) as EDM's `map_label` (the paper is silent on image-space labels, EDM is its
     source there; the latent model keeps the release's .02). With .02 a small class-conditional model ignores its
     labels for a long time: the demo's grid columns were random shapes after 90 kimg, and are the right classes with

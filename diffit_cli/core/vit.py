@@ -1,4 +1,5 @@
-"""Latent DiffiT (SPEC §5): isotropic DiT-style ViT with global TMSA, in the official release's state-dict layout."""
+"""Latent DiffiT (DiffiT App. H.2; docs/paper.md, 'Latent network'): isotropic DiT-style ViT with global TMSA,
+in the official release's state-dict layout."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .layers import (
     time_token,
 )
 
-# Named sizes as in DiT (depth, hidden, heads) × patch 2/4/8; "XL/2" is the release's DiffiT-XL/2 (SPEC §5).
+# Named sizes as in DiT (depth, hidden, heads) × patch 2/4/8; "XL/2" is the release's DiffiT-XL/2 (docs/paper.md).
 _DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 LATENT_SIZES: dict[str, dict[str, int]] = {
     f"{name}/{p}": {"depth": d, "hidden_size": h, "num_heads": nh, "patch_size": p}
@@ -25,7 +26,7 @@ LATENT_SIZES: dict[str, dict[str, int]] = {
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding, MAE/DiT/release convention (SPEC §5) -> (grid², D)."""
+    """Fixed 2-D sin-cos position embedding, MAE/DiT/release convention -> (grid², D)."""
 
     def one_d(dim: int, pos: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, dim): sin half then cos half
         omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
@@ -39,7 +40,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Conv patch embedding `x_embedder.proj` (SPEC §5): (B, C, H, W) -> (B, T, D)."""
+    """Conv patch embedding `x_embedder.proj` (release layout): (B, C, H, W) -> (B, T, D)."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -51,7 +52,7 @@ class PatchEmbed(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm (no affine) → SiLU → Linear to p²·C_out (SPEC §5); with adaLN (Fig. 7b) DiT's modulated head."""
+    """LayerNorm (no affine) → SiLU → Linear to p²·C_out (release); with adaLN (Fig. 7b) DiT's modulated head."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaln: bool = False):
         super().__init__()
@@ -67,7 +68,8 @@ class FinalLayer(nn.Module):
 
 
 class LatentDiffiT(nn.Module):
-    """Latent DiffiT-XL/2 and friends (SPEC §5): c = t_emb + y_emb is the time token of every global TMSA block.
+    """Latent DiffiT-XL/2 and friends (docs/paper.md, 'Latent network'):
+    c = t_emb + y_emb is the time token of every global TMSA block.
 
     forward(x (B, C, H, W), t (B,) DDPM step, y (B,) int64 with index num_classes = null) -> (B, 2C or C, H, W).
     """
@@ -93,7 +95,7 @@ class LatentDiffiT(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma, self.num_classes = learn_sigma, num_classes
         self.time_mode = check_time_mode(time_mode)
-        self.grid = input_size // patch_size  # the TMSA window is the whole grid: global attention (SPEC §2)
+        self.grid = input_size // patch_size  # the TMSA window is the whole grid: global attention (DiffiT Sec. 5.7)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, 256)
@@ -112,8 +114,9 @@ class LatentDiffiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def initialize_weights(self) -> None:
-        """Release initialisation (SPEC §5): xavier linears / zero bias, sin-cos pos_embed, N(0,.02) embeddings,
-        zero final linear, trunc-normal RPB; ablation extras: adaLN zero, time-bias maps trunc-normal."""
+        """Release initialisation (docs/paper.md, 'Latent network'): xavier linears / zero bias, sin-cos pos_embed,
+        N(0,.02) embeddings, zero final linear, trunc-normal RPB; ablation extras: adaLN zero, time-bias maps
+        trunc-normal."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
