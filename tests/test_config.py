@@ -207,7 +207,7 @@ def test_schema_literals_equal_the_core_registries():
 
 def test_guidance_is_one_subsection_and_old_flat_keys_still_read():
     from diffit_cli.core.guidance import Guidance
-    from diffit_cli.generate import make_guidance
+    from diffit_cli.sampling.generate import make_guidance
 
     p = load_preset("imagenet256")
     assert p.sample.guidance.model_dump() == {

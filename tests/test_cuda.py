@@ -14,7 +14,7 @@ from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.config import SampleConfig
 from diffit_cli.core.layers import TMSA
 from diffit_cli.events import Step
-from diffit_cli.generate import sample_batch
+from diffit_cli.sampling.generate import sample_batch
 from diffit_cli.training import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and DIFFIT_TEST_CUDA=1")

@@ -14,8 +14,8 @@ from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
 from diffit_cli.errors import DiffitError
-from diffit_cli.generate import png_path
-from diffit_cli.sampling import _compact_seeds, parse_classes, parse_seeds, run_sample
+from diffit_cli.sampling.run import _compact_seeds, parse_classes, parse_seeds, run_sample
+from diffit_cli.sampling.sinks import png_path
 
 
 def _perturbed_net(preset):
@@ -93,7 +93,7 @@ def test_npz_matches_pngs_and_resumes(unet_ckpt, tmp_path):
     run_sample(str(unet_ckpt), seeds[:4], tmp_path / "partial.npz", batch=4)
     parts = tmp_path / "partial.npz.parts"
     assert not parts.exists()  # complete runs are assembled and clean up
-    from diffit_cli.generate import NpzSink
+    from diffit_cli.sampling.sinks import NpzSink
 
     sink = NpzSink(out)
     first = _pngs(tmp_path / "png", seeds[:4])
@@ -157,7 +157,7 @@ def test_bad_enumerated_flags_name_the_valid_values_before_reading_anything(tmp_
 
 
 def test_cfg_channels_beyond_the_models_channels_is_refused(unet_ckpt, tmp_path, monkeypatch):
-    import diffit_cli.sampling as sampling
+    import diffit_cli.sampling.run as sampling
 
     built = []
     monkeypatch.setattr(sampling, "snapshot_network", lambda *a, **k: built.append(a))
@@ -264,7 +264,7 @@ def test_another_recipe_is_refused_unless_forced(unet_ckpt, tmp_path, out_name):
 
 @pytest.mark.e2e
 def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeypatch):
-    import diffit_cli.sampling as sampling
+    import diffit_cli.sampling.run as sampling
 
     class Killed(Exception):
         pass
@@ -296,7 +296,7 @@ def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
     import os
     import signal
 
-    from diffit_cli.generate import NpzSink, PngSink
+    from diffit_cli.sampling.sinks import NpzSink, PngSink
 
     seeds = ["--seeds", "0-9", "--batch", "4", "--ckpt", str(unet_ckpt)]
     straight = tmp_path / "straight" / name
@@ -326,7 +326,7 @@ def test_resume_redoes_a_truncated_png_and_a_torn_npz_part(unet_ckpt, tmp_path):
     """Issue #13: a machine crash can leave a PNG or an npz part cut short: the rerun removes it (with a warning)
     and samples its seeds again."""
     from diffit_cli.events import Message
-    from diffit_cli.generate import NpzSink
+    from diffit_cli.sampling.sinks import NpzSink
 
     seeds = list(range(8))
     run_sample(str(unet_ckpt), seeds, tmp_path / "png", batch=4)
@@ -385,11 +385,12 @@ def test_a_full_disk_while_writing_an_npz_part_keeps_the_previous_part_and_exits
 def test_the_training_preview_samples_in_fp32_on_the_cpu(tmp_path, monkeypatch):
     """A bf16 preset's preview grid on the CPU samples in fp32 (emulated bf16 autocast made each demo grid cost
     minutes), as `diffit sample`, FID along training and ablate do; bf16 on a GPU."""
-    from diffit_cli import generate as G
+    from diffit_cli.precision import sampling_precision
+    from diffit_cli.sampling import generate as G
 
     p = tiny_unet("train.mixed_precision=bf16")
-    assert G.sampling_precision(p, "cpu") == "fp32" and G.sampling_precision(p, torch.device("cuda")) == "bf16"
-    assert G.sampling_precision(tiny_unet("train.mixed_precision=fp32"), "cuda") == "fp32"
+    assert sampling_precision(p, "cpu") == "fp32" and sampling_precision(p, torch.device("cuda")) == "bf16"
+    assert sampling_precision(tiny_unet("train.mixed_precision=fp32"), "cuda") == "fp32"
     seen = []
     real = G.sample_batch
     monkeypatch.setattr(G, "sample_batch", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from diffit_cli.app import build_app
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.encode_latents import encode_latents
-from diffit_cli.sampling import run_sample
+from diffit_cli.sampling.run import run_sample
 from diffit_cli.training import train
 
 pytestmark = pytest.mark.e2e  # every test here encodes, trains or samples end to end

@@ -12,8 +12,8 @@ from diffit_cli.config import Preset
 from diffit_cli.core.edm import EDM
 from diffit_cli.core.layers import TMSA
 from diffit_cli.data import open_source, to_model_space
-from diffit_cli.generate import save_png
 from diffit_cli.plots import colormap
+from diffit_cli.sampling.sinks import save_png
 
 
 def attention_maps(net, diffusion, preset: Preset, sigmas: list[float], layer: int = 0, seed: int = 0) -> dict:

@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
 
 def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights) -> dict | None:
     """Sample and score a checkpoint; print each repeat's FID and their minimum, mean and standard deviation."""
-    from diffit_cli.fid.sampled import score_checkpoint
+    from diffit_cli.fid.score import score_checkpoint
 
     with RichProgress() as progress:
         r = score_checkpoint(

@@ -1,4 +1,4 @@
-"""`diffit sample`: a thin wrapper over `diffit_cli.sampling.run_sample` with rich progress."""
+"""`diffit sample`: a thin wrapper over `diffit_cli.sampling.run.run_sample` with rich progress."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def sample_cmd(
 ) -> None:
     from diffit_cli.config import check_sample_values, load_preset
     from diffit_cli.errors import DiffitError
-    from diffit_cli.sampling import parse_seeds, run_sample
+    from diffit_cli.sampling.run import parse_seeds, run_sample
 
     values = {
         "sampler": sampler,

@@ -22,8 +22,10 @@ from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fid.extractors import TEST_EXTRACTOR, extractor_class, make_extractor
 from diffit_cli.fid.metrics import compute_metrics
 from diffit_cli.fid.reference import preset_reference
-from diffit_cli.generate import Decode, NpzSink, PngSink, generate, sampling_precision
-from diffit_cli.sampling import make_decoder, resolve_weights
+from diffit_cli.precision import sampling_precision
+from diffit_cli.sampling.generate import Decode, generate
+from diffit_cli.sampling.run import make_decoder, resolve_weights
+from diffit_cli.sampling.sinks import NpzSink, PngSink
 
 
 def check_extractor(name: str, inception_weights=None) -> None:

@@ -1,4 +1,4 @@
-"""`diffit sample` as a function (DESIGN §3): weights by path or Hub reference, the checkpoint's preset with the
+"""`diffit sample` as a function: weights by path or Hub reference, the checkpoint's preset with the
 sampling settings, seeds split across processes, resumable PNG/NPZ output and a recipe JSON beside it."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fileio import check_writable, new_output, read_json, strict_json, write_json
-from diffit_cli.generate import Decode, NpzSink, PngSink, generate, image_grid, save_png
 from diffit_cli.preemption import Preempted, preemption_signals
+from diffit_cli.sampling.generate import Decode, generate
+from diffit_cli.sampling.sinks import NpzSink, PngSink, image_grid, save_png
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from diffit_cli.events import Message
 from diffit_cli.fid.reference import preset_reference
-from diffit_cli.fid.sampled import sample_fid
-from diffit_cli.generate import sampling_precision
-from diffit_cli.sampling import make_decoder
+from diffit_cli.fid.score import sample_fid
+from diffit_cli.precision import sampling_precision
+from diffit_cli.sampling.run import make_decoder
 from diffit_cli.training.run import Run, log_record
 
 WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (removed after)

@@ -20,7 +20,7 @@ from diffit_cli.checkpoint import (
 )
 from diffit_cli.config import dump_preset
 from diffit_cli.events import Message
-from diffit_cli.generate import preview_grid
+from diffit_cli.sampling.generate import preview_grid
 from diffit_cli.training.monitor import Spike
 from diffit_cli.training.recipe import resume_check
 from diffit_cli.training.run import Run, log_record, start_stream
