@@ -5,7 +5,7 @@ import stat
 
 import pytest
 import torch
-from helpers import TINY_UNET, TINY_VIT, tiny_unet, tiny_vit
+from helpers import TINY_UNET, TINY_VIT, invoke, tiny_unet, tiny_vit
 
 from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
@@ -107,9 +107,6 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
     latest pointer intact, no temporary file left."""
     import errno
 
-    from typer.testing import CliRunner
-
-    from diffit_cli.app import build_app
 
     real_save, calls = torch.save, []
 
@@ -122,7 +119,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
 
     monkeypatch.setattr(torch, "save", save)
     args = sum([["--set", s] for s in TINY_UNET], [])
-    r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args])
+    r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     flat = " ".join(r.output.split())
     assert "ckpt-00000000.032.pt" in "".join(r.output.split()) and "the disk is full" in flat
@@ -136,21 +133,18 @@ def test_a_new_run_without_room_for_two_checkpoints_is_refused_before_anything_i
     import shutil
     from collections import namedtuple
 
-    from typer.testing import CliRunner
-
-    from diffit_cli.app import build_app
 
     usage = namedtuple("usage", "total used free")
     args = sum([["--set", s] for s in TINY_UNET], [])
     with monkeypatch.context() as m:
         m.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-        r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args])
+        r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "1.0 kB free" in flat and "2 checkpoints of" in flat and "--run-dir" in flat
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "preset.yaml").exists()
     estimate = float(flat.split("2 checkpoints of ")[1].split(" kB")[0]) * 1000
-    assert CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args]).exit_code == 0
+    assert invoke("train", "--run-dir", str(tmp_path / "run"), *args).exit_code == 0
     actual = ck.latest_checkpoint(tmp_path / "run").stat().st_size
     assert 0.9 < estimate / actual < 1.1  # the tensors and their zip records; the preset text is left out
 

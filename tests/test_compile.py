@@ -6,7 +6,7 @@ itself is tested in tests/test_cuda.py."""
 
 import pytest
 import torch
-from helpers import tiny_unet, tiny_vit
+from helpers import invoke, tiny_unet, tiny_vit
 
 from diffit_cli.build import build_network, compile_blocks, want_compile
 from diffit_cli.training.recipe import enable_activation_checkpointing
@@ -69,13 +69,8 @@ def test_compile_setting_is_tri_state():
 
 
 def test_cli_compile_flags_reach_the_preset():
-    from typer.testing import CliRunner
-
-    from diffit_cli.app import build_app
-
-    runner = CliRunner()
     for flags, want in (([], "compile: auto"), (["--compile"], "compile: true"), (["--no-compile"], "compile: false")):
-        result = runner.invoke(build_app(), ["train", "--preset", "demo", "--dry-run", *flags])
+        result = invoke("train", "--preset", "demo", "--dry-run", *flags)
         assert result.exit_code == 0, result.output
         assert want in result.output
 

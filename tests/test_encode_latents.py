@@ -6,11 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_vae
+from helpers import invoke, save_tiny_vae
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffit_cli.app import build_app
 from diffit_cli.codecs import DEFAULT_VAE, PixelCodec, VAECodec, VAEError, load_vae, make_codec, vae_config
 from diffit_cli.config import DataConfig
 from diffit_cli.data import MANIFEST_NAME, DataError, LatentShardSource, make_loader, open_source, shard_name
@@ -172,9 +170,8 @@ def _cached(repo_id):
 def test_hub_id_offline_fails_fast_with_a_clear_message(images, tmp_path):
     if _cached(DEFAULT_VAE):
         pytest.skip(f"{DEFAULT_VAE} is in the local Hugging Face cache")
-    result = CliRunner().invoke(
-        build_app(),
-        ["encode-latents", str(images), str(tmp_path / "out"), "--resolution", str(RES), "--vae", DEFAULT_VAE],
+    result = invoke(
+        "encode-latents", str(images), str(tmp_path / "out"), "--resolution", str(RES), "--vae", DEFAULT_VAE
     )
     text = result.output
     assert result.exit_code == 2, text
@@ -184,35 +181,31 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(images, tmp_path):
 
 @pytest.mark.e2e
 def test_cli_encodes(tiny_vae, images, tmp_path):
-    result = CliRunner().invoke(
-        build_app(),
-        [
-            "encode-latents",
-            str(images),
-            str(tmp_path / "out"),
-            "--resolution",
-            "64",
-            "--vae",
-            str(tiny_vae / "vae.safetensors"),
-            "--batch",
-            "4",
-            "--shard-size",
-            "8",
-            "--dtype",
-            "fp16",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-        ],
+    result = invoke(
+        "encode-latents",
+        str(images),
+        str(tmp_path / "out"),
+        "--resolution",
+        "64",
+        "--vae",
+        str(tiny_vae / "vae.safetensors"),
+        "--batch",
+        "4",
+        "--shard-size",
+        "8",
+        "--dtype",
+        "fp16",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
     )
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output
     src = open_source(tmp_path / "out", 64)
     assert len(src) == 6 and src[0][0].shape == (2, 2, 4, 8, 8) and src[0][0].dtype == torch.float16
-    bad = CliRunner().invoke(
-        build_app(),
-        ["encode-latents", str(images), str(tmp_path / "o2"), "--resolution", "60", "--vae", str(tiny_vae / "folder")],
+    bad = invoke(
+        "encode-latents", str(images), str(tmp_path / "o2"), "--resolution", "60", "--vae", str(tiny_vae / "folder")
     )
     assert bad.exit_code == 2 and "multiple of 8" in bad.output
 
@@ -277,27 +270,25 @@ def test_shipped_config_is_sd_vae_ft_ema():
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # 83.7 M (DESIGN §7)
 
 
-def _cli(images, out, vae, *extra):
-    return CliRunner().invoke(
-        build_app(),
-        [
-            "encode-latents",
-            str(images),
-            str(out),
-            "--resolution",
-            str(RES),
-            "--vae",
-            str(vae),
-            "--batch",
-            "2",
-            "--shard-size",
-            "4",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            *extra,
-        ],
+def _encode(images, out, vae, *extra):
+    """`diffit encode-latents` at the tiny test settings (2 images a batch, 4 a shard, on the CPU)."""
+    return invoke(
+        "encode-latents",
+        images,
+        out,
+        "--resolution",
+        RES,
+        "--vae",
+        vae,
+        "--batch",
+        2,
+        "--shard-size",
+        4,
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        *extra,
     )
 
 
@@ -313,7 +304,7 @@ def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
 
     import diffit_cli.encode_latents as E
 
-    assert _cli(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
+    assert _encode(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
     write = E.write_shard
 
     def write_then_signal(*a, **k):
@@ -322,10 +313,10 @@ def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
 
     with monkeypatch.context() as m:
         m.setattr(E, "write_shard", write_then_signal)
-        r = _cli(images, tmp_path / "part", tiny_vae / "folder")
+        r = _encode(images, tmp_path / "part", tiny_vae / "folder")
     assert r.exit_code == code and f"stopped by {sig}" in r.output, r.output
     assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
-    assert _cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
+    assert _encode(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
     assert _bytes(tmp_path / "full") == _bytes(tmp_path / "part")
 
 
@@ -348,11 +339,11 @@ def test_a_full_disk_while_writing_a_shard_keeps_the_previous_one_and_exits_2(ti
     out = tmp_path / "lat"
     with monkeypatch.context() as m:
         m.setattr(F.os, "fsync", full_disk)
-        r = _cli(images, out, tiny_vae / "folder")
+        r = _encode(images, out, tiny_vae / "folder")
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert shard_name(1) in "".join(r.output.split()) and "needed" in flat and "free" in flat and "disk is full" in flat
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, shard_name(0)]  # no temporary file
     before = _bytes(out)
-    assert _cli(images, out, tiny_vae / "folder").exit_code == 0
+    assert _encode(images, out, tiny_vae / "folder").exit_code == 0
     assert _bytes(out)[shard_name(0)] == before[shard_name(0)]

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, fake_latent_shards, tiny_unet, tiny_vit
+from helpers import TINY_UNET, fake_latent_shards, invoke, tiny_unet, tiny_vit
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffit_cli.app import build_app
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
 
@@ -87,8 +85,6 @@ def world(tmp_path_factory):
     vit = build_network(tiny_vit().model)
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, w / "vit.safetensors")
 
-    run = CliRunner().invoke
-    app = build_app()
     for args in (
         ["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--out", str(w / "old.npz")],
         ["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--out", str(w / "old_png")],
@@ -96,7 +92,7 @@ def world(tmp_path_factory):
         ["encode-latents", str(w / "imgs"), str(w / "lat"), *[a.format(w=w) for a in VAE_ARGS]],
         ["train", "--run-dir", str(w / "trained"), *TINY, "--set", "train.total_kimg=0.008"],
     ):
-        r = run(app, args)
+        r = invoke(*args)
         assert r.exit_code == 0, (args, r.output)
     return w
 
@@ -482,7 +478,7 @@ def test_contract(world, monkeypatch, argv, words, fault):
     before = _tree(world)
     if fault:
         _inject(monkeypatch, world, fault)
-    r = CliRunner().invoke(build_app(), [a.format(w=world) for a in argv])
+    r = invoke(*(a.format(w=world) for a in argv))
     out = r.output
     assert r.exit_code == 2, out
     assert "Traceback" not in out and "weights_only" not in out, out

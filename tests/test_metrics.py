@@ -13,11 +13,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import invoke
 from PIL import Image
-from typer.testing import CliRunner
 
 from diffit_cli import metrics as M
-from diffit_cli.app import build_app
 from diffit_cli.errors import DiffitError
 from diffit_cli.fid.metrics import fid_distance
 
@@ -327,13 +326,10 @@ def test_bad_inception_weights_file(data, tmp_path):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def cli(*args):
-    return CliRunner().invoke(build_app(), ["eval-fid", *map(str, args)])
-
-
 def test_cli_prints_a_table_and_writes_json(data, tmp_path):
     out = tmp_path / "res" / "metrics.json"
-    r = cli(
+    r = invoke(
+        "eval-fid",
         data["npz"],
         "--ref",
         data["shift20"],
@@ -358,10 +354,10 @@ def test_cli_prints_a_table_and_writes_json(data, tmp_path):
 
 def test_cli_save_ref_then_evaluate_against_it(data, tmp_path):
     stats = tmp_path / "b.npz"
-    r = cli(data["b"], "--save-ref", stats, "--feature-extractor", EXT)
+    r = invoke("eval-fid", data["b"], "--save-ref", stats, "--feature-extractor", EXT)
     assert r.exit_code == 0, r.output
     assert "Saved statistics of 96 images" in r.output and stats.is_file()
-    r = cli(data["a"], "--ref", stats, "--feature-extractor", EXT, "--json", tmp_path / "r.json")
+    r = invoke("eval-fid", data["a"], "--ref", stats, "--feature-extractor", EXT, "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r.json").read_text())["fid"] == pytest.approx(fid(data["a"], data["b"]), rel=1e-9)
 
@@ -380,7 +376,7 @@ def test_cli_user_errors_exit_2_without_traceback(data, tmp_path):
         ((data["a"], "--ref", data["b"], "--save-ref", tmp_path / "x.npz"), "takes no --ref"),
     ]
     for args, message in cases:
-        r = cli(*args)
+        r = invoke("eval-fid", *args)
         assert r.exit_code == 2, (args, r.output)
         flat = " ".join(r.output.split())
         assert "Error:" in flat and message in flat, flat
@@ -392,9 +388,7 @@ def test_a_non_weights_file_is_named_without_unsafe_advice(data, tmp_path, conte
     """Issue #13: torch's hint to retry with weights_only=False (i.e. to execute a pickle) is never passed on."""
     bad = tmp_path / "inception.pth"
     bad.write_bytes(content)
-    r = CliRunner().invoke(
-        build_app(), ["eval-fid", str(data["a"]), "--ref", str(data["b"]), "--inception-weights", str(bad)]
-    )
+    r = invoke("eval-fid", str(data["a"]), "--ref", str(data["b"]), "--inception-weights", str(bad))
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     flat = "".join(r.output.split())
     assert str(bad) in flat and "statedictoftensors" in flat

@@ -6,10 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, tiny_unet
-from typer.testing import CliRunner
+from helpers import TINY_UNET, invoke, tiny_unet
 
-from diffit_cli.app import build_app
 from diffit_cli.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from diffit_cli.events import Message, Step
 from diffit_cli.training import train
@@ -181,7 +179,7 @@ def test_report_logs_gradient_norm_and_attention_logits(tmp_path):
 def test_cli_on_spike_stop_names_the_checkpoint_and_exits_1(tmp_path, monkeypatch):
     _spike_at(monkeypatch, 0.032)
     args = sum([["--set", s] for s in TINY_UNET + ["train.total_kimg=0.048", "train.on_spike=stop"]], [])
-    r = CliRunner().invoke(build_app(), ["train", "--run-dir", str(tmp_path / "run"), *args])
+    r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 1, r.output
     words = "".join(r.output.split())  # rich wraps long lines, even inside a path
     assert "lossspikeat0.032kimg" in words and checkpoint_name(16) in words and "stopped:" in r.output
