@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_unet
-from typer.testing import CliRunner
+from helpers import invoke, tiny_unet
 
-from diffit_cli.app import build_app
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
@@ -118,7 +116,7 @@ def test_png_folder_resume_skips_done_seeds(unet_ckpt, tmp_path):
 
 
 def test_cli_errors_exit_2(unet_ckpt, tmp_path):
-    run = lambda *a: CliRunner().invoke(build_app(), ["sample", *a])  # noqa: E731
+    run = lambda *a: invoke("sample", *a)  # noqa: E731
     r = run("--ckpt", str(tmp_path / "missing.pt"))
     assert r.exit_code == 2 and "does not exist" in r.output
     r = run("--ckpt", "nvidia/DiffiT:diffit_256.safetensors", "--preset", "imagenet256")
@@ -148,9 +146,7 @@ def test_cli_errors_exit_2(unet_ckpt, tmp_path):
     ],
 )
 def test_bad_enumerated_flags_name_the_valid_values_before_reading_anything(tmp_path, flag, value, valid):
-    r = CliRunner().invoke(
-        build_app(), ["sample", "--ckpt", str(tmp_path / "not-read.pt"), flag, value, "--out", str(tmp_path / "o")]
-    )
+    r = invoke("sample", "--ckpt", str(tmp_path / "not-read.pt"), flag, value, "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "does not exist" not in r.output  # refused before the checkpoint was looked at
     assert all(v in r.output for v in valid) and not (tmp_path / "o").exists()
@@ -161,30 +157,25 @@ def test_cfg_channels_beyond_the_models_channels_is_refused(unet_ckpt, tmp_path,
 
     built = []
     monkeypatch.setattr(sampling, "snapshot_network", lambda *a, **k: built.append(a))
-    r = CliRunner().invoke(
-        build_app(), ["sample", "--ckpt", str(unet_ckpt), "--cfg-channels", "7", "--out", str(tmp_path / "o")]
-    )
+    r = invoke("sample", "--ckpt", str(unet_ckpt), "--cfg-channels", "7", "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "guidance.channels 7" in r.output and "1..3 or all" in r.output, r.output
     assert built == [] and not (tmp_path / "o").exists()  # no network was built
 
 
 @pytest.mark.e2e
 def test_cli_sample_writes_pngs(unet_ckpt, tmp_path):
-    r = CliRunner().invoke(
-        build_app(),
-        [
-            "sample",
-            "--ckpt",
-            str(unet_ckpt),
-            "--seeds",
-            "0-3",
-            "--out",
-            str(tmp_path / "o"),
-            "--steps",
-            "3",
-            "--grid",
-            str(tmp_path / "g.png"),
-        ],
+    r = invoke(
+        "sample",
+        "--ckpt",
+        str(unet_ckpt),
+        "--seeds",
+        "0-3",
+        "--out",
+        str(tmp_path / "o"),
+        "--steps",
+        "3",
+        "--grid",
+        str(tmp_path / "g.png"),
     )
     assert r.exit_code == 0, r.output
     assert all(png_path(tmp_path / "o", s).is_file() for s in range(4)) and (tmp_path / "g.png").is_file()
@@ -238,9 +229,7 @@ def test_another_recipe_is_refused_unless_forced(unet_ckpt, tmp_path, out_name):
     out = tmp_path / out_name
 
     def run(*a):
-        return CliRunner().invoke(
-            build_app(), ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3", "--out", str(out), *a]
-        )
+        return invoke("sample", "--ckpt", str(unet_ckpt), "--seeds", "0-3", "--out", str(out), *a)
 
     assert run("--steps", "3").exit_code == 0
 
@@ -300,7 +289,7 @@ def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
 
     seeds = ["--seeds", "0-9", "--batch", "4", "--ckpt", str(unet_ckpt)]
     straight = tmp_path / "straight" / name
-    assert CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(straight)]).exit_code == 0
+    assert invoke("sample", *seeds, "--out", str(straight)).exit_code == 0
     sink_type = NpzSink if name.endswith(".npz") else PngSink
     write = sink_type.write
 
@@ -311,12 +300,12 @@ def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
     out = tmp_path / "cut" / name
     with monkeypatch.context() as m:
         m.setattr(sink_type, "write", write_then_signal)
-        r = CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(out)])
+        r = invoke("sample", *seeds, "--out", str(out))
     assert r.exit_code == code, r.output
     assert f"stopped by {sig}" in r.output and "rerun the same command" in " ".join(r.output.split())
     assert sig != "SIGINT" or "Ctrl-C again" in " ".join(r.output.split())  # said at once: a batch may take minutes
     assert sink_type(out).done(list(range(10))) == {0, 1, 2, 3}  # the first batch, and nothing more
-    assert CliRunner().invoke(build_app(), ["sample", *seeds, "--out", str(out)]).exit_code == 0
+    assert invoke("sample", *seeds, "--out", str(out)).exit_code == 0
     read = (lambda p: np.load(p)["arr_0"]) if name.endswith(".npz") else (lambda p: _pngs(p, range(10)))
     assert np.array_equal(read(out), read(straight))
 
@@ -368,14 +357,14 @@ def test_a_full_disk_while_writing_an_npz_part_keeps_the_previous_part_and_exits
     out, argv = tmp_path / "s.npz", ["sample", "--ckpt", str(unet_ckpt), "--seeds", "0-7", "--batch", "4"]
     with monkeypatch.context() as m:
         m.setattr(F.os, "fsync", full_disk)
-        r = CliRunner().invoke(build_app(), [*argv, "--out", str(out)])
+        r = invoke(*argv, "--out", str(out))
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert "part-000000004-000000007.npz" in "".join(r.output.split()) and "needed" in flat and "free" in flat
     parts = tmp_path / "s.npz.parts"
     assert [p.name for p in parts.iterdir()] == ["part-000000000-000000003.npz"]  # no temporary file
     first = (parts / "part-000000000-000000003.npz").read_bytes()
-    assert CliRunner().invoke(build_app(), [*argv, "--out", str(out)]).exit_code == 0
+    assert invoke(*argv, "--out", str(out)).exit_code == 0
     with np.load(out) as z:
         assert z["arr_0"].shape[0] == 8
     with np.load(io.BytesIO(first)) as z:

@@ -2,11 +2,9 @@
 
 import numpy as np
 import pytest
-from helpers import TINY_VIT, save_tiny_vae, tiny_vit
+from helpers import TINY_VIT, invoke, save_tiny_vae, tiny_vit
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffit_cli.app import build_app
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.encode_latents import encode_latents
 from diffit_cli.sampling.run import run_sample
@@ -70,9 +68,8 @@ def test_vae_override_and_release_style_file(setup, tmp_path):
     root, vae, preset, _ = setup
     net, _ = load_snapshot(latest_checkpoint(root / "run"))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "release.safetensors")
-    r = CliRunner().invoke(
-        build_app(),
-        ["sample", "--ckpt", str(tmp_path / "release.safetensors"), "--seeds", "0-1", "--out", str(tmp_path / "x")],
+    r = invoke(
+        "sample", "--ckpt", str(tmp_path / "release.safetensors"), "--seeds", "0-1", "--out", str(tmp_path / "x")
     )
     assert r.exit_code == 2 and "--preset" in r.output
     run_sample(
@@ -88,27 +85,23 @@ def test_vae_override_and_release_style_file(setup, tmp_path):
 def test_shards_that_do_not_match_the_preset_are_refused(setup, tmp_path):
     root, vae, _, _ = setup
     args = sum([["--set", s] for s in TINY_VIT + [f"data.vae={vae}"]], [])  # preset at 64², shards at 32²
-    r = CliRunner().invoke(
-        build_app(),
-        ["train", "--preset", "imagenet256", "--data", str(root / "shards"), "--run-dir", str(tmp_path / "r"), *args],
+    r = invoke(
+        "train", "--preset", "imagenet256", "--data", str(root / "shards"), "--run-dir", str(tmp_path / "r"), *args
     )
     assert r.exit_code == 2 and "resolution" in r.output and "Traceback" not in r.output
 
 
 def test_offline_hub_vae_fails_fast(setup, tmp_path):
     root, _, _, _ = setup
-    r = CliRunner().invoke(
-        build_app(),
-        [
-            "sample",
-            "--ckpt",
-            str(latest_checkpoint(root / "run")),
-            "--seeds",
-            "0",
-            "--out",
-            str(tmp_path / "o"),
-            "--vae",
-            "stabilityai/sd-vae-ft-ema",
-        ],
+    r = invoke(
+        "sample",
+        "--ckpt",
+        str(latest_checkpoint(root / "run")),
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+        "--vae",
+        "stabilityai/sd-vae-ft-ema",
     )
     assert r.exit_code == 2 and "sd-vae-ft-ema" in r.output and "Traceback" not in r.output

@@ -1,4 +1,4 @@
-"""Presets (DESIGN §2): the complete recipe of a run, validated by a pydantic schema.
+"""Presets (docs/architecture.md, 'Pipeline'): the complete recipe of a run, validated by a pydantic schema.
 
 - `sections`: the paper's sections (model kinds `unet`/`vit`, EDM/DDPM, data, train, sample, eval);
 - `baselines`: the ablation-only kinds (Table 4 encoder/decoders, Table 5 DDPM++, EDM VP/VE);

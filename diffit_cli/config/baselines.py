@@ -1,5 +1,5 @@
-"""Preset sections of the ablation-only kinds (SPEC §8): the Table 4 encoder/decoder baselines, the Table 5 DDPM++
-network and EDM's VP/VE preconditionings. A study switches `model.kind` / `diffusion.kind` to these."""
+"""Preset sections of the ablation-only kinds (DiffiT Tables 4–5): the Table 4 encoder/decoder baselines, the
+Table 5 DDPM++ network and EDM's VP/VE preconditionings. A study switches `model.kind` / `diffusion.kind` to these."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from diffit_cli.config.sections import Pos, Section, UNetConfig, shrink_transfor
 
 
 class EncDecConfig(UNetConfig):
-    """Table 4 encoder/decoder baselines (SPEC §8; `diffit_cli.core.baselines.EncoderDecoder`).
+    """Table 4 encoder/decoder baselines (DiffiT Table 4; `diffit_cli.core.baselines.EncoderDecoder`).
 
     The U-shaped fields mean what they mean for `unet`, so a study switches `model.kind` between the two.
     `encoder`: vit (ViT-Base-style isotropic encoder, `vit_*`, `patch_size`), multires (conv-downsampled stages

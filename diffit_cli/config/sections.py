@@ -1,5 +1,6 @@
 """The paper's preset sections (pydantic v2, frozen, extra="forbid"): networks, diffusions, data, training,
-sampling and evaluation. Every value that SPEC.md fixes is cited in the shipped YAML files under `presets/`."""
+sampling and evaluation. Every value the paper fixes is cited in the shipped YAML files under `presets/`
+(docs/paper.md, 'Training recipes')."""
 
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------------------------------- model
 class UNetConfig(Section):
-    """Image-space U-shaped DiffiT (SPEC §4); one entry per stage in `channels`/`blocks`/`window_size`."""
+    """Image-space U-shaped DiffiT (docs/paper.md, 'Image-space network').
+
+    One entry per stage in `channels`/`blocks`/`window_size`.
+    """
 
     kind: Literal["unet"]
     img_resolution: Pos
@@ -76,7 +80,7 @@ class UNetConfig(Section):
         max_blocks: int | None = None,
         **_,
     ) -> None:
-        """Shrink a raw `model` section for an ablation budget (SPEC §8): the first `max_stages` stages, widths ÷
+        """Shrink a raw `model` section for a DiffiT ablation's budget: the first `max_stages` stages, widths ÷
         `div` in multiples of the head size, at most `max_blocks` blocks, windows no larger than the maps."""
         stages = len(m["channels"]) if max_stages is None else min(len(m["channels"]), max_stages)
         for key in ("channels", "blocks", "window_size"):
@@ -107,7 +111,7 @@ class UNetConfig(Section):
 
 
 class ViTConfig(Section):
-    """Latent DiffiT ViT (SPEC §5); field names are the release constructor's arguments."""
+    """Latent DiffiT ViT (docs/paper.md, 'Latent network'); field names are the release constructor's arguments."""
 
     kind: Literal["vit"]
     input_size: Pos = 32
@@ -145,7 +149,7 @@ class ViTConfig(Section):
 
 # ------------------------------------------------------------------------------------------------- diffusion
 class EDMConfig(Section):
-    """EDM preconditioning, loss and σ range (Karras et al. 2022; SPEC §6a)."""
+    """EDM preconditioning, loss and σ range (Karras et al. 2022; DiffiT App. I.1)."""
 
     kind: Literal["edm"]
     sigma_data: Annotated[float, Field(gt=0)] = 0.5
@@ -157,7 +161,7 @@ class EDMConfig(Section):
 
 
 class DDPMConfig(Section):
-    """ADM Gaussian diffusion with learned-range variance (SPEC §6b)."""
+    """ADM Gaussian diffusion with learned-range variance (DiffiT App. I.2)."""
 
     kind: Literal["ddpm"]
     num_timesteps: Pos = 1000
