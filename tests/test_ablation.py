@@ -43,7 +43,7 @@ def test_every_study_ships():
 @pytest.mark.parametrize("name", STUDIES)
 def test_study_validates_at_every_budget(name):
     study = A.load_study(name)
-    assert study.source.startswith("SPEC §8")
+    assert study.source.startswith("DiffiT ")
     for budget in ("test", "tiny", "small", "paper"):
         plan = A.plan_study(study, budget)
         assert [v.name for v in plan.variants] == [v.name for v in study.variants]
