@@ -5,7 +5,7 @@ import stat
 
 import pytest
 import torch
-from helpers import TINY_UNET, TINY_VIT, invoke, tiny_unet, tiny_vit
+from helpers import TINY_UNET, TINY_VIT, invoke, set_flags, tiny_unet, tiny_vit
 
 from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
@@ -107,7 +107,6 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
     latest pointer intact, no temporary file left."""
     import errno
 
-
     real_save, calls = torch.save, []
 
     def save(obj, f, *a, **k):
@@ -118,7 +117,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
-    args = sum([["--set", s] for s in TINY_UNET], [])
+    args = set_flags(TINY_UNET)
     r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     flat = " ".join(r.output.split())
@@ -133,9 +132,8 @@ def test_a_new_run_without_room_for_two_checkpoints_is_refused_before_anything_i
     import shutil
     from collections import namedtuple
 
-
     usage = namedtuple("usage", "total used free")
-    args = sum([["--set", s] for s in TINY_UNET], [])
+    args = set_flags(TINY_UNET)
     with monkeypatch.context() as m:
         m.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
         r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)

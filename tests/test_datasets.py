@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, invoke, tiny_unet, tiny_vit
+from helpers import TINY_UNET, invoke, set_flags, tiny_unet, tiny_vit
 from PIL import Image
 
 from diffit_cli.config import load_preset
@@ -84,7 +84,7 @@ def test_cifar10_trains_on_the_torchvision_files_in_the_cache(cache, tmp_path, c
         x, y = src[i]
         assert torch.equal(x, torch.from_numpy(images[i].transpose(2, 0, 1).copy())) and int(y) == labels[i]
 
-    sets = [a for s in TINY_CIFAR for a in ("--set", s)]
+    sets = set_flags(TINY_CIFAR)
     r = invoke("train", "--preset", "cifar10", "--run-dir", str(tmp_path / "run"), *sets)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "checkpoints" / "latest.pt").exists()
@@ -123,7 +123,7 @@ def test_hf_dataset_saved_locally_trains_offline_with_its_labels(tmp_path, cache
     pq = open_source(f"hf:{tmp_path / 'shapes.parquet'}", 16)
     assert torch.equal(pq[5][0], x) and pq.class_names == src.class_names
 
-    sets = [a for s in TINY_UNET + ["model.num_classes=3", "data.use_labels=true"] for a in ("--set", s)]
+    sets = set_flags(TINY_UNET + ["model.num_classes=3", "data.use_labels=true"])
     r = invoke(
         "train", "--preset", "demo", "--data", f"hf:{tmp_path / 'shapes'}", "--run-dir", str(tmp_path / "run"), *sets
     )

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, fake_latent_shards, invoke, tiny_unet, tiny_vit
+from helpers import TINY_UNET, fake_latent_shards, invoke, set_flags, tiny_unet, tiny_vit
 from PIL import Image
 
 from diffit_cli.checkpoint import save_checkpoint
 from diffit_cli.config import dump_preset
 
-TINY = sum([["--set", s] for s in TINY_UNET], [])
+TINY = set_flags(TINY_UNET)
 RANDCONV = ["--feature-extractor", "diffit-randconv-v1"]
 VAE_ARGS = ["--vae", "{w}/vae/folder", "--resolution", "32", "--workers", "0", "--device", "cpu"]
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, invoke, tiny_unet
+from helpers import TINY_UNET, invoke, set_flags, tiny_unet
 
 from diffit_cli.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from diffit_cli.events import Message, Step
@@ -178,7 +178,7 @@ def test_report_logs_gradient_norm_and_attention_logits(tmp_path):
 @pytest.mark.e2e
 def test_cli_on_spike_stop_names_the_checkpoint_and_exits_1(tmp_path, monkeypatch):
     _spike_at(monkeypatch, 0.032)
-    args = sum([["--set", s] for s in TINY_UNET + ["train.total_kimg=0.048", "train.on_spike=stop"]], [])
+    args = set_flags(TINY_UNET + ["train.total_kimg=0.048", "train.on_spike=stop"])
     r = invoke("train", "--run-dir", str(tmp_path / "run"), *args)
     assert r.exit_code == 1, r.output
     words = "".join(r.output.split())  # rich wraps long lines, even inside a path

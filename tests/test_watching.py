@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, invoke, tiny_unet
+from helpers import TINY_UNET, invoke, set_flags, tiny_unet
 from PIL import Image
 
 from diffit_cli import checkpoint as ck
@@ -263,7 +263,7 @@ def test_unknown_or_missing_trackers_are_one_line_errors(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    args = sum([["--set", s] for s in TINY_UNET], [])
+    args = set_flags(TINY_UNET)
     r = invoke("train", "--run-dir", tmp_path / "run", "--log-with", "mlflow", *args)
     assert r.exit_code == 2 and "pip install 'diffit-cli[mlflow]'" in r.output and "Traceback" not in r.output
     r = invoke("train", "--run-dir", tmp_path / "run", "--log-with", "neptune", *args)
@@ -281,7 +281,7 @@ def test_a_tracker_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch):
         raise ValueError("no API key")
 
     monkeypatch.setattr(TensorBoardTracker, "start", refuse)
-    args = sum([["--set", s] for s in TINY_UNET], [])
+    args = set_flags(TINY_UNET)
     r = invoke("train", "--run-dir", tmp_path / "run", "--log-with", "tensorboard", *args)
     assert r.exit_code == 2 and "a tracker did not start: ValueError: no API key" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "run").exists()
@@ -290,7 +290,7 @@ def test_a_tracker_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch):
 def test_fid_along_training_offline_without_inception_weights_stops_before_training(tmp_path):
     """The stand-in extractor is used only when asked for: offline with no Inception weights, a run that measures
     FID with the default extractor stops at once (exit 2, saying where the weights go), nothing written."""
-    args = sum([["--set", s] for s in TINY_UNET + ["eval.every_kimg=0.016"]], [])
+    args = set_flags(TINY_UNET + ["eval.every_kimg=0.016"])
     r = invoke("train", "--run-dir", tmp_path / "run", *args)
     assert r.exit_code == 2 and "Inception" in r.output and "--inception-weights" in r.output
     assert not (tmp_path / "run").exists()
