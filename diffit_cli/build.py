@@ -1,4 +1,5 @@
-"""The one place that turns a preset into a network, a diffusion object and an optimizer (DESIGN §2).
+"""The one place that turns a preset into a network, a diffusion object and an optimizer
+(docs/architecture.md, 'Pipeline').
 
 Each builder receives only its own preset section, so the schema and the constructors stay in step.
 """

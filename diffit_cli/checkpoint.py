@@ -1,10 +1,10 @@
-"""Checkpoints (DESIGN §5): atomic writes, `latest` pointer, keep-last-K, safe loading, release import.
+"""Checkpoints: atomic writes, `latest` pointer, keep-last-K, safe loading, release import.
 
 A training checkpoint is one `torch.save` file holding the raw and EMA weights, the optimizer, the
 counters and the preset (as YAML text), so it is self-describing. It is read with
 `weights_only=True` (no arbitrary pickles). `.safetensors` files are weights only: ours carry the
 preset in their metadata; NVIDIA's released DiffiT files do not, so their architecture comes from
-`--preset`, checked tensor by tensor.
+`--preset`, checked tensor by tensor. The layout: docs/architecture.md, 'Run folder and checkpoint format'.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True) -> tuple[dict, Preset]:
-    """(weights, preset) from a `.pt` checkpoint or a `.safetensors` file, without building a network (DESIGN §3):
+    """(weights, preset) from a `.pt` checkpoint or a `.safetensors` file, without building a network:
     callers check their settings against the preset before any model exists."""
     path = Path(path)
     if not path.is_file():
@@ -225,7 +225,7 @@ def snapshot_network(weights: dict, preset: Preset, source: str, device: torch.d
 def load_snapshot(
     path: Path | str, *, preset: Preset | None = None, ema: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Preset]:
-    """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file (DESIGN §3)."""
+    """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file."""
     weights, preset = read_snapshot(path, preset=preset, ema=ema)
     return snapshot_network(weights, preset, str(path), device), preset
 

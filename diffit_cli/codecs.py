@@ -1,4 +1,4 @@
-"""Codecs (DESIGN §3): a raw source batch → model space (`encode`), model output → uint8 NHWC (`decode`).
+"""Codecs: a raw source batch → model space (`encode`), model output → uint8 NHWC (`decode`).
 
 - `PixelCodec`: uint8 images ⇄ [-1, 1]. Decoding rounds half up, `(x + 1)·127.5 + 0.5` truncated, i.e.
   `clamp(127.5·x + 128, 0, 255)` as DiT's / the DiffiT release's `sample_ddp.py` and EDM write samples.

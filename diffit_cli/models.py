@@ -1,4 +1,5 @@
-"""Public network classes (DESIGN §4): latent DiffiT (release layout, SPEC §5) and image-space DiffiT (SPEC §4)."""
+"""Public network classes: latent DiffiT (release layout) and image-space DiffiT (docs/paper.md, 'Latent network'
+and 'Image-space network')."""
 
 from diffit_cli.core.unet import ImageDiffiT
 from diffit_cli.core.vit import LATENT_SIZES, LatentDiffiT

@@ -1,4 +1,5 @@
-"""Ablation studies (SPEC §8): `study` (schema and loading), `budget`, `plan`, `run`, `attention`, `report`.
+"""Ablation studies (DiffiT Tables 3–8, Figs. 2, 7, 8): `study` (schema and loading), `budget`, `plan`, `run`,
+`attention`, `report`.
 
 Importing this package stays light (no torch) so `diffit ablate --list` starts fast; planning and running
 (`plan_study`, `run_study`, ...) load their machinery on first use.

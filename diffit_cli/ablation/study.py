@@ -1,4 +1,5 @@
-"""Ablation studies (SPEC §8, issue #8): the paper's Tables 3–8 and Figs. 2, 7a, 7b, 8 as resumable experiments.
+"""Ablation studies: the paper's Tables 3–8 and Figs. 2, 7a, 7b, 8 as resumable experiments (docs/paper.md,
+'Ablations').
 
 A study (YAML under `presets/ablations/`, validated by :class:`Study`) names a base preset, its variants (each a
 list of `--set`-style overrides), the metric and the paper's value per variant. :func:`run_study` resolves every
@@ -69,7 +70,7 @@ class Sweep(_Strict):
 class Study(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     title: str
-    source: str  # where the paper values come from (SPEC section, table or figure)
+    source: str  # where the paper values come from (the paper's table or figure)
     description: str = ""
     kind: Literal["train", "sample", "curve", "attention"] = "train"
     base: str  # preset name or path

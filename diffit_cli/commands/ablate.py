@@ -8,7 +8,7 @@ import typer
 
 from diffit_cli.commands._common import RichProgress, SetOpt, console, user_errors
 
-HELP = """Run one of the paper's ablation studies (SPEC §8: Tables 3-8, Figs. 2, 7a, 7b, 8), or list them.
+HELP = """Run one of the paper's ablation studies (DiffiT Tables 3-8, Figs. 2, 7a, 7b, 8), or list them.
 
 Each variant is trained, sampled and scored with the same code as `diffit train/sample/eval-fid`, in its own
 run dir under RUNS_DIR (default runs/ablations/STUDY/BUDGET), and the table, CSV, JSON and plots land there.

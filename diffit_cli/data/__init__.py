@@ -1,4 +1,4 @@
-"""Data (DESIGN §3): sources of training images and latents, and the deterministic, resumable loader.
+"""Data: sources of training images and latents, and the deterministic, resumable loader.
 
 - `images`: reading stored images, shared with FID (one extension list, one hidden-file rule, one `.npz` reader);
 - `sources`: the `Source` interface and the folder / zip / `.npz` sources;

@@ -1,4 +1,4 @@
-"""Data sources (DESIGN §3 Source): the `Source` interface, image folders, zips and `.npz` files.
+"""Data sources (docs/architecture.md, 'Pipeline'): the `Source` interface, image folders, zips and `.npz` files.
 
 Every source is a `torch.utils.data.Dataset` yielding `(x, label)`:
 

@@ -1,7 +1,7 @@
-"""Training (DESIGN §5): `loop` (the `train` loop), `run` (its state and log), `recovery` (checkpoints, resume, free
-space, spike response), `tracking` (experiment trackers), `evaluate` (FID along training), `recipe` (keyed
-randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector) and `lock` (one training
-process per run folder)."""
+"""Training (docs/architecture.md, 'Data flow'): `loop` (the `train` loop), `run` (its state and log), `recovery`
+(checkpoints, resume, free space, spike response), `tracking` (experiment trackers), `evaluate` (FID along
+training), `recipe` (keyed randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector)
+and `lock` (one training process per run folder)."""
 
 from diffit_cli.training.loop import dry_run_summary, train
 from diffit_cli.training.monitor import Spike, SpikeDetector
