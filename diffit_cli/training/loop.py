@@ -2,7 +2,7 @@
 with the gradient norm and the largest attention logit (to log.jsonl, the experiment trackers and curves.png), the
 loss-spike watch (warn, stop or roll back), FID along training (best.pt), and snapshots with a preview grid. One
 loop trains every preset: pixel and latent data differ only in how a raw batch becomes model space
-(`recipe.to_model_space`); the randomness is keyed (see `recipe`). The steps in order: docs/architecture.md, 'Data flow'.
+(`recipe.to_model_space`); the randomness is keyed (see `recipe`). Its steps: docs/architecture.md, 'Data flow'.
 """
 
 from __future__ import annotations
