@@ -267,10 +267,10 @@ def test_shipped_config_is_sd_vae_ft_ema():
     assert cfg["block_out_channels"] == [128, 256, 512, 512] and cfg["latent_channels"] == 4
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(cfg)
-    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # 83.7 M (DESIGN §7)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # 83.7 M: the SD KL-f8 autoencoder
 
 
-def _encode(images, out, vae, *extra):
+def _encode_cli(images, out, vae, *extra):
     """`diffit encode-latents` at the tiny test settings (2 images a batch, 4 a shard, on the CPU)."""
     return invoke(
         "encode-latents",
@@ -304,7 +304,7 @@ def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
 
     import diffit_cli.encode_latents as E
 
-    assert _encode(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
+    assert _encode_cli(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
     write = E.write_shard
 
     def write_then_signal(*a, **k):
@@ -313,10 +313,10 @@ def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
 
     with monkeypatch.context() as m:
         m.setattr(E, "write_shard", write_then_signal)
-        r = _encode(images, tmp_path / "part", tiny_vae / "folder")
+        r = _encode_cli(images, tmp_path / "part", tiny_vae / "folder")
     assert r.exit_code == code and f"stopped by {sig}" in r.output, r.output
     assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
-    assert _encode(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
+    assert _encode_cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
     assert _bytes(tmp_path / "full") == _bytes(tmp_path / "part")
 
 
@@ -339,11 +339,11 @@ def test_a_full_disk_while_writing_a_shard_keeps_the_previous_one_and_exits_2(ti
     out = tmp_path / "lat"
     with monkeypatch.context() as m:
         m.setattr(F.os, "fsync", full_disk)
-        r = _encode(images, out, tiny_vae / "folder")
+        r = _encode_cli(images, out, tiny_vae / "folder")
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert shard_name(1) in "".join(r.output.split()) and "needed" in flat and "free" in flat and "disk is full" in flat
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, shard_name(0)]  # no temporary file
     before = _bytes(out)
-    assert _encode(images, out, tiny_vae / "folder").exit_code == 0
+    assert _encode_cli(images, out, tiny_vae / "folder").exit_code == 0
     assert _bytes(out)[shard_name(0)] == before[shard_name(0)]
