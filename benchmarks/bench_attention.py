@@ -3,7 +3,7 @@
 
 On CUDA each variant runs forward + backward (input and bias-table gradients) in bf16; on CPU forward only, in
 fp32 (PyTorch has no CPU backward for flex_attention, and uncompiled flex on CPU is a reference loop, so the CPU
-figures only show that the path runs). The faster backend on the GPU should be the default (`model.attention_kernel`).
+figures only show that the path runs). The faster kernel on the GPU should be the default (`model.attention_kernel`).
 
     python benchmarks/bench_attention.py [--quick] [--device cpu|cuda]
 """
@@ -68,8 +68,8 @@ def main() -> None:
         attn = TMSA(width, heads, width, window).to(device)
         x, x_t = torch.randn(batch, side * side, width, device=device), torch.randn(batch, width, device=device)
         times = {}
-        for label, sdpa, backend in (("sdpa", True, "sdpa"), ("flex", True, "flex"), ("plain", False, "sdpa")):
-            attn.use_sdpa, attn.backend = sdpa, backend
+        for label, kernel in (("sdpa", "sdpa"), ("flex", "flex"), ("plain", "reference")):
+            attn.kernel = kernel
             times[label] = time_variant(attn, x, x_t, (side, side), train, dtype, steps)
         print(
             f"{name:32} {times['sdpa'] * 1e3:>9.2f} {times['flex'] * 1e3:>9.2f} {times['plain'] * 1e3:>9.2f} "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from flops import datasheet_peak, gemm_rate, largest_batch, sync, train_flops
 
 from diffit_cli.build import count_parameters
-from diffit_cli.core.layers import TMSA
+from diffit_cli.core.layers import set_attention_kernel
 from diffit_cli.models import LATENT_SIZES, ImageDiffiT, LatentDiffiT
 from diffit_cli.training.loop import CPU_BF16_VARIABLE, native_cpu_bf16
 
@@ -32,12 +32,6 @@ CIFAR10 = dict(img_resolution=32, channels=(128, 256, 256), blocks=(2, 2, 2), wi
 FFHQ64 = dict(
     img_resolution=64, channels=(128, 256, 256, 256), blocks=(1, 2, 2, 2), window_size=8, head_dim=32, time_dim=512
 )
-
-
-def set_sdpa(model: torch.nn.Module, on: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, TMSA):
-            m.use_sdpa = on
 
 
 class PeakMemory:
@@ -127,7 +121,7 @@ def run_case(name, device, steps, rates):
     peak = {v: 0.0 for v in variants}
     for i in range(steps + 1):  # round 0 is warm-up
         for v in variants:
-            set_sdpa(model, v[1])
+            set_attention_kernel(model, "sdpa" if v[1] else "reference")
             sync(device)
             with PeakMemory(device) as mem:
                 start = time.perf_counter()

@@ -31,7 +31,7 @@ from diffit_cli.config import load_preset
 from diffit_cli.core.layers import TMSA
 from diffit_cli.core.unet import ResBlock
 from diffit_cli.data import make_loader, open_source
-from diffit_cli.training.recipe import keyed_seed, learning_rate, to_model_space
+from diffit_cli.training.recipe import batch_to_x0, keyed_seed, learning_rate
 
 
 def stage_of(name: str) -> str:
@@ -115,7 +115,7 @@ def main() -> None:
             noise_gen.manual_seed(keyed_seed(tc.seed, step, 1 << 20))
             for g in opt.param_groups:
                 g["lr"] = learning_rate(tc, nimg)
-            x0, y = to_model_space(next(batches), preset, codec, torch.device("cpu"))
+            x0, y = batch_to_x0(next(batches), preset, codec, torch.device("cpu"))
             aug = x0.new_zeros(x0.shape[0], preset.model.augment_dim) if preset.model.augment_dim else None
             draws = diffusion.training_noise(tc.batch, tuple(x0.shape[1:]), noise_gen)
             stats: dict = defaultdict(lambda: defaultdict(list))

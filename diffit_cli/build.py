@@ -15,7 +15,7 @@ from diffit_cli.core.baselines import EncoderDecoder
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.ddpmpp import DDPMpp
 from diffit_cli.core.edm import EDM
-from diffit_cli.core.layers import set_attention_backend
+from diffit_cli.core.layers import set_attention_kernel
 from diffit_cli.core.precond import VEPrecond, VPPrecond
 from diffit_cli.core.unet import ImageDiffiT
 from diffit_cli.core.vit import LatentDiffiT
@@ -34,7 +34,7 @@ def build_network(cfg: ModelConfig, device: torch.device | str | None = None) ->
         net = DDPMpp(**kwargs)
     else:
         raise TypeError(f"unknown model kind {cfg.kind!r}")
-    set_attention_backend(net, getattr(cfg, "attention_kernel", "sdpa"))
+    set_attention_kernel(net, getattr(cfg, "attention_kernel", "sdpa"))
     return net if device is None else net.to(device)
 
 
@@ -120,10 +120,12 @@ def _first_cause(e: BaseException) -> str:
 
 
 def count_parameters(net: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of a built network."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable_only)
 
 
-def parameter_count(cfg: ModelConfig) -> int:
-    """Parameters of a preset's network, counted on the meta device (no memory, instant even for XL/2)."""
+def count_config_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the network a model section (`preset.model`) describes, built on the meta device to count
+    them (no memory, instant even for XL/2)."""
     with torch.device("meta"):
         return count_parameters(build_network(cfg))

@@ -32,6 +32,11 @@ class CheckpointError(DiffitError):
     """A missing, corrupt or mismatching checkpoint."""
 
 
+class NoPresetError(CheckpointError):
+    """A weight file that carries no preset (NVIDIA's release `.safetensors`) read without one: the architecture
+    must come from a preset the caller names."""
+
+
 def checkpoint_name(nimg: int) -> str:
     return f"ckpt-{nimg / 1000:012.3f}.pt"  # ckpt-<kimg>.pt, sortable
 
@@ -147,12 +152,13 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def file_sha256(path: Path | str, limit: int | None = None) -> str:
+def file_sha256(path: Path | str, digits: int | None = None) -> str:
+    """SHA-256 of the whole file in hex, shortened to its first `digits` hex digits when given."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:limit]
+    return h.hexdigest()[:digits]
 
 
 def check_state_dict(net: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -203,7 +209,7 @@ def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool =
         if "preset" in meta:
             preset = preset if preset is not None else preset_from_yaml(meta["preset"], str(path))
         elif preset is None:
-            raise CheckpointError(
+            raise NoPresetError(
                 f"{str(path)!r} carries no preset (a released weight file?); pass --preset, e.g. --preset imagenet256"
             )
     else:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from diffit_cli.data import DEFAULT_LATENT_SCALE, sample_latent, to_model_space
+from diffit_cli.data import DEFAULT_LATENT_SCALE, normalize_pixels, sample_latent
 from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
 
@@ -59,7 +59,7 @@ class PixelCodec:
     def encode(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.device is not None:
             batch = batch.to(self.device, non_blocking=True)
-        return to_model_space(batch)
+        return normalize_pixels(batch)
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         """Model-space images → uint8 NHWC NumPy array on the CPU (what the PNG/NPZ writers take)."""
@@ -219,7 +219,7 @@ class VAECodec:
     def encode_stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (or [-1, 1] float) images (B, 3, H, W) → posterior mean and std (B, C, H/8, W/8), float32."""
         x = images.to(self.device, non_blocking=True)
-        x = to_model_space(x) if x.dtype == torch.uint8 else x.to(torch.float32)
+        x = normalize_pixels(x) if x.dtype == torch.uint8 else x.to(torch.float32)
         with self._autocast():
             dist = self.vae.encode(x).latent_dist
         return dist.mean.to(torch.float32), dist.std.to(torch.float32)

@@ -14,7 +14,7 @@ from helpers import invoke
 from PIL import Image
 
 from diffit_cli import ablation as A
-from diffit_cli.build import build_diffusion, build_network, parameter_count
+from diffit_cli.build import build_diffusion, build_network, count_config_parameters
 from diffit_cli.config import load_preset
 from diffit_cli.events import Start
 from diffit_cli.metrics import INCEPTION, TEST_EXTRACTOR
@@ -140,9 +140,9 @@ def test_study_errors_name_the_fix(tmp_path):
 def test_table4_networks_and_diffit_equivalence():
     cifar = load_preset("cifar10")
     e = load_preset("cifar10", ["model.kind=encdec", "model.encoder=diffit", "model.decoder=diffit"])
-    assert parameter_count(e.model) == parameter_count(cifar.model)  # E built as an encdec is DiffiT itself
+    assert count_config_parameters(e.model) == count_config_parameters(cifar.model)  # E built as an encdec is DiffiT itself
     a = load_preset("cifar10", ["model.kind=encdec", "model.encoder=vit", "model.decoder=setr-mla"])
-    assert 80e6 < parameter_count(a.model) < 120e6  # ViT-Base (86M) + SETR-MLA
+    assert 80e6 < count_config_parameters(a.model) < 120e6  # ViT-Base (86M) + SETR-MLA
     with pytest.raises(Exception, match="setr-mla"):
         load_preset("cifar10", ["model.kind=encdec", "model.encoder=vit", "model.decoder=multires"])
     tiny = [
@@ -172,11 +172,11 @@ def test_table4_networks_and_diffit_equivalence():
 
 def test_ddpmpp_and_vp_ve_preconditioning():
     p = load_preset("cifar10", ["model={kind: ddpmpp, img_resolution: 32}", "diffusion={kind: edm-vp}"])
-    assert 55e6 < parameter_count(p.model) < 57e6  # EDM's DDPM++ CIFAR-10 network: 55.7M
+    assert 55e6 < count_config_parameters(p.model) < 57e6  # EDM's DDPM++ CIFAR-10 network: 55.7M
     t = load_preset(
         "cifar10", ["model={kind: ddpmpp, img_resolution: 32, attention: tmsa}", "diffusion={kind: edm-ve}"]
     )
-    assert parameter_count(t.model) > parameter_count(p.model)
+    assert count_config_parameters(t.model) > count_config_parameters(p.model)
     vp = build_diffusion(p.diffusion, p.model)
     ve = build_diffusion(t.diffusion, t.model)
     tt = torch.tensor([1e-5, 0.3, 1.0], dtype=torch.float64)

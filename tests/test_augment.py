@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffit_cli.augment import AugmentPipe, _resample, _rotate
-from diffit_cli.data import SyntheticShapes, to_model_space
+from diffit_cli.data import SyntheticShapes, normalize_pixels
 
 ONLY_FLIPS = dict(scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 
@@ -15,7 +15,7 @@ ONLY_FLIPS = dict(scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 @pytest.fixture(scope="module")
 def images():
     src = SyntheticShapes(32, size=16)
-    return to_model_space(torch.stack([src[i][0] for i in range(16)]))
+    return normalize_pixels(torch.stack([src[i][0] for i in range(16)]))
 
 
 def test_p0_is_the_identity_with_zero_labels(images):

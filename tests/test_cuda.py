@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, sdpa: bool, dtype, backend="sdpa"):
-    attn.use_sdpa, attn.backend = sdpa, backend
+def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, kernel: str, dtype):
+    attn.kernel = kernel
     attn.zero_grad()
     x = x.clone().requires_grad_()
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
@@ -31,17 +31,17 @@ def _tmsa_out_and_grads(attn: TMSA, x, x_t, hw, sdpa: bool, dtype, backend="sdpa
     return out.float(), x.grad.float(), attn.relative_position_bias_table.grad.float().clone()
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("window,grid", [(4, 8), (8, 8)], ids=["windowed", "global"])
-def test_fused_attention_matches_the_reference_with_bias_gradient(dtype, window, grid, backend):
+def test_fused_attention_matches_the_reference_with_bias_gradient(dtype, window, grid, kernel):
     torch.manual_seed(0)
     attn = TMSA(64, 4, 32, window).to(CUDA)
     with torch.no_grad():
         attn.relative_position_bias_table.normal_(0, 1.0)  # a bias that matters
     x, x_t = torch.randn(3, grid * grid, 64, device=CUDA), torch.randn(3, 32, device=CUDA)
-    ref = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), False, torch.float32)
-    got = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), True, dtype, backend)
+    ref = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), "reference", torch.float32)
+    got = _tmsa_out_and_grads(attn, x, x_t, (grid, grid), kernel, dtype)
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     for a, b, name in zip(got, ref, ("output", "input grad", "bias-table grad")):
         err = ((a - b).norm() / b.norm()).item()

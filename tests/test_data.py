@@ -24,10 +24,10 @@ from diffit_cli.data import (
     SyntheticShapes,
     center_crop_arr,
     make_loader,
+    normalize_pixels,
     open_source,
     sample_latent,
     shard_name,
-    to_model_space,
     write_manifest,
     write_shard,
 )
@@ -181,7 +181,7 @@ def test_center_crop_and_resize_follow_adm(tmp_path):
     assert center_crop_arr(big, 64).shape == (64, 64, 3)
     up = open_source(make_npz(tmp_path / "s.npz", res=8), 32)[0][0]
     assert up.shape == (3, 32, 32)
-    assert to_model_space(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    assert normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 
 def test_corrupt_image_names_the_file(tmp_path):

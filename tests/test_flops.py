@@ -36,7 +36,7 @@ def _counted(net, backward: bool) -> int:
     """FlopCounterMode's total for one image batch (plain attention path, so its matmuls are visible)."""
     for m in net.modules():
         if isinstance(m, TMSA):
-            m.use_sdpa = False
+            m.kernel = "reference"
     c = 4 if isinstance(net, LatentDiffiT) else 3
     res = net.input_size if isinstance(net, LatentDiffiT) else net.img_resolution
     x, t, y = torch.randn(2, c, res, res), torch.rand(2), torch.tensor([0, 2])

@@ -1,4 +1,4 @@
-"""Tests for diffit_cli.core.layers: embeddings, relative position bias, windows, TMSA (SPEC §2–§3)."""
+"""Tests for diffit_cli.core.layers: embeddings, relative position bias, windows, TMSA (DiffiT Eq. 3–8)."""
 
 import math
 
@@ -22,7 +22,7 @@ from diffit_cli.core.layers import (
 def set_plain(module, plain=True):
     for m in module.modules():
         if isinstance(m, TMSA):
-            m.use_sdpa = not plain
+            m.kernel = "reference" if plain else "sdpa"
 
 
 def test_timestep_embedding_cos_then_sin():
@@ -84,7 +84,7 @@ def test_window_partition_merge_identity():
 
 
 def reference_tmsa(attn: TMSA, x, x_t, w):
-    """SPEC §2 written out: per-head softmax(q kᵀ/√d + B) v with B looked up pair by pair."""
+    """DiffiT Eq. 6 written out: per-head softmax(q kᵀ/√d + B) v with B looked up pair by pair."""
     B, N, C = x.shape
     h, d = attn.num_heads, attn.head_dim
     qkv = x @ attn.qkv.weight.T + attn.qkv.bias + (x_t @ attn.qkv_temb.weight.T + attn.qkv_temb.bias)[:, None]
@@ -135,7 +135,7 @@ def test_sdpa_equals_plain_path(mode):
 
 
 def test_store_attn_and_key_time_projection_cancels():
-    """SPEC §2 [Calc]: x_t·W_kt shifts every logit of a query equally, so softmax ignores it."""
+    """docs/paper.md, 'TMSA': x_t·W_kt shifts every logit of a query equally, so softmax ignores it."""
     torch.manual_seed(0)
     C = 16
     attn = TMSA(C, 2, 12, window_size=4)

@@ -39,12 +39,12 @@ def _fit_fixed_batch(preset, x0, y=None, steps=25):
 
 
 def test_demo_preset_learns_a_fixed_batch():
-    from diffit_cli.data import SyntheticShapes, to_model_space
+    from diffit_cli.data import SyntheticShapes, normalize_pixels
 
     p = load_preset("demo")
     assert p.model.num_classes == 8 and p.data.synthetic == "simple"
     src = SyntheticShapes(p.data.resolution, style=p.data.synthetic)
-    x0 = to_model_space(torch.stack([src[i][0] for i in range(8)]))
+    x0 = normalize_pixels(torch.stack([src[i][0] for i in range(8)]))
     _fit_fixed_batch(p, x0, y=torch.stack([src[i][1] for i in range(8)]))
 
 

@@ -11,7 +11,7 @@ from diffit_cli.ablation.study import CHANGE_FLOOR, StudyError
 from diffit_cli.config import Preset
 from diffit_cli.core.edm import EDM
 from diffit_cli.core.layers import TMSA
-from diffit_cli.data import open_source, to_model_space
+from diffit_cli.data import normalize_pixels, open_source
 from diffit_cli.plots import colormap
 from diffit_cli.sampling.sinks import save_png
 
@@ -32,7 +32,7 @@ def attention_maps(net, diffusion, preset: Preset, sigmas: list[float], layer: i
     hw: dict = {}
     hook = attn.register_forward_pre_hook(lambda mod, args: hw.update(hw=args[2] if len(args) > 2 else None))
     src = open_source(preset.data)
-    x0 = to_model_space(src[seed][0][None])  # (1, C, H, W)
+    x0 = normalize_pixels(src[seed][0][None])  # (1, C, H, W)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     sigmas = sorted(float(s) for s in sigmas)
     ref = sigmas[(len(sigmas) - 1) // 2]

@@ -21,7 +21,7 @@ from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
 from diffit_cli.ablation.report import collect_rows, paper_difference, write_results
 from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
-from diffit_cli.build import build_diffusion, parameter_count
+from diffit_cli.build import build_diffusion, count_config_parameters
 from diffit_cli.checkpoint import CheckpointError, latest_checkpoint, load_snapshot
 from diffit_cli.config import (
     Preset,
@@ -159,7 +159,7 @@ class _Runner:
     def record(self, variant: Variant, preset: Preset, payload: dict, started: float) -> dict:
         """Write the variant's result.json (atomically, last: its existence means finished)."""
 
-        params = parameter_count(preset.model)
+        params = count_config_parameters(preset.model)
         value, paper = payload.get("value"), variant.paper
         res = {
             "study": self.study.name,

@@ -17,7 +17,9 @@ from torch.nn.attention.flex_attention import flex_attention
 # Where the time token enters a block (DiffiT Tables 6–7, Fig. 7b); "tmsa" is the paper's model.
 TIME_MODES = ("tmsa", "bias", "mlp", "adaln", "separate")
 TIME_EMBEDDINGS = ("positional", "fourier")
-ATTENTION_BACKENDS = ("sdpa", "flex")  # TMSA kernels (TMSA.backend); benchmarks/bench_attention.py compares them
+# TMSA kernels (TMSA.kernel): SDPA with the bias as attn_mask, flex_attention with the bias as a score_mod, and the
+# plain reference path (explicit softmax); benchmarks/bench_attention.py compares them
+ATTENTION_KERNELS = ("sdpa", "flex", "reference")
 
 
 def check_time_mode(time_mode: str) -> str:
@@ -196,13 +198,19 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
     return (flex_attention if eager else _compiled_flex())(q, k, v, score_mod=score_mod)
 
 
-def set_attention_backend(net: nn.Module, backend: str) -> None:
-    """Select the kernel of every TMSA in `net`: "sdpa" (bias as attn_mask) or "flex" (bias as score_mod)."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+def check_attention_kernel(kernel: str) -> str:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def set_attention_kernel(net: nn.Module, kernel: str) -> None:
+    """Select the kernel of every TMSA in `net`: "sdpa" (bias as attn_mask), "flex" (bias as score_mod) or
+    "reference" (explicit softmax)."""
+    check_attention_kernel(kernel)
     for m in net.modules():
         if isinstance(m, TMSA):
-            m.backend = backend
+            m.kernel = kernel
 
 
 class TMSA(nn.Module):
@@ -211,13 +219,21 @@ class TMSA(nn.Module):
     q,k,v = qkv(x_s) + qkv_temb(x_t);  Attention = Softmax(q·kᵀ/√d + B)·v;  then `proj`.
     Global when `window_size` equals the token grid (latent model), else non-overlapping w×w windows.
     `time_mode` selects the ablations: "bias" (time only in the bias, Table 6 F), "separate" (time token as
-    an extra key/value token, Table 7), "mlp"/"adaln" (no time input here). `backend` picks the fused kernel
-    ("sdpa" or "flex", `set_attention_backend`); set `use_sdpa = False` for the plain reference path;
-    `store_attn = True` keeps the last softmax weights in `last_attn` (B·nW, heads, N, N[+1]).
+    an extra key/value token, Table 7), "mlp"/"adaln" (no time input here). `kernel` (`ATTENTION_KERNELS`,
+    `set_attention_kernel` for a whole network) picks "sdpa", "flex" or the plain "reference" path; it holds no
+    weights, so the state-dict layout is the same for every kernel. `store_attn = True` keeps the last softmax
+    weights in `last_attn` (B·nW, heads, N, N[+1]).
     """
 
     def __init__(
-        self, dim: int, num_heads: int, time_dim: int, window_size: int, time_mode: str = "tmsa", qkv_bias: bool = True
+        self,
+        dim: int,
+        num_heads: int,
+        time_dim: int,
+        window_size: int,
+        time_mode: str = "tmsa",
+        qkv_bias: bool = True,
+        kernel: str = "sdpa",
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -237,8 +253,7 @@ class TMSA(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size))
-        self.use_sdpa = True
-        self.backend = "sdpa"
+        self.kernel = check_attention_kernel(kernel)
         self.store_attn = False
         self.last_attn: torch.Tensor | None = None
 
@@ -254,15 +269,15 @@ class TMSA(nn.Module):
         return table[:, :, self.relative_position_index.view(-1)].view(x_t.shape[0], self.num_heads, n, n)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Softmax(q·kᵀ·scale + bias)·v: (B', heads, N, d). Fast path (use_sdpa: SDPA or flex) or the plain
-        reference path."""
+        """Softmax(q·kᵀ·scale + bias)·v: (B', heads, N, d) with `self.kernel` (the reference path also when the
+        weights are stored)."""
         bias = bias.to(q.dtype)
-        if self.store_attn or not self.use_sdpa:
+        if self.store_attn or self.kernel == "reference":
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B', heads, N, N')
             if self.store_attn:
                 self.last_attn = attn.detach()
             return attn @ v
-        if self.backend == "flex":
+        if self.kernel == "flex":
             return flex_attend(q, k, v, bias)
         if _fused_attention_pays(q, bias):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if bias.dim() == 4 else bias.unsqueeze(0))

@@ -15,10 +15,10 @@ from diffit_cli.data.images import (
     center_crop_arr,
     folder_image_names,
     is_image_name,
+    normalize_pixels,
     npz_batches,
     npz_header,
     npz_member,
-    to_model_space,
     zip_image_names,
 )
 from diffit_cli.data.latents import (
@@ -54,7 +54,7 @@ __all__ = [
     "npz_batches",
     "npz_header",
     "npz_member",
-    "to_model_space",
+    "normalize_pixels",
     "zip_image_names",
     "DEFAULT_LATENT_SCALE",
     "LATENT_FORMAT",

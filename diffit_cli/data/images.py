@@ -1,4 +1,4 @@
-"""Reading stored images, shared by training (`sources`) and FID (`diffit_cli.metrics`): one extension list, one
+"""Reading stored images, shared by training (`sources`) and FID (`diffit_cli.fid`): one extension list, one
 hidden-file rule, one listing of folders and zips, one `.npz` reader (random access or streamed), ADM's crop.
 
 A file is an image when its extension is in IMAGE_EXTENSIONS and no part of its path (below the folder, or inside
@@ -61,7 +61,7 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
-def to_model_space(images: torch.Tensor) -> torch.Tensor:
+def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 batch (any layout) → float32 in [-1, 1]."""
     return images.to(torch.float32) / 127.5 - 1.0
 

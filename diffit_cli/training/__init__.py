@@ -9,10 +9,10 @@ from diffit_cli.training.recipe import (
     RESUMABLE_KEYS,
     TrainError,
     TrainState,
+    batch_to_x0,
     enable_activation_checkpointing,
     keyed_seed,
     learning_rate,
-    to_model_space,
 )
 from diffit_cli.training.tracking import TRACKERS, TrackerSpec
 
@@ -27,7 +27,7 @@ __all__ = [
     "enable_activation_checkpointing",
     "keyed_seed",
     "learning_rate",
-    "to_model_space",
+    "batch_to_x0",
     "TRACKERS",
     "TrackerSpec",
 ]

@@ -2,7 +2,7 @@
 with the gradient norm and the largest attention logit (to log.jsonl, the experiment trackers and curves.png), the
 loss-spike watch (warn, stop or roll back), FID along training (best.pt), and snapshots with a preview grid. One
 loop trains every preset: pixel and latent data differ only in how a raw batch becomes model space
-(`recipe.to_model_space`); the randomness is keyed (see `recipe`). Its steps: docs/architecture.md, 'Data flow'.
+(`recipe.batch_to_x0`); the randomness is keyed (see `recipe`). Its steps: docs/architecture.md, 'Data flow'.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from diffit_cli.build import (
     build_network,
     build_optimizer,
     compile_blocks,
+    count_config_parameters,
     count_parameters,
-    parameter_count,
     want_compile,
 )
 from diffit_cli.checkpoint import latest_checkpoint
@@ -41,13 +41,13 @@ from diffit_cli.training.recipe import (
     Ema,
     TrainError,
     TrainState,
+    batch_to_x0,
     edm_ema_beta,
     enable_activation_checkpointing,
     keyed_seed,
     learning_rate,
     split_batch,
     step_unless,
-    to_model_space,
 )
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
@@ -315,7 +315,7 @@ def _step(run: Run) -> torch.Tensor:
         t_wait = time.perf_counter()
         raw_batch = next(run.batches)
         state.data_s += time.perf_counter() - t_wait
-        x0, y = to_model_space(raw_batch, run.preset, run.codec, acc.device)
+        x0, y = batch_to_x0(raw_batch, run.preset, run.codec, acc.device)
         aug = None
         if run.augment is not None:
             x0, aug = run.augment(x0)
@@ -434,7 +434,7 @@ def dry_run_summary(preset: Preset) -> dict:
     """What `diffit train --dry-run` prints: the resolved preset and the network's parameter count."""
     return {
         "preset": dump_preset(preset),
-        "parameters": parameter_count(preset.model),
+        "parameters": count_config_parameters(preset.model),
         "images_per_step": preset.train.batch,
         "steps": math.ceil(preset.train.total_kimg * 1000 / preset.train.batch),
     }

@@ -142,7 +142,7 @@ def step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
         opt.step()
 
 
-def to_model_space(batch, preset: Preset, codec, device: torch.device):
+def batch_to_x0(batch, preset: Preset, codec, device: torch.device):
     """Raw loader batch (uint8 images, or latent stats from shards) → (x0 in model space, labels or None)."""
     x, y = batch
     x = x.to(device, non_blocking=True)
