@@ -1,5 +1,8 @@
-"""scripts/slurm: SLURM's warning before a time limit (USR1 to the batch shell) stops the job step cleanly and
-requeues the job (`preemptible.sh`, run with a fake `scontrol` and a fake step)."""
+"""Preemption and interruption: a signal (SIGTERM from a scheduler, SLURM's SIGUSR1 warning, Ctrl-C's SIGINT) stops
+each command after the unit of work in hand (a training step, a sampled batch, an encoded shard, an ablation variant)
+with exit 3 (130 for Ctrl-C), and the same command rerun finishes the job as if never stopped; under torchrun the
+processes agree on the step to stop after; data workers ignore the signal; scripts/slurm's `preemptible.sh` turns
+SLURM's warning into a clean stop and a requeue (run with a fake `scontrol` and a fake step)."""
 
 import os
 import signal
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+# ------------------------------------------------------------------------------------------------------- scripts/slurm
 SLURM = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
 
 # the job step: records the signal it gets, then exits like diffit (3) or like a launcher around it (1)
