@@ -73,7 +73,7 @@ def test_power_cosine_values():
     s = power_cosine_scale(w, t, 1000, 4.0)
     assert s[0].item() == pytest.approx(1.0, abs=1e-6) and s[-1].item() == pytest.approx(w, abs=1e-6)
     assert s[1].item() == pytest.approx(1.0, abs=1e-6)
-    for got, want in zip(s[2:6].tolist(), [1.03, 1.46, 2.22, 3.50]):  # SPEC §5
+    for got, want in zip(s[2:6].tolist(), [1.03, 1.46, 2.22, 3.50]):  # docs/paper.md, 'Guidance'
         assert got == pytest.approx(want, abs=0.006)
     assert all(a <= b for a, b in zip(s.tolist(), s[1:].tolist()))  # grows as t → 0
     # applied per row through the network wrapper (t is the original index the network sees)

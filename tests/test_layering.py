@@ -1,4 +1,5 @@
-"""DESIGN §1: imports point down only (commands → pipeline → core), no import circles, no hidden imports."""
+"""Imports point down only (commands → pipeline → core), no import circles, no hidden imports
+(docs/architecture.md, 'Layers')."""
 
 import ast
 from pathlib import Path
