@@ -9,6 +9,7 @@ import yaml
 from diffit_cli.config import (
     PresetError,
     available_presets,
+    check_sample_values,
     diff_presets,
     dump_preset,
     load_preset,
@@ -93,11 +94,11 @@ def test_override_applies_before_validation():
     "override, named",
     [
         (["model.chanels=[1]"], ["model.chanels", "did you mean 'channels'"]),
-        (["train.lr=fast"], ["train.lr", "valid number"]),
+        (["train.lr=fast"], ["train.lr = 'fast'", "expected a number > 0"]),
         (["trian.lr=1"], ["trian", "unknown key"]),
-        (["diffusion.kind=vp"], ["diffusion", "kind must be one of"]),
+        (["diffusion.kind=vp"], ["diffusion.kind = 'vp'", "choose edm, ddpm, edm-vp or edm-ve"]),
         (["model.window_size=[3, 3, 3]"], ["window size 3"]),
-        (["train.augment_p=1.5"], ["train.augment_p", "less than or equal to 1"]),
+        (["train.augment_p=1.5"], ["train.augment_p = 1.5", "≤ 1"]),
         (["sample.guidance.scale=2"], ["class-conditional"]),
         (["sample.sampler=ddpm"], ["diffusion.kind ddpm"]),
         (
@@ -136,6 +137,81 @@ def test_missing_file_and_bad_yaml(tmp_path):
     listy.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(PresetError, match="mapping"):
         load_preset(listy)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [  # Literal choices, int | Literal unions, bool | Literal, booleans, bounds, optional bounds, list items
+        ("sample.guidance.channels=nope", ["sample.guidance.channels = 'nope'", "an integer ≥ 1 or all"]),
+        ("sample.guidance.channels=0", ["sample.guidance.channels = 0", "an integer ≥ 1 or all"]),
+        ("sample.sampler=foo", ["sample.sampler = 'foo'", "choose heun, euler, ddpm, ddim or dpmpp-2m"]),
+        ("train.compile=maybe", ["train.compile = 'maybe'", "choose true, false or auto"]),
+        ("data.use_labels=maybe", ["data.use_labels = 'maybe'", "choose true or false"]),
+        ("train.on_spike=explode", ["train.on_spike = 'explode'", "choose warn, stop or rollback"]),
+        ("train.batch=abc", ["train.batch = 'abc'", "an integer ≥ 1"]),
+        ("train.lr=-1", ["train.lr = -1", "a number > 0"]),
+        ("model.dropout=1", ["model.dropout = 1", "a number ≥ 0 and < 1"]),
+        ("train.ema_decay=2", ["train.ema_decay = 2", "a number > 0 and < 1 or null"]),
+        ("eval.metrics=[fid, foo]", ["eval.metrics[1] = 'foo'", "choose fid, is, kid or pr"]),
+        ("train.betas=[0.9]", ["train.betas = [0.9]", "a list of 2 items, each a number"]),
+        ("model.kind=foo", ["model.kind = 'foo'", "choose unet, vit, encdec or ddpmpp"]),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_key_value_and_choices(override, named):
+    """pydantic's own text (`constrained-int`, `literal['all']`, one line per union branch) never reaches the user:
+    one line with the key, the value given and what the field accepts."""
+    with pytest.raises(PresetError) as e:
+        load_preset("demo", [override])
+    message = str(e.value)
+    assert "\n" not in message, message
+    for text in named:
+        assert text in message, message
+    for internal in ("constrained-int", "literal[", "Input should", "type="):
+        assert internal not in message
+
+
+def test_several_bad_values_are_one_line_each():
+    with pytest.raises(PresetError) as e:
+        load_preset("demo", ["train.lr=-1", "sample.sampler=foo"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and "train.lr = -1" in lines[1] and "sample.sampler = 'foo'" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "values, named",
+    [
+        ({"guidance.channels": "nope"}, ["--cfg-channels 'nope'", "an integer ≥ 1 or all"]),
+        ({"sampler": "foo"}, ["--sampler 'foo'", "choose heun, euler, ddpm, ddim or dpmpp-2m"]),
+        ({"guidance.schedule": "x"}, ["--cfg-schedule 'x'", "constant, power-cosine or interval"]),
+        ({"steps": 0}, ["--steps 0", "an integer ≥ 1"]),
+    ],
+)
+def test_a_bad_sampling_flag_is_one_line_naming_the_flag(values, named):
+    from diffit_cli.commands.sample import SAMPLE_FLAGS
+
+    with pytest.raises(PresetError) as e:
+        check_sample_values(values, SAMPLE_FLAGS)
+    message = str(e.value)
+    assert "\n" not in message and "guidance." not in message, message
+    for text in named:
+        assert text in message, message
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ("model:\n  kind: unet\n   bad: [1\n", ":3:7:", "mapping values are not allowed here"),
+        ("model: [unclosed\n", ":2:1:", "flow sequence opened at 1:8"),
+        ("a: 1\n\tb: 2\n", ":2:1:", "cannot start any token"),
+    ],
+)
+def test_broken_yaml_is_one_line_with_line_and_column(tmp_path, text, where, problem):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(PresetError) as e:
+        load_preset(bad)
+    message = str(e.value)
+    assert "\n" not in message and f"{bad}{where}" in message and problem in message, message
 
 
 def test_presets_ship_inside_the_wheel(tmp_path):

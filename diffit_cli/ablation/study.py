@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffit_cli.config import preset_dir
+from diffit_cli.config.explain import explain, yaml_problem
 from diffit_cli.errors import DiffitError
 
 SYNTHETIC_CLASSES = 8  # data.SYNTHETIC_CLASSES (not imported: this module stays light for `--list`)
@@ -148,7 +149,9 @@ def load_study(name_or_path: str | Path) -> Study:
         raw = yaml.safe_load(path.read_text())
         return Study.model_validate(raw)
     except yaml.YAMLError as e:
-        raise StudyError(f"study file {str(path)!r} is not valid YAML: {e}") from None
+        raise StudyError(f"study file {yaml_problem(e, str(path))}") from None
     except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
-        raise StudyError(f"invalid study {str(path)!r}:\n  " + "\n  ".join(lines)) from None
+        lines = explain(e, Study)
+        raise StudyError(
+            f"invalid study {str(path)!r}:" + ("\n  " if len(lines) > 1 else " ") + "\n  ".join(lines)
+        ) from None

@@ -14,6 +14,17 @@ Image i depends only on seed i (any batch size, any number of processes); rerunn
 command finishes what a killed run left. Release weights: --ckpt nvidia/DiffiT:FILE --preset imagenet256."""
 
 
+# the flags that set `sample` values, named by the error a bad value gives
+SAMPLE_FLAGS = {
+    "sampler": "--sampler",
+    "steps": "--steps",
+    "guidance.scale": "--cfg-scale",
+    "guidance.schedule": "--cfg-schedule",
+    "guidance.power": "--cfg-power",
+    "guidance.channels": "--cfg-channels",
+}
+
+
 def register(app: typer.Typer) -> None:
     app.command("sample", help=HELP)(sample_cmd)
 
@@ -60,7 +71,7 @@ def sample_cmd(
         "guidance.power": cfg_power,
         "guidance.channels": int(cfg_channels) if cfg_channels and cfg_channels.isdigit() else cfg_channels,
     }
-    check_sample_values(values)  # a bad enumerated flag fails here, before any file is read
+    check_sample_values(values, SAMPLE_FLAGS)  # a bad flag fails here, before any file is read
     if precision not in ("fp32", "bf16"):
         raise DiffitError(f"--precision {precision!r}: choose fp32 or bf16")
     with RichProgress() as progress:

@@ -3,7 +3,8 @@
 - `sections`: the paper's sections (model kinds `unet`/`vit`, EDM/DDPM, data, train, sample, eval);
 - `baselines`: the ablation-only kinds (Table 4 encoder/decoders, Table 5 DDPM++, EDM VP/VE);
 - `schema`: `Preset` and the checks across sections;
-- `io`: load by name or path, `--set` overrides, dump, differences, error explanations.
+- `io`: load by name or path, `--set` overrides, dump, differences;
+- `explain`: a bad value or a broken YAML file as one line (the key or flag, the value, what it accepts).
 """
 
 from diffit_cli.config.baselines import DDPMppConfig, EDMVEConfig, EDMVPConfig, EncDecConfig

@@ -4,15 +4,15 @@ a validation error that names the key), YAML dump, differences, and readable val
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from diffit_cli.config.schema import _KINDS, Preset
+from diffit_cli.config.explain import explain, yaml_problem
+from diffit_cli.config.schema import Preset
 from diffit_cli.config.sections import SampleConfig
 from diffit_cli.errors import DiffitError
 
@@ -71,13 +71,14 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return out
 
 
-def check_sample_values(values: dict[str, Any]) -> None:
+def check_sample_values(values: dict[str, Any], flags: dict[str, str] | None = None) -> None:
     """Validate typed `sample` values (the `diffit sample` flags) on their own, before any checkpoint is read: a bad
-    enumerated value names the valid ones. Checks that need the model (guidance channels) come with the preset."""
+    value is one line naming its flag (`flags`: dotted key → flag), the value and the valid ones. Checks that need
+    the model (guidance channels against its channels) come with the preset."""
     try:
         SampleConfig.model_validate(set_values({}, values))
     except ValidationError as e:
-        raise PresetError(_explain(e, values, "sampling flags", fix="fix the flag")) from None
+        raise PresetError("; ".join(explain(e, SampleConfig, flags))) from None
 
 
 def set_values(raw: dict, values: dict[str, Any] | None) -> dict:
@@ -109,7 +110,7 @@ def read_preset_file(name_or_path: str | Path) -> tuple[dict, str]:
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
-        raise PresetError(f"preset file {str(path)!r} is not valid YAML: {e}") from None
+        raise PresetError(f"preset file {yaml_problem(e, str(path))}") from None
     if not isinstance(raw, dict):
         raise PresetError(f"preset file {str(path)!r} must hold a mapping of sections (model, diffusion, ...)")
     return raw, str(path)
@@ -119,7 +120,7 @@ def validate_preset(raw: dict, source: str = "preset") -> Preset:
     try:
         return Preset.model_validate(raw)
     except ValidationError as e:
-        raise PresetError(_explain(e, raw, source)) from None
+        raise PresetError(_invalid(e, source)) from None
 
 
 def load_preset(name_or_path: str | Path, overrides: list[str] | None = None) -> Preset:
@@ -156,33 +157,9 @@ def diff_presets(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _section_fields(loc: tuple) -> list[str]:
-    """Field names valid at a location of the schema (for 'did you mean' hints)."""
-    model: Any = Preset
-    for part in loc[:-1]:
-        if isinstance(part, str) and model is not None and part in getattr(model, "model_fields", {}):
-            ann = model.model_fields[part].annotation
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        elif isinstance(part, str) and part in _KINDS:
-            model = _KINDS[part]
-    return list(getattr(model, "model_fields", {}) or [])
-
-
-def _explain(err: ValidationError, raw: dict, source: str, fix: str = "fix the preset file or the --set value") -> str:
-    lines = []
-    for e in err.errors():
-        # drop the union tag pydantic inserts (model.unet.channels → model.channels)
-        loc = tuple(p for p in e["loc"] if p not in _KINDS or p == e["loc"][-1])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            hint = difflib.get_close_matches(str(loc[-1]), _section_fields(e["loc"]), n=1)
-            lines.append(f"{key}: unknown key" + (f" — did you mean {hint[0]!r}?" if hint else ""))
-        elif e["type"] == "missing":
-            lines.append(f"{key}: required but missing")
-        elif e["type"] == "union_tag_invalid":
-            lines.append(f"{key}: kind must be one of {e['ctx']['expected_tags']}")
-        else:
-            got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{key}: {e['msg']}{shown}")
-    return f"invalid preset ({source}):\n  " + "\n  ".join(lines) + "\n" + fix
+def _invalid(err: ValidationError, source: str) -> str:
+    """One line for one bad value (the usual case), else one line per value under a heading."""
+    lines = explain(err)
+    if len(lines) == 1:
+        return f"invalid preset ({source}): {lines[0]}"
+    return f"invalid preset ({source}):\n  " + "\n  ".join(lines)
