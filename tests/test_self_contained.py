@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 _SPEC, _DESIGN, _PEERS, _SHARED = "SP" + "EC", "DE" + "SIGN", "PE" + "ERS", "sha" + "red"
 OUTSIDE_REFERENCE = re.compile(
-    "|".join(
+    rf"\b{_SPEC}\b|"  # the bare name too, e.g. as a table column
+    + "|".join(
         re.escape(s)
         for s in (
             _SPEC + " §",
@@ -83,13 +84,20 @@ def test_walker_reports_every_outside_reference(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "map.md").write_text(f"# Map\n\nSee `../{_SHARED}/{_DESIGN}.md`.\n")
     (tmp_path / "docs" / "results.json").write_text(f'{{"source": "{_SPEC} \\u00a78 Fig. 8"}}\n')
-    (tmp_path / "notes.txt").write_text(f"from {_PEERS}.md\n")
+    (tmp_path / "notes.txt").write_text(f"from {_PEERS}.md\n| preset | recipe ({_SPEC}) |\nSPECIAL_{_SPEC}S = 1\n")
     for skipped in (".venv", "runs", "build", "diffit.egg-info"):  # environments and outputs are not scanned
         (tmp_path / skipped).mkdir()
         (tmp_path / skipped / "x.py").write_text(f"# {_SPEC} §1\n")
     (tmp_path / "image.png").write_bytes(b"\x89PNG\0\0" + f"{_SPEC} §8".encode())  # binary: skipped
     hits = [h.split(": ", 1)[0] for h in outside_references(tmp_path)]
-    assert hits == ["docs/map.md:3", "docs/results.json:1", "notes.txt:1", "pkg/bad.py:2", "preset.yaml:1"]
+    assert hits == [
+        "docs/map.md:3",
+        "docs/results.json:1",
+        "notes.txt:1",
+        "notes.txt:2",
+        "pkg/bad.py:2",
+        "preset.yaml:1",
+    ]
 
 
 def test_walker_uses_git_files_in_a_checkout(tmp_path):
