@@ -20,6 +20,7 @@ def set_flags(overrides):
     """`--set KEY=VALUE` pairs for the command line, one per preset override."""
     return [flag for override in overrides for flag in ("--set", override)]
 
+
 TINY_UNET = [
     "model.img_resolution=16",
     "data.resolution=16",
@@ -123,3 +124,28 @@ def fake_latent_shards(root, n=16, size=8, classes=4):
     )
     read_manifest(root)
     return root
+
+
+def final_checkpoint(run_dir):
+    """The run's latest checkpoint, loaded."""
+    from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
+
+    return load_checkpoint(latest_checkpoint(run_dir))
+
+
+def assert_same_state(a, b, exact=True):
+    """Two checkpoints hold the same weights, EMA and step (and, when `exact`, bit-equal weights and Adam moments)."""
+    import torch
+
+    for key in ("model", "ema"):
+        for k in a[key]:
+            if exact:
+                assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
+            else:
+                torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-5, msg=f"{key}.{k}")
+    if exact:
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        for i in sa:
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(sa[i][k], sb[i][k]), f"optimizer {i}.{k}"
+    assert (a["nimg"], a["step"]) == (b["nimg"], b["step"])

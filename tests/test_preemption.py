@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import assert_same_state, final_checkpoint, tiny_unet
+
+from diffit_cli.config import dump_preset
 
 # ------------------------------------------------------------------------------------------------------- scripts/slurm
 SLURM = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
@@ -73,3 +77,133 @@ def test_the_sbatch_scripts_ask_for_the_warning_and_use_preemptible():
         assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text, name
         assert "preemptible.sh" in text and "\npreemptible srun " in text, name
     subprocess.run(["bash", "-n", *(str(p) for p in SLURM.glob("*.sbatch")), str(SLURM / "preemptible.sh")], check=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- training
+def _wait_for_reports(run_dir, n: int) -> None:
+    """Until the run's log.jsonl holds `n` lines (at most 2 minutes): the run is past start-up, mid-training."""
+    log, deadline = run_dir / "log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
+def _torchrun_train(tmp_path, port: int, *extra: str) -> tuple[list[str], dict]:
+    """(command, environment) training the tiny preset for 0.3 kimg with two processes under torchrun."""
+    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008", *extra)
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "diffit_cli",
+        "train",
+        "--preset",
+        str(preset_file),
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig, code", [("SIGUSR1", 3), ("SIGINT", 130)])
+def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig, code):
+    """Issue #13: SLURM's `--signal=B:USR1@120` (exit 3) or Ctrl-C (exit 130) mid-run: checkpoint after the current
+    step; the rerun finishes with the weights of an uninterrupted run (both runs as real subprocesses, same
+    threads)."""
+    import signal
+
+    p = tiny_unet("train.total_kimg=0.4", "train.snapshot_kimg=0.4", "train.report_kimg=0.008")
+    preset_file = tmp_path / "p.yaml"
+    preset_file.write_text(dump_preset(p))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "diffit_cli", "train", "--preset", str(preset_file), "--run-dir"]
+    straight = subprocess.run(cmd + [str(tmp_path / "straight")], env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(
+        cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_reports(tmp_path / "cut", 5)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert f"stopped by {sig}" in err and "rerun the same command" in " ".join(err.split())
+    cut = final_checkpoint(tmp_path / "cut")
+    assert 0 < cut["nimg"] < 400  # a checkpoint mid-way, not at a snapshot boundary
+    again = subprocess.run(cmd + [str(tmp_path / "cut")], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_state(final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "cut"), exact=True)
+
+
+@pytest.mark.e2e
+def test_sigterm_to_torchrun_reaches_both_processes_and_data_workers_survive_it(tmp_path):
+    """Issue #13, the launcher path of scripts/slurm/preemptible.sh: SIGTERM to torchrun is passed to both training
+    processes (and to their data workers, which ignore it); both finish the step, the checkpoint is written, and
+    the rerun finishes. torchrun itself exits 1 around the processes' 3 (the sbatch requeues on either)."""
+    import signal
+
+    cmd, env = _torchrun_train(tmp_path, 29579, "data.num_workers=1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_reports(tmp_path / "run", 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM" in err, err[-3000:]
+    assert "DataLoader worker" not in err, err[-3000:]
+    cut = final_checkpoint(tmp_path / "run")
+    assert 0 < cut["nimg"] < 300  # the preemption checkpoint, not a snapshot
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert final_checkpoint(tmp_path / "run")["nimg"] == 304  # whole global batches of 8
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs Linux /proc")
+def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path):
+    """`kill` of one rank (or a signal that reaches the ranks a step apart): the processes agree on the step after
+    which they stop, so none waits at the checkpoint's barrier while another is in the next step's gradient
+    all-reduce (that hung); the checkpoint is written, exit 3, and the rerun finishes."""
+    import signal
+
+    cmd, env = _torchrun_train(tmp_path, 29581)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _wait_for_reports(tmp_path / "run", 3)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGUSR1)  # one rank only
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.communicate()
+        pytest.fail("the processes did not stop together (hung)")
+    assert proc.returncode != 0 and "stopped by SIGUSR1" in err, err[-3000:]
+    cut = final_checkpoint(tmp_path / "run")
+    assert 0 < cut["nimg"] < 300  # the signal's checkpoint, not a snapshot
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert final_checkpoint(tmp_path / "run")["nimg"] == 304
+
+
+def test_without_a_gloo_group_each_process_acts_on_its_own_signal(monkeypatch):
+    from diffit_cli.preemption import AgreedStop
+
+    def no_gloo(**kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] no address to connect to\nmore")
+
+    monkeypatch.setattr(torch.distributed, "new_group", no_gloo)
+    notes, caught = [], []
+    stop = AgreedStop(caught, world=2, note=notes.append)
+    assert len(notes) == 1 and "no address to connect to" in notes[0] and "\n" not in notes[0]
+    assert stop() is None
+    caught.append("SIGTERM")
+    assert stop() == "SIGTERM" and stop.close() is None  # at once, nothing in flight

@@ -4,16 +4,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, fake_latent_shards, invoke, tiny_unet, tiny_vit
+from helpers import TINY_UNET, assert_same_state, fake_latent_shards, final_checkpoint, invoke, tiny_unet, tiny_vit
 from PIL import Image
 
 from diffit_cli.build import build_diffusion, build_network
-from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
+from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.config import dump_preset, load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
@@ -63,25 +62,6 @@ def test_tiny_latent_vit_learns_fake_latents():
     _fit_fixed_batch(p, x0, y=torch.arange(8) % 4)
 
 
-def _final(run_dir):
-    return load_checkpoint(latest_checkpoint(run_dir))
-
-
-def _assert_same_state(a, b, exact=True):
-    for key in ("model", "ema"):
-        for k in a[key]:
-            if exact:
-                assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
-            else:
-                torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-5, msg=f"{key}.{k}")
-    if exact:
-        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-        for i in sa:
-            for k in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(sa[i][k], sb[i][k]), f"optimizer {i}.{k}"
-    assert (a["nimg"], a["step"]) == (b["nimg"], b["step"])
-
-
 @pytest.mark.e2e
 def test_exact_resume_after_a_kill(tmp_path):
     p = tiny_unet("train.augment_p=0.5", "model.dropout=0.1")  # randomness in every part of the step
@@ -96,10 +76,10 @@ def test_exact_resume_after_a_kill(tmp_path):
 
     with pytest.raises(Killed):
         train(p, tmp_path / "resumed", progress=kill_after_step_3)
-    assert _final(tmp_path / "resumed")["step"] == 2
+    assert final_checkpoint(tmp_path / "resumed")["step"] == 2
     state = train(p, tmp_path / "resumed")
     assert state.step == 4
-    _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "resumed"), exact=True)
+    assert_same_state(final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed"), exact=True)
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 3, 4]  # step 3 ran twice: once before the kill
     assert (tmp_path / "resumed" / "samples" / "grid-latest.png").is_file()
@@ -178,7 +158,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     p = tiny_unet("train.total_kimg=0.016", ADAM_EPS)
     train(p, tmp_path / "full")
     train(p, tmp_path / "accum", batch_gpu=2)  # 4 rounds of 2
-    _assert_same_state(_final(tmp_path / "full"), _final(tmp_path / "accum"), exact=False)
+    assert_same_state(final_checkpoint(tmp_path / "full"), final_checkpoint(tmp_path / "accum"), exact=False)
 
 
 @pytest.mark.e2e
@@ -210,7 +190,7 @@ def test_two_processes_equal_one(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "× 2 (" in out.stderr, out.stderr[-2000:]  # really two processes
-    _assert_same_state(_final(tmp_path / "one"), _final(tmp_path / "two"), exact=False)
+    assert_same_state(final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two"), exact=False)
 
 
 def test_cli_dry_run_prints_preset_and_parameters():
@@ -265,7 +245,7 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path):
     )  # ResBlocks: 1 + 1 encoder (incl. bottleneck), 1 decoder
     train(tiny_unet("train.total_kimg=0.008"), tmp_path / "plain")
     train(tiny_unet("train.total_kimg=0.008", "train.grad_checkpointing=true"), tmp_path / "ckpt")
-    _assert_same_state(_final(tmp_path / "plain"), _final(tmp_path / "ckpt"), exact=False)
+    assert_same_state(final_checkpoint(tmp_path / "plain"), final_checkpoint(tmp_path / "ckpt"), exact=False)
 
 
 @pytest.mark.parametrize("flag", [["--log-with", "tensorboard"], ["--tensorboard"]])
@@ -300,7 +280,7 @@ def test_a_torn_latest_checkpoint_resumes_from_the_one_before(tmp_path):
     warnings = [e.text for e in events if isinstance(e, Message) and e.level == "warning"]
     assert len(warnings) == 1 and latest.name in warnings[0] and "ckpt-00000000.016.pt" in warnings[0]
     assert state.step == 4
-    _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "torn"), exact=True)
+    assert_same_state(final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "torn"), exact=True)
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_naming_the_checkpoint(tmp_path, monkeypatch):
@@ -336,132 +316,3 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_ov
     assert train(tiny_unet("train.total_kimg=0.008"), run_dir, progress=events.append).step == 1
     assert any(isinstance(e, Message) and f"PID {dead.pid}" in e.text for e in events)
     assert not lock.exists()  # released at the end
-
-
-def _wait_for_reports(run_dir, n: int) -> None:
-    """Until the run's log.jsonl holds `n` lines (at most 2 minutes): the run is past start-up, mid-training."""
-    log, deadline = run_dir / "log.jsonl", time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= n):
-        time.sleep(0.05)
-
-
-def _torchrun_train(tmp_path, port: int, *extra: str) -> tuple[list[str], dict]:
-    """(command, environment) training the tiny preset for 0.3 kimg with two processes under torchrun."""
-    p = tiny_unet("train.total_kimg=0.3", "train.snapshot_kimg=0.3", "train.report_kimg=0.008", *extra)
-    preset_file = tmp_path / "p.yaml"
-    preset_file.write_text(dump_preset(p))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "-m",
-        "diffit_cli",
-        "train",
-        "--preset",
-        str(preset_file),
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
-    return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("sig, code", [("SIGUSR1", 3), ("SIGINT", 130)])
-def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig, code):
-    """Issue #13: SLURM's `--signal=B:USR1@120` (exit 3) or Ctrl-C (exit 130) mid-run: checkpoint after the current
-    step; the rerun finishes with the weights of an uninterrupted run (both runs as real subprocesses, same
-    threads)."""
-    import signal
-
-    p = tiny_unet("train.total_kimg=0.4", "train.snapshot_kimg=0.4", "train.report_kimg=0.008")
-    preset_file = tmp_path / "p.yaml"
-    preset_file.write_text(dump_preset(p))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "diffit_cli", "train", "--preset", str(preset_file), "--run-dir"]
-    straight = subprocess.run(cmd + [str(tmp_path / "straight")], env=env, capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = subprocess.Popen(
-        cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for_reports(tmp_path / "cut", 5)
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err[-2000:]
-    assert f"stopped by {sig}" in err and "rerun the same command" in " ".join(err.split())
-    cut = _final(tmp_path / "cut")
-    assert 0 < cut["nimg"] < 400  # a checkpoint mid-way, not at a snapshot boundary
-    again = subprocess.run(cmd + [str(tmp_path / "cut")], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    _assert_same_state(_final(tmp_path / "straight"), _final(tmp_path / "cut"), exact=True)
-
-
-@pytest.mark.e2e
-def test_sigterm_to_torchrun_reaches_both_processes_and_data_workers_survive_it(tmp_path):
-    """Issue #13, the launcher path of scripts/slurm/preemptible.sh: SIGTERM to torchrun is passed to both training
-    processes (and to their data workers, which ignore it); both finish the step, the checkpoint is written, and
-    the rerun finishes. torchrun itself exits 1 around the processes' 3 (the sbatch requeues on either)."""
-    import signal
-
-    cmd, env = _torchrun_train(tmp_path, 29579, "data.num_workers=1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_reports(tmp_path / "run", 3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped by SIGTERM" in err, err[-3000:]
-    assert "DataLoader worker" not in err, err[-3000:]
-    cut = _final(tmp_path / "run")
-    assert 0 < cut["nimg"] < 300  # the preemption checkpoint, not a snapshot
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _final(tmp_path / "run")["nimg"] == 304  # whole global batches of 8
-
-
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs Linux /proc")
-def test_a_signal_that_reaches_one_process_stops_both_at_the_same_step(tmp_path):
-    """`kill` of one rank (or a signal that reaches the ranks a step apart): the processes agree on the step after
-    which they stop, so none waits at the checkpoint's barrier while another is in the next step's gradient
-    all-reduce (that hung); the checkpoint is written, exit 3, and the rerun finishes."""
-    import signal
-
-    cmd, env = _torchrun_train(tmp_path, 29581)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    _wait_for_reports(tmp_path / "run", 3)
-    ranks = _children(proc.pid)
-    assert len(ranks) == 2, ranks
-    os.kill(ranks[-1], signal.SIGUSR1)  # one rank only
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        proc.communicate()
-        pytest.fail("the processes did not stop together (hung)")
-    assert proc.returncode != 0 and "stopped by SIGUSR1" in err, err[-3000:]
-    cut = _final(tmp_path / "run")
-    assert 0 < cut["nimg"] < 300  # the signal's checkpoint, not a snapshot
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _final(tmp_path / "run")["nimg"] == 304
-
-
-def test_without_a_gloo_group_each_process_acts_on_its_own_signal(monkeypatch):
-    from diffit_cli.preemption import AgreedStop
-
-    def no_gloo(**kwargs):
-        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] no address to connect to\nmore")
-
-    monkeypatch.setattr(torch.distributed, "new_group", no_gloo)
-    notes, caught = [], []
-    stop = AgreedStop(caught, world=2, note=notes.append)
-    assert len(notes) == 1 and "no address to connect to" in notes[0] and "\n" not in notes[0]
-    assert stop() is None
-    caught.append("SIGTERM")
-    assert stop() == "SIGTERM" and stop.close() is None  # at once, nothing in flight
