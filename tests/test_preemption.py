@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_state, final_checkpoint, tiny_unet
+from helpers import assert_same_state, final_checkpoint, invoke, tiny_unet
 
 from diffit_cli.config import dump_preset
 
@@ -207,3 +207,45 @@ def test_without_a_gloo_group_each_process_acts_on_its_own_signal(monkeypatch):
     assert stop() is None
     caught.append("SIGTERM")
     assert stop() == "SIGTERM" and stop.close() is None  # at once, nothing in flight
+
+
+# ------------------------------------------------------------------------------------------------------------- Ctrl-C
+def test_the_first_ctrl_c_is_collected_with_a_note_and_the_second_interrupts():
+    import signal
+
+    from diffit_cli.preemption import preemption_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        with preemption_signals(notes.append) as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert caught == ["SIGINT"] and len(notes) == 1 and "Ctrl-C again" in notes[0]
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_interrupt_is_one_line_exit_130_and_a_new_run_leaves_nothing(tmp_path, monkeypatch, wrapped):
+    """Ctrl-C outside a unit of work (or a second one, which torch.save turns into a RuntimeError): one line, exit
+    130, and a new run folder without a checkpoint is removed."""
+    import diffit_cli.training as training
+    from diffit_cli.fileio import new_output
+
+    def interrupted(preset, run_dir, **kwargs):
+        with new_output(run_dir, keep=lambda: False):
+            run_dir.mkdir()
+            (run_dir / "preset.yaml").write_text("x")
+            if not wrapped:
+                raise KeyboardInterrupt
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+    monkeypatch.setattr(training, "train", interrupted)
+    r = invoke("train", "--run-dir", str(tmp_path / "run"))
+    assert r.exit_code == 130, r.output
+    assert "interrupted" in r.output and "rerun the same command" in " ".join(r.output.split())
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3
+    assert not (tmp_path / "run").exists()
