@@ -249,3 +249,20 @@ def test_an_interrupt_is_one_line_exit_130_and_a_new_run_leaves_nothing(tmp_path
     assert "interrupted" in r.output and "rerun the same command" in " ".join(r.output.split())
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- data workers
+def test_a_loader_left_open_does_not_hang_the_exit():
+    """Data workers ignore SIGTERM (preemption), the signal multiprocessing stops daemonic children with at exit: a
+    loader whose iterator is still held at exit (as a traceback holds it after an error) must not make the exit wait
+    on its workers for ever."""
+    script = (
+        "import torch\n"
+        "from diffit_cli.data.loader import make_loader\n"
+        "ds = torch.utils.data.TensorDataset(torch.zeros(64, 3), torch.zeros(64))\n"
+        "it = iter(make_loader(ds, 8, num_workers=1))\n"
+        "next(it)\n"
+        "print('got a batch')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "got a batch" in r.stdout, r.stderr
