@@ -17,7 +17,7 @@ from diffit_cli import ablation as A
 from diffit_cli.build import build_diffusion, build_network, count_config_parameters
 from diffit_cli.config import load_preset
 from diffit_cli.events import Start
-from diffit_cli.metrics import INCEPTION, TEST_EXTRACTOR
+from diffit_cli.fid.extractors import INCEPTION, TEST_EXTRACTOR
 
 PAPER_STUDIES = [
     "time-feature-dims",
@@ -404,11 +404,34 @@ def test_a_variant_whose_training_was_cut_short_is_not_scored(tmp_path, monkeypa
     there instead of scoring the half-trained checkpoint and recording it as the variant's result (a rerun would
     then have skipped it as finished)."""
     import diffit_cli.training
-    from diffit_cli.ablation.run import _Runner
+    from diffit_cli.ablation.variants import VariantRunner
     from diffit_cli.training.recipe import TrainState
 
     monkeypatch.setattr(diffit_cli.training, "train", lambda *a, **k: TrainState(nimg=4096, **{field: value}))
-    monkeypatch.setattr(_Runner, "sample_and_score", lambda *a, **k: pytest.fail("a cut-short run was scored"))
+    monkeypatch.setattr(VariantRunner, "sample_and_score", lambda *a, **k: pytest.fail("a cut-short run was scored"))
     r = invoke("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "ws"), "--only", "w2")
     assert r.exit_code == code and words in r.output and "Traceback" not in r.output, r.output
     assert not list((tmp_path / "ws").rglob("result.json"))
+
+
+def test_a_sample_study_recognises_release_weights_by_their_error_type(tmp_path):
+    """A `.safetensors` without a preset (NVIDIA's release) raises `NoPresetError`, a `CheckpointError`; a sample
+    study given one takes the architecture from its base preset, and one of our checkpoints brings its own."""
+    from helpers import tiny_unet
+    from safetensors.torch import save_file
+
+    from diffit_cli.ablation.variants import VariantRunner
+    from diffit_cli.checkpoint import CheckpointError, NoPresetError, read_snapshot, save_safetensors
+
+    p = tiny_unet()
+    net = build_network(p.model)
+    release, ours = tmp_path / "release.safetensors", tmp_path / "ours.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, release)
+    save_safetensors(ours, net, p)
+    with pytest.raises(NoPresetError, match="carries no preset") as e:
+        read_snapshot(release)
+    assert isinstance(e.value, CheckpointError)
+    study = A.load_study("cfg-scale")
+    for ckpt, weights_preset in ((release, p), (ours, None)):
+        runner = VariantRunner(study, "test", None, tmp_path / "s", None, str(ckpt), None)
+        assert runner.base_checkpoint(p) == (str(ckpt), weights_preset)

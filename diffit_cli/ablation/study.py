@@ -3,9 +3,9 @@
 
 A study (YAML under `presets/ablations/`, validated by :class:`Study`) names a base preset, its variants (each a
 list of `--set`-style overrides), the metric and the paper's value per variant. :func:`run_study` resolves every
-variant at a budget (:data:`BUDGETS`), then trains it with `training.train`, samples it with `sampling.run_sample`
-and scores it with `metrics.compute_metrics` — the functions behind `diffit train`, `diffit sample` and
-`diffit eval-fid` — each in its own run directory, and writes the results table, CSV, JSON and plots.
+variant at a budget (:data:`BUDGETS`), then trains it with `training.train`, samples and scores it with
+`fid.score.score_samples` (the sampling loop of `diffit sample`, the scoring of `diffit eval-fid`) — the functions
+behind the commands — each in its own run directory, and writes the results table, CSV, JSON and plots.
 
 Study kinds: `train` (train, sample, score each variant), `curve` (score along training: FID after each of
 `curve_points` equal shares of the training), `sample` (one trained network, or `checkpoint`; the variants change

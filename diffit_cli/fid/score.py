@@ -1,6 +1,8 @@
-"""FID of a network's own samples, EDM's protocol: seeds sampled with the preset's sampler and split across processes
-as `diffit sample` does (`generate`), scored by `compute_metrics` as `diffit eval-fid` does. `sample_fid` is the one
-function behind FID along training and `diffit eval-fid --ckpt` (`score_checkpoint`: repeats over seed ranges)."""
+"""Scoring a network's own samples, EDM's protocol: seeds sampled with the preset's sampler and split across processes
+by `sampling.run.write_images` (the loop behind `diffit sample`), scored by `fid.metrics.compute_metrics` (looked up
+through its module, so a function swapped there is the one used). `sample_fid` is the one sample-then-score
+function: FID along training, `diffit eval-fid --ckpt` (`score_checkpoint`: repeats over seed ranges) and `diffit
+ablate` (`score_samples`: a kept, resumable output like `diffit sample`'s) all go through it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import shutil
 import socket
 import statistics
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,13 +22,13 @@ from diffit_cli.build import build_diffusion
 from diffit_cli.checkpoint import read_snapshot, snapshot_network
 from diffit_cli.config import Preset
 from diffit_cli.errors import DiffitError
-from diffit_cli.events import Message, Progress, Start, Step, main_process_only
+from diffit_cli.events import Message, Progress, main_process_only
+from diffit_cli.fid import metrics as fid_metrics
 from diffit_cli.fid.extractors import TEST_EXTRACTOR, extractor_class, make_extractor
-from diffit_cli.fid.metrics import compute_metrics
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.precision import sampling_precision
-from diffit_cli.sampling.generate import Decode, generate
-from diffit_cli.sampling.run import make_decoder, resolve_weights
+from diffit_cli.sampling.generate import Decode, make_decoder
+from diffit_cli.sampling.run import plan_sample, resolve_weights, sampling_network, write_images
 from diffit_cli.sampling.sinks import NpzSink, PngSink
 
 
@@ -44,21 +48,59 @@ def sample_fid(
     seeds: list[int],
     *,
     state,
+    sink: PngSink | NpzSink,
     feature_extractor: str,
-    work_dir: Path,
-    keep: Path | None = None,
+    batch: int | None = None,
     precision: str = "fp32",
+    finish: Callable[[], Path] | None = None,
     inception_weights=None,
     progress: Progress | None = None,
+    preemptible: bool = False,
 ) -> dict | None:
     """FID of `net`'s samples for `seeds` against `reference` (a statistics file or images).
 
-    Every process of `state` (an Accelerator or PartialState) samples its share of the seeds (image i depends only
-    on seed i); the images go to `keep` as PNGs, or to a temporary `.npz` under `work_dir` (shared by the
-    processes) that is removed afterwards. The main process scores them with `compute_metrics` and returns its
-    result dict (plus `seeds`); the other processes return None."""
+    Every process of `state` (an Accelerator or PartialState) writes its share of the seeds that `sink` lacks
+    (image i depends only on seed i; `batch` per forward, default `sample.batch`); then the main process assembles
+    them (`finish`, default `sink.finish`), scores them with `compute_metrics` and returns its result dict (plus
+    `seeds`); the other processes return None. `preemptible`: see `write_images`."""
+    write_images(
+        net,
+        diffusion,
+        decode,
+        preset,
+        seeds,
+        sink,
+        state,
+        batch=batch or preset.sample.batch,
+        precision=precision,
+        progress=progress,
+        task="fid samples",
+        purpose=f" (seeds {seeds[0]}-{seeds[-1]}) for FID ({feature_extractor})",
+        preemptible=preemptible,
+    )
+    state.wait_for_everyone()
+    result = None
+    if state.is_main_process:
+        samples = finish() if finish is not None else sink.finish(seeds)
+        result = fid_metrics.compute_metrics(
+            samples,
+            reference,
+            metrics=("fid",),
+            batch=preset.eval.batch,
+            feature_extractor=feature_extractor,
+            inception_weights=inception_weights,
+            progress=progress,
+        )
+        result["seeds"] = f"{seeds[0]}-{seeds[-1]}"
+    state.wait_for_everyone()
+    return result
+
+
+@contextmanager
+def scratch_sink(state, work_dir: Path, keep: Path | None = None) -> Iterator[PngSink | NpzSink]:
+    """Where an evaluation's samples go while they are scored: PNGs in `keep` (a new or empty folder, left for the
+    user), else an `.npz` under `work_dir` (shared by the processes), removed afterwards by the main process."""
     main = state.is_main_process
-    emit = main_process_only(progress, main)
     sink = PngSink(keep) if keep is not None else NpzSink(Path(work_dir) / "samples.npz")
     if main:
         if keep is not None and Path(keep).is_dir() and any(Path(keep).iterdir()):
@@ -66,44 +108,50 @@ def sample_fid(
         if keep is None:
             sink.clear()  # parts of an interrupted earlier evaluation
     state.wait_for_everyone()
-    mine = seeds[state.process_index :: state.num_processes]
-    emit(
-        Start(
-            "fid samples",
-            len(seeds),
-            0,
-            "images",
-            f"sampling {len(seeds)} images (seeds {seeds[0]}-{seeds[-1]}) on {state.device} × "
-            f"{state.num_processes} for FID ({feature_extractor})",
+    try:
+        yield sink
+    finally:
+        if main and keep is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def score_samples(
+    ckpt: str,
+    seeds: list[int],
+    out: Path | str,
+    reference,
+    *,
+    feature_extractor: str,
+    preset: Preset | None = None,
+    overrides: list[str] | None = None,
+    precision: str = "fp32",
+    batch: int | None = None,
+    inception_weights=None,
+    progress: Progress | None = None,
+) -> dict | None:
+    """Sample `ckpt` into `out` as `diffit sample` does (recipe checked, output made with another recipe replaced,
+    an interrupted run resumed, the final `.npz` and recipe kept) and score the samples with `sample_fid`. `preset`:
+    the architecture of weight files that carry none; `overrides`: `sample.*`/`eval.*` settings. Returns the
+    result dict on the main process, None elsewhere."""
+    job = plan_sample(ckpt, seeds, out, preset=preset, overrides=overrides, precision=precision, batch=batch)
+    with sampling_network(job, force=True, progress=progress) as (net, diffusion, decode):
+        return sample_fid(
+            net,
+            diffusion,
+            job.preset,
+            decode,
+            reference,
+            seeds,
+            state=job.state,
+            sink=job.sink,
+            feature_extractor=feature_extractor,
+            batch=job.batch,
+            precision=precision,
+            finish=job.complete,
+            inception_weights=inception_weights,
+            progress=progress,
+            preemptible=True,
         )
-    )
-    done = 0
-    for chunk, labels, images in generate(
-        net, diffusion, preset, mine, decode, precision=precision, batch=preset.sample.batch, device=state.device
-    ):
-        sink.write(chunk, labels, images)
-        done = min(done + len(chunk) * state.num_processes, len(seeds))
-        emit(Step("fid samples", done, len(seeds)))
-    state.wait_for_everyone()
-    result = None
-    if main:
-        samples = sink.finish(seeds)
-        try:
-            result = compute_metrics(
-                samples,
-                reference,
-                metrics=("fid",),
-                batch=preset.eval.batch,
-                feature_extractor=feature_extractor,
-                inception_weights=inception_weights,
-                progress=progress,
-            )
-        finally:
-            if keep is None:
-                shutil.rmtree(work_dir, ignore_errors=True)
-        result["seeds"] = f"{seeds[0]}-{seeds[-1]}"
-    state.wait_for_everyone()
-    return result
 
 
 def check_shared_scratch(state, keep: Path | None) -> None:
@@ -146,44 +194,100 @@ def score_checkpoint(
     check_extractor(extractor, inception_weights)
     keep = Path(keep) if keep is not None else None
     check_shared_scratch(state, keep)
-    emit = main_process_only(progress, state.is_main_process)
     ref_desc = None
-    work = [None]
-    if state.is_main_process:
-        if not reference:  # the preset's eval.reference; for `train`, the training data's statistics (cached)
-            reference, ref_desc = preset_reference(
-                preset,
-                feature_extractor=extractor,
-                batch=preset.eval.batch,
-                inception_weights=inception_weights,
-                progress=progress,
-            )
-        work = [tempfile.mkdtemp(prefix="diffit-fid-")]
-    broadcast_object_list(work)  # one scratch folder for every process (one machine: see check_shared_scratch)
+    if state.is_main_process and not reference:
+        # the preset's eval.reference; for `train`, the training data's statistics (cached)
+        reference, ref_desc = preset_reference(
+            preset,
+            feature_extractor=extractor,
+            batch=preset.eval.batch,
+            inception_weights=inception_weights,
+            progress=progress,
+        )
     net = snapshot_network(weights, preset, str(path), state.device)
     del weights
-    diffusion = build_diffusion(preset.diffusion, preset.model)
     precision = sampling_precision(preset, state.device)
+    runs = _score_repeats(
+        net,
+        preset,
+        reference,
+        state,
+        num=num,
+        repeats=repeats,
+        keep=keep,
+        feature_extractor=extractor,
+        precision=precision,
+        inception_weights=inception_weights,
+        progress=progress,
+    )
+    if not state.is_main_process:
+        return None
+    return _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
+
+
+def _summary(
+    runs: list[dict], ckpt: str, num: int, extractor: str, reference: str, precision: str, preset: Preset
+) -> dict:
+    """`score_checkpoint`'s result: each repeat's FID, their min / mean / std, and what they were measured with."""
+    values = [r["fid"] for r in runs]
+    return {
+        "checkpoint": ckpt,
+        "num": num,
+        "repeats": [{"seeds": r["seeds"], "fid": r["fid"]} for r in runs],
+        "values": values,
+        "min": min(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "extractor": extractor,
+        "reference": reference,
+        "precision": precision,
+        "sampler": preset.sample.sampler,
+        "steps": preset.sample.steps,
+        "notes": runs[0]["notes"],
+    }
+
+
+def _score_repeats(
+    net,
+    preset: Preset,
+    reference,
+    state,
+    *,
+    num: int,
+    repeats: int,
+    keep: Path | None,
+    feature_extractor: str,
+    precision: str,
+    inception_weights,
+    progress: Progress | None,
+) -> list[dict]:
+    """`sample_fid` on seeds k·num … (k+1)·num−1 for each repeat k, in one scratch folder of the main process (or
+    `keep`, one subfolder per repeat when there are several); the main process's results, one line per repeat."""
+    emit = main_process_only(progress, state.is_main_process)
+    diffusion = build_diffusion(preset.diffusion, preset.model)
     decode, _ = make_decoder(preset, None, state.device, precision)
+    work = [tempfile.mkdtemp(prefix="diffit-fid-") if state.is_main_process else None]
+    broadcast_object_list(work)  # one scratch folder for every process (one machine: see check_shared_scratch)
     runs = []
     try:
         for k in range(repeats):
             seeds = list(range(k * num, (k + 1) * num))
-            r = sample_fid(
-                net,
-                diffusion,
-                preset,
-                decode,
-                reference,
-                seeds,
-                state=state,
-                feature_extractor=extractor,
-                work_dir=Path(work[0]) / f"repeat-{k}",
-                precision=precision,
-                keep=None if keep is None else (keep if repeats == 1 else keep / f"repeat-{k}"),
-                inception_weights=inception_weights,
-                progress=progress,
-            )
+            kept = None if keep is None else (keep if repeats == 1 else keep / f"repeat-{k}")
+            with scratch_sink(state, Path(work[0]) / f"repeat-{k}", kept) as sink:
+                r = sample_fid(
+                    net,
+                    diffusion,
+                    preset,
+                    decode,
+                    reference,
+                    seeds,
+                    state=state,
+                    sink=sink,
+                    feature_extractor=feature_extractor,
+                    precision=precision,
+                    inception_weights=inception_weights,
+                    progress=progress,
+                )
             if r is not None:
                 runs.append(r)
                 emit(
@@ -195,21 +299,4 @@ def score_checkpoint(
     finally:
         if state.is_main_process:
             shutil.rmtree(work[0], ignore_errors=True)
-    if not state.is_main_process:
-        return None
-    values = [r["fid"] for r in runs]
-    return {
-        "checkpoint": str(ckpt),
-        "num": num,
-        "repeats": [{"seeds": r["seeds"], "fid": r["fid"]} for r in runs],
-        "values": values,
-        "min": min(values),
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "extractor": extractor,
-        "reference": ref_desc or str(reference),
-        "precision": precision,
-        "sampler": preset.sample.sampler,
-        "steps": preset.sample.steps,
-        "notes": runs[0]["notes"],
-    }
+    return runs

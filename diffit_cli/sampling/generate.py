@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, SampleConfig
 from diffit_cli.core.guidance import Guidance
 from diffit_cli.core.samplers import sample as run_sampler
@@ -22,6 +23,13 @@ from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.sinks import image_grid, save_png
 
 Decode = Callable[[torch.Tensor], np.ndarray]  # model-space batch → uint8 NHWC
+
+
+def make_decoder(preset: Preset, vae: str | None, device: torch.device, precision: str) -> tuple[Decode, str | None]:
+    """Pixel models decode directly; latent models through the SD VAE (preset's, or `vae` if given)."""
+    if preset.data.space == "pixel":
+        return make_codec(preset.data).decode, None
+    return make_codec(preset.data, device, vae=vae, precision=precision).decode, vae or preset.data.vae
 
 
 def make_guidance(sample: SampleConfig, num_classes: int) -> Guidance | None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import platform
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,14 +17,14 @@ from accelerate import PartialState
 from diffit_cli import __version__
 from diffit_cli.build import build_diffusion, compile_blocks, want_compile
 from diffit_cli.checkpoint import file_sha256, read_snapshot, snapshot_network
-from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_values, validate_preset
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fileio import check_writable, new_output, read_json, strict_json, write_json
+from diffit_cli.precision import check_precision
 from diffit_cli.preemption import Preempted, preemption_signals
-from diffit_cli.sampling.generate import Decode, generate
+from diffit_cli.sampling.generate import Decode, generate, make_decoder
 from diffit_cli.sampling.sinks import NpzSink, PngSink, image_grid, save_png
 
 
@@ -76,11 +79,151 @@ def resolve_weights(ref: str) -> Path:
         ) from None
 
 
-def make_decoder(preset: Preset, vae: str | None, device: torch.device, precision: str) -> tuple[Decode, str | None]:
-    """Pixel models decode directly; latent models through the SD VAE (preset's, or `vae` if given)."""
-    if preset.data.space == "pixel":
-        return make_codec(preset.data).decode, None
-    return make_codec(preset.data, device, vae=vae, precision=precision).decode, vae or preset.data.vae
+@dataclass
+class SampleJob:
+    """What `run_sample` settles before any network exists: the seeds, the output and its sink, the checkpoint's
+    preset with the sampling values, and the recipe that decides every image besides its seed."""
+
+    ckpt: str
+    path: Path
+    seeds: list[int]
+    out: Path
+    preset: Preset
+    weights: dict | None
+    sink: PngSink | NpzSink
+    recipe: dict
+    recipe_path: Path
+    state: PartialState
+    batch: int
+    classes: list[int] | None
+    precision: str
+    vae: str | None
+
+    def loop_args(self) -> dict:
+        """`write_images`'s batch, fixed classes and precision for this job."""
+        return {"batch": self.batch, "classes": self.classes, "precision": self.precision}
+
+    def complete(self) -> Path:
+        """Main process, once every process has written its share: the final `.npz` (or the PNG folder) and the
+        recipe marked complete."""
+        self.sink.finish(self.seeds)
+        cfg = self.preset.sample
+        self.recipe.update(
+            diffit_version=__version__,
+            checkpoint=str(self.ckpt),
+            nfe=nfe(cfg.sampler, cfg.steps),  # a guided step: one forward of the doubled batch
+            seeds=_compact_seeds(self.seeds),
+            count=len(self.seeds),
+            processes=self.state.num_processes,
+            torch=torch.__version__,
+            python=platform.python_version(),
+            complete=True,
+        )
+        write_json(self.recipe_path, self.recipe)
+        return self.out
+
+
+def plan_sample(
+    ckpt: str,
+    seeds: list[int],
+    out: Path | str,
+    *,
+    preset: Preset | None = None,
+    overrides: list[str] | None = None,
+    sample: dict | None = None,
+    precision: str = "fp32",
+    batch: int | None = None,
+    classes: str | None = None,
+    vae: str | None = None,
+    raw: bool = False,
+    grid: Path | str | None = None,
+) -> SampleJob:
+    """Check the request and read the weights and preset (no network yet); see `run_sample` for the arguments."""
+    if not seeds:
+        raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
+    if len(set(seeds)) != len(seeds):
+        raise DiffitError("--seeds lists a seed twice; each seed is one image")
+    out = check_writable(out, folder=Path(out).suffix != ".npz")  # the output paths before any work
+    if grid is not None:
+        check_writable(grid)
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo processes on GPU-less machines
+    path = resolve_weights(ckpt)
+    bad = [o for o in overrides or [] if not o.startswith(("sample.", "eval."))]
+    if bad:
+        raise DiffitError(f"sampling can only change sample.* settings, not {bad[0]!r}")
+    check_precision(precision)
+    weights, preset = read_snapshot(path, preset=preset, ema=not raw)
+    raw_preset = set_values(
+        apply_overrides(preset_to_dict(preset), overrides), {f"sample.{k}": v for k, v in (sample or {}).items()}
+    )
+    preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
+    class_list = parse_classes(classes, preset.model.num_classes)
+    vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
+    npz = out.suffix == ".npz"
+    return SampleJob(
+        ckpt=ckpt,
+        path=path,
+        seeds=seeds,
+        out=out,
+        preset=preset,
+        weights=weights,
+        sink=NpzSink(out) if npz else PngSink(out),
+        recipe=_recipe(path, preset, raw=raw, vae_id=vae_id, precision=precision, classes=classes),
+        recipe_path=out.with_name(f"{out.stem}.sample.json") if npz else out / "sample.json",
+        state=state,
+        batch=batch or preset.sample.batch,
+        classes=class_list,
+        precision=precision,
+        vae=vae,
+    )
+
+
+def _recipe(path: Path, preset: Preset, *, raw: bool, vae_id: str | None, precision: str, classes: str | None) -> dict:
+    """Everything that decides an image besides its seed (s_max may be inf: "inf")."""
+    cfg = preset.sample
+    return strict_json(
+        {
+            "checkpoint_sha256": file_sha256(path, 16),
+            "weights": "raw" if raw else "ema",
+            "preset": preset.name,
+            "sampler": cfg.sampler,
+            "steps": cfg.steps,
+            "guidance": cfg.guidance.model_dump(mode="json"),
+            "stochastic": {
+                "s_churn": cfg.s_churn,
+                "s_min": cfg.s_min,
+                "s_max": cfg.s_max,
+                "s_noise": cfg.s_noise,
+                "eta": cfg.eta,
+            },
+            "vae": vae_id,
+            "precision": precision,
+            "classes": classes or "random",
+        }
+    )
+
+
+@contextmanager
+def sampling_network(
+    job: SampleJob, *, force: bool = False, compile: bool | str = "auto", progress: Progress | None = None
+) -> Iterator[tuple[torch.nn.Module, object, Decode]]:
+    """Around the sampling of `job`: output made with another recipe is refused (with `force`, cleared), this recipe
+    is recorded, then the network, diffusion and decoder are built and yielded. A new output that fails before its
+    first image (a bad network, a full disk) leaves nothing, not even the recipe."""
+    state, npz = job.state, job.out.suffix == ".npz"
+    with new_output(
+        job.recipe_path if npz else job.out, keep=lambda: bool(job.sink.done(job.seeds)), owner=state.is_main_process
+    ):
+        _check_recipe(job.recipe_path, job.recipe, job.out, force, job.sink, state.is_main_process)
+        state.wait_for_everyone()
+        net = snapshot_network(job.weights, job.preset, str(job.path), state.device)  # the checks above need none
+        job.weights = None
+        if want_compile(compile, state.device):
+            warn = main_process_only(progress, state.is_main_process)
+            compile_blocks(net, lambda text: warn(Message(text, "warning")))
+        diffusion = build_diffusion(job.preset.diffusion, job.preset.model)
+        decode, _ = make_decoder(job.preset, job.vae, state.device, job.precision)
+        yield net, diffusion, decode
 
 
 def run_sample(
@@ -110,146 +253,70 @@ def run_sample(
     refused, naming what changed, unless `force` (then it is replaced); the same recipe resumes. `compile`:
     torch.compile each network block ("auto": on CUDA only; see `build.compile_blocks`).
     """
-    if not seeds:
-        raise DiffitError("no seeds to sample: pass e.g. --seeds 0-63")
-    if len(set(seeds)) != len(seeds):
-        raise DiffitError("--seeds lists a seed twice; each seed is one image")
-    out = check_writable(out, folder=Path(out).suffix != ".npz")  # the output paths before any work
-    if grid is not None:
-        check_writable(grid)
-    state = PartialState(cpu=not torch.cuda.is_available())  # gloo processes on GPU-less machines
-    device = state.device
-    path = resolve_weights(ckpt)
-    bad = [o for o in overrides or [] if not o.startswith(("sample.", "eval."))]
-    if bad:
-        raise DiffitError(f"sampling can only change sample.* settings, not {bad[0]!r}")
-    if precision not in ("fp32", "bf16"):
-        raise DiffitError(f"precision {precision!r}: choose fp32 or bf16")
-    weights, preset = read_snapshot(path, preset=preset, ema=not raw)
-    raw_preset = set_values(
-        apply_overrides(preset_to_dict(preset), overrides), {f"sample.{k}": v for k, v in (sample or {}).items()}
+    job = plan_sample(
+        ckpt,
+        seeds,
+        out,
+        preset=preset,
+        overrides=overrides,
+        sample=sample,
+        precision=precision,
+        batch=batch,
+        classes=classes,
+        vae=vae,
+        raw=raw,
+        grid=grid,
     )
-    preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
-    sample_cfg = preset.sample
-    batch = batch or sample_cfg.batch
-    class_list = parse_classes(classes, preset.model.num_classes)
-    vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
-    sink = NpzSink(out) if out.suffix == ".npz" else PngSink(out)
-    recipe = strict_json(
-        {  # everything that decides an image besides its seed (s_max may be inf: "inf")
-            "checkpoint_sha256": file_sha256(path, 16),
-            "weights": "raw" if raw else "ema",
-            "preset": preset.name,
-            "sampler": sample_cfg.sampler,
-            "steps": sample_cfg.steps,
-            "guidance": sample_cfg.guidance.model_dump(mode="json"),
-            "stochastic": {
-                "s_churn": sample_cfg.s_churn,
-                "s_min": sample_cfg.s_min,
-                "s_max": sample_cfg.s_max,
-                "s_noise": sample_cfg.s_noise,
-                "eta": sample_cfg.eta,
-            },
-            "vae": vae_id,
-            "precision": precision,
-            "classes": classes or "random",
-        }
-    )
-    recipe_path = out.with_name(f"{out.stem}.sample.json") if out.suffix == ".npz" else out / "sample.json"
-    # a new output that fails before its first image (a bad network, a full disk) leaves nothing, not even the recipe
-    with new_output(
-        recipe_path if out.suffix == ".npz" else out, keep=lambda: bool(sink.done(seeds)), owner=state.is_main_process
-    ):
-        _check_recipe(recipe_path, recipe, out, force, sink, state.is_main_process)
-        state.wait_for_everyone()
-        net = snapshot_network(weights, preset, str(path), device)  # the checks above need no network
-        del weights
-        if want_compile(compile, device):
-            warn = main_process_only(progress, state.is_main_process)
-            compile_blocks(net, lambda text: warn(Message(text, "warning")))
-        diffusion = build_diffusion(preset.diffusion, preset.model)
-        decode, _ = make_decoder(preset, vae, device, precision)
-        _write_images(
-            net,
-            diffusion,
-            decode,
-            preset,
-            seeds,
-            sink,
-            state,
-            batch=batch,
-            classes=class_list,
-            precision=precision,
-            progress=progress,
-        )
+    state = job.state
+    with sampling_network(job, force=force, compile=compile, progress=progress) as (net, diffusion, decode):
+        write_images(net, diffusion, decode, job.preset, seeds, job.sink, state, **job.loop_args(), progress=progress)
     state.wait_for_everyone()
-    result = {"out": str(out), "images": len(seeds)}
+    result = {"out": str(job.out), "images": len(seeds)}
     if state.is_main_process:
         if grid is not None:
-            save_png(grid, image_grid(sink.images(seeds[:64])))
-        sink.finish(seeds)
-        recipe.update(
-            diffit_version=__version__,
-            checkpoint=str(ckpt),
-            nfe=nfe(sample_cfg.sampler, sample_cfg.steps),  # a guided step: one forward of the doubled batch
-            seeds=_compact_seeds(seeds),
-            count=len(seeds),
-            processes=state.num_processes,
-            torch=torch.__version__,
-            python=platform.python_version(),
-            complete=True,
-        )
-        write_json(recipe_path, recipe)
-        result.update(recipe=str(recipe_path), nfe=recipe["nfe"])
+            save_png(grid, image_grid(job.sink.images(seeds[:64])))
+        job.complete()
+        result.update(recipe=str(job.recipe_path), nfe=job.recipe["nfe"])
     state.wait_for_everyone()
     return result
 
 
-def _write_images(
+def write_images(
     net,
     diffusion,
     decode: Decode,
     preset: Preset,
     seeds: list[int],
-    sink,
-    state: PartialState,
+    sink: PngSink | NpzSink,
+    state,
     *,
     batch: int,
-    classes: list[int] | None,
-    precision: str,
-    progress: Progress | None,
+    classes: list[int] | None = None,
+    precision: str = "fp32",
+    progress: Progress | None = None,
+    task: str = "sample",
+    purpose: str = "",
+    preemptible: bool = True,
 ) -> None:
-    """This process's share of `seeds` that `sink` does not hold yet, batch by batch; a preemption signal stops it
-    after the batch in hand is written (`Preempted`)."""
+    """The one seed → batch → file loop: this process's share of `seeds` (`state`: an Accelerator or PartialState)
+    that `sink` does not hold yet, generated batch by batch into `sink`. `classes` are fixed labels cycled over
+    `seeds` (None: drawn per seed). `task` names the progress events, `purpose` ends their first line. When
+    `preemptible`, a preemption signal stops it after the batch in hand is written (`Preempted`); callers that
+    handle the signals themselves (training) pass False."""
     device = state.device
     mine = seeds[state.process_index :: state.num_processes]
     have = sink.done(mine)
     todo = [s for s in mine if s not in have]
     emit = main_process_only(progress, state.is_main_process)
-    if sink.torn:  # a machine crash truncated them: their seeds are sampled again
-        emit(
-            Message(
-                f"{len(sink.torn)} unreadable output file(s) (torn by a crash?) removed and redone, first: "
-                f"{sink.torn[0]}",
-                "warning",
-            )
-        )
+    total, start = len(seeds), len(seeds) - len(todo) * state.num_processes
+    _announce(emit, sink, task, total, start, f"{device} × {state.num_processes}{purpose}")
     # labels are a function of the seed (or of its position in the fixed list), never of the process
     position = {s: i for i, s in enumerate(seeds)}
-    done = len(seeds) - len(todo) * state.num_processes
-    emit(
-        Start(
-            "sample",
-            len(seeds),
-            done,
-            "images",
-            f"sampling {len(todo) * state.num_processes} of {len(seeds)} images on {device} × {state.num_processes}",
-        )
-    )
-    t0 = time.perf_counter()
+    done, t0 = start, time.perf_counter()
     # a signal (SLURM's warning, a preemption, Ctrl-C) stops this process after the batch in hand is written; no
     # barrier: a launcher ends the other processes when one exits, and the rerun samples what is missing
-    with preemption_signals(lambda text: emit(Message(text, "warning"))) as caught:
+    signals = preemption_signals(lambda text: emit(Message(text, "warning"))) if preemptible else nullcontext([])
+    with signals as caught:
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
             fixed = None if classes is None else [classes[position[s] % len(classes)] for s in chunk]
@@ -257,13 +324,26 @@ def _write_images(
                 net, diffusion, preset, chunk, decode, precision=precision, batch=batch, device=device, classes=fixed
             ):
                 sink.write(s_chunk, labels, images)
-                done += len(s_chunk) * state.num_processes
-                rate = (done - len(seeds) + len(todo) * state.num_processes) / max(time.perf_counter() - t0, 1e-9)
-                emit(Step("sample", done, len(seeds), {"img_per_s": rate}, f"{rate:.2f} img/s"))
+                done = min(done + len(s_chunk) * state.num_processes, total)
+                rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+                emit(Step(task, done, total, {"img_per_s": rate}, f"{rate:.2f} img/s"))
             if caught:
                 raise Preempted(
                     caught[0], f"writing {i + len(chunk)} of this process's {len(todo)} images to {sink.out}"
                 )
+
+
+def _announce(emit, sink, task: str, total: int, start: int, where: str) -> None:
+    """The loop's first events: the files a crash tore (their seeds are sampled again), then its `Start`."""
+    if sink.torn:
+        emit(
+            Message(
+                f"{len(sink.torn)} unreadable output file(s) (torn by a crash?) removed and redone, first: "
+                f"{sink.torn[0]}",
+                "warning",
+            )
+        )
+    emit(Start(task, total, start, "images", f"sampling {total - start} of {total} images on {where}"))
 
 
 def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from diffit_cli.events import Message
 from diffit_cli.fid.reference import preset_reference
-from diffit_cli.fid.score import sample_fid
+from diffit_cli.fid.score import sample_fid, scratch_sink
 from diffit_cli.precision import sampling_precision
-from diffit_cli.sampling.run import make_decoder
+from diffit_cli.sampling.generate import make_decoder
 from diffit_cli.training.run import Run, log_record
 
 WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (removed after)
@@ -43,20 +43,21 @@ def fid_point(run: Run) -> bool:
     reference, what = fid_reference(run) if acc.is_main_process else (None, None)
     precision = sampling_precision(preset, acc.device)
     decode = run.codec.decode if run.codec is not None else make_decoder(preset, None, acc.device, precision)[0]
-    r = sample_fid(
-        run.ema.net,
-        run.diffusion,
-        preset,
-        decode,
-        reference,
-        list(range(ev.num_samples)),
-        state=acc,
-        feature_extractor=ev.feature_extractor,
-        work_dir=run.run_dir / WORK_DIR,
-        precision=precision,
-        inception_weights=run.inception_weights,
-        progress=run.emit,
-    )
+    with scratch_sink(acc, run.run_dir / WORK_DIR) as sink:
+        r = sample_fid(
+            run.ema.net,
+            run.diffusion,
+            preset,
+            decode,
+            reference,
+            list(range(ev.num_samples)),
+            state=acc,
+            sink=sink,
+            feature_extractor=ev.feature_extractor,
+            precision=precision,
+            inception_weights=run.inception_weights,
+            progress=run.emit,
+        )
     if r is None:
         return False
     kimg = round(state.nimg / 1000, 3)
