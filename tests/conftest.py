@@ -27,3 +27,56 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------ module-scoped data shared by several files
+@pytest.fixture(scope="module")
+def unet_ckpt(tmp_path_factory):
+    """A tiny U-Net checkpoint (helpers.tiny_unet) whose weights are perturbed away from the zero-initialised head,
+    so the sampled images depend on them."""
+    from helpers import perturbed_net, tiny_unet
+
+    from diffit_cli.checkpoint import save_checkpoint
+    from diffit_cli.config import dump_preset
+
+    root = tmp_path_factory.mktemp("unet")
+    p = tiny_unet()
+    net = perturbed_net(p)
+    save_checkpoint(
+        root,
+        {
+            "model": net.state_dict(),
+            "ema": net.state_dict(),
+            "optimizer": {},
+            "nimg": 0,
+            "step": 0,
+            "skipped": 0,
+            "preset": dump_preset(p),
+        },
+        0,
+        keep=1,
+    )
+    return root / "checkpoints" / "latest.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A random tiny AutoencoderKL saved as a folder (`/ "folder"`) and a single file (`/ "vae.safetensors"`)."""
+    from helpers import save_tiny_vae
+
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An image folder to encode: two classes (cat, dog) of three random 40×48 RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root

@@ -149,3 +149,55 @@ def assert_same_state(a, b, exact=True):
             for k in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(sa[i][k], sb[i][k]), f"optimizer {i}.{k}"
     assert (a["nimg"], a["step"]) == (b["nimg"], b["step"])
+
+
+def read_pngs(out, seeds):
+    """The PNGs `diffit sample` wrote to the folder `out` for `seeds`, stacked (N, H, W, C)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffit_cli.sampling.sinks import png_path
+
+    return np.stack([np.asarray(Image.open(png_path(out, s))) for s in seeds])
+
+
+def folder_bytes(folder):
+    """{file name: bytes} of every file in `folder`: two runs wrote the same files when these are equal."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def encode_cli(images, out, vae, *extra):
+    """`diffit encode-latents` at 32² with the tiny test settings (2 images a batch, 4 a shard, on the CPU)."""
+    return invoke(
+        "encode-latents",
+        images,
+        out,
+        "--resolution",
+        32,
+        "--vae",
+        vae,
+        "--batch",
+        2,
+        "--shard-size",
+        4,
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        *extra,
+    )
+
+
+def perturbed_net(preset):
+    """The preset's network with every weight nudged by seeded noise, the zero-initialised head included, so that
+    its outputs (and sampled images) depend on the weights."""
+    import torch
+
+    from diffit_cli.build import build_network
+
+    torch.manual_seed(0)
+    net = build_network(preset.model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net

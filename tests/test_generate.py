@@ -6,45 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import invoke, tiny_unet
+from helpers import invoke, perturbed_net, read_pngs, tiny_unet
 
-from diffit_cli.build import build_diffusion, build_network
-from diffit_cli.checkpoint import save_checkpoint
-from diffit_cli.config import dump_preset
+from diffit_cli.build import build_diffusion
 from diffit_cli.errors import DiffitError
 from diffit_cli.sampling.run import _compact_seeds, parse_classes, parse_seeds, run_sample
 from diffit_cli.sampling.sinks import png_path
-
-
-def _perturbed_net(preset):
-    torch.manual_seed(0)
-    net = build_network(preset.model)
-    with torch.no_grad():  # leave the zero-init head: outputs must depend on the weights
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net
-
-
-@pytest.fixture(scope="module")
-def unet_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("unet")
-    p = tiny_unet()
-    net = _perturbed_net(p)
-    save_checkpoint(
-        root,
-        {
-            "model": net.state_dict(),
-            "ema": net.state_dict(),
-            "optimizer": {},
-            "nimg": 0,
-            "step": 0,
-            "skipped": 0,
-            "preset": dump_preset(p),
-        },
-        0,
-        keep=1,
-    )
-    return root / "checkpoints" / "latest.pt"
 
 
 def test_parse_seeds_and_classes():
@@ -58,18 +25,12 @@ def test_parse_seeds_and_classes():
         parse_classes("12", 10)
 
 
-def _pngs(out, seeds):
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(png_path(out, s))) for s in seeds])
-
-
 @pytest.mark.e2e
 def test_image_depends_only_on_its_seed(unet_ckpt, tmp_path):
     seeds = list(range(5))
     for batch in (1, 3, 8):
         run_sample(str(unet_ckpt), seeds, tmp_path / f"b{batch}", batch=batch, overrides=["sample.s_churn=5"])
-    a, b, c = (_pngs(tmp_path / f"b{n}", seeds).astype(int) for n in (1, 3, 8))
+    a, b, c = (read_pngs(tmp_path / f"b{n}", seeds).astype(int) for n in (1, 3, 8))
     # All randomness is per seed, so the images agree; the network's small GEMMs (the time token's Linear on
     # (B, time_dim)) pick kernels by batch size and differ in the last float bit, which may move a pixel
     # that sits on a rounding boundary by one level (seen: 1 value of 3,840).
@@ -94,12 +55,12 @@ def test_npz_matches_pngs_and_resumes(unet_ckpt, tmp_path):
     from diffit_cli.sampling.sinks import NpzSink
 
     sink = NpzSink(out)
-    first = _pngs(tmp_path / "png", seeds[:4])
+    first = read_pngs(tmp_path / "png", seeds[:4])
     sink.write(seeds[:4], None, first)
     run_sample(str(unet_ckpt), seeds, out, batch=4, grid=tmp_path / "grid.png")
     with np.load(out) as z:
         assert z.files == ["arr_0"]
-        assert np.array_equal(z["arr_0"], _pngs(tmp_path / "png", seeds))
+        assert np.array_equal(z["arr_0"], read_pngs(tmp_path / "png", seeds))
     assert (tmp_path / "s.sample.json").is_file() and (tmp_path / "grid.png").is_file()
     assert not (tmp_path / "s.npz.parts").exists()
 
@@ -276,41 +237,6 @@ def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeyp
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name, sig, code", [("png", "SIGUSR1", 3), ("s.npz", "SIGINT", 130)])
-def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
-    unet_ckpt, tmp_path, monkeypatch, name, sig, code
-):
-    """Issue #13: SIGUSR1 (SLURM's warning) or Ctrl-C during `diffit sample`: the batch in hand is written, exit 3
-    (130); the same command finishes the rest, and the images equal an uninterrupted run's."""
-    import os
-    import signal
-
-    from diffit_cli.sampling.sinks import NpzSink, PngSink
-
-    seeds = ["--seeds", "0-9", "--batch", "4", "--ckpt", str(unet_ckpt)]
-    straight = tmp_path / "straight" / name
-    assert invoke("sample", *seeds, "--out", str(straight)).exit_code == 0
-    sink_type = NpzSink if name.endswith(".npz") else PngSink
-    write = sink_type.write
-
-    def write_then_signal(self, *a):
-        write(self, *a)
-        os.kill(os.getpid(), getattr(signal, sig))  # as SLURM's `--signal=B:USR1@120` or a Ctrl-C would, mid-run
-
-    out = tmp_path / "cut" / name
-    with monkeypatch.context() as m:
-        m.setattr(sink_type, "write", write_then_signal)
-        r = invoke("sample", *seeds, "--out", str(out))
-    assert r.exit_code == code, r.output
-    assert f"stopped by {sig}" in r.output and "rerun the same command" in " ".join(r.output.split())
-    assert sig != "SIGINT" or "Ctrl-C again" in " ".join(r.output.split())  # said at once: a batch may take minutes
-    assert sink_type(out).done(list(range(10))) == {0, 1, 2, 3}  # the first batch, and nothing more
-    assert invoke("sample", *seeds, "--out", str(out)).exit_code == 0
-    read = (lambda p: np.load(p)["arr_0"]) if name.endswith(".npz") else (lambda p: _pngs(p, range(10)))
-    assert np.array_equal(read(out), read(straight))
-
-
-@pytest.mark.e2e
 def test_resume_redoes_a_truncated_png_and_a_torn_npz_part(unet_ckpt, tmp_path):
     """Issue #13: a machine crash can leave a PNG or an npz part cut short: the rerun removes it (with a warning)
     and samples its seeds again."""
@@ -319,12 +245,12 @@ def test_resume_redoes_a_truncated_png_and_a_torn_npz_part(unet_ckpt, tmp_path):
 
     seeds = list(range(8))
     run_sample(str(unet_ckpt), seeds, tmp_path / "png", batch=4)
-    want = _pngs(tmp_path / "png", seeds)
+    want = read_pngs(tmp_path / "png", seeds)
     torn = png_path(tmp_path / "png", 5)
     torn.write_bytes(torn.read_bytes()[:60])
     events = []
     run_sample(str(unet_ckpt), seeds, tmp_path / "png", batch=4, progress=events.append)
-    assert np.array_equal(_pngs(tmp_path / "png", seeds), want)
+    assert np.array_equal(read_pngs(tmp_path / "png", seeds), want)
     assert any(isinstance(e, Message) and e.level == "warning" and str(torn) in e.text for e in events)
 
     out = tmp_path / "s.npz"
@@ -384,7 +310,7 @@ def test_the_training_preview_samples_in_fp32_on_the_cpu(tmp_path, monkeypatch):
     real = G.sample_batch
     monkeypatch.setattr(G, "sample_batch", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
     out = G.preview_grid(
-        _perturbed_net(p),
+        perturbed_net(p),
         build_diffusion(p.diffusion, p.model),
         p,
         lambda x: ((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy(),

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_VIT, invoke, save_tiny_vae, tiny_vit
+from helpers import TINY_VIT, encode_cli, folder_bytes, invoke, save_tiny_vae, tiny_vit
 from PIL import Image
 
 from diffit_cli.checkpoint import latest_checkpoint
@@ -22,29 +22,9 @@ from diffit_cli.training import train
 RES = 32
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog"):
-        (root / c).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
 def _encode(images, out, vae, **kw):
     kw = {**dict(resolution=RES, vae=vae, batch=2, shard_size=4, num_workers=0, device="cpu"), **kw}
     return encode_latents(images, out, **kw)
-
-
-def _bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.mark.e2e
@@ -93,16 +73,16 @@ def test_shards_manifest_and_labels(tiny_vae, images, tmp_path):
 @pytest.mark.e2e
 def test_rerun_skips_finished_shards(tiny_vae, images, tmp_path):
     _encode(images, tmp_path / "lat", tiny_vae / "folder")
-    before = _bytes(tmp_path / "lat")
+    before = folder_bytes(tmp_path / "lat")
     events = []
     _encode(images, tmp_path / "lat", tiny_vae / "folder", progress=events.append)
     steps = [e for e in events if isinstance(e, Step)]
     assert [e.figures["skipped"] for e in steps] == [True, True] and steps[-1].figures["encoded"] == 0
     assert steps[-1].done == 6 and isinstance(events[0], Start) and events[0].total == 6
-    assert _bytes(tmp_path / "lat") == before
+    assert folder_bytes(tmp_path / "lat") == before
     with pytest.raises(DataError, match=r"different settings \(changed: dtype, shard_size"):
         _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32", shard_size=3)
-    assert _bytes(tmp_path / "lat") == before  # refused: nothing touched
+    assert folder_bytes(tmp_path / "lat") == before  # refused: nothing touched
     replaced = _encode(images, tmp_path / "lat", tiny_vae / "folder", dtype="fp32", shard_size=3, force=True)
     assert (replaced["dtype"], replaced["shard_size"], len(replaced["shards"])) == ("float32", 3, 2)
     assert sorted(p.name for p in (tmp_path / "lat").glob("shard-*")) == [s["file"] for s in replaced["shards"]]
@@ -129,7 +109,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_vae, images, tmp_path):
     _encode(images, tmp_path / "part", tiny_vae / "vae.safetensors", progress=events.append)
     steps = [e for e in events if isinstance(e, Step)]
     assert steps[0].figures["skipped"] and steps[-1].figures["encoded"] == 2  # same weights from a single file
-    full, part = _bytes(tmp_path / "full"), _bytes(tmp_path / "part")
+    full, part = folder_bytes(tmp_path / "full"), folder_bytes(tmp_path / "part")
     assert full.keys() == part.keys()
     for name in full:
         if name != "manifest.json":
@@ -274,56 +254,6 @@ def test_shipped_config_is_sd_vae_ft_ema():
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # 83.7 M: the SD KL-f8 autoencoder
 
 
-def _encode_cli(images, out, vae, *extra):
-    """`diffit encode-latents` at the tiny test settings (2 images a batch, 4 a shard, on the CPU)."""
-    return invoke(
-        "encode-latents",
-        images,
-        out,
-        "--resolution",
-        RES,
-        "--vae",
-        vae,
-        "--batch",
-        2,
-        "--shard-size",
-        4,
-        "--workers",
-        0,
-        "--device",
-        "cpu",
-        *extra,
-    )
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("sig, code", [("SIGTERM", 3), ("SIGINT", 130)])
-def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
-    tiny_vae, images, tmp_path, monkeypatch, sig, code
-):
-    """Issue #13: SIGTERM (a scheduler's preemption notice) or Ctrl-C during encode-latents: the shard in hand is
-    written, exit 3 (130); the rerun's bytes equal an uninterrupted run's."""
-    import os
-    import signal
-
-    import diffit_cli.encode_latents as E
-
-    assert _encode_cli(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
-    write = E.write_shard
-
-    def write_then_signal(*a, **k):
-        write(*a, **k)
-        os.kill(os.getpid(), getattr(signal, sig))
-
-    with monkeypatch.context() as m:
-        m.setattr(E, "write_shard", write_then_signal)
-        r = _encode_cli(images, tmp_path / "part", tiny_vae / "folder")
-    assert r.exit_code == code and f"stopped by {sig}" in r.output, r.output
-    assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
-    assert _encode_cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
-    assert _bytes(tmp_path / "full") == _bytes(tmp_path / "part")
-
-
 @pytest.mark.e2e
 def test_a_full_disk_while_writing_a_shard_keeps_the_previous_one_and_exits_2(tiny_vae, images, tmp_path, monkeypatch):
     """Issue #13: ENOSPC inside the second shard's write: one line naming the file and the space needed, the first
@@ -343,14 +273,14 @@ def test_a_full_disk_while_writing_a_shard_keeps_the_previous_one_and_exits_2(ti
     out = tmp_path / "lat"
     with monkeypatch.context() as m:
         m.setattr(F.os, "fsync", full_disk)
-        r = _encode_cli(images, out, tiny_vae / "folder")
+        r = encode_cli(images, out, tiny_vae / "folder")
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert shard_name(1) in "".join(r.output.split()) and "needed" in flat and "free" in flat and "disk is full" in flat
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, shard_name(0)]  # no temporary file
-    before = _bytes(out)
-    assert _encode_cli(images, out, tiny_vae / "folder").exit_code == 0
-    assert _bytes(out)[shard_name(0)] == before[shard_name(0)]
+    before = folder_bytes(out)
+    assert encode_cli(images, out, tiny_vae / "folder").exit_code == 0
+    assert folder_bytes(out)[shard_name(0)] == before[shard_name(0)]
 
 
 # ------------------------------------------------------------------ encode → train on shards → sample through the VAE

@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_same_state, final_checkpoint, invoke, tiny_unet
+from helpers import assert_same_state, encode_cli, final_checkpoint, folder_bytes, invoke, read_pngs, tiny_unet
 
 from diffit_cli.config import dump_preset
+from diffit_cli.data import shard_name
 
 # ------------------------------------------------------------------------------------------------------- scripts/slurm
 SLURM = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
@@ -266,3 +268,68 @@ def test_a_loader_left_open_does_not_hang_the_exit():
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "got a batch" in r.stdout, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------- sample
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, sig, code", [("png", "SIGUSR1", 3), ("s.npz", "SIGINT", 130)])
+def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
+    unet_ckpt, tmp_path, monkeypatch, name, sig, code
+):
+    """Issue #13: SIGUSR1 (SLURM's warning) or Ctrl-C during `diffit sample`: the batch in hand is written, exit 3
+    (130); the same command finishes the rest, and the images equal an uninterrupted run's."""
+    import os
+    import signal
+
+    from diffit_cli.sampling.sinks import NpzSink, PngSink
+
+    seeds = ["--seeds", "0-9", "--batch", "4", "--ckpt", str(unet_ckpt)]
+    straight = tmp_path / "straight" / name
+    assert invoke("sample", *seeds, "--out", str(straight)).exit_code == 0
+    sink_type = NpzSink if name.endswith(".npz") else PngSink
+    write = sink_type.write
+
+    def write_then_signal(self, *a):
+        write(self, *a)
+        os.kill(os.getpid(), getattr(signal, sig))  # as SLURM's `--signal=B:USR1@120` or a Ctrl-C would, mid-run
+
+    out = tmp_path / "cut" / name
+    with monkeypatch.context() as m:
+        m.setattr(sink_type, "write", write_then_signal)
+        r = invoke("sample", *seeds, "--out", str(out))
+    assert r.exit_code == code, r.output
+    assert f"stopped by {sig}" in r.output and "rerun the same command" in " ".join(r.output.split())
+    assert sig != "SIGINT" or "Ctrl-C again" in " ".join(r.output.split())  # said at once: a batch may take minutes
+    assert sink_type(out).done(list(range(10))) == {0, 1, 2, 3}  # the first batch, and nothing more
+    assert invoke("sample", *seeds, "--out", str(out)).exit_code == 0
+    read = (lambda p: np.load(p)["arr_0"]) if name.endswith(".npz") else (lambda p: read_pngs(p, range(10)))
+    assert np.array_equal(read(out), read(straight))
+
+
+# ----------------------------------------------------------------------------------------------------- encode-latents
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 3), ("SIGINT", 130)])
+def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
+    tiny_vae, images, tmp_path, monkeypatch, sig, code
+):
+    """Issue #13: SIGTERM (a scheduler's preemption notice) or Ctrl-C during encode-latents: the shard in hand is
+    written, exit 3 (130); the rerun's bytes equal an uninterrupted run's."""
+    import os
+    import signal
+
+    import diffit_cli.encode_latents as E
+
+    assert encode_cli(images, tmp_path / "full", tiny_vae / "folder").exit_code == 0
+    write = E.write_shard
+
+    def write_then_signal(*a, **k):
+        write(*a, **k)
+        os.kill(os.getpid(), getattr(signal, sig))
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "write_shard", write_then_signal)
+        r = encode_cli(images, tmp_path / "part", tiny_vae / "folder")
+    assert r.exit_code == code and f"stopped by {sig}" in r.output, r.output
+    assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
+    assert encode_cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
+    assert folder_bytes(tmp_path / "full") == folder_bytes(tmp_path / "part")
