@@ -140,7 +140,9 @@ def test_study_errors_name_the_fix(tmp_path):
 def test_table4_networks_and_diffit_equivalence():
     cifar = load_preset("cifar10")
     e = load_preset("cifar10", ["model.kind=encdec", "model.encoder=diffit", "model.decoder=diffit"])
-    assert count_config_parameters(e.model) == count_config_parameters(cifar.model)  # E built as an encdec is DiffiT itself
+    assert count_config_parameters(e.model) == count_config_parameters(
+        cifar.model
+    )  # E built as an encdec is DiffiT itself
     a = load_preset("cifar10", ["model.kind=encdec", "model.encoder=vit", "model.decoder=setr-mla"])
     assert 80e6 < count_config_parameters(a.model) < 120e6  # ViT-Base (86M) + SETR-MLA
     with pytest.raises(Exception, match="setr-mla"):
@@ -325,7 +327,7 @@ def test_cli_list_and_errors():
 
 
 def test_inception_weights_reach_the_metrics(tmp_path, monkeypatch):
-    from diffit_cli import metrics as M
+    from diffit_cli.fid import metrics as M
 
     r = invoke(
         "ablate",

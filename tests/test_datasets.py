@@ -171,34 +171,36 @@ def test_synthetic_data_only_when_the_preset_says_so():
 
 
 def test_training_statistics_are_computed_once_and_reused(monkeypatch, cache):
-    from diffit_cli import metrics as M
+    from diffit_cli.fid import metrics as M
+    from diffit_cli.fid.extractors import TEST_EXTRACTOR
+    from diffit_cli.fid.inputs import read_stats
     from diffit_cli.fid.reference import training_statistics
 
     p = tiny_unet()
-    path, what = training_statistics(p, feature_extractor=M.TEST_EXTRACTOR, limit=16, batch=8)
+    path, what = training_statistics(p, feature_extractor=TEST_EXTRACTOR, limit=16, batch=8)
     assert path.parent == cache_dir() / "fid-refs" and path.is_file()
     assert what == "16 training images (synthetic-shapes(style=simple, seed=0, size=50000), 16px)"
-    stats = M.read_stats(path)
-    assert stats["num_images"] == 16 and stats["extractor"] == M.TEST_EXTRACTOR
+    stats = read_stats(path)
+    assert stats["num_images"] == 16 and stats["extractor"] == TEST_EXTRACTOR
     src = open_source(p.data)  # the images training reads, through save_reference itself
     M.save_reference(
         np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(16)]),
         cache / "direct.npz",
-        feature_extractor=M.TEST_EXTRACTOR,
+        feature_extractor=TEST_EXTRACTOR,
         batch=8,
     )
-    np.testing.assert_allclose(stats["mu"], M.read_stats(cache / "direct.npz")["mu"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats["mu"], read_stats(cache / "direct.npz")["mu"], rtol=1e-6, atol=1e-7)
 
     def no_reading(*a, **k):
         raise AssertionError("the images were read again")
 
     monkeypatch.setattr(SyntheticShapes, "__getitem__", no_reading)
     monkeypatch.setattr(M, "save_reference", no_reading)
-    assert training_statistics(p, feature_extractor=M.TEST_EXTRACTOR, limit=16, batch=8) == (path, what)
+    assert training_statistics(p, feature_extractor=TEST_EXTRACTOR, limit=16, batch=8) == (path, what)
     with pytest.raises(AssertionError, match="read again"):  # another count is another key
-        training_statistics(p, feature_extractor=M.TEST_EXTRACTOR, limit=8, batch=8)
+        training_statistics(p, feature_extractor=TEST_EXTRACTOR, limit=8, batch=8)
     with pytest.raises(DiffitError, match="latent model needs a reference statistics file"):
-        training_statistics(tiny_vit(), feature_extractor=M.TEST_EXTRACTOR)
+        training_statistics(tiny_vit(), feature_extractor=TEST_EXTRACTOR)
 
 
 @pytest.mark.e2e

@@ -16,11 +16,13 @@ import torch
 from helpers import invoke
 from PIL import Image
 
-from diffit_cli import metrics as M
 from diffit_cli.errors import DiffitError
+from diffit_cli.fid import extractors as E
+from diffit_cli.fid import metrics as M
+from diffit_cli.fid.inputs import read_stats
 from diffit_cli.fid.metrics import fid_distance
 
-EXT = M.register_test_extractor()
+EXT = E.register_test_extractor()
 N = 96
 
 
@@ -79,7 +81,7 @@ def fid(samples, ref, **kw):
 
 
 def features(images):
-    fe = M.RandConvFeatureExtractor(EXT, ["features"])
+    fe = E.RandConvFeatureExtractor(EXT, ["features"])
     return fe(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())[0].double().numpy()
 
 
@@ -94,9 +96,9 @@ def test_test_extractor_is_deterministic_and_not_collapsed(data):
     assert (f1.std(0) > 1e-3).all()  # every feature varies across images
     s = np.linalg.svd(f1 - f1.mean(0), compute_uv=False)
     assert (s**2)[:3].sum() / (s**2).sum() < 0.95  # not one or two directions
-    logits = M.RandConvFeatureExtractor(EXT, ["logits"])(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[0]
+    logits = E.RandConvFeatureExtractor(EXT, ["logits"])(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[0]
     assert len(set(logits.argmax(1).tolist())) >= 3
-    assert M.register_test_extractor() == EXT  # idempotent
+    assert E.register_test_extractor() == EXT  # idempotent
 
 
 # ---------------------------------------------------------------------------------------------- FID
@@ -146,7 +148,7 @@ def test_fid_against_saved_stats_equals_fid_against_the_folder(data, tmp_path):
     info = M.save_reference(data["b"], out, feature_extractor=EXT, device="cpu")
     assert info["num_images"] == N and info["extractor"] == EXT and info["dim"] == 128
     assert sorted(os.listdir(out.parent)) == ["b-stats.npz"]  # no temp file left behind
-    stats = M.read_stats(out)
+    stats = read_stats(out)
     assert stats["extractor"] == EXT and stats["num_images"] == N
     assert stats["mu"].shape == (128,) and stats["sigma"].shape == (128, 128)
     r = M.compute_metrics(data["a"], out, feature_extractor=EXT, device="cpu")
@@ -180,7 +182,7 @@ def test_edm_and_adm_style_stats_files_are_read(data, tmp_path):
     assert r["fid"] == pytest.approx(expected, rel=1e-6)
     assert r["precision"] == direct["precision"] and r["recall"] == direct["recall"]
     assert r["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-6)
-    info = M.read_stats(adm)
+    info = read_stats(adm)
     assert info["extractor"] is None and info["has_images"]
 
 
@@ -238,7 +240,7 @@ def test_other_user_errors(data, tmp_path):
 
 def test_is_kid_pr_in_range(data):
     r = M.compute_metrics(data["a"], data["shift60"], metrics="fid,is,kid,pr", feature_extractor=EXT, device="cpu")
-    assert 1.0 <= r["is_mean"] <= M.RandConvFeatureExtractor.NUM_LOGITS and r["is_std"] >= 0
+    assert 1.0 <= r["is_mean"] <= E.RandConvFeatureExtractor.NUM_LOGITS and r["is_std"] >= 0
     assert r["kid_mean"] > 0.01 and r["kid_std"] >= 0
     assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
     assert r["extractor"] == EXT and r["num_samples"] == N
@@ -260,7 +262,7 @@ def test_offline_without_inception_weights_fails_fast(data, tmp_path):
     assert "--inception-weights" in msg and "HF_HUB_OFFLINE" in msg
     expected_name = "weights-inception-2015-12-05-6726825d.pth"
     assert str(tmp_path / "torch-home" / "hub" / "checkpoints" / expected_name) in msg
-    assert M.inception_weights_cache_path() == tmp_path / "torch-home" / "hub" / "checkpoints" / expected_name
+    assert E.inception_weights_cache_path() == tmp_path / "torch-home" / "hub" / "checkpoints" / expected_name
 
 
 def test_failed_download_is_a_clear_error(data, monkeypatch):
@@ -285,7 +287,7 @@ def inception_state_file(tmp_path_factory):
     mp.setattr(inc, "load_state_dict_from_url", lambda *a, **k: {})
     mp.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
     try:
-        net = inc.FeatureExtractorInceptionV3(M.INCEPTION, ["2048"])
+        net = inc.FeatureExtractorInceptionV3(E.INCEPTION, ["2048"])
     finally:
         mp.undo()
     path = tmp_path_factory.mktemp("inception") / "inception.pth"
@@ -296,9 +298,9 @@ def inception_state_file(tmp_path_factory):
 def test_inception_weights_path_and_hub_cache_are_used(data, tmp_path, inception_state_file):
     x = data["arrays"]["a"][:2]
     r = M.compute_metrics(x, metrics="is", inception_weights=inception_state_file, device="cpu")
-    assert r["extractor"] == M.INCEPTION and r["feature_layers"] == {"is": "logits_unbiased"}
+    assert r["extractor"] == E.INCEPTION and r["feature_layers"] == {"is": "logits_unbiased"}
     assert np.isfinite(r["is_mean"])
-    cached = M.inception_weights_cache_path()
+    cached = E.inception_weights_cache_path()
     cached.parent.mkdir(parents=True)
     os.symlink(inception_state_file, cached)
     r2 = M.compute_metrics(x, metrics="is", device="cpu")  # offline, found in the torch hub cache
@@ -316,7 +318,7 @@ def test_bad_inception_weights_file(data, tmp_path):
     torch.save({"fc.weight": torch.zeros(3)}, wrong)
     with pytest.raises(DiffitError, match="does not hold inception-v3-compat weights"):
         M.compute_metrics(data["a"], data["b"], inception_weights=wrong)
-    cached = M.inception_weights_cache_path()  # a broken download in the torch hub cache
+    cached = E.inception_weights_cache_path()  # a broken download in the torch hub cache
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"truncated")
     with pytest.raises(DiffitError, match="cached Inception weights .* are unreadable"):
@@ -393,3 +395,27 @@ def test_a_non_weights_file_is_named_without_unsafe_advice(data, tmp_path, conte
     flat = "".join(r.output.split())
     assert str(bad) in flat and "statedictoftensors" in flat
     assert "weights_only" not in r.output and "pickle" not in r.output.lower()
+
+
+def test_a_scorer_swapped_in_fid_metrics_reaches_eval_fid_ckpt(tmp_path, monkeypatch):
+    """`fid.score` calls `compute_metrics` through its module `diffit_cli.fid.metrics`, so a function swapped there
+    is the one `eval-fid --ckpt` (and FID along training, and ablate) scores the samples with."""
+    from helpers import tiny_unet
+
+    from diffit_cli.build import build_network
+    from diffit_cli.config import dump_preset
+
+    p = tiny_unet()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "ema": build_network(p.model).state_dict(), "preset": dump_preset(p)}, ckpt)
+    seen = []
+
+    def scorer(samples, reference, **kw):
+        with np.load(samples) as z:  # the assembled samples of seeds 0..3
+            seen.append((z["arr_0"].shape[0], str(reference), kw["feature_extractor"]))
+        return {"fid": 1.25, "num_samples": 4, "notes": []}
+
+    monkeypatch.setattr(M, "compute_metrics", scorer)
+    r = invoke("eval-fid", "--ckpt", ckpt, "--num", 4, "--feature-extractor", EXT, "--ref", tmp_path / "ref.npz")
+    assert r.exit_code == 0, r.output
+    assert seen == [(4, str(tmp_path / "ref.npz"), EXT)] and "1.2500" in r.output

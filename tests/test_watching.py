@@ -11,19 +11,19 @@ from helpers import TINY_UNET, invoke, set_flags, tiny_unet
 from PIL import Image
 
 from diffit_cli import checkpoint as ck
-from diffit_cli import metrics as M
 from diffit_cli.build import build_diffusion, build_network
 from diffit_cli.config import dump_preset
 from diffit_cli.curves import curve_panels, draw_curves, read_log, taken_path
 from diffit_cli.data import open_source
 from diffit_cli.errors import DiffitError
+from diffit_cli.fid import metrics as M
 from diffit_cli.fid import score as S
-from diffit_cli.sampling.generate import generate
-from diffit_cli.sampling.run import make_decoder
+from diffit_cli.fid.extractors import register_test_extractor
+from diffit_cli.sampling.generate import generate, make_decoder
 from diffit_cli.sampling.sinks import png_path
 from diffit_cli.training import TrackerSpec, train
 
-STANDIN = M.register_test_extractor()
+STANDIN = register_test_extractor()
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import numpy as np
 from diffit_cli import __version__
 from diffit_cli.ablation.budget import get_budget
 from diffit_cli.ablation.study import CHANGE_FLOOR, RESULT, Study
+from diffit_cli.fid.extractors import INCEPTION, TEST_EXTRACTOR
 from diffit_cli.fileio import atomic_write_bytes, read_json, write_json
-from diffit_cli.metrics import INCEPTION, TEST_EXTRACTOR
 from diffit_cli.plots import Panel, Series, colormap, save_image_table, save_plot
 
 RESULT_FIELDS = [

@@ -115,7 +115,8 @@ def register(app: typer.Typer) -> None:
             fail("--num, --repeats and --keep go with --ckpt (sampling a checkpoint)")
         if samples is None:
             fail("give SAMPLES (images to score), or --ckpt FILE to sample a checkpoint")
-        from diffit_cli import metrics as M
+        from diffit_cli.fid import metrics as M
+        from diffit_cli.fid.extractors import INCEPTION
 
         if save_ref is not None and ref is not None:
             fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
@@ -137,7 +138,7 @@ def register(app: typer.Typer) -> None:
                         load_preset(preset, sets),
                         batch=batch or 64,
                         progress=progress,
-                        feature_extractor=feature_extractor or M.INCEPTION,
+                        feature_extractor=feature_extractor or INCEPTION,
                         inception_weights=inception_weights,
                     )
                 result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffit_cli import metrics as M  # through the module: tests and users may swap its functions
 from diffit_cli.config import Preset
 from diffit_cli.data import cache_dir, open_source, require_data
 from diffit_cli.data.loader import unwrap_worker_error
 from diffit_cli.data.sources import Source
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress
+from diffit_cli.fid import metrics as fid_metrics  # through the module: tests and users may swap its functions
 from diffit_cli.fid.inputs import Images
 
 TRAIN = "train"  # the `eval.reference` value that means these statistics
@@ -77,7 +77,7 @@ def training_statistics(
                     data={"event": "stage", "stage": "reference", "images": n, "path": str(path)},
                 )
             )
-        M.save_reference(
+        fid_metrics.save_reference(
             source_images(src, n, preset.data.num_workers),
             path,
             feature_extractor=feature_extractor,
