@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from diffit_cli.data import DEFAULT_LATENT_SCALE, normalize_pixels, sample_latent
 from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
+from diffit_cli.precision import check_precision
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 VAE_CONFIG_PATH = Path(__file__).resolve().parent / "assets" / "sd-vae-ft-ema.json"
@@ -193,8 +194,7 @@ class VAECodec:
         scale: float = DEFAULT_LATENT_SCALE,
         cache_dir: str | Path | None = None,
     ):
-        if precision not in ("fp32", "bf16"):
-            raise VAEError(f"VAE precision must be fp32 or bf16, got {precision!r}")
+        check_precision(precision, "VAE precision", VAEError)
         self.vae_id = str(vae) if not isinstance(vae, torch.nn.Module) else type(vae).__name__
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.vae = load_vae(vae, cache_dir=cache_dir).to(self.device).eval().requires_grad_(False)

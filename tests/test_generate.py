@@ -318,3 +318,17 @@ def test_the_training_preview_samples_in_fp32_on_the_cpu(tmp_path, monkeypatch):
         seeds=4,
     )
     assert seen == ["fp32"] and out.is_file() and (tmp_path / "grid-latest.png").is_file()
+
+
+def test_one_precision_rule_for_the_command_run_sample_and_the_vae(unet_ckpt, tmp_path):
+    """`precision.check_precision` is the one check: the flag, `run_sample` and the VAE codec each name what they
+    were given and the choices, before any network or VAE is built."""
+    from diffit_cli.codecs import VAECodec, VAEError
+
+    r = invoke("sample", "--ckpt", unet_ckpt, "--precision", "fp16", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--precision 'fp16': choose fp32 or bf16" in r.output, r.output
+    with pytest.raises(DiffitError, match="^precision 'fp16': choose fp32 or bf16$"):
+        run_sample(str(unet_ckpt), [0], tmp_path / "o", precision="fp16")
+    with pytest.raises(VAEError, match="^VAE precision 'fp16': choose fp32 or bf16$"):
+        VAECodec("no/such-vae", precision="fp16")  # refused before the VAE is looked for
+    assert not (tmp_path / "o").exists()

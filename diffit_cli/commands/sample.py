@@ -60,7 +60,7 @@ def sample_cmd(
     ),
 ) -> None:
     from diffit_cli.config import check_sample_values, load_preset
-    from diffit_cli.errors import DiffitError
+    from diffit_cli.precision import check_precision
     from diffit_cli.sampling.run import parse_seeds, run_sample
 
     values = {
@@ -72,8 +72,7 @@ def sample_cmd(
         "guidance.channels": int(cfg_channels) if cfg_channels and cfg_channels.isdigit() else cfg_channels,
     }
     check_sample_values(values, SAMPLE_FLAGS)  # a bad flag fails here, before any file is read
-    if precision not in ("fp32", "bf16"):
-        raise DiffitError(f"--precision {precision!r}: choose fp32 or bf16")
+    check_precision(precision, "--precision")
     with RichProgress() as progress:
         result = run_sample(
             ckpt,
