@@ -5,7 +5,8 @@
 - `named`: datasets by name (`torchvision:NAME`, `hf:OWNER/NAME`); `catalog`: the cache folder, the no-data error
   and the preparation steps of the paper's datasets;
 - `synthetic`: the built-in procedural shapes; `latents`: the shard format of `diffit encode-latents`;
-- `loader`: `open_source` (config or path → source) and `make_loader` (endless keyed batches).
+- `loader`: `check_source` (what can be refused before reading), `open_source` (config or path → source) and
+  `make_loader` (endless keyed batches).
 """
 
 from diffit_cli.data.catalog import cache_dir, is_named, missing_data_message, require_data
@@ -34,7 +35,7 @@ from diffit_cli.data.latents import (
     write_manifest,
     write_shard,
 )
-from diffit_cli.data.loader import InfiniteLoader, StreamBatchSampler, make_loader, open_source
+from diffit_cli.data.loader import InfiniteLoader, StreamBatchSampler, check_source, make_loader, open_source
 from diffit_cli.data.named import HFSource, TorchvisionSource
 from diffit_cli.data.sources import NO_LABEL, SKIP_HINT, ImageFolderSource, NpzSource, PixelSource, Source, ZipSource
 from diffit_cli.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SIZE, SYNTHETIC_STYLES, SyntheticShapes
@@ -69,6 +70,7 @@ __all__ = [
     "write_shard",
     "InfiniteLoader",
     "StreamBatchSampler",
+    "check_source",
     "make_loader",
     "open_source",
     "NO_LABEL",

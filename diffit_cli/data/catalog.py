@@ -81,6 +81,20 @@ def missing_data_message(preset_name: str | None, data: Any) -> str:
     )
 
 
+def check_path(path: str | os.PathLike) -> Path:
+    """A `data.path` that names no dataset must exist and be a kind of data diffit reads: a folder (images, or latent
+    shards with manifest.json), a `.zip` or a `.npz`. Returns the path with `~` expanded."""
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise DataError(f"data path {str(found)!r} does not exist; pass {DATA_FORMS} (see {README_SECTION})")
+    if not (found.is_dir() or found.suffix.lower() in (".zip", ".npz")):
+        raise DataError(
+            f"cannot tell what {str(found)!r} is: pass an image folder, a .zip, a .npz, a "
+            "latent folder (with manifest.json), torchvision:NAME or hf:OWNER/NAME"
+        )
+    return found
+
+
 def require_data(preset: Any) -> None:
     """Raise the no-data error when a preset names neither data nor the built-in shapes (before anything is built)."""
     if not has_data(preset.data):

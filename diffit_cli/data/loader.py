@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffit_cli.data.catalog import DATA_FORMS, README_SECTION, has_data, is_named, missing_data_message
+from diffit_cli.data.catalog import check_path, has_data, is_named, missing_data_message
 from diffit_cli.data.images import DataError, check_resolution
 from diffit_cli.data.latents import MANIFEST_NAME, LatentShardSource
-from diffit_cli.data.named import open_named
+from diffit_cli.data.named import check_named, open_named
 from diffit_cli.data.sources import ImageFolderSource, NpzSource, Source, ZipSource
 from diffit_cli.data.synthetic import SYNTHETIC_SIZE, SyntheticShapes
 from diffit_cli.preemption import shielded_workers
+
+
+def check_source(data: Any) -> None:
+    """What `open_source` would refuse in a `DataConfig`'s `path` before reading or downloading anything: a malformed
+    or unknown dataset name (`named.check_named`), a path that does not exist or is no kind of data diffit reads
+    (`catalog.check_path`). An empty path is for `catalog.require_data` to judge."""
+    if data.path is None:
+        return
+    if is_named(data.path):
+        check_named(str(data.path))
+    else:
+        check_path(data.path)
 
 
 def open_source(
@@ -71,9 +82,7 @@ def open_source(
             raise DataError(f"opening {data!r} needs a resolution")
         src = open_named(str(data), resolution, **kwargs, **columns)
     else:
-        path = Path(data).expanduser()
-        if not path.exists():
-            raise DataError(f"data path {str(path)!r} does not exist; pass {DATA_FORMS} (see {README_SECTION})")
+        path = check_path(data)  # exists, and is a folder, .zip or .npz
         if path.is_dir() and (path / MANIFEST_NAME).is_file():
             src = LatentShardSource(path, resolution)
         else:
@@ -83,13 +92,8 @@ def open_source(
                 src = ImageFolderSource(path, resolution, **kwargs)
             elif path.suffix.lower() == ".zip":
                 src = ZipSource(path, resolution, **kwargs)
-            elif path.suffix.lower() == ".npz":
+            else:  # .npz: check_path refused every other kind
                 src = NpzSource(path, resolution, **kwargs)
-            else:
-                raise DataError(
-                    f"cannot tell what {str(path)!r} is: pass an image folder, a .zip, a .npz, a "
-                    "latent folder (with manifest.json), torchvision:NAME or hf:OWNER/NAME"
-                )
     if use_labels and src.num_classes == 0:
         raise DataError(
             f"data.use_labels is true but {src.name!r} has no class labels (put each class in its "

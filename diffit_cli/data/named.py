@@ -16,6 +16,7 @@ path and how to put the files there by hand.
 from __future__ import annotations
 
 import abc
+import importlib.util
 import inspect
 import io
 import os
@@ -54,11 +55,31 @@ def open_named(
 ) -> PixelSource:
     """The source of a `torchvision:` or `hf:` spec (see the module docstring)."""
     kwargs = dict(channels=channels, xflip=xflip, skip_bad_images=skip_bad_images)
+    check_named(spec)
     if spec.startswith(TORCHVISION_PREFIX):
         name, split = split_spec(spec[len(TORCHVISION_PREFIX) :])
         return TorchvisionSource(name, resolution, split=split, **kwargs)
     name, split = split_spec(spec[len(HF_PREFIX) :], lambda s: Path(s).expanduser().exists())
     return HFSource(name, resolution, split=split, image_column=image_column, label_column=label_column, **kwargs)
+
+
+def check_named(spec: str) -> None:
+    """What can be said of a `torchvision:` or `hf:` spec without downloading or reading it: a name is given, a
+    torchvision dataset of that name exists and has the split asked for, `datasets` is installed for `hf:`."""
+    if spec.startswith(TORCHVISION_PREFIX):
+        name, split = split_spec(spec[len(TORCHVISION_PREFIX) :])
+        if not name:
+            raise DataError(f"{spec!r} names no dataset; write torchvision:NAME[:split], e.g. torchvision:CIFAR10")
+        cls = _torchvision_class(name)
+        _torchvision_kwargs(cls, f"{TORCHVISION_PREFIX}{cls.__name__}" + (f":{split}" if split else ""), split)
+        return
+    name, _ = split_spec(spec[len(HF_PREFIX) :], lambda s: Path(s).expanduser().exists())
+    if not name:
+        raise DataError(
+            f"{spec!r} names no dataset; write hf:OWNER/NAME[:split] (the Hub) or hf:DIR (a local dataset folder)"
+        )
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(_needs_datasets(name))
 
 
 class NamedSource(PixelSource):
@@ -100,6 +121,25 @@ def _torchvision_class(name: str):
     return found
 
 
+def _torchvision_kwargs(cls, name: str, split: str | None) -> dict[str, Any]:
+    """The constructor arguments that pick `split` of torchvision dataset `cls` (train by default)."""
+    params = inspect.signature(cls.__init__).parameters
+    if "root" not in params:
+        raise DataError(f"torchvision's {cls.__name__} keeps no files (it has no root folder); name a dataset")
+    kwargs: dict[str, Any] = {}
+    if "train" in params:
+        if split not in (None, "train", "test"):
+            raise DataError(f"{name}: torchvision's {cls.__name__} has the splits train and test")
+        kwargs["train"] = split != "test"
+    elif "split" in params:
+        kwargs["split"] = split or "train"
+    elif split:
+        raise DataError(f"{name}: torchvision's {cls.__name__} has no splits; drop ':{split}'")
+    if "target_type" in params:
+        kwargs["target_type"] = []  # CelebA: attributes and boxes are no classes; images only
+    return kwargs
+
+
 def _by_hand(cls, root: Path) -> str:
     """How to put a torchvision dataset's files into the cache without torchvision's download."""
     if getattr(cls, "url", None) and getattr(cls, "filename", None):
@@ -129,19 +169,7 @@ class TorchvisionSource(NamedSource):
         self.root = cache_dir() / "torchvision"
         self.name = f"{TORCHVISION_PREFIX}{cls.__name__}" + (f":{split}" if split else "")
         params = inspect.signature(cls.__init__).parameters
-        if "root" not in params:
-            raise DataError(f"torchvision's {cls.__name__} keeps no files (it has no root folder); name a dataset")
-        kwargs: dict[str, Any] = {}
-        if "train" in params:
-            if split not in (None, "train", "test"):
-                raise DataError(f"{self.name}: torchvision's {cls.__name__} has the splits train and test")
-            kwargs["train"] = split != "test"
-        elif "split" in params:
-            kwargs["split"] = split or "train"
-        elif split:
-            raise DataError(f"{self.name}: torchvision's {cls.__name__} has no splits; drop ':{split}'")
-        if "target_type" in params:
-            kwargs["target_type"] = []  # CelebA: attributes and boxes are no classes; images only
+        kwargs = _torchvision_kwargs(cls, self.name, split)
         download = not offline()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -187,6 +215,10 @@ class TorchvisionSource(NamedSource):
 
 
 # ------------------------------------------------------------------------------------------- Hugging Face
+def _needs_datasets(name: str) -> str:
+    return f"hf:{name} needs the `datasets` library: pip install 'diffit-cli[hf]'"
+
+
 def _hf_cache() -> Path:
     return Path(os.environ["HF_DATASETS_CACHE"]) if os.environ.get("HF_DATASETS_CACHE") else cache_dir() / "huggingface"
 
@@ -196,7 +228,7 @@ def _load_hf(name: str, split: str):
     try:
         import datasets  # here, not at the top: `datasets` is an optional extra, slow to import
     except ImportError:
-        raise DataError(f"hf:{name} needs the `datasets` library: pip install 'diffit-cli[hf]'") from None
+        raise DataError(_needs_datasets(name)) from None
     path = Path(name).expanduser()
     cache = str(_hf_cache())
     if offline():  # the Hub client reads its switch at import; DIFFIT_OFFLINE must reach it too
