@@ -14,10 +14,15 @@ from diffit_cli.ablation.report import collect_rows, write_results
 from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
 from diffit_cli.ablation.variants import VariantRunner
 from diffit_cli.config import Preset, diff_presets, preset_from_yaml, preset_to_dict
-from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress
-from diffit_cli.fid.extractors import INCEPTION, TEST_EXTRACTOR, inception_weights_cache_path, register_test_extractor
+from diffit_cli.fid.extractors import (
+    INCEPTION,
+    TEST_EXTRACTOR,
+    check_weights_at_hand,
+    inception_weights_cache_path,
+    register_test_extractor,
+)
 from diffit_cli.fileio import read_json, write_json
 
 
@@ -45,21 +50,6 @@ def choose_extractor(budget: str, requested: str | None = None, have_weights: bo
     if get_budget(budget).offline_extractor and not have_weights and not inception_weights_cache_path().is_file():
         return register_test_extractor()
     return INCEPTION
-
-
-def _check_extractor_available(extractor: str | None, inception_weights: Path | None) -> None:
-
-    if inception_weights is not None:
-        if not inception_weights.is_file():
-            raise StudyError(f"--inception-weights {str(inception_weights)!r} is not a file")
-        return
-
-    if extractor == INCEPTION and offline() and not inception_weights_cache_path().is_file():
-        raise StudyError(
-            f"FID needs the Inception weights, which are not at {inception_weights_cache_path()} and "
-            "downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE); copy them there (see `diffit eval-fid "
-            f"--help`), or pass --feature-extractor {TEST_EXTRACTOR} for a smoke run"
-        )
 
 
 def _check_dir(sdir: Path, study: Study, budget: str, extractor: str | None) -> str | None:
@@ -168,7 +158,7 @@ def _study_extractor(sdir: Path, study: Study, budget: str, requested: str | Non
     or budget's choice; checked to be usable before any work."""
     pinned = _check_dir(sdir, study, budget, requested)
     extractor = choose_extractor(budget, requested or pinned, weights is not None) if study.metric == "fid" else None
-    _check_extractor_available(extractor, weights)
+    check_weights_at_hand(extractor, weights)  # the file given exists; Inception offline is cached
     return extractor
 
 

@@ -149,12 +149,37 @@ def extractor_class(name: str):
     return FEATURE_EXTRACTORS_REGISTRY[name]
 
 
-def make_extractor(name: str, layers: Sequence[str], device: torch.device, weights) -> FeatureExtractorBase:
-    kwargs = {}
+def check_weights_at_hand(name: str | None, weights) -> Path | None:
+    """Whether extractor `name` can get its weights, without reading them: a file given must exist; Inception with
+    none given and none cached needs downloads on. The file given, as a path, or None."""
     if weights is not None:
         path = Path(os.fspath(weights)).expanduser()
         if not path.is_file():
-            raise DiffitError(f"feature-extractor weights file not found: {path}")
+            raise DiffitError(f"feature-extractor weights file not found: {path} is not a file")
+        return path
+    if name == INCEPTION and not inception_weights_cache_path().is_file() and offline():
+        raise DiffitError(
+            "FID needs the Inception-v3 weights (torch-fidelity's inception-v3-compat, 91 MB), which are not on this "
+            "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). " + _where_to_put_weights()
+        )
+    return None
+
+
+def check_extractor(name: str, inception_weights=None, load: bool = True) -> None:
+    """Fail now, before any sampling or training, when extractor `name` is unknown or its weights are missing
+    (`check_weights_at_hand`). With `load`, Inception is also built on the CPU, which reads (or downloads) its
+    weights, so a file that does not hold them fails here too; the stand-in needs no weights."""
+    layer = extractor_class(name).get_default_feature_layer_for_metric("fid")
+    if load and name != TEST_EXTRACTOR:
+        make_extractor(name, [layer], torch.device("cpu"), inception_weights)
+    else:
+        check_weights_at_hand(name, inception_weights)
+
+
+def make_extractor(name: str, layers: Sequence[str], device: torch.device, weights) -> FeatureExtractorBase:
+    kwargs = {}
+    path = check_weights_at_hand(name, weights)
+    if path is not None:
         try:  # refuse arbitrary pickles before torch-fidelity loads the file
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # (torch's own message suggests unsafe loading: never repeat it)
@@ -164,11 +189,6 @@ def make_extractor(name: str, layers: Sequence[str], device: torch.device, weigh
                 "tensors, and diffit never loads files that need code execution"
             ) from None
         kwargs["feature_extractor_weights_path"] = str(path)
-    elif name == INCEPTION and not inception_weights_cache_path().is_file() and offline():
-        raise DiffitError(
-            "FID needs the Inception-v3 weights (torch-fidelity's inception-v3-compat, 91 MB), which are not on this "
-            "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). " + _where_to_put_weights()
-        )
     downloading = weights is None and name == INCEPTION and not inception_weights_cache_path().is_file()
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):

@@ -68,11 +68,18 @@ def _statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
     return {"mu": np.asarray(s["mu"], np.float64), "sigma": np.atleast_2d(np.asarray(s["sigma"], np.float64))}
 
 
-def fid_distance(a: dict, b: dict) -> float:
-    if a["mu"].shape != b["mu"].shape:
+def check_feature_size(samples: int, reference: int, what: str, reference_name: str = "the reference") -> None:
+    """The one check that sample and reference features can be compared: the same number of dimensions."""
+    if samples != reference:
         raise DiffitError(
-            f"feature sizes differ ({a['mu'].shape[0]} vs {b['mu'].shape[0]}); statistics from different extractors"
+            f"{what}: {reference_name} holds {reference}-dimensional features (EDM/ADM statistics files: Inception "
+            f"pool_3, 2048) but the samples' have {samples}; use the feature extractor the reference was made with"
         )
+
+
+def fid_distance(a: dict, b: dict, reference_name: str = "the reference") -> float:
+    """The Fréchet distance between sample statistics `a` and reference statistics `b` ({mu, sigma})."""
+    check_feature_size(a["mu"].shape[0], b["mu"].shape[0], "FID", reference_name)
     return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
 
 
@@ -196,24 +203,18 @@ def compute_metrics(
             raise DiffitError("FID needs at least 2 samples")
         s_stats = _statistics(feats[layers["fid"]])
         if isinstance(ref, Statistics):
-            r_stats = {"mu": ref.mu, "sigma": ref.sigma}
-            if ref.mu.shape[0] != s_stats["mu"].shape[0]:
-                raise DiffitError(
-                    f"{ref.path} holds {ref.mu.shape[0]}-dimensional statistics (EDM/ADM files: Inception pool_3, "
-                    f"2048) but feature extractor {name} gives {s_stats['mu'].shape[0]} features; "
-                    "use the extractor the file was made with"
-                )
+            r_stats, ref_name = {"mu": ref.mu, "sigma": ref.sigma}, str(ref.path)
             if ref.extractor is None and name != INCEPTION:
                 notes.append(f"{ref.path} does not name its extractor; assumed it matches {name}")
         else:
-            r_stats = _statistics(ref_feats[layers["fid"]])
-        result["fid"] = fid_distance(s_stats, r_stats)
+            r_stats, ref_name = _statistics(ref_feats[layers["fid"]]), "the reference"
+        result["fid"] = fid_distance(s_stats, r_stats, ref_name)
     if "is" in wanted:
         r = isc_features_to_metric(feats[layers["is"]], splits=max(1, min(10, n)), shuffle=True, rng_seed=SEED)
         result["is_mean"], result["is_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
     if "kid" in wanted:
         f1, f2 = feats[layers["kid"]], ref_feats[layers["kid"]]
-        _same_dim(f1, f2, "KID")
+        check_feature_size(f1.shape[1], f2.shape[1], "KID")
         subset = min(1000, len(f1), len(f2))
         if subset < 2:
             raise DiffitError("KID needs at least 2 samples and 2 reference images")
@@ -223,7 +224,7 @@ def compute_metrics(
             notes.append(f"KID used subsets of {subset} (fewer than the usual 1000 images)")
     if "pr" in wanted:
         f1, f2 = feats[layers["pr"]], ref_feats[layers["pr"]]
-        _same_dim(f1, f2, "precision/recall")
+        check_feature_size(f1.shape[1], f2.shape[1], "precision/recall")
         if min(len(f1), len(f2)) < 4:
             raise DiffitError("precision/recall need at least 4 samples and 4 reference images (k = 3 neighbours)")
         r = prc_features_to_metric(f1, f2, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
@@ -250,13 +251,6 @@ def compute_metrics(
         notes=notes,
     )
     return result
-
-
-def _same_dim(f1: torch.Tensor, f2: torch.Tensor, what: str) -> None:
-    if f1.shape[1] != f2.shape[1]:
-        raise DiffitError(
-            f"{what}: sample features have {f1.shape[1]} dims, reference features {f2.shape[1]}; different extractors"
-        )
 
 
 def save_reference(

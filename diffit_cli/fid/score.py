@@ -24,19 +24,12 @@ from diffit_cli.config import Preset
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fid import metrics as fid_metrics
-from diffit_cli.fid.extractors import TEST_EXTRACTOR, extractor_class, make_extractor
+from diffit_cli.fid.extractors import check_extractor
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.generate import Decode, make_decoder
 from diffit_cli.sampling.run import plan_sample, resolve_weights, sampling_network, write_images
 from diffit_cli.sampling.sinks import NpzSink, PngSink
-
-
-def check_extractor(name: str, inception_weights=None) -> None:
-    """Fail now, before any sampling, when the extractor is unknown or its weights are missing offline."""
-    layer = extractor_class(name).get_default_feature_layer_for_metric("fid")
-    if name != TEST_EXTRACTOR:  # building Inception checks (or fetches) its weights; the stand-in needs none
-        make_extractor(name, [layer], torch.device("cpu"), inception_weights)
 
 
 def sample_fid(

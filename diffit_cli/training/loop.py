@@ -31,7 +31,7 @@ from diffit_cli.config import Preset, dump_preset, preset_to_dict
 from diffit_cli.core.layers import attention_logit_max
 from diffit_cli.data import open_source, require_data
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
-from diffit_cli.fid.score import check_extractor
+from diffit_cli.fid.extractors import check_extractor
 from diffit_cli.fileio import atomic_write_bytes, check_writable, new_output
 from diffit_cli.preemption import AgreedStop, preemption_signals
 from diffit_cli.training import lock
