@@ -1,6 +1,9 @@
-"""Training loop: loss decreases, exact resume after a kill, one process = two processes, CLI errors."""
+"""Training: the loss decreases, exact resume after a kill, one process = two processes, precision, locks, the
+`train` command's errors, and the step's parts (the fused optimizer's device-side skip of a non-finite step, the EMA
+as one lerp, the skipped count read at report time)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,11 +14,12 @@ import torch
 from helpers import TINY_UNET, assert_same_state, fake_latent_shards, final_checkpoint, invoke, tiny_unet, tiny_vit
 from PIL import Image
 
-from diffit_cli.build import build_diffusion, build_network
+from diffit_cli.build import build_diffusion, build_network, build_optimizer
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.config import dump_preset, load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
+from diffit_cli.training.recipe import Ema, step_unless
 
 
 def _fit_fixed_batch(preset, x0, y=None, steps=25):
@@ -199,6 +203,43 @@ def test_cli_dry_run_prints_preset_and_parameters():
     assert "channels:" in r.output and "# parameters:" in r.output
 
 
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["eval.feature_extractor=nope"], ["eval.feature_extractor = 'nope'", "inception-v3-compat"]),
+        (["eval.feature_extractor=nope", "eval.every_kimg=1"], ["eval.feature_extractor = 'nope'"]),
+        (["data.path=torchvision:NOPE"], ["'NOPE'", "CIFAR10"]),
+        (["data.path=nowhere/at/all"], ["nowhere/at/all", "does not exist"]),
+    ],
+)
+def test_the_run_and_its_dry_run_refuse_the_same(tmp_path, sets, words):
+    """`training.preflight` is what both call: the run refuses before anything is written, the dry run exits 2."""
+    from diffit_cli.errors import DiffitError
+
+    with pytest.raises(DiffitError) as e:
+        train(load_preset("demo", sets), tmp_path / "run")
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "run").exists()
+    r = invoke("train", "--dry-run", *sum([["--set", s] for s in sets], []))
+    assert r.exit_code == 2 and r.output.strip() == f"Error: {e.value}", r.output
+
+
+def test_cli_dry_run_notes_what_only_this_machine_lacks(monkeypatch):
+    """A preset without data is a template (a note, exit 0); no GPU for fp16 or missing Inception weights offline
+    are notes at dry-run time, while the run refuses them."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")  # no cached Inception weights
+    r = invoke("train", "--preset", "ffhq64", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "# parameters:" in r.output and "note: preset 'ffhq64' names no training data" in r.output
+    sets = ["train.mixed_precision=fp16", "eval.every_kimg=1"]
+    r = invoke("train", "--dry-run", *sum([["--set", s] for s in sets], []))
+    assert r.exit_code == 0, r.output
+    assert "# parameters:" in r.output and "Inception-v3 weights" in r.output
+    if not torch.cuda.is_available():
+        assert "note: fp16 mixed precision does not run on the CPU" in r.output
+
+
 def test_cli_bad_data_path(tmp_path):
     r = invoke("train", "--data", str(tmp_path / "nope.zip"), "--run-dir", str(tmp_path / "run"))
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
@@ -316,3 +357,76 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_ov
     assert train(tiny_unet("train.total_kimg=0.008"), run_dir, progress=events.append).step == 1
     assert any(isinstance(e, Message) and f"PID {dead.pid}" in e.text for e in events)
     assert not lock.exists()  # released at the end
+
+
+# ------------------------------------------------------- the step's parts: fused optimizer's skip, EMA, skipped count
+def _state(net, opt):
+    return [p.detach().clone() for p in net.parameters()], [
+        {k: v.clone() for k, v in s.items()} for s in opt.state.values()
+    ]
+
+
+def _grads(net, value=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, value) if value is not None else torch.randn(p.shape, generator=g)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "host-flag"])
+def test_a_non_finite_step_is_skipped_exactly(fused):
+    p = tiny_unet("train.optimizer=adamw", "train.weight_decay=0.01")
+    torch.manual_seed(0)
+    net, twin = build_network(p.model), build_network(p.model)
+    twin.load_state_dict(net.state_dict())
+    opt = build_optimizer(net.parameters(), p.train)
+    if not fused:
+        opt = torch.optim.AdamW(net.parameters(), lr=p.train.lr, weight_decay=0.01)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=p.train.lr, weight_decay=0.01, fused=fused)
+    assert bool(opt.defaults["fused"]) is fused  # the kernel training uses on CPU (and CUDA)
+    for model, o in ((net, opt), (twin, twin_opt)):
+        _grads(model, seed=1)
+        step_unless(o, torch.zeros(()))
+    before = _state(net, opt)
+    _grads(net, float("nan"))
+    step_unless(opt, torch.ones(()))  # skipped: parameters, moments and step count untouched
+    after = _state(net, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before[1], after[1]) for k in a)
+    for model, o in ((net, opt), (twin, twin_opt)):  # the next step is the one the twin, never skipped, takes
+        _grads(model, seed=2)
+        step_unless(o, torch.zeros(()))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(net.parameters(), before[0]))
+
+
+def test_ema_update_is_the_ema_formula():
+    torch.manual_seed(0)
+    net = build_network(tiny_unet().model)
+    ema = Ema(net)
+    ref = [p.detach().clone() for p in ema.net.parameters()]
+    for p in net.parameters():
+        p.data.add_(torch.randn_like(p))
+    for beta in (0.999, 0.5):
+        ema.update(net, beta)
+        ref = [beta * e + (1 - beta) * p.detach() for e, p in zip(ref, net.parameters())]
+        for got, want in zip(ema.net.parameters(), ref):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.e2e
+def test_skipped_steps_are_counted_at_report_time(tmp_path, monkeypatch):
+    from diffit_cli.core.edm import EDM
+
+    real, calls = EDM.loss, []
+
+    def loss(self, *a, **k):  # the second optimizer step's loss (one micro-batch per step) is NaN
+        calls.append(1)
+        out = real(self, *a, **k)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(EDM, "loss", loss)
+    state = train(tiny_unet("train.report_kimg=0.016"), tmp_path)  # 4 steps, a report every 2
+    assert state.step == 4 and state.skipped == 1 and state.skipped_in_a_row == 0
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["skipped"] for r in log] == [1, 1]
+    assert all(math.isfinite(r["grad_norm"]) for r in log)  # the skipped step's norm is left out of the mean
