@@ -393,29 +393,6 @@ def test_the_gap_to_the_paper_is_given_only_where_it_is_comparable():
     assert paper_difference(2.5, None, "paper", INCEPTION) is None
 
 
-@pytest.mark.parametrize(
-    "field, value, code, words",
-    [
-        ("preempted", "SIGUSR1", 3, "stopped by SIGUSR1"),
-        ("preempted", "SIGINT", 130, "stopped by SIGINT"),
-        ("stopped", "loss spike", 2, "no result is recorded"),
-    ],
-)
-def test_a_variant_whose_training_was_cut_short_is_not_scored(tmp_path, monkeypatch, field, value, code, words):
-    """A signal (SLURM's warning, Ctrl-C) or train.on_spike=stop ends a variant's training early: the study stops
-    there instead of scoring the half-trained checkpoint and recording it as the variant's result (a rerun would
-    then have skipped it as finished)."""
-    import diffit_cli.training
-    from diffit_cli.ablation.variants import VariantRunner
-    from diffit_cli.training.recipe import TrainState
-
-    monkeypatch.setattr(diffit_cli.training, "train", lambda *a, **k: TrainState(nimg=4096, **{field: value}))
-    monkeypatch.setattr(VariantRunner, "sample_and_score", lambda *a, **k: pytest.fail("a cut-short run was scored"))
-    r = invoke("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "ws"), "--only", "w2")
-    assert r.exit_code == code and words in r.output and "Traceback" not in r.output, r.output
-    assert not list((tmp_path / "ws").rglob("result.json"))
-
-
 def test_a_sample_study_recognises_release_weights_by_their_error_type(tmp_path):
     """A `.safetensors` without a preset (NVIDIA's release) raises `NoPresetError`, a `CheckpointError`; a sample
     study given one takes the architecture from its base preset, and one of our checkpoints brings its own."""

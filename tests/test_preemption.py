@@ -333,3 +333,27 @@ def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
     assert (tmp_path / "part" / shard_name(0)).exists() and not (tmp_path / "part" / shard_name(1)).exists()
     assert encode_cli(images, tmp_path / "part", tiny_vae / "folder").exit_code == 0
     assert folder_bytes(tmp_path / "full") == folder_bytes(tmp_path / "part")
+
+
+# ------------------------------------------------------------------------------------------------------------- ablate
+@pytest.mark.parametrize(
+    "field, value, code, words",
+    [
+        ("preempted", "SIGUSR1", 3, "stopped by SIGUSR1"),
+        ("preempted", "SIGINT", 130, "stopped by SIGINT"),
+        ("stopped", "loss spike", 2, "no result is recorded"),
+    ],
+)
+def test_a_variant_whose_training_was_cut_short_is_not_scored(tmp_path, monkeypatch, field, value, code, words):
+    """A signal (SLURM's warning, Ctrl-C) or train.on_spike=stop ends a variant's training early: the study stops
+    there instead of scoring the half-trained checkpoint and recording it as the variant's result (a rerun would
+    then have skipped it as finished)."""
+    import diffit_cli.training
+    from diffit_cli.ablation.variants import VariantRunner
+    from diffit_cli.training.recipe import TrainState
+
+    monkeypatch.setattr(diffit_cli.training, "train", lambda *a, **k: TrainState(nimg=4096, **{field: value}))
+    monkeypatch.setattr(VariantRunner, "sample_and_score", lambda *a, **k: pytest.fail("a cut-short run was scored"))
+    r = invoke("ablate", "window-size", "--budget", "test", "--runs-dir", str(tmp_path / "ws"), "--only", "w2")
+    assert r.exit_code == code and words in r.output and "Traceback" not in r.output, r.output
+    assert not list((tmp_path / "ws").rglob("result.json"))
