@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
 
 from diffit_cli.augment import AugmentPipe
 from diffit_cli.build import (
@@ -194,10 +197,6 @@ def _setup(
     progress: Progress | None,
 ) -> Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
-    from accelerate import Accelerator  # here, not at the top: `diffit train --dry-run` needs no Accelerate
-    from accelerate.state import AcceleratorState  # (same reason)
-    from accelerate.utils import ProjectConfiguration  # (same reason)
-
     tc = preset.train
     mp = tc.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
