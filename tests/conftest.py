@@ -29,6 +29,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A DIFFIT_CACHE of the test's own (datasets by name, training-set statistics), returned as a path."""
+    monkeypatch.setenv("DIFFIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 # ------------------------------------------------------------------------ module-scoped data shared by several files
 @pytest.fixture(scope="module")
 def unet_ckpt(tmp_path_factory):

@@ -8,11 +8,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, invoke, set_flags, tiny_unet, tiny_vit
+from helpers import TINY_UNET, invoke, set_flags
 from PIL import Image
 
 from diffit_cli.config import load_preset
-from diffit_cli.data import SyntheticShapes, cache_dir, open_source, require_data
+from diffit_cli.data import SyntheticShapes, open_source, require_data
 from diffit_cli.errors import DiffitError
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -22,12 +22,6 @@ TINY_CIFAR = [s for s in TINY_UNET if not s.startswith(("model.num_classes", "da
     "model.dropout=0",
     "train.augment_p=0",
 ]
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def fake_cifar10(root, per_batch=40):
@@ -168,67 +162,3 @@ def test_synthetic_data_only_when_the_preset_says_so():
     # a preset saved before data.synthetic could be empty always wrote a style: it trained on the shapes
     old = load_preset("ffhq64", ["data.synthetic=varied"])
     assert isinstance(open_source(old.data, 16, synthetic_size=8), SyntheticShapes)
-
-
-def test_training_statistics_are_computed_once_and_reused(monkeypatch, cache):
-    from diffit_cli.fid import metrics as M
-    from diffit_cli.fid.extractors import TEST_EXTRACTOR
-    from diffit_cli.fid.inputs import read_stats
-    from diffit_cli.fid.reference import training_statistics
-
-    p = tiny_unet()
-    path, what = training_statistics(p, feature_extractor=TEST_EXTRACTOR, limit=16, batch=8)
-    assert path.parent == cache_dir() / "fid-refs" and path.is_file()
-    assert what == "16 training images (synthetic-shapes(style=simple, seed=0, size=50000), 16px)"
-    stats = read_stats(path)
-    assert stats["num_images"] == 16 and stats["extractor"] == TEST_EXTRACTOR
-    src = open_source(p.data)  # the images training reads, through save_reference itself
-    M.save_reference(
-        np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(16)]),
-        cache / "direct.npz",
-        feature_extractor=TEST_EXTRACTOR,
-        batch=8,
-    )
-    np.testing.assert_allclose(stats["mu"], read_stats(cache / "direct.npz")["mu"], rtol=1e-6, atol=1e-7)
-
-    def no_reading(*a, **k):
-        raise AssertionError("the images were read again")
-
-    monkeypatch.setattr(SyntheticShapes, "__getitem__", no_reading)
-    monkeypatch.setattr(M, "save_reference", no_reading)
-    assert training_statistics(p, feature_extractor=TEST_EXTRACTOR, limit=16, batch=8) == (path, what)
-    with pytest.raises(AssertionError, match="read again"):  # another count is another key
-        training_statistics(p, feature_extractor=TEST_EXTRACTOR, limit=8, batch=8)
-    with pytest.raises(DiffitError, match="latent model needs a reference statistics file"):
-        training_statistics(tiny_vit(), feature_extractor=TEST_EXTRACTOR)
-
-
-@pytest.mark.e2e
-def test_eval_fid_scores_against_a_presets_training_set(tmp_path, cache):
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "train.npz", rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), np.arange(12) % 8)
-    (tmp_path / "samples").mkdir()
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "samples" / f"{i}.png")
-    args = [
-        "eval-fid",
-        str(tmp_path / "samples"),
-        "--preset",
-        "demo",
-        "--data",
-        str(tmp_path / "train.npz"),
-        "--set",
-        "data.resolution=16",
-        "--set",
-        "model.img_resolution=16",
-        "--feature-extractor",
-        "diffit-randconv-v1",
-    ]
-    r = invoke(*args)
-    assert r.exit_code == 0, r.output
-    assert "statistics of 12 training images" in r.output and str(cache / "fid-refs") in r.output
-    [stats] = (cache / "fid-refs").glob("*.npz")
-    written = stats.stat().st_mtime_ns
-    assert invoke(*args).exit_code == 0 and stats.stat().st_mtime_ns == written  # reused, not recomputed
-    r = invoke("eval-fid", str(tmp_path / "samples"), "--data", str(tmp_path / "train.npz"))
-    assert r.exit_code == 2 and "--preset" in r.output
