@@ -1,4 +1,4 @@
-"""Issue #13, the reliability contract as one table: every user error of the five commands exits 2 with a short
+"""The reliability contract as one table: every user error of the five commands exits 2 with a short
 message that names the problem, prints no traceback, and leaves every file that existed before unchanged.
 
 Each row is (argv, words the message must contain, optional fault); `{w}` in argv is the fixture world below, built
@@ -512,3 +512,78 @@ def test_the_table_covers_the_contract():
         "enum",
         "range",
     }
+
+
+# a bad value, flag or preset file: exactly one line naming the flag or key, the value and what is accepted
+ONE_LINE = [
+    _row(
+        ["train", "--dry-run", "--set", "sample.guidance.channels=nope"],
+        "sample.guidance.channels = 'nope'",
+        "an integer ≥ 1 or all",
+        id="int or 'all'",
+    ),
+    _row(["train", "--dry-run", "--set", "train.compile=maybe"], "train.compile = 'maybe'", "true, false or auto"),
+    _row(["train", "--dry-run", "--set", "data.use_labels=maybe"], "data.use_labels = 'maybe'", "choose true or false"),
+    _row(["train", "--dry-run", "--set", "train.augment_p=2"], "train.augment_p = 2", "≥ 0 and ≤ 1"),
+    _row(["train", "--dry-run", "--set", "train.on_spike=off"], "train.on_spike = false", "warn, stop or rollback"),
+    _row(["train", "--dry-run", "--preset", "{w}/broken.yaml"], "broken.yaml:2:1", "flow sequence opened at 1:8"),
+    _row(
+        ["train", "--dry-run", "--set", "eval.feature_extractor=nope"],
+        "eval.feature_extractor = 'nope'",
+        "inception-v3-compat",
+        "diffit-randconv-v1",
+        id="dry run: unknown extractor, FID along training off",
+    ),
+    _row(["train", "--dry-run", "--data", "torchvision:NOPE"], "'NOPE'", "CIFAR10", id="dry run: unknown torchvision"),
+    _row(
+        ["train", "--dry-run", "--data", "torchvision:CIFAR10:val"], "train and test", id="dry run: torchvision split"
+    ),
+    _row(["train", "--dry-run", "--data", "hf:"], "'hf:'", "hf:OWNER/NAME", id="dry run: hf without a name"),
+    _row(["train", "--dry-run", "--set", 'data.path="{w}/nope"'], "nope", "does not exist", id="dry run: data.path"),
+    _row(["train", "--dry-run", "--data", "{w}/notes.txt"], "notes.txt", "image folder", id="dry run: not data"),
+    _row(["train", "--dry-run", "--log-with", "nope"], "'nope'", "tensorboard", id="dry run: unknown tracker"),
+    _row(["train", "--dry-run", "--batch-gpu", "7"], "--batch-gpu 7", id="dry run: batch split"),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--feature-extractor", "foo"],
+        "--feature-extractor 'foo'",
+        "inception-v3-compat",
+        "diffit-randconv-v1",
+        id="eval-fid: unknown extractor",
+    ),
+    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-channels", "nope"], "--cfg-channels 'nope'", "≥ 1 or all"),
+    _row(["sample", "--ckpt", "{w}/ckpt.pt", "--cfg-schedule", "x"], "--cfg-schedule 'x'", "power-cosine or interval"),
+    _row(
+        ["sample", "--ckpt", "{w}/ckpt.pt", "--set", "sample.guidance.channels=nope", "--out", "{w}/o"],
+        "sample.guidance.channels = 'nope'",
+        "≥ 1 or all",
+        id="sample --set",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--preset", "demo", "--set", "sample.sampler=foo", *RANDCONV],
+        "sample.sampler = 'foo'",
+        "heun, euler, ddpm, ddim or dpmpp-2m",
+        id="eval-fid --set: a choice",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--preset", "demo", "--set", "eval.num_samples=0", *RANDCONV],
+        "eval.num_samples = 0",
+        "an integer ≥ 1",
+        id="eval-fid --set: a range",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, words, fault", ONE_LINE)
+def test_a_bad_value_is_one_line(world, monkeypatch, argv, words, fault):
+    """The message names the flag or key, the value and the choices or range, in one line (no pydantic text, no
+    parser context), exit 2; a dry run refuses what the run would refuse before its first step."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(world)
+    r = invoke(*(a.format(w=world) for a in argv))
+    out = r.output
+    assert r.exit_code == 2, out
+    assert len(out.strip().splitlines()) == 1, out
+    for word in words:
+        assert word.format(w=world) in out, (word, out)
+    for internal in ("Traceback", "constrained-int", "literal[", "Input should", 'in "<unicode string>"'):
+        assert internal not in out, out

@@ -71,19 +71,27 @@ def train_cmd(
     if data is not None and not is_named(data) and not Path(data).exists():
         raise DiffitError(f"--data {data!r} does not exist; pass {DATA_FORMS}")
     p = load_preset(preset or "demo", sets)
-    if dry_run:
-        from diffit_cli.training import dry_run_summary
+    from diffit_cli.training import TrackerSpec, dry_run_summary, preflight, train
 
+    run_dir = run_dir or Path("runs") / p.name
+    trackers = TrackerSpec(tuple(log_with or ()) + ("tensorboard",) * tensorboard, tracker_project)
+    if dry_run:  # the run's own checks before its first step; what only this machine lacks is a note
+        checked = preflight(
+            p,
+            run_dir=run_dir,
+            batch_gpu=batch_gpu,
+            trackers=trackers,
+            inception_weights=inception_weights,
+            dry_run=True,
+        )
         info = dry_run_summary(p)
         typer.echo(info["preset"])
         typer.echo(
             f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  images/step: {info['images_per_step']}"
         )
+        for note in checked.notes:
+            console.print("[yellow]note:[/] " + note.replace("[", r"\["), highlight=False, soft_wrap=True)
         return
-    from diffit_cli.training import TrackerSpec, train
-
-    run_dir = run_dir or Path("runs") / p.name
-    trackers = TrackerSpec(tuple(log_with or ()) + ("tensorboard",) * tensorboard, tracker_project)
     with RichProgress() as progress:
         state = train(
             p,

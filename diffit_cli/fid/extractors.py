@@ -140,12 +140,13 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def extractor_class(name: str):
-    if name == TEST_EXTRACTOR:
-        register_test_extractor()
+def extractor_class(name: str, named_as: str = "--feature-extractor"):
+    """torch-fidelity's class of extractor `name`; an unknown name is one line naming where it was given
+    (`named_as`: the flag, or `eval.feature_extractor =` for a preset), the name and the choices."""
+    register_test_extractor()  # one of the choices
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         known = ", ".join(sorted(FEATURE_EXTRACTORS_REGISTRY))
-        raise DiffitError(f"unknown feature extractor {name!r}; registered: {known}")
+        raise DiffitError(f"{named_as} {name!r}: unknown feature extractor; choose {known}")
     return FEATURE_EXTRACTORS_REGISTRY[name]
 
 

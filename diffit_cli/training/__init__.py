@@ -1,10 +1,12 @@
 """Training (docs/architecture.md, 'Data flow'): `loop` (the `train` loop), `run` (its state and log), `recovery`
 (checkpoints, resume, free space, spike response), `tracking` (experiment trackers), `evaluate` (FID along
-training), `recipe` (keyed randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector)
-and `lock` (one training process per run folder)."""
+training), `recipe` (keyed randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector),
+`lock` (one training process per run folder) and `preflight` (the checks before the first step, which
+`diffit train --dry-run` makes too)."""
 
 from diffit_cli.training.loop import dry_run_summary, train
 from diffit_cli.training.monitor import Spike, SpikeDetector
+from diffit_cli.training.preflight import Checked, preflight
 from diffit_cli.training.recipe import (
     RESUMABLE_KEYS,
     TrainError,
@@ -19,6 +21,8 @@ from diffit_cli.training.tracking import TRACKERS, TrackerSpec
 __all__ = [
     "train",
     "dry_run_summary",
+    "preflight",
+    "Checked",
     "Spike",
     "SpikeDetector",
     "RESUMABLE_KEYS",

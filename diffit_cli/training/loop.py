@@ -31,15 +31,15 @@ from diffit_cli.build import (
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, dump_preset, preset_to_dict
-from diffit_cli.core.layers import attention_logit_max
-from diffit_cli.data import open_source, require_data
+from diffit_cli.core.attention import attention_logit_max
+from diffit_cli.data import open_source
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
-from diffit_cli.fid.extractors import check_extractor
-from diffit_cli.fileio import atomic_write_bytes, check_writable, new_output
+from diffit_cli.fileio import atomic_write_bytes, new_output
 from diffit_cli.preemption import AgreedStop, preemption_signals
 from diffit_cli.training import lock
 from diffit_cli.training.evaluate import fid_due, fid_point
 from diffit_cli.training.monitor import SpikeDetector
+from diffit_cli.training.preflight import preflight
 from diffit_cli.training.recipe import (
     Ema,
     TrainError,
@@ -55,7 +55,7 @@ from diffit_cli.training.recipe import (
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
 from diffit_cli.training.tracking import LOG_DIR as TRACKER_DIR
-from diffit_cli.training.tracking import TrackerSpec, flat_config, resolve_trackers, start_trackers
+from diffit_cli.training.tracking import TrackerSpec, flat_config, start_trackers
 
 PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
@@ -74,12 +74,11 @@ def train(
     """Train `preset` in `run_dir`, resuming from `checkpoints/latest.pt` when it exists; `trackers`: the experiment
     trackers to log to (Accelerate's), resumed with the run; `inception_weights`: a local weights file for FID
     along training on offline machines."""
-    require_data(preset)  # a preset that names no data stops here, with the ways to supply it
     trackers = trackers or TrackerSpec()
-    names = resolve_trackers(trackers.log_with)  # checked before anything is written
-    if preset.eval.every_kimg > 0:
-        check_extractor(preset.eval.feature_extractor, inception_weights)
-    check_writable(run_dir, folder=True)  # a file in the way: said now, not after the network is built
+    # what `--dry-run` checks too (no data, a bad dataset name or extractor, trackers, device, a file in the way)
+    names = preflight(
+        preset, run_dir=run_dir, batch_gpu=batch_gpu, trackers=trackers, inception_weights=inception_weights
+    ).trackers
     run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, names, progress)
     run.inception_weights = inception_weights
     main = run.accelerator.is_main_process
@@ -198,19 +197,8 @@ def _setup(
 ) -> Run:
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     tc = preset.train
-    mp = tc.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        raise TrainError(
-            "fp16 mixed precision does not run on the CPU (Accelerate silently stays fp32); "
-            "use --set train.mixed_precision=bf16 (or fp32)"
-        )
-    mp = training_precision(mp)
+    mp = training_precision(tc.mixed_precision)  # (fp16 or flex attention without a GPU: refused by preflight)
     cpu_fp32 = mp != tc.mixed_precision
-    if getattr(preset.model, "attention_kernel", "sdpa") == "flex" and not torch.cuda.is_available():
-        raise TrainError(
-            "model.attention_kernel=flex trains on a GPU only (PyTorch's flex_attention has no CPU "
-            "backward); use --set model.attention_kernel=sdpa"
-        )
     # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
     # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
     AcceleratorState._reset_state()
