@@ -16,7 +16,7 @@ import time
 import torch
 from flops import sync
 
-from diffit_cli.core.layers import TMSA
+from diffit_cli.core.attention import TMSA
 
 # (name, batch, tokens per side, width, heads, window) as the networks call TMSA
 SHAPES = {

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from flops import datasheet_peak, gemm_rate, largest_batch, sync, train_flops
 
 from diffit_cli.build import count_parameters
-from diffit_cli.core.layers import set_attention_kernel
+from diffit_cli.core.attention import set_attention_kernel
 from diffit_cli.models import LATENT_SIZES, ImageDiffiT, LatentDiffiT
 from diffit_cli.training.loop import CPU_BF16_VARIABLE, native_cpu_bf16
 

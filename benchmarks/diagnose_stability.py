@@ -28,7 +28,7 @@ from diffit_cli.build import build_diffusion, build_network, build_optimizer
 from diffit_cli.checkpoint import checkpoint_name, load_checkpoint
 from diffit_cli.codecs import make_codec
 from diffit_cli.config import load_preset
-from diffit_cli.core.layers import TMSA
+from diffit_cli.core.attention import TMSA
 from diffit_cli.core.unet import ResBlock
 from diffit_cli.data import make_loader, open_source
 from diffit_cli.training.recipe import batch_to_x0, keyed_seed, learning_rate

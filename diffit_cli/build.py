@@ -11,11 +11,11 @@ from collections.abc import Callable
 import torch
 
 from diffit_cli.config import DDPMConfig, EDMConfig, EDMVEConfig, EDMVPConfig, ModelConfig, TrainConfig
+from diffit_cli.core.attention import set_attention_kernel
 from diffit_cli.core.baselines import EncoderDecoder
 from diffit_cli.core.ddpm import GaussianDiffusion
 from diffit_cli.core.ddpmpp import DDPMpp
 from diffit_cli.core.edm import EDM
-from diffit_cli.core.layers import set_attention_kernel
 from diffit_cli.core.precond import VEPrecond, VPPrecond
 from diffit_cli.core.unet import ImageDiffiT
 from diffit_cli.core.vit import LatentDiffiT

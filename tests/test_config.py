@@ -264,10 +264,11 @@ def test_schema_literals_equal_the_core_registries():
     from typing import get_args
 
     from diffit_cli.config import DDPMppConfig, EncDecConfig, GuidanceConfig, SampleConfig, UNetConfig, ViTConfig
+    from diffit_cli.core.attention import TIME_MODES
     from diffit_cli.core.baselines import DECODERS, ENCODERS
     from diffit_cli.core.ddpmpp import ATTENTIONS
     from diffit_cli.core.guidance import SCHEDULES
-    from diffit_cli.core.layers import TIME_EMBEDDINGS, TIME_MODES
+    from diffit_cli.core.layers import TIME_EMBEDDINGS
     from diffit_cli.core.samplers import SAMPLERS
 
     def literal(model, field):

@@ -12,7 +12,7 @@ from helpers import fake_latent_shards, tiny_unet, tiny_vit
 from diffit_cli.build import build_diffusion, build_network, compile_blocks
 from diffit_cli.checkpoint import latest_checkpoint, load_checkpoint
 from diffit_cli.config import SampleConfig
-from diffit_cli.core.layers import TMSA
+from diffit_cli.core.attention import TMSA
 from diffit_cli.events import Step
 from diffit_cli.sampling.generate import sample_batch
 from diffit_cli.training import train

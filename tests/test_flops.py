@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffit_cli.core.layers import TMSA
+from diffit_cli.core.attention import TMSA
 from diffit_cli.models import ImageDiffiT, LatentDiffiT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -1,5 +1,5 @@
-"""Tests for diffit_cli.core.layers: embeddings, relative position bias, windows, TMSA (DiffiT Eq. 3–8), and the
-attention kernels (reference, SDPA, flex_attention) and how a preset selects one."""
+"""Tests for diffit_cli.core.layers and core.attention: embeddings, relative position bias, windows, TMSA (DiffiT
+Eq. 3–8), and the attention kernels (reference, SDPA, flex_attention) and how a preset selects one."""
 
 import math
 
@@ -8,19 +8,15 @@ import torch
 from helpers import tiny_unet, tiny_vit
 
 from diffit_cli.build import build_network
-from diffit_cli.core.layers import (
+from diffit_cli.core.attention import (
     TIME_MODES,
     TMSA,
-    DiffiTBlock,
-    FourierEmbedding,
-    LabelEmbedder,
-    TimestepEmbedder,
     relative_position_index,
     set_attention_kernel,
-    timestep_embedding,
     window_merge,
     window_partition,
 )
+from diffit_cli.core.layers import DiffiTBlock, FourierEmbedding, LabelEmbedder, TimestepEmbedder, timestep_embedding
 from diffit_cli.training import TrainError, train
 
 

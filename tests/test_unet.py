@@ -4,7 +4,7 @@ time modes, autocast."""
 import pytest
 import torch
 
-from diffit_cli.core.layers import TIME_MODES, TMSA
+from diffit_cli.core.attention import TIME_MODES, TMSA
 from diffit_cli.core.unet import ResBlock, group_norm
 from diffit_cli.models import ImageDiffiT
 

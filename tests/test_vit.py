@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffit_cli.core.layers import TIME_MODES, relative_position_index
+from diffit_cli.core.attention import TIME_MODES, relative_position_index
 from diffit_cli.models import LATENT_SIZES, LatentDiffiT
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)

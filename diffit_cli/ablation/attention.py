@@ -9,8 +9,8 @@ import torch
 
 from diffit_cli.ablation.study import CHANGE_FLOOR, StudyError
 from diffit_cli.config import Preset
+from diffit_cli.core.attention import TMSA
 from diffit_cli.core.edm import EDM
-from diffit_cli.core.layers import TMSA
 from diffit_cli.data import normalize_pixels, open_source
 from diffit_cli.plots import colormap
 from diffit_cli.sampling.sinks import save_png

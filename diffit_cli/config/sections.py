@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TimeMode = Literal["tmsa", "bias", "mlp", "adaln", "separate"]
-AttentionKernel = Literal["sdpa", "flex"]  # the fast ones of core.layers.ATTENTION_KERNELS
+AttentionKernel = Literal["sdpa", "flex"]  # the fast ones of core.attention.ATTENTION_KERNELS
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Pos = Annotated[int, Field(gt=0)]
 

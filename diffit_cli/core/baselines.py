@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import TMSA, LabelEmbedder, Mlp, TimestepEmbedder, check_time_mode, init_rpb_and_time, time_token
+from .attention import TMSA, check_time_mode
+from .layers import LabelEmbedder, Mlp, TimestepEmbedder, init_rpb_and_time, time_token
 from .unet import ResBlock, Stage, group_norm, init_linears_and_conditioning
 from .vit import sincos_pos_embed_2d
 

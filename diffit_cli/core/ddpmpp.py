@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import TMSA, LabelEmbedder, TimestepEmbedder, init_rpb_and_time, time_token
+from .attention import TMSA
+from .layers import LabelEmbedder, TimestepEmbedder, init_rpb_and_time, time_token
 from .unet import group_norm
 
 ATTENTIONS = ("plain", "tmsa")

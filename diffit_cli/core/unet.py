@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import DiffiTBlock, LabelEmbedder, TimestepEmbedder, check_time_mode, init_rpb_and_time, time_token
+from .attention import check_time_mode
+from .layers import DiffiTBlock, LabelEmbedder, TimestepEmbedder, init_rpb_and_time, time_token
 
 
 class GroupNorm(nn.GroupNorm):

@@ -6,15 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (
-    DiffiTBlock,
-    LabelEmbedder,
-    TimestepEmbedder,
-    check_time_mode,
-    init_rpb_and_time,
-    modulate,
-    time_token,
-)
+from .attention import check_time_mode
+from .layers import DiffiTBlock, LabelEmbedder, TimestepEmbedder, init_rpb_and_time, modulate, time_token
 
 # Named sizes as in DiT (depth, hidden, heads) × patch 2/4/8; "XL/2" is the release's DiffiT-XL/2 (docs/paper.md).
 _DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
