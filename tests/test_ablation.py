@@ -1,4 +1,4 @@
-"""`diffit ablate` (issue #8): study files, budgets, dry runs, baseline networks, end-to-end runs at the test budget,
+"""`diffit ablate`: study files, budgets, dry runs, baseline networks, end-to-end runs at the test budget,
 resume without retraining, attention maps that depend on t, and the CLI's error path."""
 
 import csv

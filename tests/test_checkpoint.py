@@ -103,7 +103,7 @@ def test_strip_prefixes():
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_path, monkeypatch):
-    """Issue #13: ENOSPC inside a checkpoint write: one line naming the file, the previous checkpoint and the
+    """ENOSPC inside a checkpoint write: one line naming the file, the previous checkpoint and the
     latest pointer intact, no temporary file left."""
     import errno
 
@@ -128,7 +128,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one_and_exits_2(tmp_
 
 
 def test_a_new_run_without_room_for_two_checkpoints_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    """Issue #13: the free space for two checkpoints is checked before the first one, with the numbers."""
+    """The free space for two checkpoints is checked before the first one, with the numbers."""
     import shutil
     from collections import namedtuple
 

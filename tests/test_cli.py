@@ -102,7 +102,7 @@ def test_broken_plugin_does_not_break_the_cli(tmp_path, monkeypatch):
     ],
 )
 def test_a_file_in_the_way_of_an_output_path_is_one_line_exit_2(tmp_path, args):
-    """Issue #13: an OSError on a path the user gave names the path and the fix, with no traceback."""
+    """An OSError on a path the user gave names the path and the fix, with no traceback."""
     import numpy as np
     from PIL import Image
 

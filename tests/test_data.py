@@ -309,7 +309,7 @@ def test_sample_latent_picks_mirrors_and_scales():
 
 @pytest.mark.parametrize("container", ["folder", "zip"])
 def test_training_and_fid_read_the_same_image_set(tmp_path, container):
-    """Issue #12: one extension list and one hidden-file rule for `train --data` and `eval-fid`."""
+    """`train --data` and `eval-fid` read the same images: one extension list and one hidden-file rule."""
     from diffit_cli.fid.inputs import open_input
 
     root = tmp_path / "imgs"

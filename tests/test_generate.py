@@ -184,7 +184,7 @@ def test_two_processes_give_the_same_npz(unet_ckpt, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("out_name", ["s.npz", "pngs"])
 def test_another_recipe_is_refused_unless_forced(unet_ckpt, tmp_path, out_name):
-    """Issue #13: output made with other sampling settings is never silently replaced; --force replaces it."""
+    """Output made with other sampling settings is never silently replaced; --force replaces it."""
     import hashlib
 
     out = tmp_path / out_name
@@ -238,7 +238,7 @@ def test_a_killed_run_is_checked_against_its_recipe(unet_ckpt, tmp_path, monkeyp
 
 @pytest.mark.e2e
 def test_resume_redoes_a_truncated_png_and_a_torn_npz_part(unet_ckpt, tmp_path):
-    """Issue #13: a machine crash can leave a PNG or an npz part cut short: the rerun removes it (with a warning)
+    """A machine crash can leave a PNG or an npz part cut short: the rerun removes it (with a warning)
     and samples its seeds again."""
     from diffit_cli.events import Message
     from diffit_cli.sampling.sinks import NpzSink
@@ -266,7 +266,7 @@ def test_resume_redoes_a_truncated_png_and_a_torn_npz_part(unet_ckpt, tmp_path):
 
 @pytest.mark.e2e
 def test_a_full_disk_while_writing_an_npz_part_keeps_the_previous_part_and_exits_2(unet_ckpt, tmp_path, monkeypatch):
-    """Issue #13: ENOSPC inside the second npz part's write: one line naming the part and the space needed, the
+    """ENOSPC inside the second npz part's write: one line naming the part and the space needed, the
     first part and the recipe intact, no temporary file; the rerun finishes."""
     import errno
 

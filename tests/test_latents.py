@@ -256,7 +256,7 @@ def test_shipped_config_is_sd_vae_ft_ema():
 
 @pytest.mark.e2e
 def test_a_full_disk_while_writing_a_shard_keeps_the_previous_one_and_exits_2(tiny_vae, images, tmp_path, monkeypatch):
-    """Issue #13: ENOSPC inside the second shard's write: one line naming the file and the space needed, the first
+    """ENOSPC inside the second shard's write: one line naming the file and the space needed, the first
     shard and the manifest intact, no temporary file left; the rerun with space finishes."""
     import errno
 

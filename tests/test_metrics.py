@@ -389,7 +389,7 @@ def test_cli_user_errors_exit_2_without_traceback(data, tmp_path):
 
 @pytest.mark.parametrize("content", [b"not weights at all", b"PK\x03\x04 truncated zip"])
 def test_a_non_weights_file_is_named_without_unsafe_advice(data, tmp_path, content):
-    """Issue #13: torch's hint to retry with weights_only=False (i.e. to execute a pickle) is never passed on."""
+    """Torch's hint to retry with weights_only=False (i.e. to execute a pickle) is never passed on."""
     bad = tmp_path / "inception.pth"
     bad.write_bytes(content)
     r = invoke("eval-fid", str(data["a"]), "--ref", str(data["b"]), "--inception-weights", str(bad))

@@ -31,7 +31,7 @@ def _noisy_flat(n, level=0.08, noise=0.15, seed=0):
 
 
 def test_fires_on_the_reported_divergence_trace():
-    """Issue #14's trace: a steady 0.08 loss that jumps tenfold at 92 kimg and stays up."""
+    """A diverging run's loss trace: a steady 0.08 loss that jumps tenfold at 92 kimg and stays up."""
     losses = list(np.linspace(1.5, 0.09, 20)) + _noisy_flat(25) + [0.821, 1.206, 1.056, 0.955, 1.051, 0.932]
     spikes = _feed(SpikeDetector(), losses)
     assert len(spikes) == 2  # once per `patience` high reports while it stays up

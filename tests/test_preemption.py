@@ -114,7 +114,7 @@ def _torchrun_train(tmp_path, port: int, *extra: str) -> tuple[list[str], dict]:
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig, code", [("SIGUSR1", 3), ("SIGINT", 130)])
 def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig, code):
-    """Issue #13: SLURM's `--signal=B:USR1@120` (exit 3) or Ctrl-C (exit 130) mid-run: checkpoint after the current
+    """SLURM's `--signal=B:USR1@120` (exit 3) or Ctrl-C (exit 130) mid-run: checkpoint after the current
     step; the rerun finishes with the weights of an uninterrupted run (both runs as real subprocesses, same
     threads)."""
     import signal
@@ -143,7 +143,7 @@ def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig
 
 @pytest.mark.e2e
 def test_sigterm_to_torchrun_reaches_both_processes_and_data_workers_survive_it(tmp_path):
-    """Issue #13, the launcher path of scripts/slurm/preemptible.sh: SIGTERM to torchrun is passed to both training
+    """The launcher path of scripts/slurm/preemptible.sh: SIGTERM to torchrun is passed to both training
     processes (and to their data workers, which ignore it); both finish the step, the checkpoint is written, and
     the rerun finishes. torchrun itself exits 1 around the processes' 3 (the sbatch requeues on either)."""
     import signal
@@ -276,7 +276,7 @@ def test_a_loader_left_open_does_not_hang_the_exit():
 def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
     unet_ckpt, tmp_path, monkeypatch, name, sig, code
 ):
-    """Issue #13: SIGUSR1 (SLURM's warning) or Ctrl-C during `diffit sample`: the batch in hand is written, exit 3
+    """SIGUSR1 (SLURM's warning) or Ctrl-C during `diffit sample`: the batch in hand is written, exit 3
     (130); the same command finishes the rest, and the images equal an uninterrupted run's."""
     import os
     import signal
@@ -312,7 +312,7 @@ def test_a_signal_stops_sampling_after_the_batch_and_the_rerun_completes(
 def test_a_signal_stops_after_the_shard_in_hand_and_the_rerun_finishes(
     tiny_vae, images, tmp_path, monkeypatch, sig, code
 ):
-    """Issue #13: SIGTERM (a scheduler's preemption notice) or Ctrl-C during encode-latents: the shard in hand is
+    """SIGTERM (a scheduler's preemption notice) or Ctrl-C during encode-latents: the shard in hand is
     written, exit 3 (130); the rerun's bytes equal an uninterrupted run's."""
     import os
     import signal

@@ -307,7 +307,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch,
 
 @pytest.mark.e2e
 def test_a_torn_latest_checkpoint_resumes_from_the_one_before(tmp_path):
-    """Issue #13: `latest.pt` truncated by a machine crash: resume from the newest readable one, with a warning."""
+    """`latest.pt` truncated by a machine crash: resume from the newest readable one, with a warning."""
     from diffit_cli.events import Message
 
     p = tiny_unet("train.keep_checkpoints=5")
@@ -335,7 +335,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_naming_the_checkpoint(tmp_path, 
 
 
 def test_a_second_train_on_the_same_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
-    """Issue #13: `train.lock` names the owner; a lock left by a dead process on this host is taken over."""
+    """`train.lock` names the owner; a lock left by a dead process on this host is taken over."""
     import json
     import socket
 

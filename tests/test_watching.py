@@ -1,4 +1,4 @@
-"""Watching a run (issue #16): trackers through Accelerate, FID along training with best.pt, curves.png and
+"""Watching a run: trackers through Accelerate, FID along training with best.pt, curves.png and
 `diffit plot`, `eval-fid --ckpt` with repeats over seed ranges."""
 
 import json
