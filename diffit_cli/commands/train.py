@@ -56,7 +56,12 @@ def train_cmd(
         False, "--grad-checkpointing", help="Recompute blocks in the backward pass (less memory)."
     ),
     force: bool = typer.Option(False, "--force", help="Resume even though the preset changed."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved preset and parameter count, then exit."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check the preset and flags as a run does before its first step, print the resolved preset and "
+        "parameter count, then exit.",
+    ),
 ) -> None:
     from diffit_cli.config import load_preset
     from diffit_cli.data.catalog import DATA_FORMS, is_named
