@@ -307,3 +307,22 @@ def test_guidance_is_one_subsection_and_old_flat_keys_still_read():
         load_preset("demo", ["data.channels=1", "model.in_channels=1", "sample.guidance.channels=3"])
     with pytest.raises(PresetError, match="σ_lo < σ_hi"):
         load_preset("imagenet256", ["sample.guidance.interval=[5, 1]"])
+
+
+def test_a_bad_study_value_is_one_line(tmp_path):
+    """The same explanation serves ablation study files (mapping keys, int | mapping unions, broken YAML)."""
+    from diffit_cli.ablation.study import StudyError, load_study
+
+    head = "name: x\ntitle: t\nsource: s\nbase: demo\nvariants:\n  - name: ok\n"
+    for extra, named in (
+        ("budgets:\n  huge: []\n", ["budgets: key 'huge'", "choose test, tiny, small or paper"]),
+        ("curve_points: abc\n", ["curve_points = 'abc'", "an integer or a mapping"]),
+        ("kind: nope\n", ["kind = 'nope'", "choose train, sample, curve or attention"]),
+        ("title: [\n", ["study.yaml:", "not valid YAML"]),
+    ):
+        path = tmp_path / "study.yaml"
+        path.write_text(head + extra)
+        with pytest.raises(StudyError) as e:
+            load_study(path)
+        message = str(e.value)
+        assert "\n" not in message and all(w in message for w in named), message

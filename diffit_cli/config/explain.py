@@ -52,6 +52,12 @@ def _line(e: dict, root: type[BaseModel], flags: dict[str, str]) -> str:
     if kind == "missing" and loc and isinstance(loc[-1], int):  # a list too short: said of the whole list
         keys, field, at_field = _walk(root, loc[:-1])
         kind = "too_short"
+    if len(loc) >= 2 and loc[-1] == "[key]":  # a mapping's key (pydantic: mapping, key, "[key]")
+        keys, field, _ = _walk(root, loc[:-2])
+        mappings = [_strip(b)[0] for b in _branches(field) if get_origin(_strip(b)[0]) is dict]
+        key_type = get_args(mappings[0])[0] if mappings else None
+        wants = _accepts(key_type) if key_type is not None else None
+        return f"{_dotted(keys)}: key {loc[-2]!r}: {wants or _from_context(e)}"
     key = _dotted(keys)
     name = flags.get(key) or key or "(top level)"
     given = e.get("input")
@@ -65,7 +71,7 @@ def _line(e: dict, root: type[BaseModel], flags: dict[str, str]) -> str:
         shown = f" = {e['ctx']['tag']!r}:" if kind == "union_tag_invalid" else ": required but missing;"
         return f"{name}.kind{shown} choose {_either(tags)}"
     if kind == "model_type":
-        return f"{name} = {given!r}: expected a section (key: value lines)"
+        return f"{_named(name, given, None)}: expected a section (key: value lines)"
     if kind.endswith(_MISFIT_ENDS) or kind.startswith(_MISFIT_STARTS):
         wants = _accepts(field) if at_field else None
         return f"{_named(name, given, flags.get(key))}: {wants or _from_context(e)}"
