@@ -26,7 +26,7 @@ from flops import datasheet_peak, gemm_rate, largest_batch, sync, train_flops
 from diffit_cli.build import count_parameters
 from diffit_cli.core.attention import set_attention_kernel
 from diffit_cli.models import LATENT_SIZES, ImageDiffiT, LatentDiffiT
-from diffit_cli.training.loop import CPU_BF16_VARIABLE, native_cpu_bf16
+from diffit_cli.training.setup import CPU_BF16_VARIABLE, native_cpu_bf16
 
 CIFAR10 = dict(img_resolution=32, channels=(128, 256, 256), blocks=(2, 2, 2), window_size=4, head_dim=32, time_dim=512)
 FFHQ64 = dict(

@@ -27,8 +27,8 @@ from diffit_cli.build import build_network, build_optimizer
 from diffit_cli.config import load_preset
 from diffit_cli.events import Step
 from diffit_cli.training import train
-from diffit_cli.training.loop import training_precision
 from diffit_cli.training.recipe import enable_activation_checkpointing
+from diffit_cli.training.setup import training_precision
 
 SHAPES = ["data.path=null", "data.synthetic=varied"]  # throughput on the built-in shapes: no dataset to fetch
 TINY = {

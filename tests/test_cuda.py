@@ -75,20 +75,21 @@ def test_inductor_compiled_blocks_equal_eager(kind):
 
 def test_the_training_step_never_waits_for_the_gpu(tmp_path):
     """Steady-state optimizer steps (bf16, clipping, EMA, non-finite check) under CUDA's sync debug mode 'error'."""
-    from diffit_cli.training.loop import _setup, _step
     from diffit_cli.training.run import start_stream
+    from diffit_cli.training.setup import setup_run
+    from diffit_cli.training.step import train_step
 
     p = tiny_unet("train.mixed_precision=bf16", "train.grad_clip=1.0", "train.compile=false")
-    run = _setup(p, tmp_path, None, False, None)
+    run = setup_run(p, tmp_path, None, False, None, None)
     start_stream(run)
     run.model.train()
     for _ in range(2):  # warm-up: optimizer state, cuBLAS workspaces
-        _step(run)
+        train_step(run)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            _step(run)
+            train_step(run)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert run.skips.tolist() == [0.0, 0.0]

@@ -123,14 +123,14 @@ def test_a_cpu_without_native_bf16_trains_a_bf16_preset_in_fp32_with_a_note(tmp_
     from diffit_cli.training import loop
 
     seen = []
-    real_setup = loop._setup
+    real_setup = loop.setup_run
 
     def spy(*a, **k):
         run = real_setup(*a, **k)
         seen.append(run.accelerator.mixed_precision)
         return run
 
-    monkeypatch.setattr(loop, "_setup", spy)
+    monkeypatch.setattr(loop, "setup_run", spy)
     p = tiny_unet("train.total_kimg=0.008", "train.mixed_precision=bf16")
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)

@@ -1,4 +1,5 @@
-"""Training (docs/architecture.md, 'Data flow'): `loop` (the `train` loop), `run` (its state and log), `recovery`
+"""Training (docs/architecture.md, 'Data flow'): `loop` (the `train` loop), `setup` (the Accelerator, data, network
+and optimizer of a run), `step` (one optimizer step, no host sync), `run` (its state and log), `recovery`
 (checkpoints, resume, free space, spike response), `tracking` (experiment trackers), `evaluate` (FID along
 training), `recipe` (keyed randomness, lr ramp, EMA, batch split, resume rules), `monitor` (the loss-spike detector),
 `lock` (one training process per run folder) and `preflight` (the checks before the first step, which

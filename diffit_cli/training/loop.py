@@ -1,4 +1,4 @@
-"""The training loop: Accelerate placement, kimg counters, EMA, warm-up, clipping, resume, reports
+"""The training loop: set-up (`setup`), resume, then steps (`step`: kimg counters, EMA, warm-up, clipping), reports
 with the gradient norm and the largest attention logit (to log.jsonl, the experiment trackers and curves.png), the
 loss-spike watch (warn, stop or roll back), FID along training (best.pt), and snapshots with a preview grid. One
 loop trains every preset: pixel and latent data differ only in how a raw batch becomes model space
@@ -7,57 +7,28 @@ loop trains every preset: pixel and latent data differ only in how a raw batch b
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration
 
-from diffit_cli.augment import AugmentPipe
-from diffit_cli.build import (
-    build_diffusion,
-    build_network,
-    build_optimizer,
-    compile_blocks,
-    count_config_parameters,
-    count_parameters,
-    want_compile,
-)
+from diffit_cli.build import count_config_parameters, count_parameters
 from diffit_cli.checkpoint import latest_checkpoint
-from diffit_cli.codecs import make_codec
 from diffit_cli.config import Preset, dump_preset, preset_to_dict
 from diffit_cli.core.attention import attention_logit_max
-from diffit_cli.data import open_source
-from diffit_cli.events import Message, Progress, Start, Step, main_process_only
+from diffit_cli.events import Message, Progress, Start, Step
 from diffit_cli.fileio import atomic_write_bytes, new_output
 from diffit_cli.preemption import AgreedStop, preemption_signals
 from diffit_cli.training import lock
 from diffit_cli.training.evaluate import fid_due, fid_point
-from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training.preflight import preflight
-from diffit_cli.training.recipe import (
-    Ema,
-    TrainError,
-    TrainState,
-    batch_to_x0,
-    edm_ema_beta,
-    enable_activation_checkpointing,
-    keyed_seed,
-    learning_rate,
-    split_batch,
-    step_unless,
-)
+from diffit_cli.training.recipe import TrainState
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
-from diffit_cli.training.tracking import LOG_DIR as TRACKER_DIR
+from diffit_cli.training.setup import setup_run
+from diffit_cli.training.step import settle_skips, train_step
 from diffit_cli.training.tracking import TrackerSpec, flat_config, start_trackers
-
-PROBE_SAMPLES = 8  # samples of the last micro-batch that the report's attention-logit probe runs on
 
 
 def train(
@@ -79,7 +50,7 @@ def train(
     names = preflight(
         preset, run_dir=run_dir, batch_gpu=batch_gpu, trackers=trackers, inception_weights=inception_weights
     ).trackers
-    run = _setup(preset, Path(run_dir), batch_gpu, skip_bad_images, names, progress)
+    run = setup_run(preset, Path(run_dir), batch_gpu, skip_bad_images, names, progress)
     run.inception_weights = inception_weights
     main = run.accelerator.is_main_process
     # a new run that fails before its first checkpoint (e.g. a corrupt image in the first batch) leaves nothing
@@ -124,10 +95,10 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
     with preemption_signals(warn) as caught:
         stop = AgreedStop(caught, run.world, warn)
         while state.nimg < total_nimg:
-            loss_sum += _step(run)
+            loss_sum += train_step(run)
             loss_n += run.accum
             if signal_name := stop():  # SLURM's warning, a preemption, Ctrl-C: checkpoint now, then exit 3 (130)
-                _settle_skips(run)
+                settle_skips(run)
                 snapshot(run, grid=False)
                 state.preempted = signal_name
                 break
@@ -155,7 +126,7 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
     fid = fid_due(run)
     snapshot_due = fid or done or state.nimg // snap_every > (state.nimg - tc.batch) // snap_every
     if report_due or snapshot_due:
-        _settle_skips(run)
+        settle_skips(run)
     if report_due:
         rec = _report(run, loss_sum / max(loss_n, 1), n_report, time.perf_counter() - t_report)
         loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
@@ -166,207 +137,6 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
         snapshot(run, best=fid and fid_point(run))
         t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
     return loss_sum, loss_n, t_report, n_report
-
-
-CPU_BF16_VARIABLE = "DIFFIT_CPU_BF16"
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), or `DIFFIT_CPU_BF16=1` asks for bf16 anyway."""
-    return (
-        os.environ.get(CPU_BF16_VARIABLE) == "1"
-        or torch.cpu._is_avx512_bf16_supported()
-        or torch.cpu._is_amx_tile_supported()
-    )
-
-
-def training_precision(mixed_precision: str) -> str:
-    """The precision a preset's training really runs in: a bf16 preset trains in fp32 on a CPU without native bf16,
-    where emulated bf16 runs ~10× slower (measured: 4.5 vs 43 img/s, `demo` at 32² on 2 EPYC cores)."""
-    cpu_fp32 = mixed_precision == "bf16" and not torch.cuda.is_available() and not native_cpu_bf16()
-    return "fp32" if cpu_fp32 else mixed_precision
-
-
-def _setup(
-    preset: Preset,
-    run_dir: Path,
-    batch_gpu: int | None,
-    skip_bad_images: bool,
-    trackers: list[str],
-    progress: Progress | None,
-) -> Run:
-    """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
-    tc = preset.train
-    mp = training_precision(tc.mixed_precision)  # (fp16 or flex attention without a GPU: refused by preflight)
-    cpu_fp32 = mp != tc.mixed_precision
-    # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
-    # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
-    AcceleratorState._reset_state()
-    # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
-    accelerator = Accelerator(
-        mixed_precision="no" if mp == "fp32" else mp,
-        cpu=not torch.cuda.is_available(),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TRACKER_DIR)),
-    )
-    device = accelerator.device
-    batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
-    emit = main_process_only(progress, accelerator.is_main_process)
-
-    with accelerator.main_process_first():  # a dataset by name downloads once, on the main process
-        dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
-    if dataset.kind == "latent" and preset.data.space != "latent":
-        raise TrainError(
-            f"{preset.data.path!r} holds VAE latents but preset {preset.name!r} trains in pixel space; "
-            "use a latent preset such as imagenet256"
-        )
-    if dataset.kind == "latent" and dataset.num_channels != preset.model.in_channels:
-        raise TrainError(
-            f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
-            f"network expects {preset.model.in_channels}; re-encode them or fix the preset"
-        )
-    _check_classes(preset, dataset)
-    if cpu_fp32:  # after the checks of the user's data: an error there comes alone
-        emit(
-            Message(
-                "this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
-                "emulated bf16 (set train.mixed_precision=fp32 to silence this, "
-                f"{CPU_BF16_VARIABLE}=1 to force bf16)",
-                "warning",
-            )
-        )
-    # shards hold posterior stats already: no VAE needed to train on them
-    codec = None if dataset.kind == "latent" else make_codec(preset.data, device)
-    diffusion = build_diffusion(preset.diffusion, preset.model)
-    torch.manual_seed(tc.seed)
-    net = build_network(preset.model, device)
-    ema = Ema(net)  # before activation checkpointing patches the blocks' forward
-    if tc.grad_checkpointing:
-        enable_activation_checkpointing(net)
-    opt = build_optimizer(net.parameters(), tc)
-    if want_compile(tc.compile, device):  # after checkpointing: the recomputed block is the compiled region
-        compile_blocks(net, lambda text: emit(Message(text, "warning")))
-    model, opt = accelerator.prepare(net, opt)
-    monitor = SpikeDetector(factor=tc.spike_factor, patience=tc.spike_patience)
-    return Run(
-        preset,
-        run_dir,
-        accelerator,
-        net,
-        model,
-        ema,
-        opt,
-        diffusion,
-        codec,
-        dataset,
-        batch_gpu,
-        accum,
-        monitor,
-        TrainState(),
-        emit,
-        augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
-        noise_gen=torch.Generator(device),
-    )
-
-
-def _check_classes(preset: Preset, dataset) -> None:
-    """The data's labels must index the network's class table (row `num_classes` is the null class): a dataset with
-    more classes than `model.num_classes` (or none, for a class-conditional network) is refused before any step;
-    a larger table than the data needs is fine."""
-    wanted, have, name = preset.model.num_classes, dataset.num_classes, dataset.name
-    if wanted and not have:
-        raise TrainError(
-            f"the network is class-conditional (model.num_classes {wanted}) but {name!r} has no class "
-            "labels; give labelled data (class subfolders, dataset.json labels, arr_1, a label column) "
-            "or set model.num_classes=0 for an unconditional model"
-        )
-    if wanted and have > wanted:
-        raise TrainError(
-            f"{name!r} has {have} classes but the network has model.num_classes {wanted}; set "
-            f"--set model.num_classes={have} (or 0 for an unconditional model)"
-        )
-
-
-def _step(run: Run) -> torch.Tensor:
-    """One optimizer step over `accum` micro-batches; returns the summed per-micro-batch mean loss (device)."""
-    tc, state, acc, opt = run.preset.train, run.state, run.accelerator, run.opt
-    rank, world = acc.process_index, run.world
-    torch.manual_seed(keyed_seed(tc.seed, state.step, rank))  # dropout, label dropout, augmentation
-    run.noise_gen.manual_seed(keyed_seed(tc.seed, state.step, 1 << 20))
-    draws = None  # diffusion noise (σ or t, and n) for the whole global batch of this step
-    for g in opt.param_groups:
-        g["lr"] = learning_rate(tc, state.nimg) * state.lr_scale
-    aug_dim = getattr(run.preset.model, "augment_dim", 0)
-    loss_sum = zero(run)
-    for a in range(run.accum):
-        t_wait = time.perf_counter()
-        raw_batch = next(run.batches)
-        state.data_s += time.perf_counter() - t_wait
-        x0, y = batch_to_x0(raw_batch, run.preset, run.codec, acc.device)
-        aug = None
-        if run.augment is not None:
-            x0, aug = run.augment(x0)
-        elif aug_dim:  # zero labels = "not augmented" (bias-free map): keeps every parameter in the DDP graph
-            aug = x0.new_zeros(x0.shape[0], aug_dim)
-        if draws is None:
-            draws = run.diffusion.training_noise(tc.batch, tuple(x0.shape[1:]), run.noise_gen)
-        lo = (a * world + rank) * run.batch_gpu  # global index of this rank's first sample in this round
-        kwargs = {k: v[lo : lo + run.batch_gpu] for k, v in draws.items()}
-        if aug is not None:
-            kwargs["augment_labels"] = aug
-        with contextlib.nullcontext() if a == run.accum - 1 else acc.no_sync(run.model):
-            loss = run.diffusion.loss(run.model, x0, y, **kwargs)
-            acc.backward(loss.mean() / run.accum)
-        loss_sum += loss.detach().mean()
-    k = min(PROBE_SAMPLES, run.batch_gpu)
-    run.probe = (x0[:k], None if y is None else y[:k], {n: v[:k] for n, v in kwargs.items()})
-    grad_norm = _clip_and_step(run)
-    opt.zero_grad(set_to_none=True)
-    state.nimg += tc.batch
-    state.step += 1
-    run.ema.update(run.net, edm_ema_beta(tc, state.nimg, tc.batch))
-    finite = torch.isfinite(grad_norm)
-    run.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
-    run.grad_norm_max = torch.maximum(run.grad_norm_max, torch.where(finite, grad_norm, 0.0))
-    return loss_sum
-
-
-def _clip_and_step(run: Run) -> torch.Tensor:
-    """Global gradient norm (before clipping), optional clipping to `train.grad_clip`, then the optimizer step.
-    A step whose gradients are not finite is skipped (EDM) without a host sync: the fused optimizer reads the flag
-    on the device (fp16: the grad scaler's own flag, the same condition on the same unscaled gradients, which also
-    lowers its scale); `run.skips` counts on the device and `_settle_skips` reads it at report time."""
-    tc, acc = run.preset.train, run.accelerator
-    if acc.scaler is not None:  # fp16: unscale first
-        acc.unscale_gradients()
-    grads = [p.grad for p in run.net.parameters() if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()  # (no host sync)
-    if tc.grad_clip is not None:
-        torch._foreach_mul_(grads, (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
-    skipped = (~torch.isfinite(grad_norm)).float()  # 0-dim, on the device
-    if acc.scaler is not None:
-        run.opt.step()
-    else:
-        step_unless(run.opt, skipped)
-    run.skips = torch.stack([run.skips[0] + skipped, (run.skips[1] + 1) * skipped])
-    return grad_norm
-
-
-def _settle_skips(run: Run) -> None:
-    """Fold the device-side skip counters into the state (one host read, at report and snapshot time); a run whose
-    last `train.max_skipped_steps` or more steps were all non-finite stops here."""
-    tc, state = run.preset.train, run.state
-    skipped, in_a_row = (int(v) for v in run.skips.tolist())
-    state.skipped += skipped
-    state.skipped_in_a_row = in_a_row
-    run.skips = torch.tensor([0.0, in_a_row], device=run.skips.device)
-    if in_a_row >= tc.max_skipped_steps:
-        last = latest_checkpoint(run.run_dir)
-        raise TrainError(
-            f"{in_a_row} optimizer steps in a row had non-finite gradients (the last at step "
-            f"{state.step}): training has diverged; last checkpoint: {last or 'none'}; lower "
-            "train.lr or set train.on_spike=rollback and rerun"
-        )
 
 
 def _attention_logit_max(run: Run) -> float | None:
