@@ -304,16 +304,33 @@ def _links(text: str) -> list[str]:
     return re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
 
 
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    found = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return found
+
+
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_lead_to_files(path):
     missing = []
     for target in _links(path.read_text()):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
-            continue  # a web address or an anchor on the same page
-        file = target.split("#", 1)[0]
-        if not (path.parent / file).exists():
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+            continue  # a web address
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file) if file else path
+        if not linked.exists():
             missing.append(target)
-    assert not missing, f"{path.relative_to(ROOT)} links to missing files: {missing}"
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
+            missing.append(f"{target} (no such heading)")
+    assert not missing, f"{path.relative_to(ROOT)} links to missing files or headings: {missing}"
+
+
+def test_anchors_follow_github():
+    text = "# Presets and `--set`\n## Scoring with EDM's protocol\n### FFHQ-64\n```\n# not a heading\n```\n"
+    assert anchors(text) == {"presets-and---set", "scoring-with-edms-protocol", "ffhq-64"}
 
 
 def test_link_checker_sees_a_missing_file():
