@@ -146,19 +146,47 @@ def compute_metrics(
     wanted = _parse_metrics(metrics)
     name, cls, dev = _extractor_setup(feature_extractor, device, batch)
     sample_images = open_input(samples, "samples", allow_stats=False)
+    ref = _open_reference(reference, wanted, name)
+    fidelity_name = {"fid": "fid", "is": "isc", "kid": "kid", "pr": "prc"}
+    layers = {m: cls.get_default_feature_layer_for_metric(fidelity_name[m]) for m in wanted}
+    fe = make_extractor(name, sorted(set(layers.values())), dev, inception_weights)
+    feats = extract_features(sample_images, fe, dev, int(batch), progress, "samples")
+    ref_feats = _reference_features(
+        ref, wanted, layers, lambda images: extract_features(images, fe, dev, int(batch), progress, "reference")
+    )
+    result, notes = _metric_values(wanted, {m: feats[layers[m]] for m in wanted}, ref, ref_feats, layers, name)
+    n = sample_images.count
+    notes += _protocol_notes(name, wanted, n)
+    result.update(
+        extractor=name,
+        feature_layers=layers,
+        num_samples=n,
+        num_reference=None if ref is None else (ref.count if isinstance(ref, Images) else ref.num_images),
+        reference_kind=None if ref is None else ("stats" if isinstance(ref, Statistics) else "images"),
+        samples=_describe(samples),
+        reference=None if reference is None else _describe(reference),
+        device=str(dev),
+        notes=notes,
+    )
+    return result
+
+
+def _open_reference(reference, wanted: list[str], extractor: str) -> Images | Statistics | None:
+    """The reference that the paired metrics (all but IS) need, opened; a statistics file must come from
+    `extractor` (when it names one) and hold features or images for KID and precision/recall."""
     paired = [m for m in wanted if m != "is"]
-    ref = None
-    if paired:
-        if reference is None:
-            raise DiffitError(
-                f"{' and '.join(_LABEL[m] for m in paired)} compare samples with a reference: "
-                "pass --ref (images or a statistics file), or --preset NAME for its training set's statistics"
-            )
-        ref = open_input(reference, "reference", allow_stats=True)
+    if not paired:
+        return None
+    if reference is None:
+        raise DiffitError(
+            f"{' and '.join(_LABEL[m] for m in paired)} compare samples with a reference: "
+            "pass --ref (images or a statistics file), or --preset NAME for its training set's statistics"
+        )
+    ref = open_input(reference, "reference", allow_stats=True)
     if isinstance(ref, Statistics):
-        if ref.extractor is not None and ref.extractor != name:
+        if ref.extractor is not None and ref.extractor != extractor:
             raise DiffitError(
-                f"{ref.path} was computed with feature extractor {ref.extractor}, but this run uses {name}; "
+                f"{ref.path} was computed with feature extractor {ref.extractor}, but this run uses {extractor}; "
                 f"distances across extractors mean nothing "
                 f"(use --feature-extractor {ref.extractor} or recompute the reference)"
             )
@@ -169,68 +197,80 @@ def compute_metrics(
                 f"{what} need reference images or features, but {ref.path} holds only "
                 "mu/sigma; pass the dataset (folder, zip or npz) as the reference, or save statistics with features"
             )
+    return ref
 
-    fidelity_name = {"fid": "fid", "is": "isc", "kid": "kid", "pr": "prc"}
-    layers = {m: cls.get_default_feature_layer_for_metric(fidelity_name[m]) for m in wanted}
-    fe = make_extractor(name, sorted(set(layers.values())), dev, inception_weights)
-    feats = extract_features(sample_images, fe, dev, int(batch), progress, "samples")
-    n = sample_images.count
 
-    ref_feats = None
+def _reference_features(ref, wanted: list[str], layers: dict, extract) -> dict | None:
+    """The reference's features by layer: extracted from its images, or the ones a statistics file stores (for KID
+    and precision/recall, which need per-image features; FID reads a statistics file's mu/sigma instead)."""
     if isinstance(ref, Images):
-        ref_feats = extract_features(ref, fe, dev, int(batch), progress, "reference")
-    elif isinstance(ref, Statistics) and any(m in ("kid", "pr") for m in wanted):
-        if ref.features is not None:
-            for m in ("kid", "pr"):
-                if m in wanted and ref.feature_layer not in (None, layers[m]):
-                    raise DiffitError(
-                        f"{ref.path} stores {ref.feature_layer} features but {_LABEL[m]} uses {layers[m]} "
-                        "with this extractor; pass the dataset as the reference"
-                    )
-            ref_feats = {layers[m]: torch.from_numpy(ref.features) for m in wanted if m in ("kid", "pr")}
-        else:
-            ref_feats = extract_features(ref.images, fe, dev, int(batch), progress, "reference")
-    n_ref = None
-    if isinstance(ref, Images):
-        n_ref = ref.count
-    elif isinstance(ref, Statistics):
-        n_ref = ref.num_images
+        return extract(ref)
+    if not isinstance(ref, Statistics) or not any(m in ("kid", "pr") for m in wanted):
+        return None
+    if ref.features is None:
+        return extract(ref.images)
+    for m in ("kid", "pr"):
+        if m in wanted and ref.feature_layer not in (None, layers[m]):
+            raise DiffitError(
+                f"{ref.path} stores {ref.feature_layer} features but {_LABEL[m]} uses {layers[m]} "
+                "with this extractor; pass the dataset as the reference"
+            )
+    return {layers[m]: torch.from_numpy(ref.features) for m in wanted if m in ("kid", "pr")}
 
+
+def _metric_values(wanted: list[str], feats: dict, ref, ref_feats: dict | None, layers: dict, extractor: str):
+    """Each wanted metric from the samples' features (`feats`, by metric) and the reference's (by layer): the values
+    and the notes that qualify them."""
     result: dict = {}
     notes: list[str] = []
     if "fid" in wanted:
-        if n < 2:
-            raise DiffitError("FID needs at least 2 samples")
-        s_stats = _statistics(feats[layers["fid"]])
-        if isinstance(ref, Statistics):
-            r_stats, ref_name = {"mu": ref.mu, "sigma": ref.sigma}, str(ref.path)
-            if ref.extractor is None and name != INCEPTION:
-                notes.append(f"{ref.path} does not name its extractor; assumed it matches {name}")
-        else:
-            r_stats, ref_name = _statistics(ref_feats[layers["fid"]]), "the reference"
-        result["fid"] = fid_distance(s_stats, r_stats, ref_name)
+        ref_fid = None if ref_feats is None else ref_feats[layers["fid"]]
+        result["fid"] = _fid(feats["fid"], ref, ref_fid, extractor, notes)
     if "is" in wanted:
-        r = isc_features_to_metric(feats[layers["is"]], splits=max(1, min(10, n)), shuffle=True, rng_seed=SEED)
+        splits = max(1, min(10, len(feats["is"])))
+        r = isc_features_to_metric(feats["is"], splits=splits, shuffle=True, rng_seed=SEED)
         result["is_mean"], result["is_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
     if "kid" in wanted:
-        f1, f2 = feats[layers["kid"]], ref_feats[layers["kid"]]
-        check_feature_size(f1.shape[1], f2.shape[1], "KID")
-        subset = min(1000, len(f1), len(f2))
-        if subset < 2:
-            raise DiffitError("KID needs at least 2 samples and 2 reference images")
-        r = kid_features_to_metric(f1, f2, kid_subsets=100, kid_subset_size=subset, rng_seed=SEED, verbose=False)
-        result["kid_mean"], result["kid_std"] = r[KEY_METRIC_KID_MEAN], r[KEY_METRIC_KID_STD]
-        if subset < 1000:
-            notes.append(f"KID used subsets of {subset} (fewer than the usual 1000 images)")
+        result.update(_kid(feats["kid"], ref_feats[layers["kid"]], notes))
     if "pr" in wanted:
-        f1, f2 = feats[layers["pr"]], ref_feats[layers["pr"]]
-        check_feature_size(f1.shape[1], f2.shape[1], "precision/recall")
-        if min(len(f1), len(f2)) < 4:
-            raise DiffitError("precision/recall need at least 4 samples and 4 reference images (k = 3 neighbours)")
-        r = prc_features_to_metric(f1, f2, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
-        result["precision"], result["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
+        result.update(_precision_recall(feats["pr"], ref_feats[layers["pr"]]))
+    return result, notes
 
-    if name == TEST_EXTRACTOR:
+
+def _fid(features: torch.Tensor, ref, ref_features: torch.Tensor | None, extractor: str, notes: list[str]) -> float:
+    """FID of the samples' features against a statistics file's mu/sigma or the reference images' features."""
+    if len(features) < 2:
+        raise DiffitError("FID needs at least 2 samples")
+    if isinstance(ref, Statistics):
+        if ref.extractor is None and extractor != INCEPTION:
+            notes.append(f"{ref.path} does not name its extractor; assumed it matches {extractor}")
+        return fid_distance(_statistics(features), {"mu": ref.mu, "sigma": ref.sigma}, str(ref.path))
+    return fid_distance(_statistics(features), _statistics(ref_features))
+
+
+def _kid(f1: torch.Tensor, f2: torch.Tensor, notes: list[str]) -> dict:
+    check_feature_size(f1.shape[1], f2.shape[1], "KID")
+    subset = min(1000, len(f1), len(f2))
+    if subset < 2:
+        raise DiffitError("KID needs at least 2 samples and 2 reference images")
+    r = kid_features_to_metric(f1, f2, kid_subsets=100, kid_subset_size=subset, rng_seed=SEED, verbose=False)
+    if subset < 1000:
+        notes.append(f"KID used subsets of {subset} (fewer than the usual 1000 images)")
+    return {"kid_mean": r[KEY_METRIC_KID_MEAN], "kid_std": r[KEY_METRIC_KID_STD]}
+
+
+def _precision_recall(f1: torch.Tensor, f2: torch.Tensor) -> dict:
+    check_feature_size(f1.shape[1], f2.shape[1], "precision/recall")
+    if min(len(f1), len(f2)) < 4:
+        raise DiffitError("precision/recall need at least 4 samples and 4 reference images (k = 3 neighbours)")
+    r = prc_features_to_metric(f1, f2, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return {"precision": r[KEY_METRIC_PRECISION], "recall": r[KEY_METRIC_RECALL]}
+
+
+def _protocol_notes(extractor: str, wanted: list[str], n: int) -> list[str]:
+    """What makes these numbers differ from published ones: the stand-in extractor, fewer than 50k samples."""
+    notes = []
+    if extractor == TEST_EXTRACTOR:
         notes.append(
             f"features from {TEST_EXTRACTOR} (fixed random conv net), not Inception: "
             "not comparable with published numbers"
@@ -239,18 +279,7 @@ def compute_metrics(
         notes.append(
             f"{n} samples; published FID (FID-50K) uses {FID_PROTOCOL_SAMPLES:,}, and FID grows as the count shrinks"
         )
-    result.update(
-        extractor=name,
-        feature_layers=layers,
-        num_samples=n,
-        num_reference=n_ref,
-        reference_kind=None if ref is None else ("stats" if isinstance(ref, Statistics) else "images"),
-        samples=_describe(samples),
-        reference=None if reference is None else _describe(reference),
-        device=str(dev),
-        notes=notes,
-    )
-    return result
+    return notes
 
 
 def save_reference(
