@@ -210,6 +210,10 @@ def test_cli_dry_run_prints_preset_and_parameters():
         (["eval.feature_extractor=nope", "eval.every_kimg=1"], ["eval.feature_extractor = 'nope'"]),
         (["data.path=torchvision:NOPE"], ["'NOPE'", "CIFAR10"]),
         (["data.path=nowhere/at/all"], ["nowhere/at/all", "does not exist"]),
+        (
+            ["eval.every_kimg=1", "eval.feature_extractor=diffit-randconv-v1", "eval.reference=nowhere.npz"],
+            ["eval.reference = 'nowhere.npz'", "no such file"],
+        ),
     ],
 )
 def test_the_run_and_its_dry_run_refuse_the_same(tmp_path, sets, words):

@@ -18,6 +18,7 @@ from diffit_cli.data import check_source, require_data
 from diffit_cli.data.catalog import README_SECTION, has_data
 from diffit_cli.errors import DiffitError
 from diffit_cli.fid.extractors import check_extractor, check_weights_at_hand, extractor_class
+from diffit_cli.fid.reference import LATENT_NEEDS_FILE, TRAIN
 from diffit_cli.fileio import check_writable
 from diffit_cli.training.recipe import TrainError, split_batch
 from diffit_cli.training.tracking import TrackerSpec, resolve_trackers
@@ -69,11 +70,25 @@ def preflight(
             on_this_machine(lambda: check_weights_at_hand(ev.feature_extractor, inception_weights))
         else:  # builds the extractor: reads (or downloads) its weights now, not at the first FID point
             check_extractor(ev.feature_extractor, inception_weights)
+        _check_reference(preset)
     on_this_machine(lambda: _check_device(preset))
     split_batch(preset.train.batch, batch_gpu or preset.train.batch_gpu, int(os.environ.get("WORLD_SIZE", "1")))
     if run_dir is not None:
         check_writable(run_dir, folder=True)  # a file in the way: said now, not after the network is built
     return checked
+
+
+def _check_reference(preset: Preset) -> None:
+    """FID along training's reference, now rather than at the first FID point: a latent model has no training-set
+    images to take statistics of, and a reference file or folder must exist."""
+    ref = preset.eval.reference
+    if ref == TRAIN and preset.data.space == "latent":
+        raise DiffitError(LATENT_NEEDS_FILE)
+    if ref != TRAIN and not Path(ref).expanduser().exists():
+        raise DiffitError(
+            f"eval.reference = {ref!r}: no such file or folder; give a statistics .npz, an image folder or a "
+            "dataset file, or train (the training set's statistics, image-space presets)"
+        )
 
 
 def _check_device(preset: Preset) -> None:
