@@ -85,7 +85,35 @@ def encode_latents(
     `dtype` fp16|fp32 the storage type. Latents of other settings in `out_dir` are refused (the changed settings
     listed) unless `force`, which replaces them.
     """
+    device = _check_settings(src, resolution, batch, shard_size, dtype, num_workers, max_images, device)
+    out = check_writable(out_dir, folder=True)  # a file in the way: said now, not after the VAE is loaded
+    state = PartialState(cpu=device is not None and device.type == "cpu")
+    dev = state.device if device is None else device
+    if dev.type == state.device.type and dev.index is None:  # `--device cuda` under accelerate: this rank's GPU
+        dev = state.device
+    source, count = _open_images(src, resolution, skip_bad_images, synthetic_size, max_images)  # the input first
+    codec = VAECodec(vae, device=dev, precision=precision)  # then the VAE
+    if resolution % codec.downsample:
+        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
+    plan = _plan(source, codec, resolution, count, dtype, shard_size)
+    # a new output that fails before its first shard (e.g. a corrupt image) leaves nothing
+    with new_output(out, keep=lambda: any(out.glob(shard_name(0).replace("00000", "*"))), owner=state.is_main_process):
+        return _encode(
+            source,
+            codec,
+            plan,
+            out,
+            state,
+            force=force,
+            dtype=DTYPES[dtype],
+            batch=batch,
+            num_workers=num_workers,
+            progress=progress,
+        )
 
+
+def _check_settings(src, resolution, batch, shard_size, dtype, num_workers, max_images, device) -> torch.device | None:
+    """The settings checked before anything is opened; the device asked for, parsed (None: Accelerate's)."""
     if dtype not in DTYPES:
         raise DataError(f"--dtype must be fp16 or fp32, got {dtype!r}")
     if resolution % 8 or resolution < 8:
@@ -102,28 +130,29 @@ def encode_latents(
         raise DataError(
             f"source {str(src)!r} does not exist; pass an image folder, .zip, .npz, torchvision:NAME or hf:OWNER/NAME"
         )
-    out = check_writable(out_dir, folder=True)  # a file in the way: said now, not after the VAE is loaded
+    return device
 
-    state = PartialState(cpu=device is not None and device.type == "cpu")
-    dev = state.device if device is None else device
-    if dev.type == state.device.type and dev.index is None:  # `--device cuda` under accelerate: this rank's GPU
-        dev = state.device
+
+def _open_images(src, resolution: int, skip_bad_images: bool, synthetic_size: int | None, max_images: int | None):
+    """The image source and how many of its images to encode."""
     source = open_source(
         src,
         resolution,
         channels=3,
-        skip_bad_images=skip_bad_images,  # the user's input first,
+        skip_bad_images=skip_bad_images,
         **({"synthetic_size": synthetic_size} if synthetic_size else {}),
-    )  # then the VAE
+    )
     if source.kind != "pixel":
         raise DataError(f"{str(src)!r} already holds latents; encode-latents needs images")
     count = len(source) if max_images is None else min(len(source), max_images)
     if count < 1:
         raise DataError("nothing to encode (--max-images must be at least 1)")
-    codec = VAECodec(vae, device=dev, precision=precision)
-    if resolution % codec.downsample:
-        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's {codec.downsample}× downsampling")
-    plan = {
+    return source, count
+
+
+def _plan(source, codec: VAECodec, resolution: int, count: int, dtype: str, shard_size: int) -> dict:
+    """The manifest of this encoding before any shard is written (`complete` false, no shards listed)."""
+    return {
         "format": LATENT_FORMAT,
         "version": LATENT_FORMAT_VERSION,
         "complete": False,
@@ -142,21 +171,6 @@ def encode_latents(
         "shard_size": shard_size,
         "shards": [],
     }
-
-    # a new output that fails before its first shard (e.g. a corrupt image) leaves nothing
-    with new_output(out, keep=lambda: any(out.glob(shard_name(0).replace("00000", "*"))), owner=state.is_main_process):
-        return _encode(
-            source,
-            codec,
-            plan,
-            out,
-            state,
-            force=force,
-            dtype=DTYPES[dtype],
-            batch=batch,
-            num_workers=num_workers,
-            progress=progress,
-        )
 
 
 def _encode(
