@@ -339,3 +339,10 @@ def test_link_checker_sees_a_missing_file():
         "b.png",
         "https://x.org",
     ]
+
+
+def test_tests_readme_maps_every_test_file():
+    """tests/README.md's table names each test module, so a contributor finds the file for a new test there."""
+    table = (ROOT / "tests" / "README.md").read_text()
+    files = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert files and [f for f in files if f"| `{f}` |" not in table] == []
