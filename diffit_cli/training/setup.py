@@ -53,35 +53,14 @@ def setup_run(
     """Accelerator, data source, codec, diffusion, network, EMA, optimizer (nothing read from the run folder yet)."""
     tc = preset.train
     mp = training_precision(tc.mixed_precision)  # (fp16 or flex attention without a GPU: refused by preflight)
-    cpu_fp32 = mp != tc.mixed_precision
-    # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
-    # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
-    AcceleratorState._reset_state()
-    # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
-    accelerator = Accelerator(
-        mixed_precision="no" if mp == "fp32" else mp,
-        cpu=not torch.cuda.is_available(),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TRACKER_DIR)),
-    )
+    accelerator = _accelerator(mp, run_dir, trackers)
     device = accelerator.device
     batch_gpu, accum = split_batch(tc.batch, batch_gpu or tc.batch_gpu, accelerator.num_processes)
     emit = main_process_only(progress, accelerator.is_main_process)
-
     with accelerator.main_process_first():  # a dataset by name downloads once, on the main process
         dataset = open_source(preset.data, skip_bad_images=skip_bad_images)
-    if dataset.kind == "latent" and preset.data.space != "latent":
-        raise TrainError(
-            f"{preset.data.path!r} holds VAE latents but preset {preset.name!r} trains in pixel space; "
-            "use a latent preset such as imagenet256"
-        )
-    if dataset.kind == "latent" and dataset.num_channels != preset.model.in_channels:
-        raise TrainError(
-            f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
-            f"network expects {preset.model.in_channels}; re-encode them or fix the preset"
-        )
-    check_classes(preset, dataset)
-    if cpu_fp32:  # after the checks of the user's data: an error there comes alone
+    check_data(preset, dataset)
+    if mp != tc.mixed_precision:  # after the checks of the user's data: an error there comes alone
         emit(
             Message(
                 "this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32, about 10× faster here than "
@@ -93,14 +72,7 @@ def setup_run(
     # shards hold posterior stats already: no VAE needed to train on them
     codec = None if dataset.kind == "latent" else make_codec(preset.data, device)
     diffusion = build_diffusion(preset.diffusion, preset.model)
-    torch.manual_seed(tc.seed)
-    net = build_network(preset.model, device)
-    ema = Ema(net)  # before activation checkpointing patches the blocks' forward
-    if tc.grad_checkpointing:
-        enable_activation_checkpointing(net)
-    opt = build_optimizer(net.parameters(), tc)
-    if want_compile(tc.compile, device):  # after checkpointing: the recomputed block is the compiled region
-        compile_blocks(net, lambda text: emit(Message(text, "warning")))
+    net, ema, opt = _network_and_optimizer(preset, device, lambda text: emit(Message(text, "warning")))
     model, opt = accelerator.prepare(net, opt)
     monitor = SpikeDetector(factor=tc.spike_factor, patience=tc.spike_patience)
     return Run(
@@ -122,6 +94,51 @@ def setup_run(
         augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
         noise_gen=torch.Generator(device),
     )
+
+
+def _accelerator(precision: str, run_dir: Path, trackers: list[str]) -> Accelerator:
+    """A fresh Accelerator training in `precision`, logging to `trackers` under the run folder."""
+    # Accelerate keeps its settings in a process-wide singleton: a second train() in one process (ablate, a
+    # notebook) with another precision starts from a fresh one (the process group, if any, is kept)
+    AcceleratorState._reset_state()
+    # cpu=True on GPU-less machines lets torchrun / `accelerate launch` run several gloo processes
+    return Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TRACKER_DIR)),
+    )
+
+
+def _network_and_optimizer(preset: Preset, device: torch.device, warn) -> tuple:
+    """The network (seeded), its EMA copy and the optimizer, with activation checkpointing and compiled blocks as
+    `train` asks; `warn` gets the note of a block that falls back to eager."""
+    tc = preset.train
+    torch.manual_seed(tc.seed)
+    net = build_network(preset.model, device)
+    ema = Ema(net)  # before activation checkpointing patches the blocks' forward
+    if tc.grad_checkpointing:
+        enable_activation_checkpointing(net)
+    opt = build_optimizer(net.parameters(), tc)
+    if want_compile(tc.compile, device):  # after checkpointing: the recomputed block is the compiled region
+        compile_blocks(net, warn)
+    return net, ema, opt
+
+
+def check_data(preset: Preset, dataset) -> None:
+    """The data must suit the network: latents only for a latent preset, with the channels it expects, and labels
+    that index its class table (`check_classes`)."""
+    if dataset.kind == "latent" and preset.data.space != "latent":
+        raise TrainError(
+            f"{preset.data.path!r} holds VAE latents but preset {preset.name!r} trains in pixel space; "
+            "use a latent preset such as imagenet256"
+        )
+    if dataset.kind == "latent" and dataset.num_channels != preset.model.in_channels:
+        raise TrainError(
+            f"the latents in {preset.data.path!r} have {dataset.num_channels} channels but the "
+            f"network expects {preset.model.in_channels}; re-encode them or fix the preset"
+        )
+    check_classes(preset, dataset)
 
 
 def check_classes(preset: Preset, dataset) -> None:
