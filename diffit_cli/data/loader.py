@@ -77,23 +77,8 @@ def open_source(
             xflip=xflip,
             style=synthetic_style or "varied",
         )
-    elif is_named(data):
-        if resolution is None:
-            raise DataError(f"opening {data!r} needs a resolution")
-        src = open_named(str(data), resolution, **kwargs, **columns)
     else:
-        path = check_path(data)  # exists, and is a folder, .zip or .npz
-        if path.is_dir() and (path / MANIFEST_NAME).is_file():
-            src = LatentShardSource(path, resolution)
-        else:
-            if resolution is None:
-                raise DataError(f"opening {str(path)!r} needs a resolution")
-            if path.is_dir():
-                src = ImageFolderSource(path, resolution, **kwargs)
-            elif path.suffix.lower() == ".zip":
-                src = ZipSource(path, resolution, **kwargs)
-            else:  # .npz: check_path refused every other kind
-                src = NpzSource(path, resolution, **kwargs)
+        src = _open_stored(data, resolution, kwargs, columns)
     if use_labels and src.num_classes == 0:
         raise DataError(
             f"data.use_labels is true but {src.name!r} has no class labels (put each class in its "
@@ -101,6 +86,24 @@ def open_source(
             "data.use_labels=false)"
         )
     return src
+
+
+def _open_stored(data, resolution: int | None, kwargs: dict, columns: dict) -> Source:
+    """A dataset by name, or by path: latent shards (a folder with manifest.json), image folder, `.zip` or `.npz`."""
+    if is_named(data):
+        if resolution is None:
+            raise DataError(f"opening {data!r} needs a resolution")
+        return open_named(str(data), resolution, **kwargs, **columns)
+    path = check_path(data)  # exists, and is a folder, .zip or .npz
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return LatentShardSource(path, resolution)
+    if resolution is None:
+        raise DataError(f"opening {str(path)!r} needs a resolution")
+    if path.is_dir():
+        return ImageFolderSource(path, resolution, **kwargs)
+    if path.suffix.lower() == ".zip":
+        return ZipSource(path, resolution, **kwargs)
+    return NpzSource(path, resolution, **kwargs)  # .npz: check_path refused every other kind
 
 
 class StreamBatchSampler(torch.utils.data.Sampler):
