@@ -126,76 +126,95 @@ class AugmentPipe:
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, h, w = images.shape
-        dev = images.device
-        g = generator
-
-        def rand(*shape):
-            return torch.rand(shape, device=dev, generator=g)
-
-        def randn(*shape):
-            return torch.randn(shape, device=dev, generator=g)
-
-        def gate(value, mult, *shape):  # keep `value` with probability mult·p, else zero
-            return torch.where(rand(*shape) < mult * self.p, value, torch.zeros_like(value))
-
-        labels: list[torch.Tensor] = []
-
-        # --- pixel blitting (exact, no resampling)
-        if self.xflip > 0:
-            f = gate(torch.randint(2, (n, 1, 1, 1), device=dev, generator=g), self.xflip, n, 1, 1, 1)
-            images = torch.where(f == 1, images.flip(3), images)
-            labels.append(f)
-        if self.yflip > 0:
-            f = gate(torch.randint(2, (n, 1, 1, 1), device=dev, generator=g), self.yflip, n, 1, 1, 1)
-            images = torch.where(f == 1, images.flip(2), images)
-            labels.append(f)
-        if self.rotate_int > 0:
-            k = gate(torch.randint(4, (n, 1, 1, 1), device=dev, generator=g), self.rotate_int, n, 1, 1, 1)
-            images = torch.where((k == 1) | (k == 2), images.flip(3), images)
-            images = torch.where((k == 2) | (k == 3), images.flip(2), images)
-            images = torch.where((k == 1) | (k == 3), images.transpose(2, 3), images)
-            labels += [(k == 1) | (k == 2), (k == 2) | (k == 3)]
-        if self.translate_int > 0:
-            t = gate(rand(2, n, 1, 1, 1) * 2 - 1, self.translate_int, 1, n, 1, 1, 1)
-            tx = (t[0] * (w * self.translate_int_max)).round().to(torch.int64)
-            ty = (t[1] * (h * self.translate_int_max)).round().to(torch.int64)
-            images = _mirror_shift(images, tx.view(n, 1, 1), ty.view(n, 1, 1))
-            labels += [tx / (w * self.translate_int_max), ty / (h * self.translate_int_max)]
-
-        # --- geometric transforms: compose the per-sample inverse matrix (output → input pixel coords)
-        g_inv = torch.eye(3, device=dev).expand(n, 3, 3)
-        if self.scale > 0:
-            z = gate(randn(n), self.scale, n)
-            s = torch.exp2(z * self.scale_std)
-            g_inv = g_inv @ _scale(1 / s, 1 / s)
-            labels.append(z)
-        if self.rotate_frac > 0:
-            theta = gate((rand(n) * 2 - 1) * (math.pi * self.rotate_frac_max), self.rotate_frac, n)
-            g_inv = g_inv @ _rotate(theta)
-            labels += [theta.cos() - 1, theta.sin()]
-        if self.aniso > 0:
-            z, r = randn(n), (rand(n) * 2 - 1) * math.pi
-            z = torch.where(rand(n) < self.aniso * self.p, z, torch.zeros_like(z))
-            r = torch.where(rand(n) < self.aniso_rotate_prob, r, torch.zeros_like(r))
-            s = torch.exp2(z * self.aniso_std)
-            g_inv = g_inv @ _rotate(-r) @ _scale(1 / s, s) @ _rotate(r)
-            labels += [z * r.cos(), z * r.sin()]
-        if self.translate_frac > 0:
-            t = gate(randn(2, n), self.translate_frac, 1, n)
-            g_inv = g_inv @ _translate(-t[0] * (w * self.translate_frac_std), -t[1] * (h * self.translate_frac_std))
-            labels += [t[0], t[1]]
-
+        """Augmented images and their augmentation labels (N, label_dim): the pixel blits, then one resampling for
+        the composed geometric transforms; every draw comes from `generator` in a fixed order."""
+        n = images.shape[0]
+        draw = _Draws(images.device, generator, self.p)
+        images, labels = self._blit(images, draw)
+        g_inv, more = self._geometric(n, images.shape[2], images.shape[3], draw)
+        labels += more
         # 1e-6: rotate(-r) @ rotate(r) with no anisotropy is the identity up to rounding
-        moved = (g_inv - torch.eye(3, device=dev)).abs().amax(dim=(1, 2)) > 1e-6
+        moved = (g_inv - torch.eye(3, device=images.device)).abs().amax(dim=(1, 2)) > 1e-6
         if bool(moved.any()):
             idx = moved.nonzero().squeeze(1)
             out = images.clone()
             out[idx] = _resample(images[idx].to(torch.float32), g_inv[idx]).to(images.dtype)
             images = out
-
         flat = [x.to(torch.float32).reshape(n, -1) for x in labels]
-        return images, (torch.cat(flat, dim=1) if flat else torch.zeros(n, 0, device=dev))
+        return images, (torch.cat(flat, dim=1) if flat else torch.zeros(n, 0, device=images.device))
+
+    def _blit(self, images: torch.Tensor, draw: _Draws) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pixel blitting (exact, no resampling): flips, quarter turns, integer translation; with their labels."""
+        n, _, h, w = images.shape
+        labels: list[torch.Tensor] = []
+        if self.xflip > 0:
+            f = draw.gate(draw.randint(2, n, 1, 1, 1), self.xflip, n, 1, 1, 1)
+            images = torch.where(f == 1, images.flip(3), images)
+            labels.append(f)
+        if self.yflip > 0:
+            f = draw.gate(draw.randint(2, n, 1, 1, 1), self.yflip, n, 1, 1, 1)
+            images = torch.where(f == 1, images.flip(2), images)
+            labels.append(f)
+        if self.rotate_int > 0:
+            k = draw.gate(draw.randint(4, n, 1, 1, 1), self.rotate_int, n, 1, 1, 1)
+            images = torch.where((k == 1) | (k == 2), images.flip(3), images)
+            images = torch.where((k == 2) | (k == 3), images.flip(2), images)
+            images = torch.where((k == 1) | (k == 3), images.transpose(2, 3), images)
+            labels += [(k == 1) | (k == 2), (k == 2) | (k == 3)]
+        if self.translate_int > 0:
+            t = draw.gate(draw.rand(2, n, 1, 1, 1) * 2 - 1, self.translate_int, 1, n, 1, 1, 1)
+            tx = (t[0] * (w * self.translate_int_max)).round().to(torch.int64)
+            ty = (t[1] * (h * self.translate_int_max)).round().to(torch.int64)
+            images = _mirror_shift(images, tx.view(n, 1, 1), ty.view(n, 1, 1))
+            labels += [tx / (w * self.translate_int_max), ty / (h * self.translate_int_max)]
+        return images, labels
+
+    def _geometric(self, n: int, h: int, w: int, draw: _Draws) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The per-sample inverse matrix (output → input pixel coordinates) of scaling, rotation, anisotropy and
+        fractional translation, composed; with their labels."""
+        g_inv = torch.eye(3, device=draw.device).expand(n, 3, 3)
+        labels: list[torch.Tensor] = []
+        if self.scale > 0:
+            z = draw.gate(draw.randn(n), self.scale, n)
+            s = torch.exp2(z * self.scale_std)
+            g_inv = g_inv @ _scale(1 / s, 1 / s)
+            labels.append(z)
+        if self.rotate_frac > 0:
+            theta = draw.gate((draw.rand(n) * 2 - 1) * (math.pi * self.rotate_frac_max), self.rotate_frac, n)
+            g_inv = g_inv @ _rotate(theta)
+            labels += [theta.cos() - 1, theta.sin()]
+        if self.aniso > 0:
+            z, r = draw.randn(n), (draw.rand(n) * 2 - 1) * math.pi
+            z = torch.where(draw.rand(n) < self.aniso * self.p, z, torch.zeros_like(z))
+            r = torch.where(draw.rand(n) < self.aniso_rotate_prob, r, torch.zeros_like(r))
+            s = torch.exp2(z * self.aniso_std)
+            g_inv = g_inv @ _rotate(-r) @ _scale(1 / s, s) @ _rotate(r)
+            labels += [z * r.cos(), z * r.sin()]
+        if self.translate_frac > 0:
+            t = draw.gate(draw.randn(2, n), self.translate_frac, 1, n)
+            g_inv = g_inv @ _translate(-t[0] * (w * self.translate_frac_std), -t[1] * (h * self.translate_frac_std))
+            labels += [t[0], t[1]]
+        return g_inv, labels
+
+
+class _Draws:
+    """The random draws of one augmentation call, all from one generator on the images' device."""
+
+    def __init__(self, device: torch.device, generator: torch.Generator | None, p: float):
+        self.device, self.generator, self.p = device, generator, p
+
+    def rand(self, *shape) -> torch.Tensor:
+        return torch.rand(shape, device=self.device, generator=self.generator)
+
+    def randn(self, *shape) -> torch.Tensor:
+        return torch.randn(shape, device=self.device, generator=self.generator)
+
+    def randint(self, high: int, *shape) -> torch.Tensor:
+        return torch.randint(high, shape, device=self.device, generator=self.generator)
+
+    def gate(self, value: torch.Tensor, mult: float, *shape) -> torch.Tensor:
+        """`value` with probability mult·p, else zero (one uniform draw of `shape`)."""
+        return torch.where(self.rand(*shape) < mult * self.p, value, torch.zeros_like(value))
 
 
 def _mirror_shift(images: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
