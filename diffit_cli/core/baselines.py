@@ -219,6 +219,7 @@ class EncoderDecoder(nn.Module):
         self.encoder_kind, self.decoder_kind = encoder, decoder
         self.img_resolution, self.num_classes = img_resolution, num_classes
         kw = dict(time_dim=time_dim, mlp_ratio=mlp_ratio, dropout=dropout, time_mode=time_mode)
+        stages = dict(channels=channels, blocks=blocks, windows=windows, head_dim=head_dim, kw=kw)
 
         self.t_embedder = TimestepEmbedder(time_dim, channels[0], time_embedding, augment_dim)
         self.y_embedder = LabelEmbedder(num_classes, time_dim, label_dropout) if num_classes else None
@@ -230,35 +231,42 @@ class EncoderDecoder(nn.Module):
             feat_channels = self.vit.out_channels
         else:
             self.tokenizer = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-            self.enc = nn.ModuleList(
-                Stage(
-                    channels[max(i - 1, 0)],
-                    channels[i],
-                    blocks[i],
-                    _block(encoder, channels[i], channels[i] // head_dim, windows[i], **kw),
-                    down=i > 0,
-                )
-                for i in range(n)
-            )
+            self.enc = self._stages(encoder, **stages, up=False)
             feat_channels = list(channels)
         if decoder == "setr-mla":
             self.mla = SETRMLA(feat_channels, mla_channels, in_channels, img_resolution, time_dim)
         else:
-            self.dec = nn.ModuleList(
-                Stage(
-                    channels[i + 1],
-                    channels[i],
-                    blocks[i],
-                    _block(decoder, channels[i], channels[i] // head_dim, windows[i], **kw),
-                    up=True,
-                    c_skip=channels[i],
-                )
-                for i in reversed(range(n - 1))
-            )
+            self.dec = self._stages(decoder, **stages, up=True)
             self.head = nn.Sequential(
                 group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], in_channels, 3, padding=1)
             )
         self.initialize_weights()
+
+    @staticmethod
+    def _stages(kind: str, channels, blocks, windows, head_dim: int, kw: dict, up: bool) -> nn.ModuleList:
+        """The encoder's stages (down, finest first) or the decoder's (up, coarsest first, with skips) of `kind`."""
+        if not up:
+            return nn.ModuleList(
+                Stage(
+                    channels[max(i - 1, 0)],
+                    channels[i],
+                    blocks[i],
+                    _block(kind, channels[i], channels[i] // head_dim, windows[i], **kw),
+                    down=i > 0,
+                )
+                for i in range(len(channels))
+            )
+        return nn.ModuleList(
+            Stage(
+                channels[i + 1],
+                channels[i],
+                blocks[i],
+                _block(kind, channels[i], channels[i] // head_dim, windows[i], **kw),
+                up=True,
+                c_skip=channels[i],
+            )
+            for i in reversed(range(len(channels) - 1))
+        )
 
     def initialize_weights(self) -> None:
         """ImageDiffiT's scheme: xavier linears, zero biases, N(0, .02) time MLP, zero-init conditioning maps and
