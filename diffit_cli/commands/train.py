@@ -63,20 +63,8 @@ def train_cmd(
         "parameter count, then exit.",
     ),
 ) -> None:
-    from diffit_cli.config import load_preset
-    from diffit_cli.data.catalog import DATA_FORMS, is_named
-
-    sets = list(overrides or [])
-    if data is not None:
-        sets.append(f"data.path={json.dumps(data)}")  # quoted: a YAML string whatever the path looks like
-    if kimg is not None:
-        sets.append(f"train.total_kimg={kimg}")
-    sets += [f"train.compile={str(compile_).lower()}"] * (compile_ is not None)
-    sets += ["train.grad_checkpointing=true"] * grad_checkpointing
-    if data is not None and not is_named(data) and not Path(data).exists():
-        raise DiffitError(f"--data {data!r} does not exist; pass {DATA_FORMS}")
-    p = load_preset(preset or "demo", sets)
-    from diffit_cli.training import TrackerSpec, dry_run_summary, preflight, train
+    p = _preset_from_flags(preset, data, overrides, kimg, compile_, grad_checkpointing)
+    from diffit_cli.training import TrackerSpec, preflight, train
 
     run_dir = run_dir or Path("runs") / p.name
     trackers = TrackerSpec(tuple(log_with or ()) + ("tensorboard",) * tensorboard, tracker_project)
@@ -89,13 +77,7 @@ def train_cmd(
             inception_weights=inception_weights,
             dry_run=True,
         )
-        info = dry_run_summary(p)
-        typer.echo(info["preset"])
-        typer.echo(
-            f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  images/step: {info['images_per_step']}"
-        )
-        for note in checked.notes:
-            console.print("[yellow]note:[/] " + note.replace("[", r"\["), highlight=False, soft_wrap=True)
+        _print_dry_run(p, checked.notes)
         return
     with RichProgress() as progress:
         state = train(
@@ -108,6 +90,41 @@ def train_cmd(
             inception_weights=inception_weights,
             progress=progress,
         )
+    _print_end(state, run_dir)
+
+
+def _preset_from_flags(preset, data, overrides, kimg, compile_, grad_checkpointing):
+    """The preset by name or file with the flags as `--set` overrides (a missing --data path said first)."""
+    from diffit_cli.config import load_preset
+    from diffit_cli.data.catalog import DATA_FORMS, is_named
+
+    sets = list(overrides or [])
+    if data is not None:
+        sets.append(f"data.path={json.dumps(data)}")  # quoted: a YAML string whatever the path looks like
+    if kimg is not None:
+        sets.append(f"train.total_kimg={kimg}")
+    sets += [f"train.compile={str(compile_).lower()}"] * (compile_ is not None)
+    sets += ["train.grad_checkpointing=true"] * grad_checkpointing
+    if data is not None and not is_named(data) and not Path(data).exists():
+        raise DiffitError(f"--data {data!r} does not exist; pass {DATA_FORMS}")
+    return load_preset(preset or "demo", sets)
+
+
+def _print_dry_run(p, notes: list[str]) -> None:
+    """The resolved preset, the parameter and step counts, and the notes of what only this machine lacks."""
+    from diffit_cli.training import dry_run_summary
+
+    info = dry_run_summary(p)
+    typer.echo(info["preset"])
+    typer.echo(
+        f"# parameters: {info['parameters']:,}  steps: {info['steps']:,}  images/step: {info['images_per_step']}"
+    )
+    for note in notes:
+        console.print("[yellow]note:[/] " + note.replace("[", r"\["), highlight=False, soft_wrap=True)
+
+
+def _print_end(state, run_dir: Path) -> None:
+    """How the run ended, on the main process; a stopped run exits 3 or 130 (a signal) or 1 (a loss spike)."""
     if state.preempted:
         from diffit_cli.preemption import exit_code
 
