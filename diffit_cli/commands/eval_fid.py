@@ -75,85 +75,97 @@ KeepOpt = typer.Option(None, "--keep", help="--ckpt: keep the sampled PNGs in th
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval-fid", help=HELP)
-    @user_errors
-    def eval_fid(
-        samples: Path = SamplesArg,
-        ref: Path | None = RefOpt,
-        metrics: str = MetricsOpt,
-        batch: int | None = BatchOpt,
-        device: str | None = DeviceOpt,
-        inception_weights: Path | None = WeightsOpt,
-        feature_extractor: str | None = ExtractorOpt,
-        save_ref: Path | None = SaveRefOpt,
-        json_out: Path | None = JsonOpt,
-        preset: str | None = PresetOpt,
-        data: str | None = DataOpt,
-        overrides: list[str] | None = SetOpt,
-        ckpt: str | None = CkptOpt,
-        num: int | None = NumOpt,
-        repeats: int = RepeatsOpt,
-        keep: Path | None = KeepOpt,
-    ) -> None:
-        from diffit_cli.fileio import check_writable, write_json
+    app.command("eval-fid", help=HELP)(eval_fid_cmd)
 
-        for out in (save_ref, json_out):  # before anything is sampled or computed, not after
-            if out is not None:
-                check_writable(out)
 
-        if ckpt is not None:
-            if samples is not None or save_ref is not None or device is not None or metrics != "fid":
-                fail(
-                    "--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
-                    "--metrics (launch with accelerate to use several GPUs)"
-                )
-            result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights)
-            if result is not None and json_out is not None:
-                write_json(json_out, result)
-            return
+@user_errors
+def eval_fid_cmd(
+    samples: Path = SamplesArg,
+    ref: Path | None = RefOpt,
+    metrics: str = MetricsOpt,
+    batch: int | None = BatchOpt,
+    device: str | None = DeviceOpt,
+    inception_weights: Path | None = WeightsOpt,
+    feature_extractor: str | None = ExtractorOpt,
+    save_ref: Path | None = SaveRefOpt,
+    json_out: Path | None = JsonOpt,
+    preset: str | None = PresetOpt,
+    data: str | None = DataOpt,
+    overrides: list[str] | None = SetOpt,
+    ckpt: str | None = CkptOpt,
+    num: int | None = NumOpt,
+    repeats: int = RepeatsOpt,
+    keep: Path | None = KeepOpt,
+) -> None:
+    from diffit_cli.fileio import check_writable, write_json
+
+    for out in (save_ref, json_out):  # before anything is sampled or computed, not after
+        if out is not None:
+            check_writable(out)
+    if ckpt is not None:
+        if samples is not None or save_ref is not None or device is not None or metrics != "fid":
+            fail(
+                "--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
+                "--metrics (launch with accelerate to use several GPUs)"
+            )
+        result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights)
+    else:
         if num is not None or repeats != 1 or keep is not None:
             fail("--num, --repeats and --keep go with --ckpt (sampling a checkpoint)")
         if samples is None:
             fail("give SAMPLES (images to score), or --ckpt FILE to sample a checkpoint")
-        from diffit_cli.fid import metrics as M
-        from diffit_cli.fid.extractors import INCEPTION
-
         if save_ref is not None and ref is not None:
             fail("--save-ref summarises SAMPLES (a dataset) into FILE; it takes no --ref")
         if preset is None and (data is not None or overrides):
             fail("--data and --set describe a preset's training data: pass --preset NAME too")
         common = dict(batch=batch or 64, device=device, feature_extractor=feature_extractor)
         common["inception_weights"] = inception_weights
-        with RichProgress() as progress:
-            if save_ref is not None:
-                result = M.save_reference(samples, save_ref, progress=progress, **common)
-            else:
-                described = None
-                if ref is None and preset is not None:
-                    from diffit_cli.config import load_preset
-                    from diffit_cli.fid.reference import preset_reference
+        result = _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, common)
+    if result is not None and json_out is not None:
+        write_json(json_out, result)
 
-                    sets = list(overrides or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
-                    ref, described = preset_reference(
-                        load_preset(preset, sets),
-                        batch=batch or 64,
-                        progress=progress,
-                        feature_extractor=feature_extractor or INCEPTION,
-                        inception_weights=inception_weights,
-                    )
-                result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
-                if described is not None and described != ref:
-                    result["notes"].insert(0, f"reference: statistics of {described}")
+
+def _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, common: dict) -> dict:
+    """Score SAMPLES against --ref (or the preset's reference), or with --save-ref save their statistics; print
+    what was found."""
+    from diffit_cli.fid import metrics as M
+
+    with RichProgress() as progress:
         if save_ref is not None:
-            console.print(
-                f"Saved statistics of {result['num_images']:,} images "
-                f"({result['extractor']}, {result['dim']} features) to {result['path']}",
-                highlight=False,
-            )
+            result = M.save_reference(samples, save_ref, progress=progress, **common)
         else:
-            _show(result)
-        if json_out is not None:
-            write_json(json_out, result)
+            described = None
+            if ref is None and preset is not None:
+                ref, described = _preset_reference(preset, data, overrides, common, progress)
+            result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
+            if described is not None and described != ref:
+                result["notes"].insert(0, f"reference: statistics of {described}")
+    if save_ref is not None:
+        console.print(
+            f"Saved statistics of {result['num_images']:,} images "
+            f"({result['extractor']}, {result['dim']} features) to {result['path']}",
+            highlight=False,
+        )
+    else:
+        _show(result)
+    return result
+
+
+def _preset_reference(preset, data, overrides, common: dict, progress):
+    """The reference a preset's `eval.reference` names (for `train`, its training set's cached statistics), and
+    what it describes."""
+    from diffit_cli.config import load_preset
+    from diffit_cli.fid.extractors import INCEPTION
+    from diffit_cli.fid.reference import preset_reference
+
+    sets = list(overrides or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
+    return preset_reference(
+        load_preset(preset, sets),
+        batch=common["batch"],
+        progress=progress,
+        feature_extractor=common["feature_extractor"] or INCEPTION,
+        inception_weights=common["inception_weights"],
+    )
 
 
 def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights) -> dict | None:
