@@ -61,4 +61,20 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    build_app()(prog_name="diffit")
+    """Run the app; a usage error (unknown flag or command, a bad flag value) is one line and exit 2, not click's
+    usage box, like every other bad input."""
+    command = typer.main.get_command(build_app())
+    try:
+        code = command.main(prog_name="diffit", standalone_mode=False)
+    except _common.CLICK_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `diffit`: the help, as click shows it
+            print(e.format_message())
+        else:
+            _common.console.print(
+                f"[bold red]Error:[/] {_common.usage_line(e)}", highlight=False, markup=True, soft_wrap=True
+            )
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

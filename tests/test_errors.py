@@ -590,3 +590,27 @@ def test_a_bad_value_is_one_line(world, monkeypatch, argv, words, fault):
         assert word.format(w=world) in out, (word, out)
     for internal in ("Traceback", "constrained-int", "literal[", "Input should", 'in "<unicode string>"'):
         assert internal not in out, out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["sample", "--ckpt", "x.pt", "--steps", "0"], ["--steps", "'0'", "greater than or equal to 1"]),
+        (["sample", "--ckpt", "x.pt", "--steps", "abc"], ["--steps", "'abc'", "integer"]),
+        (["train", "--no-such-flag"], ["--no-such-flag", "diffit train -h"]),
+        (["no-such-command"], ["no-such-command", "diffit -h"]),
+        (["plot"], ["Missing argument", "diffit plot -h"]),
+    ],
+)
+def test_a_usage_error_is_one_line(argv, words):
+    """What the parser refuses (an unknown flag or command, a value outside a flag's type or range) is one line
+    naming it and exit 2, through the real entry point, not click's usage box."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "diffit_cli", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])

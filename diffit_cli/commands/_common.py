@@ -16,6 +16,13 @@ from diffit_cli.preemption import INTERRUPTED_EXIT, Preempted, exit_code
 
 console = Console(stderr=True)
 
+# recent Typer releases carry their own copy of click, older ones use click itself
+try:
+    from typer._click import exceptions as _click_exceptions
+except ImportError:
+    from click import exceptions as _click_exceptions
+CLICK_ERRORS = _click_exceptions.ClickException
+
 
 @dataclass
 class _State:
@@ -43,6 +50,24 @@ _PATH_HINTS = {
     errno.EROFS: "the file system is read-only: choose a writable location",
     errno.ENOSPC: "the disk is full: free space or choose another location, then rerun the same command to resume",
 }
+
+
+def usage_line(e: Exception) -> str:
+    """One line for a usage error: the flag, the value given and what is valid (a value that failed Typer's own
+    validation carries it on the pydantic error behind it), then where the command's flags are listed."""
+    text = e.format_message()
+    param, ctx = getattr(e, "param", None), getattr(e, "ctx", None)
+    if param is not None and getattr(param, "param_type_name", "") == "option":
+        flag = max(param.opts, key=len)
+        cause = e.__cause__
+        value = cause.errors()[0].get("input") if hasattr(cause, "errors") else None
+        text = text.removeprefix(f"Invalid value for '{flag}': ")
+        if value is not None and repr(str(value)) not in text:
+            text = f"{flag} {str(value)!r}: {text[:1].lower()}{text[1:]}"
+        elif not text.startswith(flag):
+            text = f"{flag}: {text}"
+    where = f"{ctx.command_path} -h" if ctx is not None else "diffit -h"
+    return f"{text.rstrip('.')} (see `{where}`)"
 
 
 def path_error(e: OSError) -> str:
