@@ -128,3 +128,35 @@ def test_architecture_document_matches_the_code():
     assert named and not [m for m in named if not list(PKG.rglob(m))], "modules named but missing"
     for pkg in (p for p in PKG.iterdir() if (p / "__init__.py").is_file() and p.name != "presets"):
         assert f"`{pkg.name}/`" in doc, f"package {pkg.name}/ is not described"
+
+
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 400
+
+
+def _long_functions(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text())
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_functions_and_modules_stay_short():
+    """A function does one thing: one over 60 lines is named, with its reason, in the architecture map's 'Functions
+    that stay over 60 lines, and why'; a module owns one thing and stays within 400 lines."""
+    text = (PKG.parent / "docs" / "architecture.md").read_text()
+    listed = text.split("## Functions that stay over 60 lines, and why", 1)[-1].split("\n## ", 1)[0]
+    unlisted, large = [], []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if len(path.read_text().splitlines()) > MAX_MODULE_LINES:
+            large.append(rel)
+        for name, lines in _long_functions(path):
+            if f"`{rel}` `{name}`" not in listed:
+                unlisted.append(f"{rel}: {name} ({lines} lines)")
+    assert "## Functions that stay over 60 lines, and why" in text
+    assert not unlisted, f"split these or list them in docs/architecture.md with the reason: {unlisted}"
+    assert not large, f"modules over {MAX_MODULE_LINES} lines: {large}"
