@@ -215,7 +215,7 @@ def test_stats_from_another_extractor_are_refused(data, tmp_path):
 def test_other_user_errors(data, tmp_path):
     with pytest.raises(DiffitError, match="not found"):
         fid(tmp_path / "missing", data["b"])
-    with pytest.raises(DiffitError, match="unknown metric 'sfid'"):
+    with pytest.raises(DiffitError, match="--metrics 'sfid': unknown metric"):
         fid(data["a"], data["b"], metrics="fid,sfid")
     with pytest.raises(DiffitError, match="pass --ref"):
         M.compute_metrics(data["a"], None, feature_extractor=EXT)
@@ -375,7 +375,10 @@ def test_cli_user_errors_exit_2_without_traceback(data, tmp_path):
         ((tmp_path / "missing", "--ref", data["b"]), "samples not found"),
         ((no_arr, "--ref", data["b"]), "no `arr_0`"),
         ((data["a"], "--ref", wrong_keys), "needs both `mu` and `sigma`"),
-        ((data["a"], "--ref", data["b"], "--metrics", "fid,bogus"), "unknown metric 'bogus'"),
+        (
+            (data["a"], "--ref", data["b"], "--metrics", "fid,bogus"),
+            "--metrics 'bogus': unknown metric; choose from fid",
+        ),
         ((data["a"], "--ref", data["b"]), "--inception-weights"),  # offline, no Inception weights
         ((data["a"], "--ref", data["b"], "--save-ref", tmp_path / "x.npz"), "takes no --ref"),
     ]

@@ -132,7 +132,7 @@ def resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise DiffitError(f"unknown device {device!r}; use cpu or cuda") from None
+        raise DiffitError(f"--device {device!r}: unknown device; choose cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiffitError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     if dev.type not in ("cpu", "cuda"):

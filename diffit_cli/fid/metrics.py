@@ -94,7 +94,7 @@ def _parse_metrics(metrics) -> list[str]:
     for m in metrics:
         key = _ALIASES.get(str(m).strip().lower())
         if key is None:
-            raise DiffitError(f"unknown metric {str(m).strip()!r}; choose from {', '.join(METRICS)}")
+            raise DiffitError(f"--metrics {str(m).strip()!r}: unknown metric; choose from {', '.join(METRICS)}")
         if key not in wanted:
             wanted.append(key)
     if not wanted:
