@@ -87,12 +87,17 @@ def test_blocks_compile_with_static_shapes_by_default(monkeypatch):
     assert seen == [{"dynamic": False}] * n + [{"dynamic": None, "mode": "max-autotune"}] * n
 
 
-def test_every_block_call_stays_compiled_with_many_networks_in_one_process(monkeypatch):
-    """Dynamo keeps one graph per (shape, grad mode) of a block class in one cache that stopped at 8 entries, past
-    which blocks ran eagerly without a word: four U-Nets of other widths in one process (as `ablate` trains them),
-    each in training and without grad, must run every block call through a compiled graph."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+def test_every_block_call_stays_compiled_with_many_networks_in_one_process():
+    """Dynamo keeps one graph per (shape, grad mode) of a block class in one cache that stops at 8 entries, past
+    which blocks would run eagerly without a word: four U-Nets of other widths in one process (as `ablate` trains
+    them), each in training and without grad, must run every block call through a compiled graph."""
+    # torch's defaults, whatever ran before; dynamo's own patch restores them (pytest's monkeypatch would delete the
+    # settings on undo, which hides them from every later test)
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        _compile_four_networks()
+
+
+def _compile_four_networks():
     torch._dynamo.reset()
     runs = []
 
