@@ -161,7 +161,10 @@ def check_weights_at_hand(name: str | None, weights) -> Path | None:
     if name == INCEPTION and not inception_weights_cache_path().is_file() and offline():
         raise DiffitError(
             "FID needs the Inception-v3 weights (torch-fidelity's inception-v3-compat, 91 MB), which are not on this "
-            "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). " + _where_to_put_weights()
+            "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). "
+            + _where_to_put_weights()
+            + f" To try the pipeline only, the offline stand-in {TEST_EXTRACTOR} (--feature-extractor, or "
+            "eval.feature_extractor in a preset) needs no weights; its numbers are not comparable to published FIDs."
         )
     return None
 
