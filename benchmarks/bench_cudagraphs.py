@@ -1,4 +1,4 @@
-"""CUDA graphs for the small image-space networks (issue 17, item 5): which way of capturing works with DiffiT and
+"""CUDA graphs for the small image-space networks: which way of capturing works with DiffiT and
 what it gains, measured before `train`/`sample` pick one (never asserted in tests).
 
 Training step (EDM loss on fixed random data, fused Adam, bf16 autocast on CUDA; the `cifar10` network at per-GPU

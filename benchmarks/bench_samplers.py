@@ -5,7 +5,7 @@ EDM samplers on an image-space EDM model, DDPM samplers (and the σ samplers thr
 latent-space GaussianDiffusion model with learned σ, optionally with classifier-free guidance.
 Target: outside-network share ≤ 3% for heun at NFE 35. Figures on shared CPUs are noisy.
 
-Then the latent model's sampling throughput (issue 17): DiffiT-XL/2 (random weights) with 250-step DDPM and
+Then the latent model's sampling throughput: DiffiT-XL/2 (random weights) with 250-step DDPM and
 three-channel CFG in bf16 at batch 64/128/256 per GPU: img/s (a run without per-call syncs), the share of time
 outside network calls (a second run that times each call), and the FID-50K wall time this img/s implies on one GPU
 and on 8 (seeds split by process). On CPU (or with --quick) a tiny latent ViT at batch 2/4 and 10 steps stands in.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 17's acceptance run on one GPU, sized for one device call (at most 600 s; a lent machine has 15 minutes
+# The GPU acceptance run on one GPU, sized for one device call (at most 600 s; a lent machine has 15 minutes
 # in all, its start included): the CUDA tests, then the throughput benchmarks, most wanted first, each under its
 # own time cap so a slow one cannot take the rest down. Every output goes to $OUT (the device tool brings it back)
-# or bench-gpu-<date>/; paste the tables into README's benchmark section with the date and the device.
+# or bench-gpu-<date>/; paste the tables into docs/performance.md with the date and the device.
 #
 # On the lent machine (its python3 has torch; nothing can be downloaded there), after `bash benchmarks/gpu_wheels.sh`
 # here, one call of the device tool with carry [".whl"] and timeout_s 590:

@@ -1,4 +1,4 @@
-"""Encode an image dataset into SD-VAE latent shards (`diffit encode-latents`, issue #7).
+"""Encode an image dataset into SD-VAE latent shards (`diffit encode-latents`).
 
 For every image (ADM centre crop at `resolution`) and its horizontal mirror the VAE posterior mean and
 std are stored, so training draws a fresh latent sample and a random mirror at each use (EDM2-style,
