@@ -41,28 +41,14 @@ def cache(tmp_path, monkeypatch):
 def unet_ckpt(tmp_path_factory):
     """A tiny U-Net checkpoint (helpers.tiny_unet) whose weights are perturbed away from the zero-initialised head,
     so the sampled images depend on them."""
-    from helpers import perturbed_net, tiny_unet
+    from helpers import perturbed_net, tiny_unet, weights_state
 
     from diffit_cli.checkpoint import save_checkpoint
-    from diffit_cli.config import dump_preset
 
     root = tmp_path_factory.mktemp("unet")
     p = tiny_unet()
     net = perturbed_net(p)
-    save_checkpoint(
-        root,
-        {
-            "model": net.state_dict(),
-            "ema": net.state_dict(),
-            "optimizer": {},
-            "nimg": 0,
-            "step": 0,
-            "skipped": 0,
-            "preset": dump_preset(p),
-        },
-        0,
-        keep=1,
-    )
+    save_checkpoint(root, weights_state(p, net), 0, keep=1)
     return root / "checkpoints" / "latest.pt"
 
 

@@ -63,6 +63,22 @@ TINY_VIT = [
 ]
 
 
+def weights_state(preset, net):
+    """A training state holding `net` as both the trained and the EMA weights, at step 0, with its preset: what
+    `save_checkpoint` writes, for tests that need a checkpoint without training."""
+    from diffit_cli.config import dump_preset
+
+    return {
+        "model": net.state_dict(),
+        "ema": net.state_dict(),
+        "optimizer": {},
+        "nimg": 0,
+        "step": 0,
+        "skipped": 0,
+        "preset": dump_preset(preset),
+    }
+
+
 def tiny_unet(*extra: str):
     return load_preset("demo", TINY_UNET + list(extra))
 

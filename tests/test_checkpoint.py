@@ -5,7 +5,7 @@ import stat
 
 import pytest
 import torch
-from helpers import TINY_UNET, TINY_VIT, invoke, set_flags, tiny_unet, tiny_vit
+from helpers import TINY_UNET, TINY_VIT, invoke, set_flags, tiny_unet, tiny_vit, weights_state
 
 from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
@@ -13,25 +13,11 @@ from diffit_cli.config import load_preset
 from diffit_cli.fileio import atomic_write_bytes
 
 
-def _state(preset, net):
-    from diffit_cli.config import dump_preset
-
-    return {
-        "model": net.state_dict(),
-        "ema": net.state_dict(),
-        "optimizer": {},
-        "nimg": 0,
-        "step": 0,
-        "skipped": 0,
-        "preset": dump_preset(preset),
-    }
-
-
 def test_latest_and_keep(tmp_path):
     p = tiny_unet()
     net = build_network(p.model)
     for nimg in (8, 16, 24, 32):
-        ck.save_checkpoint(tmp_path, _state(p, net), nimg, keep=2)
+        ck.save_checkpoint(tmp_path, weights_state(p, net), nimg, keep=2)
     files = sorted(f.name for f in (tmp_path / "checkpoints").glob("ckpt-*.pt"))
     assert files == [ck.checkpoint_name(24), ck.checkpoint_name(32)]
     assert ck.latest_checkpoint(tmp_path).name == ck.checkpoint_name(32)
@@ -40,7 +26,7 @@ def test_latest_and_keep(tmp_path):
 def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
     p = tiny_unet()
     net = build_network(p.model)
-    ck.save_checkpoint(tmp_path, _state(p, net), 8, keep=3)
+    ck.save_checkpoint(tmp_path, weights_state(p, net), 8, keep=3)
 
     def crashing_save(obj, f):
         f.write(b"half a checkpoint")
@@ -48,7 +34,7 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck.torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_checkpoint(tmp_path, _state(p, net), 16, keep=3)
+        ck.save_checkpoint(tmp_path, weights_state(p, net), 16, keep=3)
     assert ck.latest_checkpoint(tmp_path).name == ck.checkpoint_name(8)
     assert [f.name for f in (tmp_path / "checkpoints").iterdir() if f.name.startswith(".")] == []
     ck.load_checkpoint(ck.latest_checkpoint(tmp_path))  # still loads
@@ -69,7 +55,7 @@ def test_corrupt_and_foreign_files(tmp_path):
 def test_snapshot_roundtrip_pt_and_safetensors(tmp_path):
     p = tiny_unet()
     net = build_network(p.model)
-    ck.save_checkpoint(tmp_path, _state(p, net), 8, keep=1)
+    ck.save_checkpoint(tmp_path, weights_state(p, net), 8, keep=1)
     loaded, preset = ck.load_snapshot(ck.latest_checkpoint(tmp_path))
     assert preset == p
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET, fake_latent_shards, invoke, set_flags, tiny_unet, tiny_vit
+from helpers import TINY_UNET, fake_latent_shards, invoke, set_flags, tiny_unet, tiny_vit, weights_state
 from PIL import Image
 
 from diffit_cli.checkpoint import save_checkpoint
-from diffit_cli.config import dump_preset
 
 TINY = set_flags(TINY_UNET)
 RANDCONV = ["--feature-extractor", "diffit-randconv-v1"]
@@ -62,20 +61,7 @@ def world(tmp_path_factory):
     from diffit_cli.build import build_network
 
     net = build_network(p.model)
-    save_checkpoint(
-        w / "run",
-        {
-            "model": net.state_dict(),
-            "ema": net.state_dict(),
-            "optimizer": {},
-            "nimg": 0,
-            "step": 0,
-            "skipped": 0,
-            "preset": dump_preset(p),
-        },
-        0,
-        keep=1,
-    )
+    save_checkpoint(w / "run", weights_state(p, net), 0, keep=1)
     ckpt = w / "run" / "checkpoints" / "ckpt-00000000.000.pt"
     (w / "ckpt.pt").write_bytes(ckpt.read_bytes())
     (w / "truncated.pt").write_bytes(ckpt.read_bytes()[:2000])
