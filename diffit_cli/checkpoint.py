@@ -22,6 +22,7 @@ from diffit_cli.build import build_network
 from diffit_cli.config import Preset, dump_preset, preset_from_yaml
 from diffit_cli.errors import DiffitError
 from diffit_cli.fileio import atomic_write, atomic_write_bytes, format_bytes
+from diffit_cli.sharing.folder import read_model_folder
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.pt"
@@ -199,9 +200,18 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool = True) -> tuple[dict, Preset]:
-    """(weights, preset) from a `.pt` checkpoint or a `.safetensors` file, without building a network:
-    callers check their settings against the preset before any model exists."""
+    """(weights, preset) from a `.pt` checkpoint, a `.safetensors` file or an exported model folder (`diffit
+    export`), without building a network: callers check their settings against the preset before any model exists.
+    A folder holds one set of weights (the EMA's unless exported with `--raw`), so `ema=False` is refused there."""
     path = Path(path)
+    if path.is_dir():
+        weights, folder_preset, config = read_model_folder(path, preset)
+        if not ema:
+            raise CheckpointError(
+                f"{str(path)!r} is an exported model holding only its {config.get('weights', 'ema')} weights; "
+                "--raw applies to training checkpoints (export the trained weights with diffit export --raw)"
+            )
+        return weights, folder_preset
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":

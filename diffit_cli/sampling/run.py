@@ -26,6 +26,8 @@ from diffit_cli.precision import check_precision
 from diffit_cli.preemption import Preempted, preemption_signals
 from diffit_cli.sampling.generate import Decode, generate, make_decoder
 from diffit_cli.sampling.sinks import NpzSink, PngSink, image_grid, save_png
+from diffit_cli.sharing.folder import MODEL_FILE
+from diffit_cli.sharing.hub import download_model, is_repo_id
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -60,12 +62,21 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
 
 
 def resolve_weights(ref: str) -> Path:
-    """A local file, or a Hub reference `REPO:FILE` (e.g. nvidia/DiffiT:diffit_256.safetensors) via the HF cache."""
+    """A local file or exported model folder (`diffit export`), a Hub reference `REPO:FILE` (e.g.
+    nvidia/DiffiT:diffit_256.safetensors) or a Hub repository `OWNER/NAME` holding an exported folder, both through
+    the Hub's cache. A local path of that name always wins over the Hub."""
     path = Path(ref)
-    if path.exists() or ":" not in ref:
-        if not path.is_file():
-            raise DiffitError(f"checkpoint {ref!r} does not exist (give a .pt/.safetensors file or REPO:FILE)")
+    if path.exists():
+        if not path.is_file() and not path.is_dir():
+            raise DiffitError(f"checkpoint {ref!r} is neither a file nor a folder")
         return path
+    if is_repo_id(ref):
+        return download_model(ref)
+    if ":" not in ref:
+        raise DiffitError(
+            f"checkpoint {ref!r} does not exist (give a .pt/.safetensors file, an exported model folder, "
+            "REPO:FILE or a Hub repository OWNER/NAME)"
+        )
     repo, _, filename = ref.partition(":")
     from huggingface_hub import hf_hub_download  # here: only Hub references need it
 
@@ -77,6 +88,11 @@ def resolve_weights(ref: str) -> Path:
             f"{str(e).splitlines()[0] if str(e) else ''}); when offline, download it elsewhere "
             f"(huggingface-cli download {repo} {filename}) and pass the local file"
         ) from None
+
+
+def weights_sha256(path: Path) -> str:
+    """The short SHA-256 that identifies the weights a recipe used: the file's, or an exported folder's weights."""
+    return file_sha256(path / MODEL_FILE if path.is_dir() else path, 16)
 
 
 @dataclass
@@ -183,7 +199,7 @@ def _recipe(path: Path, preset: Preset, *, raw: bool, vae_id: str | None, precis
     cfg = preset.sample
     return strict_json(
         {
-            "checkpoint_sha256": file_sha256(path, 16),
+            "checkpoint_sha256": weights_sha256(path),
             "weights": "raw" if raw else "ema",
             "preset": preset.name,
             "sampler": cfg.sampler,
