@@ -78,11 +78,12 @@ class DiffiTPipeline:
         torch_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> DiffiTPipeline:
-        """Load the weights `diffit sample --ckpt` takes: a `.pt` checkpoint, a `.safetensors` file, a Hub
-        reference `REPO:FILE` (and an exported folder or `OWNER/NAME` where `sampling.run.resolve_weights` accepts
-        them). `preset` (a `Preset`, a shipped preset's name or a YAML file) is needed only for files that carry
-        none, such as NVIDIA's release; `vae` replaces a latent preset's `data.vae`; `use_ema=False` takes the
-        trained weights of a training checkpoint. On the CPU in fp32 unless `device` / `torch_dtype` say otherwise."""
+        """Load the weights `diffit sample --ckpt` takes (`sampling.run.resolve_weights`): a `.pt` checkpoint, a
+        `.safetensors` file, a Hub reference `REPO:FILE`, a folder written by `diffit export` or a Hub repository
+        `OWNER/NAME` holding one. `preset` (a `Preset`, a shipped preset's name or a YAML file) is needed only for
+        files that carry none, such as NVIDIA's release; `vae` replaces a latent preset's `data.vae`;
+        `use_ema=False` takes the trained weights of a training checkpoint. On the CPU in fp32 unless `device` /
+        `torch_dtype` say otherwise."""
         ref = str(pretrained_model_name_or_path)
         if isinstance(preset, (str, Path)):
             preset = load_preset(str(preset))

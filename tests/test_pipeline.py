@@ -183,3 +183,26 @@ def test_labels_are_checked_against_the_models_classes(latent_ckpt):
         pipe(class_labels=[0, 4])
     with pytest.raises(DiffitError, match="3 class_labels"):
         pipe(class_labels=[0, 1, 2], seeds=[0, 1])
+
+
+@pytest.mark.e2e
+def test_exported_folder_gives_the_checkpoints_images(unet_ckpt, unet_pipe, tmp_path, monkeypatch):
+    """`diffit export`'s folder, by path and as a Hub repository OWNER/NAME (download replaced at the boundary),
+    samples the images of the checkpoint it was exported from, bit for bit in fp32."""
+    import huggingface_hub
+
+    from diffit_cli.sharing.export import export_model
+
+    export_model(str(unet_ckpt), tmp_path / "unet")
+    expected = unet_pipe(seeds=[0, 5], output_type="np").images
+    folder = DiffiTPipeline.from_pretrained(tmp_path / "unet")
+    assert np.array_equal(folder(seeds=[0, 5], output_type="np").images, expected)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or tmp_path / "unet"
+    )
+    hub = DiffiTPipeline.from_pretrained("someone/tiny-diffit")
+    assert asked == ["someone/tiny-diffit"]
+    assert np.array_equal(hub(seeds=[0, 5], output_type="np").images, expected)
+
