@@ -155,12 +155,18 @@ def _training(f: CardFacts) -> list[str]:
     if f.training:
         lines.append(
             f"- {f.training['kimg']:g} kimg ({f.training['step']:,} optimizer steps) at batch {p.train.batch}, "
-            f"`{p.train.optimizer}` lr {p.train.lr:g}, EMA half-life {p.train.ema_halflife_kimg:g} kimg; "
-            f"exported from `{f.source}`."
+            f"`{p.train.optimizer}` lr {p.train.lr:g}, {_ema(p)}; exported from `{f.source}`."
         )
     else:
         lines.append(f"- Exported from the weight file `{f.source}`, which records no training state.")
     return lines
+
+
+def _ema(p: Preset) -> str:
+    """The EMA as the preset sets it: EDM's half-life in kimg, or ADM/DiT's per-step decay."""
+    if p.train.ema_halflife_kimg is not None:
+        return f"EMA half-life {p.train.ema_halflife_kimg:g} kimg"
+    return f"EMA decay {p.train.ema_decay:g} per step"
 
 
 def _recipe(p: Preset) -> list[str]:

@@ -40,9 +40,8 @@ def download_model(repo_id: str) -> Path:
     try:
         folder = Path(snapshot_download(repo_id=repo_id))
     except Exception as e:  # no network, no such repository, no access: one message with the fix
-        first = str(e).splitlines()[0] if str(e) else ""
         raise HubError(
-            f"could not download the Hub repository {repo_id!r} ({type(e).__name__}: {first}); check the name "
+            f"could not download the Hub repository {repo_id!r} ({type(e).__name__}: {_first_line(e)}); check the name "
             f"and your access (huggingface-cli login for a private one), or {hint}"
         ) from None
     if not (folder / MODEL_FILE).is_file():
@@ -54,7 +53,8 @@ def download_model(repo_id: str) -> Path:
 
 
 def check_push(repo_id: str) -> None:
-    """What a push needs that can be checked before any work: a repository id, the network allowed, a token."""
+    """What a push needs, checked before any work: a repository id, the Hub not switched off, a token, and a
+    repository that is missing or holds only an export's files."""
     if not is_repo_id(repo_id):
         raise HubError(f"--push-to-hub {repo_id!r}: give a Hub repository id OWNER/NAME")
     if offline():
@@ -69,31 +69,43 @@ def check_push(repo_id: str) -> None:
             f"cannot push to {repo_id!r}: no Hugging Face token; run huggingface-cli login or set HF_TOKEN, then "
             "rerun the same command"
         )
+    foreign = sorted(set(_repo_files(repo_id)) - set(FOLDER_FILES) - HUB_FILES)
+    if foreign:
+        raise HubError(
+            f"the Hub repository {repo_id!r} holds files that are not an export's ({', '.join(foreign[:3])}"
+            f"{' ...' if len(foreign) > 3 else ''}); push to another repository or remove them"
+        )
+
+
+def _repo_files(repo_id: str) -> list[str]:
+    """The files of the Hub repository `repo_id` ([] when it does not exist yet)."""
+    from huggingface_hub import HfApi  # here: only pushing needs it (slow import)
+    from huggingface_hub.errors import RepositoryNotFoundError  # (slow import, as above)
+
+    try:
+        return HfApi().list_repo_files(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return []
+    except Exception as e:  # no network, a bad token
+        raise HubError(f"cannot reach the Hub repository {repo_id!r} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def push_folder(folder: Path | str, repo_id: str, *, private: bool = False) -> str:
     """Upload an exported folder to the Hub repository `repo_id` (created when missing) and return its URL.
 
-    Refused before any upload: offline, no token, or a repository that holds files an export does not write. The
-    upload is one commit of the folder's files, so an interrupted push leaves the repository as it was; a rerun
-    uploads what differs."""
+    `check_push`'s checks come first (again: the repository may have changed during the export). The upload is one
+    commit of the folder's files, so an interrupted push leaves the repository as it was; a rerun uploads what
+    differs (the Hub stores a file once by its content)."""
     check_push(repo_id)
     from huggingface_hub import HfApi  # here: only pushing needs it (slow import)
 
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        present = set(api.list_repo_files(repo_id, repo_type="model"))
-    except Exception as e:  # no network, a name owned by someone else, a bad token
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise HubError(f"cannot reach the Hub repository {repo_id!r} ({type(e).__name__}: {first})") from None
-    foreign = sorted(present - set(FOLDER_FILES) - HUB_FILES)
-    if foreign:
-        raise HubError(
-            f"the Hub repository {repo_id!r} holds files that are not an export's ({', '.join(foreign[:3])}"
-            f"{' ...' if len(foreign) > 3 else ''}); push to another repository or remove them"
-        )
-    try:
         api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
@@ -101,10 +113,9 @@ def push_folder(folder: Path | str, repo_id: str, *, private: bool = False) -> s
             allow_patterns=list(FOLDER_FILES),
             commit_message="diffit export",
         )
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
+    except Exception as e:  # no network, a name owned by someone else, an interrupted transfer
         raise HubError(
-            f"uploading {str(folder)!r} to {repo_id!r} failed ({type(e).__name__}: {first}); the folder is complete: "
-            f"rerun with --force, or upload it with huggingface-cli upload {repo_id} {folder}"
+            f"pushing {str(folder)!r} to {repo_id!r} failed ({type(e).__name__}: {_first_line(e)}); the folder is "
+            f"complete: upload it with huggingface-cli upload {repo_id} {folder}, or rerun with --force"
         ) from None
     return str(url) if url else f"https://huggingface.co/{repo_id}"
