@@ -68,7 +68,11 @@ ExtractorOpt = typer.Option(
 SaveRefOpt = typer.Option(None, "--save-ref", help="Save mu/sigma of SAMPLES (a dataset) to this .npz and exit.")
 JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 DataOpt = typer.Option(None, "--data", "-d", help="With --preset: the training data (as for `diffit train`).")
-CkptOpt = typer.Option(None, "--ckpt", help="Sample this checkpoint (.pt/.safetensors or REPO:FILE) and score it.")
+CkptOpt = typer.Option(
+    None,
+    "--ckpt",
+    help="Sample this checkpoint (.pt/.safetensors, exported folder, REPO:FILE, OWNER/NAME) and score it.",
+)
 NumOpt = typer.Option(None, "--num", min=2, help="--ckpt: images per repeat (default: the preset's eval.num_samples).")
 RepeatsOpt = typer.Option(1, "--repeats", min=1, help="--ckpt: score this many seed ranges.")
 KeepOpt = typer.Option(None, "--keep", help="--ckpt: keep the sampled PNGs in this (new or empty) folder.")

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def sample_cmd(
     ckpt: str = typer.Option(
-        ..., "--ckpt", help="Our .pt/.safetensors checkpoint, a release file, or REPO:FILE on the Hub."
+        ..., "--ckpt", help="A .pt/.safetensors checkpoint, an exported folder, REPO:FILE or OWNER/NAME on the Hub."
     ),
     preset: str | None = typer.Option(
         None, "--preset", "-p", help="Architecture for weight files without a preset (release files)."
