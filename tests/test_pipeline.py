@@ -206,3 +206,13 @@ def test_exported_folder_gives_the_checkpoints_images(unet_ckpt, unet_pipe, tmp_
     assert asked == ["someone/tiny-diffit"]
     assert np.array_equal(hub(seeds=[0, 5], output_type="np").images, expected)
 
+
+@pytest.mark.e2e
+def test_exported_latent_folder_gives_the_checkpoints_images(latent_ckpt, tmp_path):
+    """A latent model's exported folder samples, through the VAE its preset names, the checkpoint's images."""
+    from diffit_cli.sharing.export import export_model
+
+    export_model(str(latent_ckpt), tmp_path / "latent")
+    source = DiffiTPipeline.from_pretrained(latent_ckpt)(class_labels=[0, 3], seeds=[1, 2], output_type="np").images
+    exported = DiffiTPipeline.from_pretrained(tmp_path / "latent")(class_labels=[0, 3], seeds=[1, 2], output_type="np")
+    assert np.array_equal(exported.images, source)
