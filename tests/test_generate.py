@@ -332,3 +332,68 @@ def test_one_precision_rule_for_the_command_run_sample_and_the_vae(unet_ckpt, tm
     with pytest.raises(VAEError, match="^VAE precision 'fp16': choose fp32 or bf16$"):
         VAECodec("no/such-vae", precision="fp16")  # refused before the VAE is looked for
     assert not (tmp_path / "o").exists()
+
+
+def test_balanced_classes_give_each_class_its_share():
+    """`--classes balanced`: the seed at position j gets class j mod C, so N seeds hold N // C images of each class
+    (the first N mod C classes one more), whatever the seed values."""
+    from diffit_cli.sampling.generate import seed_labels
+
+    classes = parse_classes("balanced", 10)
+    labels = seed_labels(list(range(1000)), 10, classes)
+    assert torch.bincount(labels, minlength=10).tolist() == [100] * 10
+    shifted = seed_labels(list(range(5000, 6000)), 10, classes)  # repeat 5 of eval-fid --ckpt --num 1000
+    assert torch.equal(shifted, labels)
+    odd = seed_labels(list(range(1001)), 10, classes)
+    assert torch.bincount(odd, minlength=10).tolist() == [101] + [100] * 9  # the rounding rule
+    assert odd[:20].tolist() == list(range(10)) * 2
+    assert parse_classes("random", 10) is None  # the default is unchanged: labels drawn per seed
+    with pytest.raises(DiffitError, match="^--classes balanced: this model is unconditional"):
+        parse_classes("balanced", 0)
+
+
+def test_balanced_on_an_unconditional_checkpoint_exits_2_with_one_line(unet_ckpt, tmp_path):
+    r = invoke("sample", "--ckpt", unet_ckpt, "--classes", "balanced", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "balanced" in r.output and "unconditional" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory):
+    """A tiny class-conditional U-Net checkpoint (4 classes), weights perturbed so images depend on the label."""
+    from helpers import weights_state
+
+    from diffit_cli.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("cond")
+    p = tiny_unet("model.num_classes=4")
+    save_checkpoint(root, weights_state(p, perturbed_net(p)), 0, keep=1)
+    return root / "checkpoints" / "latest.pt"
+
+
+@pytest.mark.e2e
+def test_balanced_images_do_not_depend_on_batch_or_resume_and_the_recipe_records_it(cond_ckpt, tmp_path):
+    seeds = list(range(10))
+    ckpt = str(cond_ckpt)
+    run_sample(ckpt, seeds, tmp_path / "b4.npz", batch=4, classes="balanced", overrides=["sample.steps=3"])
+    run_sample(ckpt, seeds, tmp_path / "b3.npz", batch=3, classes="balanced", overrides=["sample.steps=3"])
+    with np.load(tmp_path / "b4.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    # a resumed run: the first five seeds written (a run killed after them), then the whole list again; the rest
+    # keep their positions in the whole list, not in what is left to do
+    out = tmp_path / "resumed"
+    run_sample(ckpt, seeds[:5], out, batch=2, classes="balanced", overrides=["sample.steps=3"])
+    run_sample(ckpt, seeds, out, batch=2, classes="balanced", overrides=["sample.steps=3"])
+    assert labels.tolist() == [0, 1, 2, 3] * 2 + [0, 1]  # position j → class j mod 4
+    with np.load(tmp_path / "b3.npz") as z:
+        assert np.array_equal(z["arr_1"], labels)
+        assert np.abs(z["arr_0"].astype(int) - images).max() <= 1  # see test_image_depends_only_on_its_seed
+    assert np.abs(read_pngs(out, seeds).astype(int) - images).max() <= 1
+    random = tmp_path / "random.npz"
+    run_sample(ckpt, seeds, random, batch=4, overrides=["sample.steps=3"])
+    with np.load(random) as z:
+        assert not np.array_equal(z["arr_1"], labels)  # drawn per seed, as before
+    for path in (tmp_path / "b4.sample.json", out / "sample.json"):
+        assert json.loads(path.read_text())["classes"] == "balanced"
+    with pytest.raises(DiffitError, match="changed: classes"):
+        run_sample(ckpt, seeds, out, batch=2, classes="random", overrides=["sample.steps=3"])

@@ -41,7 +41,12 @@ def sample_cmd(
     seeds: str = typer.Option("0-63", "--seeds", help="Seeds: ranges and lists, e.g. 0-49999 or 1,5,7."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder of PNGs, or FILE.npz."),
     batch: int | None = typer.Option(None, "--batch", min=1, help="Images per forward batch (per process)."),
-    classes: str | None = typer.Option(None, "--classes", help="'random' (per seed), a class, or a list 1,2,3."),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help="'random' (drawn per seed, ADM's protocol), 'balanced' (seed at position j of --seeds gets class j mod "
+        "the class count: N/classes images each, the first N mod classes classes one more), a class, or a list 1,2,3.",
+    ),
     sampler: str | None = typer.Option(None, "--sampler", help="heun | euler | dpmpp-2m | ddpm | ddim."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps."),
     cfg_scale: float | None = typer.Option(

@@ -42,7 +42,11 @@ def make_guidance(sample: SampleConfig, num_classes: int) -> Guidance | None:
 
 
 def seed_labels(seeds: list[int], num_classes: int, classes: list[int] | None) -> torch.Tensor | None:
-    """Class label of each seed: fixed (cycled) or drawn from the seed alone."""
+    """Class label of each seed: drawn from the seed alone (`classes` None), or `classes` cycled over the seeds'
+    positions in `seeds` (the run's whole seed list, so a label never depends on the batch, the process or what a
+    resumed run already wrote). `classes` = every class (`--classes balanced`) gives the seed at position j class
+    j mod num_classes: each window of num_classes consecutive seeds holds every class once, so a run of N seeds is
+    balanced up to one image (the first N mod num_classes classes get one more)."""
     if num_classes == 0:
         return None
     if classes is not None:

@@ -45,10 +45,20 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+BALANCED = "balanced"
+
+
 def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
-    """'random' / None → drawn per seed; '207' or '1,2,3' → fixed labels, cycled over the seeds."""
+    """'random' / None → drawn per seed (ADM's protocol); '207' or '1,2,3' → fixed labels, cycled over the seeds;
+    'balanced' → every class, cycled: the seed at position j of the run's seed list gets class j mod num_classes
+    (see `sampling.generate.seed_labels`), so N seeds hold N // num_classes images of each class and the first
+    N mod num_classes classes one more."""
     if text is None or str(text).strip() in ("", "random"):
         return None
+    if str(text).strip() == BALANCED:
+        if num_classes == 0:
+            raise DiffitError("--classes balanced: this model is unconditional (no classes); leave --classes out")
+        return list(range(num_classes))
     try:
         classes = [int(c) for c in str(text).split(",")]
     except ValueError:
