@@ -397,3 +397,58 @@ def test_balanced_images_do_not_depend_on_batch_or_resume_and_the_recipe_records
         assert json.loads(path.read_text())["classes"] == "balanced"
     with pytest.raises(DiffitError, match="changed: classes"):
         run_sample(ckpt, seeds, out, batch=2, classes="random", overrides=["sample.steps=3"])
+
+
+def test_eval_fid_ckpt_scores_balanced_samples_and_refuses_them_unconditional(
+    cond_ckpt, unet_ckpt, tmp_path, monkeypatch
+):
+    """`eval-fid --ckpt --classes balanced`: each repeat's seeds k·num … (k+1)·num−1 are balanced on their own (the
+    labels the scorer receives); an unconditional checkpoint or --classes without --ckpt is one line, exit 2."""
+    from diffit_cli.fid import metrics as M
+    from diffit_cli.fid.extractors import TEST_EXTRACTOR
+
+    seen = []
+
+    def scorer(samples, reference, **kw):
+        with np.load(samples) as z:
+            seen.append(z["arr_1"].tolist())
+        return {"fid": 1.0, "num_samples": 6, "notes": []}
+
+    monkeypatch.setattr(M, "compute_metrics", scorer)
+    args = ["eval-fid", "--ckpt", cond_ckpt, "--num", 6, "--repeats", 2, "--feature-extractor", TEST_EXTRACTOR]
+    args += ["--ref", tmp_path / "ref.npz", "--json", tmp_path / "r.json"]
+    r = invoke(*args, "--classes", "balanced")
+    assert r.exit_code == 0, r.output
+    assert seen == [[0, 1, 2, 3, 0, 1]] * 2 and "balanced labels" in " ".join(r.output.split())
+    assert json.loads((tmp_path / "r.json").read_text())["classes"] == "balanced"
+    seen.clear()
+    assert invoke(*args).exit_code == 0  # the preset's eval.classes: random, drawn per seed
+    assert len(seen) == 2 and seen[0] != [0, 1, 2, 3, 0, 1] and seen[0] != seen[1]
+    for bad, words in (
+        (["eval-fid", "--ckpt", unet_ckpt, "--classes", "balanced", "--ref", tmp_path / "ref.npz"], "unconditional"),
+        (["eval-fid", "--ckpt", cond_ckpt, "--classes", "fair"], "choose random or balanced"),
+        (["eval-fid", tmp_path, "--ref", tmp_path, "--classes", "balanced"], "go with --ckpt"),
+    ):
+        r = invoke(*bad)
+        assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_fid_along_training_samples_the_labels_eval_classes_names(monkeypatch, tmp_path):
+    """`eval.classes: balanced` reaches the FID point's sampling; an unconditional preset refuses it."""
+    from types import SimpleNamespace
+
+    from diffit_cli.config import PresetError
+    from diffit_cli.training import evaluate
+
+    with pytest.raises(PresetError, match="eval.classes balanced needs a class-conditional model"):
+        tiny_unet("eval.classes=balanced")
+    seen = []
+    monkeypatch.setattr(evaluate, "sample_fid", lambda *a, **k: seen.append(k["classes"]))  # None: not main
+    for value in ("balanced", "random"):
+        p = tiny_unet("model.num_classes=4", f"eval.classes={value}")
+        acc = SimpleNamespace(is_main_process=False, device=torch.device("cpu"), wait_for_everyone=lambda: None)
+        run = SimpleNamespace(preset=p, accelerator=acc, state=None, codec=None, run_dir=tmp_path)
+        run.ema = SimpleNamespace(net=None)
+        run.diffusion = run.inception_weights = run.emit = None
+        assert evaluate.fid_point(run) is False
+    assert seen == [[0, 1, 2, 3], None]

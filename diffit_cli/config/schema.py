@@ -48,6 +48,8 @@ class Preset(Section):
             )
         if m.in_channels != d.channels:
             raise ValueError(f"model.in_channels {m.in_channels} does not match data.channels {d.channels}")
+        if self.eval.classes == "balanced" and m.num_classes == 0:
+            raise ValueError("eval.classes balanced needs a class-conditional model (model.num_classes > 0)")
         g = self.sample.guidance
         if g.scale != 1.0 and m.num_classes == 0:
             raise ValueError("sample.guidance.scale != 1 needs a class-conditional model (model.num_classes > 0)")

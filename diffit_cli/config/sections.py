@@ -322,3 +322,6 @@ class EvalConfig(Section):
     # (inception-v3-compat, as the published numbers; diffit-randconv-v1: the offline stand-in, not comparable)
     every_kimg: Annotated[float, Field(ge=0)] = 0.0
     feature_extractor: str = "inception-v3-compat"
+    # the labels of the scored samples (FID along training, `eval-fid --ckpt`): "random" drawn per seed (ADM's
+    # protocol), "balanced" num_samples / num_classes per class (seed at position j: class j mod num_classes)
+    classes: Literal["random", "balanced"] = "random"

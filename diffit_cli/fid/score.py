@@ -28,7 +28,7 @@ from diffit_cli.fid.extractors import check_extractor
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.generate import Decode, make_decoder
-from diffit_cli.sampling.run import plan_sample, resolve_weights, sampling_network, write_images
+from diffit_cli.sampling.run import parse_classes, plan_sample, resolve_weights, sampling_network, write_images
 from diffit_cli.sampling.sinks import NpzSink, PngSink
 
 
@@ -45,6 +45,7 @@ def sample_fid(
     feature_extractor: str,
     batch: int | None = None,
     precision: str = "fp32",
+    classes: list[int] | None = None,
     finish: Callable[[], Path] | None = None,
     inception_weights=None,
     progress: Progress | None = None,
@@ -53,7 +54,8 @@ def sample_fid(
     """FID of `net`'s samples for `seeds` against `reference` (a statistics file or images).
 
     Every process of `state` (an Accelerator or PartialState) writes its share of the seeds that `sink` lacks
-    (image i depends only on seed i; `batch` per forward, default `sample.batch`); then the main process assembles
+    (image i depends only on seed i; `batch` per forward, default `sample.batch`; `classes`: labels cycled over the
+    seeds' positions, see `sampling.run.parse_classes`, None: drawn per seed); then the main process assembles
     them (`finish`, default `sink.finish`), scores them with `compute_metrics` and returns its result dict (plus
     `seeds`); the other processes return None. `preemptible`: see `write_images`."""
     write_images(
@@ -65,6 +67,7 @@ def sample_fid(
         sink,
         state,
         batch=batch or preset.sample.batch,
+        classes=classes,
         precision=precision,
         progress=progress,
         task="fid samples",
@@ -167,14 +170,15 @@ def score_checkpoint(
     batch: int | None = None,
     feature_extractor: str | None = None,
     keep: Path | str | None = None,
+    classes: str | None = None,
     inception_weights=None,
     progress: Progress | None = None,
 ) -> dict | None:
     """`diffit eval-fid --ckpt`: FID of a checkpoint's EMA network over `repeats` seed ranges of `num` images
     (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults come from the
     checkpoint's preset (`eval.num_samples`, `eval.reference` or the training data's statistics,
-    `eval.feature_extractor`, `eval.batch` for feature extraction). Returns {values, min, mean, std, ...} on the
-    main process, None elsewhere."""
+    `eval.feature_extractor`, `eval.batch` for feature extraction, `eval.classes`: `random` or `balanced`, each
+    repeat balanced on its own). Returns {values, min, mean, std, ...} on the main process, None elsewhere."""
     if repeats < 1 or (num is not None and num < 2):
         raise DiffitError("--repeats must be at least 1 and --num at least 2 (FID needs two samples)")
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -183,6 +187,8 @@ def score_checkpoint(
     if batch is not None:
         preset = preset.model_copy(update={"eval": preset.eval.model_copy(update={"batch": batch})})
     num = num or preset.eval.num_samples
+    classes = classes or preset.eval.classes
+    class_list = parse_classes(classes, preset.model.num_classes)
     extractor = feature_extractor or preset.eval.feature_extractor
     check_extractor(extractor, inception_weights)
     keep = Path(keep) if keep is not None else None
@@ -210,12 +216,14 @@ def score_checkpoint(
         keep=keep,
         feature_extractor=extractor,
         precision=precision,
+        classes=class_list,
         inception_weights=inception_weights,
         progress=progress,
     )
     if not state.is_main_process:
         return None
-    return _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
+    summary = _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
+    return {**summary, "classes": classes}
 
 
 def _summary(
@@ -251,6 +259,7 @@ def _score_repeats(
     keep: Path | None,
     feature_extractor: str,
     precision: str,
+    classes: list[int] | None,
     inception_weights,
     progress: Progress | None,
 ) -> list[dict]:
@@ -278,6 +287,7 @@ def _score_repeats(
                     sink=sink,
                     feature_extractor=feature_extractor,
                     precision=precision,
+                    classes=classes,
                     inception_weights=inception_weights,
                     progress=progress,
                 )

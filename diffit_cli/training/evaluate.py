@@ -1,7 +1,7 @@
 """FID along training (EDM's metric snapshots): every `eval.every_kimg` the EMA network samples `eval.num_samples`
-images (seeds 0..N-1, the same at every point) and is scored against `eval.reference`, or the training data's
-statistics; the value goes into log.jsonl (with its extractor) and the trackers, and the lowest so far makes its
-snapshot `checkpoints/best.pt`."""
+images (seeds 0..N-1, the same at every point, labelled as `eval.classes` says) and is scored against
+`eval.reference`, or the training data's statistics; the value goes into log.jsonl (with its extractor) and the
+trackers, and the lowest so far makes its snapshot `checkpoints/best.pt`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from diffit_cli.fid.reference import preset_reference
 from diffit_cli.fid.score import sample_fid, scratch_sink
 from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.generate import make_decoder
+from diffit_cli.sampling.run import parse_classes
 from diffit_cli.training.run import Run, log_record
 
 WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (removed after)
@@ -55,6 +56,7 @@ def fid_point(run: Run) -> bool:
             sink=sink,
             feature_extractor=ev.feature_extractor,
             precision=precision,
+            classes=parse_classes(ev.classes, preset.model.num_classes),
             inception_weights=run.inception_weights,
             progress=run.emit,
         )
@@ -71,6 +73,7 @@ def fid_point(run: Run) -> bool:
         "fid": r["fid"],
         "extractor": r["extractor"],
         "num_samples": r["num_samples"],
+        "classes": ev.classes,
         "reference": what,
         "best": best,
     }
