@@ -452,3 +452,27 @@ def test_fid_along_training_samples_the_labels_eval_classes_names(monkeypatch, t
         run.diffusion = run.inception_weights = run.emit = None
         assert evaluate.fid_point(run) is False
     assert seen == [[0, 1, 2, 3], None]
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="two processes on one GPU: NCCL needs a GPU per process",
+)
+def test_two_processes_give_the_same_balanced_npz(cond_ckpt, tmp_path):
+    """`--classes balanced` split across 2 gloo processes (torchrun): the same labels and images as one process."""
+    import os
+    import subprocess
+    import sys
+
+    run_sample(str(cond_ckpt), list(range(7)), tmp_path / "one.npz", batch=3, classes="balanced")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29587", "-m"]
+    cmd += ["diffit_cli", "sample", "--ckpt", str(cond_ckpt), "--seeds", "0-6", "--batch", "2", "--classes"]
+    cmd += ["balanced", "--out", str(tmp_path / "two.npz")]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recipe = json.loads((tmp_path / "two.sample.json").read_text())
+    assert recipe["processes"] == 2 and recipe["classes"] == "balanced"
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert a["arr_1"].tolist() == b["arr_1"].tolist() == [0, 1, 2, 3, 0, 1, 2]
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"]).max() <= 1  # see test_image_depends_only_on_its_seed
