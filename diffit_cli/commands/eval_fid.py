@@ -31,13 +31,22 @@ def _show(result: dict) -> None:
         ("Precision", "precision", None),
         ("Recall", "recall", None),
     ]
+    published = result.get("published")
     table = Table(title="Sample quality", title_justify="left")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
+    if published:
+        table.add_column(f"Release ({published['table']})", justify="right")
+        table.add_column("Δ", justify="right")
     for label, key, std in rows:
         if key in result:
             value = f"{result[key]:.4f}" + (f" ± {result[std]:.4f}" if std else "")
-            table.add_row(label, value)
+            cells = [label, value]
+            if published:
+                row = published["metrics"].get(key)
+                diff = None if row is None else row["difference"]
+                cells += ["–" if row is None else f"{row['release']:g}", "–" if diff is None else f"{diff:+.4f}"]
+            table.add_row(*cells)
     ref = result["reference"]
     if ref is not None:
         kind = "statistics file" if result["reference_kind"] == "stats" else "images"
@@ -48,8 +57,23 @@ def _show(result: dict) -> None:
     out.print(f"samples:   {result['samples']} ({result['num_samples']:,} images)", highlight=False)
     out.print(f"reference: {ref or 'none'}", highlight=False)
     out.print(f"extractor: {result['extractor']} on {result['device']}", highlight=False)
+    out.print(f"protocol:  {_PROTOCOL_TEXT.get(result['protocol'], result['protocol'])}", highlight=False)
+    if published:
+        out.print(f"release:   {published['source']}", highlight=False)
+        if not published["comparable"]:
+            out.print(
+                "[yellow]note:[/] no difference to the release's values: they compare only with Inception "
+                "features, 50,000 samples and ADM's protocol",
+                highlight=False,
+            )
     for note in result["notes"]:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+_PROTOCOL_TEXT = {
+    "adm": "adm (ADM evaluator: IS over in-order splits of 5,000, k-NN precision/recall in its float16 distances)",
+    "torch-fidelity": "torch-fidelity (IS over 10 shuffled splits, precision/recall in float32)",
+}
 
 
 SamplesArg = typer.Argument(None, help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
@@ -66,6 +90,12 @@ ExtractorOpt = typer.Option(
     help="torch-fidelity extractor name (default inception-v3-compat; diffit-randconv-v1: offline smoke test).",
 )
 SaveRefOpt = typer.Option(None, "--save-ref", help="Save mu/sigma of SAMPLES (a dataset) to this .npz and exit.")
+ProtocolOpt = typer.Option(
+    "auto",
+    "--protocol",
+    help="IS and precision/recall conventions: adm (ADM's evaluator), torch-fidelity, or auto (adm for an ADM "
+    "reference batch).",
+)
 JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 DataOpt = typer.Option(None, "--data", "-d", help="With --preset: the training data (as for `diffit train`).")
 CkptOpt = typer.Option(
@@ -76,12 +106,6 @@ CkptOpt = typer.Option(
 NumOpt = typer.Option(None, "--num", min=2, help="--ckpt: images per repeat (default: the preset's eval.num_samples).")
 RepeatsOpt = typer.Option(1, "--repeats", min=1, help="--ckpt: score this many seed ranges.")
 KeepOpt = typer.Option(None, "--keep", help="--ckpt: keep the sampled PNGs in this (new or empty) folder.")
-ClassesOpt = typer.Option(
-    None,
-    "--classes",
-    help="--ckpt: random (labels drawn per seed, ADM's protocol) or balanced (num / class count per class, the "
-    "first num mod class-count classes one more; seed at position j: class j mod class count). Default: eval.classes.",
-)
 
 
 def register(app: typer.Typer) -> None:
@@ -99,6 +123,7 @@ def eval_fid_cmd(
     feature_extractor: str | None = ExtractorOpt,
     save_ref: Path | None = SaveRefOpt,
     json_out: Path | None = JsonOpt,
+    protocol: str = ProtocolOpt,
     preset: str | None = PresetOpt,
     data: str | None = DataOpt,
     overrides: list[str] | None = SetOpt,
@@ -106,25 +131,28 @@ def eval_fid_cmd(
     num: int | None = NumOpt,
     repeats: int = RepeatsOpt,
     keep: Path | None = KeepOpt,
-    classes: str | None = ClassesOpt,
 ) -> None:
     from diffit_cli.fileio import check_writable, write_json
 
     for out in (save_ref, json_out):  # before anything is sampled or computed, not after
         if out is not None:
             check_writable(out)
+    from diffit_cli.fid.adm import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        fail(f"--protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")
     if ckpt is not None:
+        if protocol != "auto":
+            fail("--protocol goes with SAMPLES; --ckpt always uses auto (ADM's conventions for an ADM reference batch)")
         if samples is not None or save_ref is not None or device is not None or metrics != "fid":
             fail(
                 "--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
                 "--metrics (launch with accelerate to use several GPUs)"
             )
-        if classes is not None and classes not in ("random", "balanced"):
-            fail(f"--classes {classes!r}: choose random or balanced")
-        result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes)
+        result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights)
     else:
-        if num is not None or repeats != 1 or keep is not None or classes is not None:
-            fail("--num, --repeats, --keep and --classes go with --ckpt (sampling a checkpoint)")
+        if num is not None or repeats != 1 or keep is not None:
+            fail("--num, --repeats and --keep go with --ckpt (sampling a checkpoint)")
         if samples is None:
             fail("give SAMPLES (images to score), or --ckpt FILE to sample a checkpoint")
         if save_ref is not None and ref is not None:
@@ -133,12 +161,12 @@ def eval_fid_cmd(
             fail("--data and --set describe a preset's training data: pass --preset NAME too")
         common = dict(batch=batch or 64, device=device, feature_extractor=feature_extractor)
         common["inception_weights"] = inception_weights
-        result = _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, common)
+        result = _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, common, protocol)
     if result is not None and json_out is not None:
         write_json(json_out, result)
 
 
-def _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, common: dict) -> dict:
+def _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, common: dict, protocol="auto") -> dict:
     """Score SAMPLES against --ref (or the preset's reference), or with --save-ref save their statistics; print
     what was found."""
     from diffit_cli.fid import metrics as M
@@ -150,7 +178,7 @@ def _score_samples(samples, ref, metrics, save_ref, preset, data, overrides, com
             described = None
             if ref is None and preset is not None:
                 ref, described = _preset_reference(preset, data, overrides, common, progress)
-            result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, **common)
+            result = M.compute_metrics(samples, ref, metrics=metrics, progress=progress, protocol=protocol, **common)
             if described is not None and described != ref:
                 result["notes"].insert(0, f"reference: statistics of {described}")
     if save_ref is not None:
@@ -181,9 +209,7 @@ def _preset_reference(preset, data, overrides, common: dict, progress):
     )
 
 
-def _score_checkpoint(
-    ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes
-) -> dict | None:
+def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights) -> dict | None:
     """Sample and score a checkpoint; print each repeat's FID and their minimum, mean and standard deviation."""
     from diffit_cli.fid.score import score_checkpoint
 
@@ -196,7 +222,6 @@ def _score_checkpoint(
             batch=batch,
             feature_extractor=feature_extractor,
             keep=keep,
-            classes=classes,
             inception_weights=inception_weights,
             progress=progress,
         )
@@ -214,7 +239,7 @@ def _score_checkpoint(
     )
     out.print(
         f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
-        f"{r['steps']} steps, EMA weights, {r['classes']} labels",
+        f"{r['steps']} steps, EMA weights",
         highlight=False,
     )
     for note in r["notes"]:

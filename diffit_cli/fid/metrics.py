@@ -44,6 +44,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress
+from diffit_cli.fid import adm
 from diffit_cli.fid.extractors import (
     INCEPTION,
     TEST_EXTRACTOR,
@@ -126,6 +127,7 @@ def compute_metrics(
     inception_weights=None,
     feature_extractor: str | None = None,
     progress: Progress | None = None,
+    protocol: str | None = "auto",
 ) -> dict:
     """Compute FID (default), IS, KID and precision/recall of `samples` against `reference`.
 
@@ -136,17 +138,19 @@ def compute_metrics(
     (aliases: isc, prc). feature_extractor: a torch-fidelity registry name; default
     `inception-v3-compat` (TF Inception pool_3, the features behind the ADM and EDM references).
     inception_weights: a local weights file for offline machines. `progress` receives `diffit_cli.events` as
-    images are processed (tasks `features (samples)` and `features (reference)`).
+    images are processed (tasks `features (samples)` and `features (reference)`). protocol: IS and precision/recall
+    by ADM's evaluator's conventions (`adm`, `fid.adm`), torch-fidelity's, or `auto`: ADM's for an ADM batch.
 
     Returns a flat dict: the metric values (`fid`, `is_mean`, `is_std`, `kid_mean`, `kid_std`,
     `precision`, `recall`), then `extractor`, `feature_layers`, `num_samples`, `num_reference`,
-    `reference_kind` (images | stats), `samples`, `reference`, `device`, `notes`.
+    `reference_kind` (images | stats), `samples`, `reference`, `device`, `notes`, `protocol`, `published`.
     Raises DiffitError for anything the user can fix.
     """
     wanted = _parse_metrics(metrics)
     name, cls, dev = _extractor_setup(feature_extractor, device, batch)
     sample_images = open_input(samples, "samples", allow_stats=False)
     ref = _open_reference(reference, wanted, name)
+    named, used = _protocol(reference, ref, protocol)
     fidelity_name = {"fid": "fid", "is": "isc", "kid": "kid", "pr": "prc"}
     layers = {m: cls.get_default_feature_layer_for_metric(fidelity_name[m]) for m in wanted}
     fe = make_extractor(name, sorted(set(layers.values())), dev, inception_weights)
@@ -154,7 +158,9 @@ def compute_metrics(
     ref_feats = _reference_features(
         ref, wanted, layers, lambda images: extract_features(images, fe, dev, int(batch), progress, "reference")
     )
-    result, notes = _metric_values(wanted, {m: feats[layers[m]] for m in wanted}, ref, ref_feats, layers, name)
+    result, notes = _metric_values(
+        wanted, {m: feats[layers[m]] for m in wanted}, ref, ref_feats, layers, name, protocol=used, device=dev
+    )
     n = sample_images.count
     notes += _protocol_notes(name, wanted, n)
     result.update(
@@ -168,7 +174,29 @@ def compute_metrics(
         device=str(dev),
         notes=notes,
     )
+    _add_protocol(result, named, used)
     return result
+
+
+def _protocol(reference, ref, protocol: str | None):
+    """The reference that names the protocol and the release's table (opened even for IS alone, which needs no
+    reference), and the protocol IS and precision/recall follow."""
+    named = ref
+    if named is None and reference is not None:
+        named = open_input(reference, "reference", allow_stats=True)
+    return named, adm.choose_protocol(protocol, named)
+
+
+def _add_protocol(result: dict, ref, protocol: str) -> None:
+    """`protocol` (`adm` or `torch-fidelity`), and for ADM's ImageNet-256/512 batch `published`: the release's values
+    beside the measured ones (`adm.published_beside`), differences only where comparable (Inception features,
+    FID-50K, ADM's protocol)."""
+    result["protocol"] = protocol
+    table = adm.release_table(ref)
+    if table is not None:
+        comparable = result["extractor"] == INCEPTION and result["num_samples"] == FID_PROTOCOL_SAMPLES
+        comparable = comparable and protocol == adm.ADM
+        result["published"] = adm.published_beside(result, table, comparable)
 
 
 def _open_reference(reference, wanted: list[str], extractor: str) -> Images | Statistics | None:
@@ -218,21 +246,37 @@ def _reference_features(ref, wanted: list[str], layers: dict, extract) -> dict |
     return {layers[m]: torch.from_numpy(ref.features) for m in wanted if m in ("kid", "pr")}
 
 
-def _metric_values(wanted: list[str], feats: dict, ref, ref_feats: dict | None, layers: dict, extractor: str):
+def _metric_values(
+    wanted: list[str],
+    feats: dict,
+    ref,
+    ref_feats: dict | None,
+    layers: dict,
+    extractor: str,
+    *,
+    protocol: str = adm.TORCH_FIDELITY,
+    device=None,
+):
     """Each wanted metric from the samples' features (`feats`, by metric) and the reference's (by layer): the values
-    and the notes that qualify them."""
+    and the notes that qualify them. IS and precision/recall follow `protocol` (`adm` or `torch-fidelity`)."""
     result: dict = {}
     notes: list[str] = []
     if "fid" in wanted:
         ref_fid = None if ref_feats is None else ref_feats[layers["fid"]]
         result["fid"] = _fid(feats["fid"], ref, ref_fid, extractor, notes)
-    if "is" in wanted:
+    if "is" in wanted and protocol == adm.ADM:
+        result["is_mean"], result["is_std"] = adm.inception_score(feats["is"])
+    elif "is" in wanted:
         splits = max(1, min(10, len(feats["is"])))
         r = isc_features_to_metric(feats["is"], splits=splits, shuffle=True, rng_seed=SEED)
         result["is_mean"], result["is_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
     if "kid" in wanted:
         result.update(_kid(feats["kid"], ref_feats[layers["kid"]], notes))
-    if "pr" in wanted:
+    if "pr" in wanted and protocol == adm.ADM:
+        check_feature_size(feats["pr"].shape[1], ref_feats[layers["pr"]].shape[1], "precision/recall")
+        dev = device or "cpu"
+        result.update(adm.precision_recall(feats["pr"].to(dev), ref_feats[layers["pr"]].to(dev)))
+    elif "pr" in wanted:
         result.update(_precision_recall(feats["pr"], ref_feats[layers["pr"]]))
     return result, notes
 
