@@ -187,6 +187,18 @@ ROWS = [
     _row(
         ["eval-fid", "{w}/corrupt.zip", "--ref", "{w}/stats.npz", *RANDCONV], "corrupt.zip", id="eval-fid: corrupt zip"
     ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/stats.npz", "--protocol", "tf", *RANDCONV],
+        "--protocol 'tf'",
+        "adm",
+        id="eval-fid: unknown protocol",
+    ),
+    _row(
+        ["eval-fid", "--ckpt", "{w}/ckpt.pt", "--protocol", "adm"],
+        "--protocol",
+        "SAMPLES",
+        id="eval-fid: ckpt protocol",
+    ),
     _row(["encode-latents", "{w}/nope", "{w}/lat2", *VAE_ARGS], "nope", id="encode: source missing"),
     _row(["encode-latents", "{w}/empty", "{w}/lat2", *VAE_ARGS], "no images", id="encode: no images"),
     _row(

@@ -26,6 +26,7 @@ def _show(result: dict) -> None:
 
     rows = [
         ("FID", "fid", None),
+        ("sFID", "sfid", None),
         ("Inception Score", "is_mean", "is_std"),
         ("KID", "kid_mean", "kid_std"),
         ("Precision", "precision", None),
