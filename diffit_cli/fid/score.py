@@ -175,20 +175,18 @@ def score_checkpoint(
     progress: Progress | None = None,
 ) -> dict | None:
     """`diffit eval-fid --ckpt`: FID of a checkpoint's EMA network over `repeats` seed ranges of `num` images
-    (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults come from the
-    checkpoint's preset (`eval.num_samples`, `eval.reference` or the training data's statistics,
-    `eval.feature_extractor`, `eval.batch` for feature extraction, `eval.classes`: `random` or `balanced`, each
-    repeat balanced on its own). Returns {values, min, mean, std, ...} on the main process, None elsewhere."""
+    (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults: the checkpoint's
+    `eval.num_samples`, `eval.reference` (or the training data's statistics), `eval.feature_extractor`, `eval.batch`
+    (features), `eval.classes`. Returns {values, min, mean, std, classes, ...} on the main process, else None."""
     if repeats < 1 or (num is not None and num < 2):
         raise DiffitError("--repeats must be at least 1 and --num at least 2 (FID needs two samples)")
     state = PartialState(cpu=not torch.cuda.is_available())
     path = resolve_weights(ckpt)
     weights, preset = read_snapshot(path)
-    if batch is not None:
-        preset = preset.model_copy(update={"eval": preset.eval.model_copy(update={"batch": batch})})
+    given = {k: v for k, v in (("batch", batch), ("classes", classes)) if v is not None}
+    preset = preset.model_copy(update={"eval": preset.eval.model_copy(update=given)})
     num = num or preset.eval.num_samples
-    classes = classes or preset.eval.classes
-    class_list = parse_classes(classes, preset.model.num_classes)
+    class_list = parse_classes(preset.eval.classes, preset.model.num_classes)
     extractor = feature_extractor or preset.eval.feature_extractor
     check_extractor(extractor, inception_weights)
     keep = Path(keep) if keep is not None else None
@@ -222,8 +220,7 @@ def score_checkpoint(
     )
     if not state.is_main_process:
         return None
-    summary = _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
-    return {**summary, "classes": classes}
+    return _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
 
 
 def _summary(
@@ -244,6 +241,7 @@ def _summary(
         "precision": precision,
         "sampler": preset.sample.sampler,
         "steps": preset.sample.steps,
+        "classes": preset.eval.classes,
         "notes": runs[0]["notes"],
     }
 
