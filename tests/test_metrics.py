@@ -217,8 +217,8 @@ def test_stats_from_another_extractor_are_refused(data, tmp_path):
 def test_other_user_errors(data, tmp_path):
     with pytest.raises(DiffitError, match="not found"):
         fid(tmp_path / "missing", data["b"])
-    with pytest.raises(DiffitError, match="--metrics 'sfid': unknown metric"):
-        fid(data["a"], data["b"], metrics="fid,sfid")
+    with pytest.raises(DiffitError, match="--metrics 'lpips': unknown metric"):
+        fid(data["a"], data["b"], metrics="fid,lpips")
     with pytest.raises(DiffitError, match="pass --ref"):
         M.compute_metrics(data["a"], None, feature_extractor=EXT)
     with pytest.raises(DiffitError, match="unknown feature extractor"):
@@ -491,3 +491,175 @@ def test_eval_fid_scores_against_a_presets_training_set(tmp_path, cache):
     assert invoke(*args).exit_code == 0 and stats.stat().st_mtime_ns == written  # reused, not recomputed
     r = invoke("eval-fid", str(tmp_path / "samples"), "--data", str(tmp_path / "train.npz"))
     assert r.exit_code == 2 and "--preset" in r.output
+
+
+# ---------------------------------------------------------------------------------------------- sFID and the
+# Fréchet distance
+
+
+def textbook_frechet(mu1, s1, mu2, s2):
+    """The textbook formula with a general matrix square root of Σ1Σ2 (Denman–Beavers iteration: no eigenvalues),
+    written independently of the package; for well-conditioned covariances."""
+    y, z = s1 @ s2, np.eye(len(s1))
+    for _ in range(60):
+        y, z = (y + np.linalg.inv(z)) / 2, (z + np.linalg.inv(y)) / 2
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(y))
+
+
+def eigvals_frechet(mu1, s1, mu2, s2):
+    """tr (Σ1Σ2)^½ from the (complex) eigenvalues of the non-symmetric Σ1Σ2: also valid for singular covariances."""
+    tr = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(np.complex128)).real.sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
+
+
+def spd(rng, d, spread=1.0):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + spread * np.eye(d)
+
+
+@pytest.mark.parametrize("d", [8, 256])
+def test_frechet_distance_equals_the_textbook_formula_and_torch_fidelity_on_well_conditioned_covariances(d):
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(d)
+    mu1, mu2, s1, s2 = rng.normal(size=d), rng.normal(size=d), spd(rng, d), spd(rng, d, 0.5)
+    got = M.frechet_distance(mu1, s1, mu2, s2)
+    assert isinstance(got, float)
+    assert got == pytest.approx(textbook_frechet(mu1, s1, mu2, s2), rel=1e-6)
+    tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)[KEY_METRIC_FID]
+    assert got == pytest.approx(tf, rel=1e-6)
+
+
+def test_frechet_distance_of_two_known_gaussians():
+    """Σ1 = c·I commutes with any Σ2, so tr (Σ1Σ2)^½ = √c Σ √λ(Σ2): a known answer for a non-diagonal Σ2."""
+    rng = np.random.default_rng(1)
+    d, c = 40, 2.5
+    s2 = spd(rng, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    expected = ((mu1 - mu2) ** 2).sum() + c * d + np.trace(s2) - 2 * np.sqrt(c) * np.sqrt(np.linalg.eigvalsh(s2)).sum()
+    assert M.frechet_distance(mu1, c * np.eye(d), mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert M.frechet_distance(mu2, s2, mu1, c * np.eye(d)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_stays_real_and_finite_on_rank_deficient_covariances():
+    """2048-dim covariances of 64 and 100 feature vectors (rank ≤ 99) plus an exactly singular diagonal case with
+    a closed form: the distance is a finite real number, ≥ 0 up to rounding, 0 for identical inputs, symmetric."""
+    rng = np.random.default_rng(2)
+    d = 2048
+    f1 = rng.normal(size=(64, d)) * np.logspace(0, -6, d)  # scales spanning 6 decades: ill-conditioned
+    f2 = rng.normal(size=(100, d)) * np.logspace(0, -6, d) + 0.01
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    d12, d21 = M.frechet_distance(mu1, s1, mu2, s2), M.frechet_distance(mu2, s2, mu1, s1)
+    assert np.isfinite(d12) and isinstance(d12, float)
+    scale = np.trace(s1) + np.trace(s2)
+    assert d12 > -1e-9 * scale and d12 == pytest.approx(d21, rel=1e-6)
+    assert abs(M.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * scale
+    v1 = np.where(np.arange(50) % 3 == 0, 0.0, rng.uniform(0, 2, 50))  # exact zeros: singular
+    v2 = np.where(np.arange(50) % 4 == 0, 0.0, rng.uniform(0, 2, 50))
+    expected = ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert M.frechet_distance(np.zeros(50), np.diag(v1), np.zeros(50), np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+
+
+def spatial_features(images):
+    fe = E.RandConvFeatureExtractor(EXT, [E.SPATIAL])
+    return fe(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())[0].double().numpy()
+
+
+def test_sfid_against_images_and_against_a_known_gaussian(data, tmp_path):
+    """sFID of the samples' spatial features (computed here from the stand-in's definition) against the reference
+    images' ones and against a Gaussian given as `mu_s`/`sigma_s`, each by an independent formula (the eigenvalues
+    of the non-symmetric Σ1Σ2)."""
+    fa, fb = spatial_features(data["arrays"]["a"]), spatial_features(data["arrays"]["b"])
+    assert fa.shape == (N, 8 * 8 * E.SPATIAL_CHANNELS)
+    mu_a, s_a = fa.mean(0), np.cov(fa, rowvar=False)
+    r = M.compute_metrics(data["a"], data["b"], metrics="fid,sfid", feature_extractor=EXT, device="cpu")
+    expected = eigvals_frechet(mu_a, s_a, fb.mean(0), np.cov(fb, rowvar=False))
+    assert r["sfid"] == pytest.approx(expected, rel=1e-5) and r["sfid"] > 0
+    assert r["feature_layers"]["sfid"] == E.SPATIAL
+    rng = np.random.default_rng(3)
+    mu_g, s_g = mu_a + rng.normal(0, 0.05, mu_a.shape), spd(rng, len(mu_a), 0.2) * 0.01
+    gauss = tmp_path / "gaussian.npz"
+    np.savez(gauss, mu=np.zeros(128), sigma=np.eye(128), mu_s=mu_g, sigma_s=s_g)
+    got = M.compute_metrics(data["a"], gauss, metrics="sfid", feature_extractor=EXT, device="cpu")["sfid"]
+    assert got == pytest.approx(eigvals_frechet(mu_a, s_a, mu_g, s_g), rel=1e-5)
+    assert abs(M.compute_metrics(data["a"], data["a"], metrics="sfid", feature_extractor=EXT)["sfid"]) < 1e-6
+
+
+def test_save_ref_writes_spatial_statistics_that_sfid_reads(data, tmp_path):
+    out = tmp_path / "ref.npz"
+    M.save_reference(data["b"], out, feature_extractor=EXT, device="cpu")
+    info = read_stats(out)
+    assert info["has_spatial"] and info["spatial_dim"] == 448
+    with np.load(out) as z:
+        fb = spatial_features(data["arrays"]["b"])
+        np.testing.assert_allclose(z["mu_s"], fb.mean(0), rtol=1e-5, atol=1e-6)
+        assert z["sigma_s"].shape == (448, 448)
+    a = M.compute_metrics(data["a"], out, metrics="fid,sfid", feature_extractor=EXT, device="cpu")
+    b = M.compute_metrics(data["a"], data["b"], metrics="fid,sfid", feature_extractor=EXT, device="cpu")
+    assert a["sfid"] == pytest.approx(b["sfid"], rel=1e-6) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+
+
+def test_sfid_needs_spatial_statistics_and_spatial_features(data, tmp_path):
+    stats = tmp_path / "cifar10-32x32.npz"
+    np.savez(stats, mu=np.zeros(128), sigma=np.eye(128))
+    with pytest.raises(DiffitError, match=r"sFID needs the reference's spatial statistics .*cifar10-32x32\.npz"):
+        fid(data["a"], stats, metrics="sfid")
+    half = tmp_path / "half.npz"
+    np.savez(half, mu=np.zeros(128), sigma=np.eye(128), mu_s=np.zeros(448))
+    with pytest.raises(DiffitError, match="only one of `mu_s` and `sigma_s`"):
+        fid(data["a"], half, metrics="sfid")
+    wrong = tmp_path / "inception-spatial.npz"
+    np.savez(wrong, mu=np.zeros(128), sigma=np.eye(128), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(DiffitError, match="sFID: .* 2023-dimensional .* samples' have 448"):
+        fid(data["a"], wrong, metrics="sfid")
+    with pytest.raises(DiffitError, match="does not give"):
+        E.make_extractor("vgg16", ["fc2", E.SPATIAL], torch.device("cpu"), None)
+
+
+def test_cli_sfid_against_a_reference_without_spatial_statistics_is_one_line(data, tmp_path):
+    stats = tmp_path / "edm-ref.npz"
+    np.savez(stats, mu=np.zeros(128), sigma=np.eye(128))
+    r = invoke("eval-fid", data["a"], "--ref", stats, "--metrics", "fid,sfid", "--feature-extractor", EXT)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    flat = " ".join(r.output.split())
+    assert "edm-ref.npz" in flat and "`mu_s`, `sigma_s`" in flat, flat
+    assert sum("Error:" in line for line in lines) == 1
+
+
+def test_inception_spatial_features_come_from_mixed_6d_branch1x1_in_the_same_forward(inception_state_file):
+    """The compat network with random weights of the right shapes: one forward per batch gives the 2048 pool
+    features and 2023 spatial ones (TF `mixed_6/conv`, first 7 channels, NHWC order); the spatial layer runs
+    before the pool."""
+    fe = E.make_extractor(E.INCEPTION, ["2048", E.SPATIAL], torch.device("cpu"), inception_state_file)
+    order, full, forwards = [], [], []
+
+    def record(name):
+        def hook(module, inputs, output):
+            order.append(name)
+            if name == "mixed_6/conv":
+                full.append(output.detach().clone())
+
+        return hook
+
+    fe.get_submodule(E.INCEPTION_SPATIAL_MODULE).register_forward_hook(record("mixed_6/conv"))
+    fe.Mixed_7a.register_forward_hook(record("Mixed_7a"))
+    fe.AvgPool.register_forward_hook(record("pool_3"))
+    fe.register_forward_pre_hook(lambda module, inputs: forwards.append(len(inputs[0])) and None)
+    images = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    from diffit_cli.fid.inputs import array_images
+
+    feats = E.extract_features(array_images(images), fe, torch.device("cpu"), 2, None, "samples")
+    assert forwards == [2, 1]  # one pass per batch, no second pass for the spatial features
+    assert order == ["mixed_6/conv", "Mixed_7a", "pool_3"] * 2
+    assert feats["2048"].shape == (3, 2048) and feats[E.SPATIAL].shape == (3, 17 * 17 * 7)
+    fmap = torch.cat(full)
+    assert fmap.shape == (3, 192, 17, 17)  # the 1×1 branch of the 17×17×768 block Mixed_6d
+    n, h, w, c = 2, 5, 11, 6  # row-major over (row, column, channel), as TF's reshape of NHWC
+    assert feats[E.SPATIAL][n, (h * 17 + w) * 7 + c] == fmap[n, c, h, w]
+    torch.testing.assert_close(feats[E.SPATIAL], fmap[:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    only = E.make_extractor(E.INCEPTION, [E.SPATIAL], torch.device("cpu"), inception_state_file)
+    alone = E.extract_features(array_images(images), only, torch.device("cpu"), 3, None, "samples")
+    torch.testing.assert_close(alone[E.SPATIAL], feats[E.SPATIAL])

@@ -29,6 +29,50 @@ from diffit_cli.fid.inputs import Images, rgb
 INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "diffit-randconv-v1"
 DOWNLOAD_TIMEOUT_S = 30
+SPATIAL = "spatial"  # the feature name of sFID's spatial features, for every extractor that has them
+SPATIAL_CHANNELS = 7  # Nash et al. 2021 / ADM's evaluator: the first 7 channels of a 17×17 layer
+# Inception's spatial layer: TF's `mixed_6/conv` (see `spatial_features`)
+INCEPTION_SPATIAL_MODULE = "Mixed_6d.branch1x1"
+
+
+def spatial_features(fmap: torch.Tensor) -> torch.Tensor:
+    """sFID's features of a (N, C, H, W) map: its first 7 channels, flattened in TF's NHWC order.
+
+    ADM's evaluator (Dhariwal & Nichol 2021, after Nash et al. 2021) takes the tensor `mixed_6/conv:0` of the
+    TF Inception-v3 graph of 2015-12-05, keeps `[..., :7]` and reshapes each image to one row: 17·17·7 = 2023
+    values, ordered row, column, channel. The same order here makes our mean and covariance comparable entry by
+    entry with the `mu_s`/`sigma_s` that ADM's reference batches store.
+    """
+    x = fmap[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+    return x.reshape(len(x), -1).float()
+
+
+class SpatialTap:
+    """Records sFID's spatial features of the layer `module` while the extractor computes its pool features.
+
+    Inception's `mixed_6/conv` in TF's graph is torch-fidelity's `Mixed_6d.branch1x1` in `inception-v3-compat`
+    (`FeatureExtractorInceptionV3`, a port of the same 2015-12-05 graph): the TF graph names its seventh mixed
+    block `mixed_6` (`mixed`, `mixed_1`, `mixed_2` are Mixed_5b–5d at 35×35; `mixed_3` is the reduction Mixed_6a
+    to 17×17; `mixed_4`…`mixed_7` are Mixed_6b–6e, 17×17×768 each), and in each block `conv` is the 1×1 branch
+    (the towers are `tower`, `tower_1`, `tower_2`). torch-fidelity's weight converter maps
+    `mixed_6/conv/conv2d_params` and `mixed_6/conv/batchnorm` to `Mixed_6d.branch1x1.conv` and `.bn`, and the TF
+    node `mixed_6/conv` is that unit's ReLU output, which is what `BasicConv2d.forward` returns: 17×17×192, of
+    which ADM keeps the first 7 channels (2023 values). A forward hook reads it during the one forward pass
+    that also produces `pool_3` (Mixed_6d runs before Mixed_7a–7c and the pool), so no image is seen twice.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.captured: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.captured = spatial_features(output.detach())
+
+    def take(self) -> torch.Tensor:
+        out, self.captured = self.captured, None
+        if out is None:
+            raise RuntimeError("the spatial layer did not run in this forward pass")
+        return out
 
 
 class RandConvFeatureExtractor(FeatureExtractorBase):
@@ -37,8 +81,9 @@ class RandConvFeatureExtractor(FeatureExtractorBase):
     Images are resized to 64² (antialiased bilinear), mapped to [-1, 1] and passed through three
     stride-2 3×3 convolutions (32, 32, 64 channels, He-scaled Gaussian weights from a fixed seed,
     leaky ReLU). `features` is the spatial mean of every stage (128 values: colour, edges, texture
-    at three scales); `logits` is a fixed random projection of the per-image standardised features
-    onto 10 pseudo-classes, so IS is defined (between 1 and 10). Meant for tests and smoke runs
+    at three scales); `spatial` is the last stage's first 7 channels, 8×8×7 = 448 values (sFID's
+    counterpart of Inception's `mixed_6/conv`); `logits` is a fixed random projection of the per-image
+    standardised features onto 10 pseudo-classes, so IS is defined (between 1 and 10). Meant for tests and smoke runs
     where no Inception weights exist; FID computed with it is not comparable with published FID.
     """
 
@@ -66,11 +111,11 @@ class RandConvFeatureExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_provided_features_list():
-        return "features", "logits"
+        return "features", "logits", SPATIAL
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features", "sfid": SPATIAL}[metric]
 
     @staticmethod
     def can_be_compiled():
@@ -92,7 +137,7 @@ class RandConvFeatureExtractor(FeatureExtractorBase):
             pooled.append(x.mean(dim=(2, 3)))
         feats = torch.cat(pooled, dim=1)
         z = (feats - feats.mean(1, keepdim=True)) / (feats.std(1, keepdim=True) + 1e-6)
-        out = {"features": feats, "logits": z @ self.proj}
+        out = {"features": feats, "logits": z @ self.proj, SPATIAL: spatial_features(x)}
         return tuple(out[name] for name in self.features_list)
 
 
@@ -180,7 +225,33 @@ def check_extractor(name: str, inception_weights=None, load: bool = True) -> Non
         check_weights_at_hand(name, inception_weights)
 
 
+def has_spatial(name: str) -> bool:
+    """Whether extractor `name` gives sFID's spatial features (Inception through `SpatialTap`, the stand-in
+    natively)."""
+    return name == INCEPTION or SPATIAL in extractor_class(name).get_provided_features_list()
+
+
 def make_extractor(name: str, layers: Sequence[str], device: torch.device, weights) -> FeatureExtractorBase:
+    """Extractor `name` giving `layers`; `SPATIAL` among them on Inception attaches a `SpatialTap`, so
+    `extract_features` returns the spatial features from the same forward pass as the others."""
+    layers = list(layers)
+    tapped = name == INCEPTION and SPATIAL in layers
+    if SPATIAL in layers and not has_spatial(name):
+        raise DiffitError(
+            f"sFID needs spatial features (Inception's mixed_6/conv), which feature extractor {name} does not give; "
+            f"use --feature-extractor {INCEPTION}"
+        )
+    if tapped:
+        layers.remove(SPATIAL)
+        if not layers:  # the forward must reach Mixed_6d: ask for the pool features, which lie beyond it
+            layers.append(extractor_class(name).get_default_feature_layer_for_metric("fid"))
+    fe = _create_extractor(name, layers, weights)
+    if tapped:
+        fe._diffit_spatial_tap = SpatialTap(fe.get_submodule(INCEPTION_SPATIAL_MODULE))
+    return fe.to(device)
+
+
+def _create_extractor(name: str, layers: list[str], weights) -> FeatureExtractorBase:
     kwargs = {}
     path = check_weights_at_hand(name, weights)
     if path is not None:
@@ -211,7 +282,7 @@ def make_extractor(name: str, layers: Sequence[str], device: torch.device, weigh
                 "delete the file to download it again, or pass --inception-weights PATH"
             ) from None
         raise
-    return fe.to(device)
+    return fe
 
 
 @contextlib.contextmanager
@@ -228,15 +299,20 @@ def exact_convolutions():
 def extract_features(
     images: Images, fe: FeatureExtractorBase, device, batch: int, progress: Progress | None, stage: str
 ) -> dict:
-    """Features of every image, by layer; `progress` sees a `features (<stage>)` task."""
+    """Features of every image, by layer (`SPATIAL` too when `make_extractor` was asked for it); `progress` sees a
+    `features (<stage>)` task."""
     out: dict[str, list[torch.Tensor]] = {}
+    tap = getattr(fe, "_diffit_spatial_tap", None)
     done = 0
     emit, task = progress or quiet, f"features ({stage})"
     emit(Start(task, images.count, 0, "images"))
     with torch.no_grad(), exact_convolutions():
         for arr in images.batches(batch):
             x = torch.from_numpy(rgb(arr)).permute(0, 3, 1, 2).contiguous().to(device)
-            for k, v in fe.convert_features_tuple_to_dict(fe(x)).items():
+            feats = fe.convert_features_tuple_to_dict(fe(x))
+            if tap is not None:
+                feats[SPATIAL] = tap.take()
+            for k, v in feats.items():
                 out.setdefault(k, []).append(v.detach().float().cpu())
             done += len(arr)
             emit(Step(task, done, images.count))

@@ -138,6 +138,10 @@ class Statistics:
     features: np.ndarray | None
     images: Images | None  # ADM reference batches: arr_0 holds reference images
     path: Path
+    # sFID's spatial statistics (ADM's reference batches and `save_reference`'s files): None when absent
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    spatial_layer: str | None = None
 
 
 def npz_keys(path: Path) -> list[str]:
@@ -181,11 +185,35 @@ def read_statistics(path: Path, keys: list[str]) -> Statistics:
                 )
         else:
             images = _npz_member_images(path)  # ADM: 10k reference images for KID / precision-recall
-    return Statistics(mu, sigma, extractor, layer, count, features, images, path)
+    mu_s, sigma_s, spatial_layer = _spatial_statistics(path, keys)
+    return Statistics(mu, sigma, extractor, layer, count, features, images, path, mu_s, sigma_s, spatial_layer)
+
+
+def _spatial_statistics(path: Path, keys: list[str]) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """`mu_s`, `sigma_s` (sFID) and the layer they come from, when the file has them (both or neither)."""
+    if "mu_s" not in keys and "sigma_s" not in keys:
+        return None, None, None
+    if "mu_s" not in keys or "sigma_s" not in keys:
+        raise DiffitError(
+            f"statistics file {path} holds only one of `mu_s` and `sigma_s` (sFID's spatial statistics); "
+            f"it holds: {', '.join(keys)}"
+        )
+    with np.load(path, allow_pickle=False) as z:
+        mu_s = np.asarray(z["mu_s"], dtype=np.float64)
+        sigma_s = np.asarray(z["sigma_s"], dtype=np.float64)
+        layer = str(z["spatial_layer"]) if "spatial_layer" in keys else None
+    if mu_s.ndim != 1 or sigma_s.shape != (mu_s.shape[0], mu_s.shape[0]):
+        raise DiffitError(
+            f"statistics file {path}: `mu_s` must be (D,) and `sigma_s` (D, D); got {mu_s.shape} and {sigma_s.shape}"
+        )
+    if not (np.isfinite(mu_s).all() and np.isfinite(sigma_s).all()):
+        raise DiffitError(f"statistics file {path} holds NaN or infinite values in `mu_s`/`sigma_s`")
+    return mu_s, sigma_s, layer
 
 
 def read_stats(path: str | os.PathLike) -> dict:
-    """Read a statistics file (EDM, ADM or :func:`save_reference` layout): mu, sigma and what else it says."""
+    """Read a statistics file (EDM, ADM or :func:`save_reference` layout): mu, sigma and what else it says
+    (`has_spatial`: whether it carries sFID's `mu_s`/`sigma_s`)."""
     path = Path(path)
     if not path.is_file():
         raise DiffitError(f"statistics file not found: {path}")
@@ -198,6 +226,8 @@ def read_stats(path: str | os.PathLike) -> dict:
         "num_images": s.num_images,
         "has_features": s.features is not None,
         "has_images": s.images is not None,
+        "has_spatial": s.mu_s is not None,
+        "spatial_dim": None if s.mu_s is None else int(s.mu_s.shape[0]),
     }
 
 

@@ -7,19 +7,21 @@ NHWC array. A reference is any of those or a **statistics file** (`.npz` with `m
 - EDM reference files (`cifar10-32x32.npz`, `ffhq-64x64.npz`): `mu`, `sigma` of the full training set.
 - ADM reference batches (`VIRTUAL_imagenet256_labeled.npz`): `mu`, `sigma` of the full training set
   (used for FID, as the ADM evaluator does) plus `arr_0`, 10,000 reference *images* whose features
-  feed KID and precision/recall. `mu_s`/`sigma_s` (sFID) are ignored.
+  feed KID and precision/recall, and `mu_s`/`sigma_s`, the full training set's statistics of the spatial
+  features behind sFID (`fid.extractors.SpatialTap`: the first 7 channels of Inception's `mixed_6/conv`).
 - Files written by :func:`save_reference`: `mu`, `sigma`, `extractor`, `feature_layer`,
-  `num_images`, and optionally `features` (per-image features, for KID and precision/recall).
+  `num_images`, `mu_s`/`sigma_s`/`spatial_layer`, and optionally `features` (per-image features, for KID and
+  precision/recall).
 
 Both published families were computed with the TensorFlow Inception-v3 graph of 2015-12-05
 (`pool_3`, 2048 features; EDM through its TorchScript port of that graph). torch-fidelity's
 `inception-v3-compat` extractor is a PyTorch port of the same graph, TF1-style bilinear resize to
 299 included, and reproduces those features to float precision, so FID against these files is
 comparable; small device- and precision-dependent differences remain (cuDNN TF32 is switched off
-while features are extracted). The Fréchet distance itself is torch-fidelity's
-(`fid_statistics_to_metric`), as are IS, KID and precision/recall (k = 3 neighbours, as in ADM's
-evaluator; unlike torch-fidelity's default, precision/recall use the same extractor as FID, i.e.
-Inception pool features as in ADM, not VGG-16).
+while features are extracted). The Fréchet distance (FID, sFID) is :func:`frechet_distance`, an
+eigenvalue form that stays real on rank-deficient covariances; IS, KID and precision/recall are
+torch-fidelity's (k = 3 neighbours, as in ADM's evaluator; unlike torch-fidelity's default,
+precision/recall use the same extractor as FID, i.e. Inception pool features as in ADM, not VGG-16).
 
 Feature extractors are torch-fidelity registry names. `inception-v3-compat` (default) downloads its
 weights into the torch hub cache on first use, or loads `inception_weights=PATH`; offline
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
@@ -47,19 +49,21 @@ from diffit_cli.events import Progress
 from diffit_cli.fid import adm
 from diffit_cli.fid.extractors import (
     INCEPTION,
+    SPATIAL,
     TEST_EXTRACTOR,
     extract_features,
     extractor_class,
+    has_spatial,
     make_extractor,
     resolve_device,
 )
 from diffit_cli.fid.inputs import Images, Statistics, open_input
 from diffit_cli.fileio import atomic_write
 
-METRICS = ("fid", "is", "kid", "pr")
-_ALIASES = {"fid": "fid", "is": "is", "isc": "is", "kid": "kid", "pr": "pr", "prc": "pr"}
+METRICS = ("fid", "sfid", "is", "kid", "pr")
+_ALIASES = {"fid": "fid", "sfid": "sfid", "is": "is", "isc": "is", "kid": "kid", "pr": "pr", "prc": "pr"}
 _ALIASES.update(precision="pr", recall="pr")
-_LABEL = {"fid": "FID", "is": "IS", "kid": "KID", "pr": "precision/recall"}
+_LABEL = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID", "pr": "precision/recall"}
 FID_PROTOCOL_SAMPLES = 50_000
 SEED = 2020  # torch-fidelity's default rng_seed: IS split shuffle, KID subsets
 
@@ -72,16 +76,47 @@ def _statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
 def check_feature_size(samples: int, reference: int, what: str, reference_name: str = "the reference") -> None:
     """The one check that sample and reference features can be compared: the same number of dimensions."""
     if samples != reference:
+        usual = "Inception mixed_6/conv, 2023" if what == "sFID" else "Inception pool_3, 2048"
         raise DiffitError(
-            f"{what}: {reference_name} holds {reference}-dimensional features (EDM/ADM statistics files: Inception "
-            f"pool_3, 2048) but the samples' have {samples}; use the feature extractor the reference was made with"
+            f"{what}: {reference_name} holds {reference}-dimensional features (EDM/ADM statistics files: {usual}) "
+            f"but the samples' have {samples}; use the feature extractor the reference was made with"
         )
 
 
-def fid_distance(a: dict, b: dict, reference_name: str = "the reference") -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The Fréchet distance ‖μ1−μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1Σ2)^½ between two Gaussians, in float64.
+
+    tr (Σ1Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1Σ2, which are those of
+    Σ1^½ Σ2 Σ1^½ (AB and BA share their eigenvalues): a symmetric positive semi-definite matrix, so `eigh` gives
+    real eigenvalues and real square roots. Eigenvalues below the numerical-rank cutoff D·ε·λmax (numpy's
+    `matrix_rank` rule) are rounding noise of a (near-)singular matrix and count as 0: their square roots, ~1e-8
+    each, would otherwise add up over the ~2000 null directions of a covariance from fewer images than dimensions.
+    A general matrix square root of the non-symmetric Σ1Σ2 (`scipy.linalg.sqrtm` in ADM's evaluator; complex
+    eigenvalues of Σ1Σ2 in torch-fidelity) can return complex values or fail on such rank-deficient 2048- or
+    2023-dimensional covariances; this form stays real and finite for any symmetric PSD input and equals the
+    textbook value on well-conditioned ones.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(_above_rank_cutoff(w))) @ v.T
+    inner = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(_above_rank_cutoff(np.linalg.eigvalsh((inner + inner.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def _above_rank_cutoff(eigenvalues: np.ndarray) -> np.ndarray:
+    """Symmetric eigenvalues with those below D·ε·max|λ| (negative ones included) set to 0."""
+    cutoff = len(eigenvalues) * np.finfo(np.float64).eps * np.abs(eigenvalues).max(initial=0.0)
+    return np.where(eigenvalues > cutoff, eigenvalues, 0.0)
+
+
+def fid_distance(a: dict, b: dict, reference_name: str = "the reference", what: str = "FID") -> float:
     """The Fréchet distance between sample statistics `a` and reference statistics `b` ({mu, sigma})."""
-    check_feature_size(a["mu"].shape[0], b["mu"].shape[0], "FID", reference_name)
-    return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
+    check_feature_size(a["mu"].shape[0], b["mu"].shape[0], what, reference_name)
+    return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,14 +169,15 @@ def compute_metrics(
     samples: an image folder, a `.zip` of images, an `.npz` with `arr_0` (uint8 N×H×W×3, the ADM
     evaluator's layout) or a uint8 NHWC array. reference: the same kinds, or a statistics `.npz`
     (`mu`, `sigma`: EDM's `cifar10-32x32.npz`, ADM's `VIRTUAL_imagenet256_labeled.npz`, or a file
-    from :func:`save_reference`). IS needs no reference. metrics: names from `fid, is, kid, pr`
-    (aliases: isc, prc). feature_extractor: a torch-fidelity registry name; default
+    from :func:`save_reference`). IS needs no reference. metrics: names from `fid, sfid, is, kid, pr`
+    (aliases: isc, prc); sFID needs spatial statistics in a statistics file (`mu_s`, `sigma_s`).
+    feature_extractor: a torch-fidelity registry name; default
     `inception-v3-compat` (TF Inception pool_3, the features behind the ADM and EDM references).
     inception_weights: a local weights file for offline machines. `progress` receives `diffit_cli.events` as
     images are processed (tasks `features (samples)` and `features (reference)`). protocol: IS and precision/recall
     by ADM's evaluator's conventions (`adm`, `fid.adm`), torch-fidelity's, or `auto`: ADM's for an ADM batch.
 
-    Returns a flat dict: the metric values (`fid`, `is_mean`, `is_std`, `kid_mean`, `kid_std`,
+    Returns a flat dict: the metric values (`fid`, `sfid`, `is_mean`, `is_std`, `kid_mean`, `kid_std`,
     `precision`, `recall`), then `extractor`, `feature_layers`, `num_samples`, `num_reference`,
     `reference_kind` (images | stats), `samples`, `reference`, `device`, `notes`, `protocol`, `published`.
     Raises DiffitError for anything the user can fix.
@@ -152,7 +188,7 @@ def compute_metrics(
     ref = _open_reference(reference, wanted, name)
     named, used = _protocol(reference, ref, protocol)
     fidelity_name = {"fid": "fid", "is": "isc", "kid": "kid", "pr": "prc"}
-    layers = {m: cls.get_default_feature_layer_for_metric(fidelity_name[m]) for m in wanted}
+    layers = {m: SPATIAL if m == "sfid" else cls.get_default_feature_layer_for_metric(fidelity_name[m]) for m in wanted}
     fe = make_extractor(name, sorted(set(layers.values())), dev, inception_weights)
     feats = extract_features(sample_images, fe, dev, int(batch), progress, "samples")
     ref_feats = _reference_features(
@@ -218,7 +254,13 @@ def _open_reference(reference, wanted: list[str], extractor: str) -> Images | St
                 f"distances across extractors mean nothing "
                 f"(use --feature-extractor {ref.extractor} or recompute the reference)"
             )
-        need_ref_features = [m for m in paired if m != "fid"]
+        if "sfid" in wanted and ref.mu_s is None:
+            raise DiffitError(
+                f"sFID needs the reference's spatial statistics (`mu_s`, `sigma_s`), but {ref.path} holds none "
+                "(ADM's reference batches and statistics saved with --save-ref carry them); pass the reference "
+                "images, or save their statistics again with `diffit eval-fid DATASET --save-ref FILE`"
+            )
+        need_ref_features = [m for m in paired if m not in ("fid", "sfid")]
         if need_ref_features and ref.features is None and ref.images is None:
             what = " and ".join(_LABEL[m] for m in need_ref_features)
             raise DiffitError(
@@ -264,6 +306,8 @@ def _metric_values(
     if "fid" in wanted:
         ref_fid = None if ref_feats is None else ref_feats[layers["fid"]]
         result["fid"] = _fid(feats["fid"], ref, ref_fid, extractor, notes)
+    if "sfid" in wanted:
+        result["sfid"] = _sfid(feats["sfid"], ref, None if ref_feats is None else ref_feats[SPATIAL])
     if "is" in wanted and protocol == adm.ADM:
         result["is_mean"], result["is_std"] = adm.inception_score(feats["is"])
     elif "is" in wanted:
@@ -290,6 +334,16 @@ def _fid(features: torch.Tensor, ref, ref_features: torch.Tensor | None, extract
             notes.append(f"{ref.path} does not name its extractor; assumed it matches {extractor}")
         return fid_distance(_statistics(features), {"mu": ref.mu, "sigma": ref.sigma}, str(ref.path))
     return fid_distance(_statistics(features), _statistics(ref_features))
+
+
+def _sfid(features: torch.Tensor, ref, ref_features: torch.Tensor | None) -> float:
+    """sFID (Nash et al. 2021, as ADM's evaluator computes it): the Fréchet distance between the spatial features'
+    statistics of the samples and a statistics file's `mu_s`/`sigma_s` or the reference images' features."""
+    if len(features) < 2:
+        raise DiffitError("sFID needs at least 2 samples")
+    if isinstance(ref, Statistics):
+        return fid_distance(_statistics(features), {"mu": ref.mu_s, "sigma": ref.sigma_s}, str(ref.path), "sFID")
+    return fid_distance(_statistics(features), _statistics(ref_features), what="sFID")
 
 
 def _kid(f1: torch.Tensor, f2: torch.Tensor, notes: list[str]) -> dict:
@@ -340,7 +394,8 @@ def save_reference(
     """Compute `mu`/`sigma` of a dataset (folder, zip, npz, array or open `Images`) and save them to `out_file`
     (.npz).
 
-    The file also records `extractor`, `feature_layer` and `num_images`, and with `features=True`
+    The file also records `extractor`, `feature_layer` and `num_images`, sFID's spatial statistics `mu_s`,
+    `sigma_s` (as in ADM's reference batches; every extractor with spatial features), and with `features=True`
     the per-image features (so KID and precision/recall can run against it later). It is written
     atomically and reads back in EDM's and ADM's tools too (they read `mu` and `sigma`).
     Returns a summary dict (path, num_images, extractor, feature_layer, dim).
@@ -353,8 +408,10 @@ def save_reference(
     if images.count < 2:
         raise DiffitError("reference statistics need at least 2 images")
     layer = cls.get_default_feature_layer_for_metric("fid")
-    fe = make_extractor(name, [layer], dev, inception_weights)
-    feats = extract_features(images, fe, dev, int(batch), progress, "reference")[layer]
+    spatial = has_spatial(name)
+    fe = make_extractor(name, [layer, SPATIAL] if spatial else [layer], dev, inception_weights)
+    extracted = extract_features(images, fe, dev, int(batch), progress, "reference")
+    feats = extracted[layer]
     stats = _statistics(feats)
     arrays = dict(
         mu=stats["mu"],
@@ -363,6 +420,9 @@ def save_reference(
         feature_layer=np.array(layer),
         num_images=np.array(images.count, dtype=np.int64),
     )
+    if spatial:  # sFID's statistics, under the names ADM's reference batches use
+        spatial_stats = _statistics(extracted[SPATIAL])
+        arrays.update(mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"], spatial_layer=np.array(SPATIAL))
     if features:
         arrays["features"] = feats.numpy().astype(np.float32)
     atomic_write(out, lambda f: np.savez(f, **arrays))
