@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from diffit_cli.errors import DiffitError
+from diffit_cli.fid.extractors import exact_convolutions
 from diffit_cli.fid.inputs import Statistics
 
 PROTOCOLS = ("auto", "adm", "torch-fidelity")
@@ -112,14 +113,15 @@ def precision_recall(
         )
     if min(len(samples), len(reference)) < k + 1:
         raise DiffitError(f"precision/recall need at least {k + 1} samples and {k + 1} reference images (k = {k})")
-    r_ref, r_samples = manifold_radii(reference, k, block), manifold_radii(samples, k, block)
-    samples_in = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
-    reference_in = torch.zeros(len(reference), dtype=torch.bool, device=reference.device)
-    for r0 in range(0, len(reference), block):
-        for c0 in range(0, len(samples), block):
-            d = squared_distances(reference[r0 : r0 + block], samples[c0 : c0 + block])
-            samples_in[c0 : c0 + block] |= (d <= r_ref[r0 : r0 + block, None]).any(0)
-            reference_in[r0 : r0 + block] |= (d <= r_samples[None, c0 : c0 + block]).any(1)
+    with exact_convolutions():  # float32 products stay float32 on GPUs that would use TF32
+        r_ref, r_samples = manifold_radii(reference, k, block), manifold_radii(samples, k, block)
+        samples_in = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+        reference_in = torch.zeros(len(reference), dtype=torch.bool, device=reference.device)
+        for r0 in range(0, len(reference), block):
+            for c0 in range(0, len(samples), block):
+                d = squared_distances(reference[r0 : r0 + block], samples[c0 : c0 + block])
+                samples_in[c0 : c0 + block] |= (d <= r_ref[r0 : r0 + block, None]).any(0)
+                reference_in[r0 : r0 + block] |= (d <= r_samples[None, c0 : c0 + block]).any(1)
     return {"precision": float(samples_in.double().mean()), "recall": float(reference_in.double().mean())}
 
 
