@@ -143,6 +143,20 @@ def test_distances_are_rounded_as_float16():
     assert d.item() == pytest.approx(((u - v) ** 2).sum().item(), rel=2e-2)
 
 
+def test_distances_follow_float16_arithmetic():
+    """Against torch's own float16 arithmetic, every step in half precision: the same values but for the summation
+    order of a few (one float16 step apart); exact float32 distances rounded once would differ on most entries."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.rand(200, 2048, generator=g) * 0.5, torch.rand(150, 2048, generator=g) * 0.5
+    h, k = u.half(), v.half()
+    expected = torch.clamp_min((h * h).sum(1)[:, None] - 2 * (h @ k.T) + (k * k).sum(1)[None], 0).float()
+    d = adm.squared_distances(u, v)
+    assert (d == expected).float().mean() > 0.999
+    assert torch.allclose(d, expected, rtol=0, atol=0.25)  # a few float16 steps (0.0625 between 64 and 128)
+    exact = ((u[:, None] - v[None]) ** 2).sum(-1).half().float()
+    assert (d == exact).float().mean() < 0.5
+
+
 def test_too_few_points_is_one_line():
     with pytest.raises(DiffitError, match="at least 4"):
         pr(integer_points(3, 0), integer_points(10, 1))

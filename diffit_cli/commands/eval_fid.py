@@ -107,6 +107,12 @@ CkptOpt = typer.Option(
 NumOpt = typer.Option(None, "--num", min=2, help="--ckpt: images per repeat (default: the preset's eval.num_samples).")
 RepeatsOpt = typer.Option(1, "--repeats", min=1, help="--ckpt: score this many seed ranges.")
 KeepOpt = typer.Option(None, "--keep", help="--ckpt: keep the sampled PNGs in this (new or empty) folder.")
+ClassesOpt = typer.Option(
+    None,
+    "--classes",
+    help="--ckpt: random (labels drawn per seed, ADM's protocol) or balanced (num / class count per class, the "
+    "first num mod class-count classes one more; seed at position j: class j mod class count). Default: eval.classes.",
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -132,6 +138,7 @@ def eval_fid_cmd(
     num: int | None = NumOpt,
     repeats: int = RepeatsOpt,
     keep: Path | None = KeepOpt,
+    classes: str | None = ClassesOpt,
 ) -> None:
     from diffit_cli.fileio import check_writable, write_json
 
@@ -150,10 +157,12 @@ def eval_fid_cmd(
                 "--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
                 "--metrics (launch with accelerate to use several GPUs)"
             )
-        result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights)
+        if classes is not None and classes not in ("random", "balanced"):
+            fail(f"--classes {classes!r}: choose random or balanced")
+        result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes)
     else:
-        if num is not None or repeats != 1 or keep is not None:
-            fail("--num, --repeats and --keep go with --ckpt (sampling a checkpoint)")
+        if num is not None or repeats != 1 or keep is not None or classes is not None:
+            fail("--num, --repeats, --keep and --classes go with --ckpt (sampling a checkpoint)")
         if samples is None:
             fail("give SAMPLES (images to score), or --ckpt FILE to sample a checkpoint")
         if save_ref is not None and ref is not None:
@@ -210,7 +219,9 @@ def _preset_reference(preset, data, overrides, common: dict, progress):
     )
 
 
-def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights) -> dict | None:
+def _score_checkpoint(
+    ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes
+) -> dict | None:
     """Sample and score a checkpoint; print each repeat's FID and their minimum, mean and standard deviation."""
     from diffit_cli.fid.score import score_checkpoint
 
@@ -223,6 +234,7 @@ def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, i
             batch=batch,
             feature_extractor=feature_extractor,
             keep=keep,
+            classes=classes,
             inception_weights=inception_weights,
             progress=progress,
         )
@@ -240,7 +252,7 @@ def _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, i
     )
     out.print(
         f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
-        f"{r['steps']} steps, EMA weights",
+        f"{r['steps']} steps, EMA weights, {r['classes']} labels",
         highlight=False,
     )
     for note in r["notes"]:

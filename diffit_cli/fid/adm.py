@@ -70,11 +70,12 @@ def _fp16_round(x: torch.Tensor) -> torch.Tensor:
 
 def squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between the rows of `u` and `v` as ADM computes them: ‖u‖² − 2u·v + ‖v‖²
-    (clamped at 0) from float16 features, each step's result rounded to float16 (products accumulated in float32,
-    as GPU half-precision kernels do); where any of them overflows, the block in float32 instead."""
+    (clamped at 0) from float16 features, each step's result rounded to float16 (the squares too; sums and products
+    accumulated in float32, as GPU half-precision kernels do); where any of them overflows, the block in float32
+    instead."""
     u16, v16 = _fp16_round(u.float()), _fp16_round(v.float())
-    norm_u = _fp16_round((u16 * u16).sum(1))[:, None]
-    norm_v = _fp16_round((v16 * v16).sum(1))[None, :]
+    norm_u = _fp16_round(_fp16_round(u16 * u16).sum(1))[:, None]
+    norm_v = _fp16_round(_fp16_round(v16 * v16).sum(1))[None, :]
     cross = _fp16_round(2 * _fp16_round(u16 @ v16.T))
     d = _fp16_round(_fp16_round(norm_u - cross) + norm_v).clamp_min(0)
     if torch.isfinite(d).all():
