@@ -19,9 +19,10 @@ Both published families were computed with the TensorFlow Inception-v3 graph of 
 299 included, and reproduces those features to float precision, so FID against these files is
 comparable; small device- and precision-dependent differences remain (cuDNN TF32 is switched off
 while features are extracted). The Fréchet distance (FID, sFID) is :func:`frechet_distance`, an
-eigenvalue form that stays real on rank-deficient covariances; IS, KID and precision/recall are
-torch-fidelity's (k = 3 neighbours, as in ADM's evaluator; unlike torch-fidelity's default,
-precision/recall use the same extractor as FID, i.e. Inception pool features as in ADM, not VGG-16).
+eigenvalue form that stays real on rank-deficient covariances; KID is torch-fidelity's. IS and
+precision/recall follow ADM's evaluator for an ADM reference batch or `protocol="adm"` (`fid.adm`: in-order IS
+splits, its float16 k-NN manifolds) and torch-fidelity's otherwise; precision/recall use k = 3 neighbours and the
+extractor of FID (Inception pool features, as in ADM; not torch-fidelity's default VGG-16).
 
 Feature extractors are torch-fidelity registry names. `inception-v3-compat` (default) downloads its
 weights into the torch hub cache on first use, or loads `inception_weights=PATH`; offline
