@@ -21,6 +21,7 @@ from diffit_cli.data import SyntheticShapes, cache_dir, open_source
 from diffit_cli.errors import DiffitError
 from diffit_cli.fid import extractors as E
 from diffit_cli.fid import metrics as M
+from diffit_cli.fid.frechet import frechet_distance
 from diffit_cli.fid.inputs import read_stats
 from diffit_cli.fid.metrics import fid_distance
 
@@ -523,7 +524,7 @@ def test_frechet_distance_equals_the_textbook_formula_and_torch_fidelity_on_well
 
     rng = np.random.default_rng(d)
     mu1, mu2, s1, s2 = rng.normal(size=d), rng.normal(size=d), spd(rng, d), spd(rng, d, 0.5)
-    got = M.frechet_distance(mu1, s1, mu2, s2)
+    got = frechet_distance(mu1, s1, mu2, s2)
     assert isinstance(got, float)
     assert got == pytest.approx(textbook_frechet(mu1, s1, mu2, s2), rel=1e-6)
     tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)[KEY_METRIC_FID]
@@ -537,8 +538,8 @@ def test_frechet_distance_of_two_known_gaussians():
     s2 = spd(rng, d)
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     expected = ((mu1 - mu2) ** 2).sum() + c * d + np.trace(s2) - 2 * np.sqrt(c) * np.sqrt(np.linalg.eigvalsh(s2)).sum()
-    assert M.frechet_distance(mu1, c * np.eye(d), mu2, s2) == pytest.approx(expected, rel=1e-9)
-    assert M.frechet_distance(mu2, s2, mu1, c * np.eye(d)) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, c * np.eye(d), mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu2, s2, mu1, c * np.eye(d)) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_stays_real_and_finite_on_rank_deficient_covariances():
@@ -550,15 +551,15 @@ def test_frechet_distance_stays_real_and_finite_on_rank_deficient_covariances():
     f2 = rng.normal(size=(100, d)) * np.logspace(0, -6, d) + 0.01
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     mu1, mu2 = f1.mean(0), f2.mean(0)
-    d12, d21 = M.frechet_distance(mu1, s1, mu2, s2), M.frechet_distance(mu2, s2, mu1, s1)
+    d12, d21 = frechet_distance(mu1, s1, mu2, s2), frechet_distance(mu2, s2, mu1, s1)
     assert np.isfinite(d12) and isinstance(d12, float)
     scale = np.trace(s1) + np.trace(s2)
     assert d12 > -1e-9 * scale and d12 == pytest.approx(d21, rel=1e-6)
-    assert abs(M.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * scale
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * scale
     v1 = np.where(np.arange(50) % 3 == 0, 0.0, rng.uniform(0, 2, 50))  # exact zeros: singular
     v2 = np.where(np.arange(50) % 4 == 0, 0.0, rng.uniform(0, 2, 50))
     expected = ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
-    assert M.frechet_distance(np.zeros(50), np.diag(v1), np.zeros(50), np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(np.zeros(50), np.diag(v1), np.zeros(50), np.diag(v2)) == pytest.approx(expected, rel=1e-9)
 
 
 def spatial_features(images):
@@ -663,3 +664,27 @@ def test_inception_spatial_features_come_from_mixed_6d_branch1x1_in_the_same_for
     only = E.make_extractor(E.INCEPTION, [E.SPATIAL], torch.device("cpu"), inception_state_file)
     alone = E.extract_features(array_images(images), only, torch.device("cpu"), 3, None, "samples")
     torch.testing.assert_close(alone[E.SPATIAL], feats[E.SPATIAL])
+
+
+def test_eval_fid_ckpt_scores_sfid_beside_fid_and_refuses_a_reference_without_spatial_statistics(data, tmp_path):
+    from helpers import tiny_unet
+
+    from diffit_cli.build import build_network
+    from diffit_cli.config import dump_preset
+
+    p = tiny_unet()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "ema": build_network(p.model).state_dict(), "preset": dump_preset(p)}, ckpt)
+    ref = tmp_path / "ref.npz"
+    M.save_reference(data["b"], ref, feature_extractor=EXT, device="cpu")
+    out = tmp_path / "r.json"
+    args = ("eval-fid", "--ckpt", ckpt, "--num", 4, "--feature-extractor", EXT, "--ref")
+    r = invoke(*args, ref, "--metrics", "sfid", "--json", out)
+    assert r.exit_code == 0, r.output
+    [rep] = json.loads(out.read_text())["repeats"]
+    assert set(rep) == {"seeds", "fid", "sfid"} and np.isfinite(rep["sfid"]) and rep["sfid"] > 0
+    assert "sfid" in r.output
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, mu=np.zeros(128), sigma=np.eye(128))
+    r = invoke(*args, bare, "--metrics", "fid,sfid")
+    assert r.exit_code == 2 and "bare.npz" in r.output and "Traceback" not in r.output, r.output

@@ -79,7 +79,9 @@ _PROTOCOL_TEXT = {
 
 SamplesArg = typer.Argument(None, help="Image folder, .zip, or .npz (arr_0 uint8 NHWC). With --save-ref: the dataset.")
 RefOpt = typer.Option(None, "--ref", "-r", help="Image folder, .zip, .npz of images, or a mu/sigma statistics .npz.")
-MetricsOpt = typer.Option("fid", "--metrics", "-m", help="Comma-separated: fid, is, kid, pr (precision/recall).")
+MetricsOpt = typer.Option(
+    "fid", "--metrics", "-m", help="Comma-separated: fid, sfid (ADM's spatial FID), is, kid, pr (precision/recall)."
+)
 BatchOpt = typer.Option(
     None, "--batch", min=1, help="Images per feature-extraction batch (default 64; --ckpt: eval.batch)."
 )
@@ -152,14 +154,16 @@ def eval_fid_cmd(
     if ckpt is not None:
         if protocol != "auto":
             fail("--protocol goes with SAMPLES; --ckpt always uses auto (ADM's conventions for an ADM reference batch)")
-        if samples is not None or save_ref is not None or device is not None or metrics != "fid":
+        if samples is not None or save_ref is not None or device is not None:
             fail(
-                "--ckpt samples the checkpoint itself and scores FID: drop SAMPLES, --save-ref, --device and "
-                "--metrics (launch with accelerate to use several GPUs)"
+                "--ckpt samples the checkpoint itself and scores it: drop SAMPLES, --save-ref and --device "
+                "(launch with accelerate to use several GPUs)"
             )
         if classes is not None and classes not in ("random", "balanced"):
             fail(f"--classes {classes!r}: choose random or balanced")
-        result = _score_checkpoint(ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes)
+        result = _score_checkpoint(
+            ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes, metrics
+        )
     else:
         if num is not None or repeats != 1 or keep is not None or classes is not None:
             fail("--num, --repeats, --keep and --classes go with --ckpt (sampling a checkpoint)")
@@ -220,9 +224,10 @@ def _preset_reference(preset, data, overrides, common: dict, progress):
 
 
 def _score_checkpoint(
-    ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes
+    ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes, metrics
 ) -> dict | None:
-    """Sample and score a checkpoint; print each repeat's FID and their minimum, mean and standard deviation."""
+    """Sample and score a checkpoint; print each repeat's FID (and the other --metrics) and the FIDs' minimum, mean
+    and standard deviation."""
     from diffit_cli.fid.score import score_checkpoint
 
     with RichProgress() as progress:
@@ -237,6 +242,7 @@ def _score_checkpoint(
             classes=classes,
             inception_weights=inception_weights,
             progress=progress,
+            metrics=metrics,
         )
     if r is None:  # not the main process
         return None
@@ -244,7 +250,8 @@ def _score_checkpoint(
 
     out = Console()
     for k, rep in enumerate(r["repeats"]):
-        out.print(f"FID repeat {k} (seeds {rep['seeds']}): {rep['fid']:.4f}", highlight=False)
+        others = "".join(f"  {key} {rep[key]:.4f}" for key in rep if key not in ("seeds", "fid"))
+        out.print(f"FID repeat {k} (seeds {rep['seeds']}): {rep['fid']:.4f}{others}", highlight=False)
     out.print(
         f"FID over {len(r['values'])} repeat{'s' * (len(r['values']) > 1)} of {r['num']:,} images: "
         f"min {r['min']:.4f}  mean {r['mean']:.4f}  std {r['std']:.4f}",

@@ -303,7 +303,7 @@ class SampleConfig(Section):
 
 
 class EvalConfig(Section):
-    metrics: tuple[Literal["fid", "is", "kid", "pr"], ...] = ("fid",)
+    metrics: tuple[Literal["fid", "sfid", "is", "kid", "pr"], ...] = ("fid",)
     num_samples: Pos = 50000
     # FID reference: "train" = the training set's statistics, computed once and cached (fid.reference; image-space
     # presets), or a statistics file / image folder / dataset file; null in older presets means "train"

@@ -18,7 +18,7 @@ Both published families were computed with the TensorFlow Inception-v3 graph of 
 `inception-v3-compat` extractor is a PyTorch port of the same graph, TF1-style bilinear resize to
 299 included, and reproduces those features to float precision, so FID against these files is
 comparable; small device- and precision-dependent differences remain (cuDNN TF32 is switched off
-while features are extracted). The Fréchet distance (FID, sFID) is :func:`frechet_distance`, an
+while features are extracted). The Fréchet distance (FID, sFID) is `fid.frechet.frechet_distance`, an
 eigenvalue form that stays real on rank-deficient covariances; KID is torch-fidelity's. IS and
 precision/recall follow ADM's evaluator for an ADM reference batch or `protocol="adm"` (`fid.adm`: in-order IS
 splits, its float16 k-NN manifolds) and torch-fidelity's otherwise; precision/recall use k = 3 neighbours and the
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
@@ -58,6 +57,7 @@ from diffit_cli.fid.extractors import (
     make_extractor,
     resolve_device,
 )
+from diffit_cli.fid.frechet import check_feature_size, feature_statistics, fid_distance
 from diffit_cli.fid.inputs import Images, Statistics, open_input
 from diffit_cli.fileio import atomic_write
 
@@ -69,59 +69,18 @@ FID_PROTOCOL_SAMPLES = 50_000
 SEED = 2020  # torch-fidelity's default rng_seed: IS split shuffle, KID subsets
 
 
-def _statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
-    s = fid_features_to_statistics(features.double())
-    return {"mu": np.asarray(s["mu"], np.float64), "sigma": np.atleast_2d(np.asarray(s["sigma"], np.float64))}
-
-
-def check_feature_size(samples: int, reference: int, what: str, reference_name: str = "the reference") -> None:
-    """The one check that sample and reference features can be compared: the same number of dimensions."""
-    if samples != reference:
-        usual = "Inception mixed_6/conv, 2023" if what == "sFID" else "Inception pool_3, 2048"
-        raise DiffitError(
-            f"{what}: {reference_name} holds {reference}-dimensional features (EDM/ADM statistics files: {usual}) "
-            f"but the samples' have {samples}; use the feature extractor the reference was made with"
-        )
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """The Fréchet distance ‖μ1−μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1Σ2)^½ between two Gaussians, in float64.
-
-    tr (Σ1Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1Σ2, which are those of
-    Σ1^½ Σ2 Σ1^½ (AB and BA share their eigenvalues): a symmetric positive semi-definite matrix, so `eigh` gives
-    real eigenvalues and real square roots. Eigenvalues below the numerical-rank cutoff D·ε·λmax (numpy's
-    `matrix_rank` rule) are rounding noise of a (near-)singular matrix and count as 0: their square roots, ~1e-8
-    each, would otherwise add up over the ~2000 null directions of a covariance from fewer images than dimensions.
-    A general matrix square root of the non-symmetric Σ1Σ2 (`scipy.linalg.sqrtm` in ADM's evaluator; complex
-    eigenvalues of Σ1Σ2 in torch-fidelity) can return complex values or fail on such rank-deficient 2048- or
-    2023-dimensional covariances; this form stays real and finite for any symmetric PSD input and equals the
-    textbook value on well-conditioned ones.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(_above_rank_cutoff(w))) @ v.T
-    inner = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(_above_rank_cutoff(np.linalg.eigvalsh((inner + inner.T) / 2))).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-
-
-def _above_rank_cutoff(eigenvalues: np.ndarray) -> np.ndarray:
-    """Symmetric eigenvalues with those below D·ε·max|λ| (negative ones included) set to 0."""
-    cutoff = len(eigenvalues) * np.finfo(np.float64).eps * np.abs(eigenvalues).max(initial=0.0)
-    return np.where(eigenvalues > cutoff, eigenvalues, 0.0)
-
-
-def fid_distance(a: dict, b: dict, reference_name: str = "the reference", what: str = "FID") -> float:
-    """The Fréchet distance between sample statistics `a` and reference statistics `b` ({mu, sigma})."""
-    check_feature_size(a["mu"].shape[0], b["mu"].shape[0], what, reference_name)
-    return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
-
-
 # ----------------------------------------------------------------------------------------------
 # Public entry points
+
+
+VALUE_KEYS = ("fid", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")  # in a result
+
+
+def with_fid(metrics: Iterable[str] | str) -> tuple[str, ...]:
+    """The metric names `metrics` asks for (checked), FID first and always among them: what a checkpoint's
+    evaluation computes (its repeats and best snapshot are chosen by FID)."""
+    wanted = _parse_metrics(metrics)
+    return tuple(["fid"] + [m for m in wanted if m != "fid"])
 
 
 def _parse_metrics(metrics) -> list[str]:
@@ -236,6 +195,12 @@ def _add_protocol(result: dict, ref, protocol: str) -> None:
         result["published"] = adm.published_beside(result, table, comparable)
 
 
+def check_reference(reference, metrics: Iterable[str] | str, feature_extractor: str | None = None) -> None:
+    """Fail now, before samples are drawn, when `reference` cannot serve `metrics` (e.g. sFID against a statistics
+    file without `mu_s`/`sigma_s`); reads no image."""
+    _open_reference(reference, _parse_metrics(metrics), feature_extractor or INCEPTION)
+
+
 def _open_reference(reference, wanted: list[str], extractor: str) -> Images | Statistics | None:
     """The reference that the paired metrics (all but IS) need, opened; a statistics file must come from
     `extractor` (when it names one) and hold features or images for KID and precision/recall."""
@@ -333,8 +298,8 @@ def _fid(features: torch.Tensor, ref, ref_features: torch.Tensor | None, extract
     if isinstance(ref, Statistics):
         if ref.extractor is None and extractor != INCEPTION:
             notes.append(f"{ref.path} does not name its extractor; assumed it matches {extractor}")
-        return fid_distance(_statistics(features), {"mu": ref.mu, "sigma": ref.sigma}, str(ref.path))
-    return fid_distance(_statistics(features), _statistics(ref_features))
+        return fid_distance(feature_statistics(features), {"mu": ref.mu, "sigma": ref.sigma}, str(ref.path))
+    return fid_distance(feature_statistics(features), feature_statistics(ref_features))
 
 
 def _sfid(features: torch.Tensor, ref, ref_features: torch.Tensor | None) -> float:
@@ -343,8 +308,8 @@ def _sfid(features: torch.Tensor, ref, ref_features: torch.Tensor | None) -> flo
     if len(features) < 2:
         raise DiffitError("sFID needs at least 2 samples")
     if isinstance(ref, Statistics):
-        return fid_distance(_statistics(features), {"mu": ref.mu_s, "sigma": ref.sigma_s}, str(ref.path), "sFID")
-    return fid_distance(_statistics(features), _statistics(ref_features), what="sFID")
+        return fid_distance(feature_statistics(features), {"mu": ref.mu_s, "sigma": ref.sigma_s}, str(ref.path), "sFID")
+    return fid_distance(feature_statistics(features), feature_statistics(ref_features), what="sFID")
 
 
 def _kid(f1: torch.Tensor, f2: torch.Tensor, notes: list[str]) -> dict:
@@ -413,7 +378,7 @@ def save_reference(
     fe = make_extractor(name, [layer, SPATIAL] if spatial else [layer], dev, inception_weights)
     extracted = extract_features(images, fe, dev, int(batch), progress, "reference")
     feats = extracted[layer]
-    stats = _statistics(feats)
+    stats = feature_statistics(feats)
     arrays = dict(
         mu=stats["mu"],
         sigma=stats["sigma"],
@@ -422,7 +387,7 @@ def save_reference(
         num_images=np.array(images.count, dtype=np.int64),
     )
     if spatial:  # sFID's statistics, under the names ADM's reference batches use
-        spatial_stats = _statistics(extracted[SPATIAL])
+        spatial_stats = feature_statistics(extracted[SPATIAL])
         arrays.update(mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"], spatial_layer=np.array(SPATIAL))
     if features:
         arrays["features"] = feats.numpy().astype(np.float32)

@@ -50,8 +50,10 @@ def sample_fid(
     inception_weights=None,
     progress: Progress | None = None,
     preemptible: bool = False,
+    metrics: tuple[str, ...] = ("fid",),
 ) -> dict | None:
-    """FID of `net`'s samples for `seeds` against `reference` (a statistics file or images).
+    """FID (and the other `metrics` of `compute_metrics`) of `net`'s samples for `seeds` against `reference` (a
+    statistics file or images).
 
     Every process of `state` (an Accelerator or PartialState) writes its share of the seeds that `sink` lacks
     (image i depends only on seed i; `batch` per forward, default `sample.batch`; `classes`: labels cycled over the
@@ -81,7 +83,7 @@ def sample_fid(
         result = fid_metrics.compute_metrics(
             samples,
             reference,
-            metrics=("fid",),
+            metrics=metrics,
             batch=preset.eval.batch,
             feature_extractor=feature_extractor,
             inception_weights=inception_weights,
@@ -173,11 +175,15 @@ def score_checkpoint(
     classes: str | None = None,
     inception_weights=None,
     progress: Progress | None = None,
+    metrics: tuple[str, ...] | str = ("fid",),
 ) -> dict | None:
     """`diffit eval-fid --ckpt`: FID of a checkpoint's EMA network over `repeats` seed ranges of `num` images
     (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults: the checkpoint's
     `eval.num_samples`, `eval.reference` (or the training data's statistics), `eval.feature_extractor`, `eval.batch`
-    (features), `eval.classes`. Returns {values, min, mean, std, classes, ...} on the main process, else None."""
+    (features), `eval.classes`. `metrics`: what `compute_metrics` computes besides FID (always computed), each
+    repeat's values under `repeats`. Returns {values, min, mean, std, classes, ...} on the main process, else
+    None."""
+    metrics = fid_metrics.with_fid(metrics)
     if repeats < 1 or (num is not None and num < 2):
         raise DiffitError("--repeats must be at least 1 and --num at least 2 (FID needs two samples)")
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -191,16 +197,9 @@ def score_checkpoint(
     check_extractor(extractor, inception_weights)
     keep = Path(keep) if keep is not None else None
     check_shared_scratch(state, keep)
-    ref_desc = None
-    if state.is_main_process and not reference:
-        # the preset's eval.reference; for `train`, the training data's statistics (cached)
-        reference, ref_desc = preset_reference(
-            preset,
-            feature_extractor=extractor,
-            batch=preset.eval.batch,
-            inception_weights=inception_weights,
-            progress=progress,
-        )
+    reference, ref_desc = _checkpoint_reference(
+        state, preset, reference, extractor, metrics, inception_weights, progress
+    )
     net = snapshot_network(weights, preset, str(path), state.device)
     del weights
     precision = sampling_precision(preset, state.device)
@@ -217,10 +216,29 @@ def score_checkpoint(
         classes=class_list,
         inception_weights=inception_weights,
         progress=progress,
+        metrics=metrics,
     )
     if not state.is_main_process:
         return None
     return _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
+
+
+def _checkpoint_reference(state, preset: Preset, reference, extractor: str, metrics, inception_weights, progress):
+    """(reference, its description or None) on the main process: `reference`, or the preset's `eval.reference` (for
+    `train`, the training data's cached statistics); checked, before sampling, for what metrics other than FID
+    need of it (sFID's spatial statistics, KID's and precision/recall's features)."""
+    ref_desc = None
+    if state.is_main_process and not reference:
+        reference, ref_desc = preset_reference(
+            preset,
+            feature_extractor=extractor,
+            batch=preset.eval.batch,
+            inception_weights=inception_weights,
+            progress=progress,
+        )
+    if state.is_main_process and len(metrics) > 1:
+        fid_metrics.check_reference(reference, metrics, extractor)
+    return reference, ref_desc
 
 
 def _summary(
@@ -231,7 +249,7 @@ def _summary(
     return {
         "checkpoint": ckpt,
         "num": num,
-        "repeats": [{"seeds": r["seeds"], "fid": r["fid"]} for r in runs],
+        "repeats": [{"seeds": r["seeds"], **{k: r[k] for k in fid_metrics.VALUE_KEYS if k in r}} for r in runs],
         "values": values,
         "min": min(values),
         "mean": statistics.fmean(values),
@@ -260,6 +278,7 @@ def _score_repeats(
     classes: list[int] | None,
     inception_weights,
     progress: Progress | None,
+    metrics: tuple[str, ...] = ("fid",),
 ) -> list[dict]:
     """`sample_fid` on seeds k·num … (k+1)·num−1 for each repeat k, in one scratch folder of the main process (or
     `keep`, one subfolder per repeat when there are several); the main process's results, one line per repeat."""
@@ -288,6 +307,7 @@ def _score_repeats(
                     classes=classes,
                     inception_weights=inception_weights,
                     progress=progress,
+                    metrics=metrics,
                 )
             if r is not None:
                 runs.append(r)
