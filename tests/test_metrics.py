@@ -688,3 +688,18 @@ def test_eval_fid_ckpt_scores_sfid_beside_fid_and_refuses_a_reference_without_sp
     np.savez(bare, mu=np.zeros(128), sigma=np.eye(128))
     r = invoke(*args, bare, "--metrics", "fid,sfid")
     assert r.exit_code == 2 and "bare.npz" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.e2e
+def test_fid_along_training_logs_the_other_eval_metrics_beside_fid(data, tmp_path):
+    from helpers import tiny_unet
+
+    from diffit_cli.training import train
+
+    ref = tmp_path / "ref.npz"
+    M.save_reference(data["b"], ref, feature_extractor=EXT, device="cpu")
+    sets = ["eval.every_kimg=0.016", "eval.num_samples=8", f"eval.feature_extractor={EXT}", f"eval.reference={ref}"]
+    train(tiny_unet(*sets, "eval.metrics=[sfid]", "train.total_kimg=0.016"), tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    [point] = [r for r in log if r.get("event") == "fid"]
+    assert np.isfinite(point["fid"]) and np.isfinite(point["sfid"]) and point["sfid"] > 0

@@ -1,11 +1,13 @@
 """FID along training (EDM's metric snapshots): every `eval.every_kimg` the EMA network samples `eval.num_samples`
 images (seeds 0..N-1, the same at every point, labelled as `eval.classes` says) and is scored against
-`eval.reference`, or the training data's statistics; the value goes into log.jsonl (with its extractor) and the
-trackers, and the lowest so far makes its snapshot `checkpoints/best.pt`."""
+`eval.reference`, or the training data's statistics (FID, and the other `eval.metrics` beside it); the values go
+into log.jsonl (with their extractor) and the trackers, and the lowest FID so far makes its snapshot
+`checkpoints/best.pt`."""
 
 from __future__ import annotations
 
 from diffit_cli.events import Message
+from diffit_cli.fid.metrics import VALUE_KEYS, with_fid
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.fid.score import sample_fid, scratch_sink
 from diffit_cli.precision import sampling_precision
@@ -59,6 +61,7 @@ def fid_point(run: Run) -> bool:
             classes=parse_classes(ev.classes, preset.model.num_classes),
             inception_weights=run.inception_weights,
             progress=run.emit,
+            metrics=with_fid(ev.metrics),
         )
     if r is None:
         return False
@@ -76,6 +79,7 @@ def fid_point(run: Run) -> bool:
         "classes": ev.classes,
         "reference": what,
         "best": best,
+        **{k: r[k] for k in VALUE_KEYS if k in r and k != "fid"},  # the other `eval.metrics`
     }
     log_record(run, rec)
     run.emit(
