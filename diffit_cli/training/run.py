@@ -13,6 +13,7 @@ from diffit_cli.config import Preset
 from diffit_cli.curves import LOG, draw_curves, is_report
 from diffit_cli.data import make_loader
 from diffit_cli.events import Progress
+from diffit_cli.fid.metrics import VALUE_KEYS
 from diffit_cli.training.monitor import SpikeDetector
 from diffit_cli.training.recipe import Ema, TrainState
 from diffit_cli.training.tracking import log_scalars
@@ -87,7 +88,7 @@ def log_record(run: Run, rec: dict) -> None:
     if is_report(rec):
         log_scalars(run.accelerator, "train", rec, rec["step"])
     elif rec.get("event") == "fid":
-        log_scalars(run.accelerator, "eval", {"fid": rec["fid"]}, rec["step"])
+        log_scalars(run.accelerator, "eval", {k: rec[k] for k in VALUE_KEYS if k in rec}, rec["step"])
     if is_report(rec) or rec.get("event") == "fid":
         redraw_curves(run, force=rec.get("event") == "fid")
 
