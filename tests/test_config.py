@@ -164,7 +164,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("train.lr=-1", ["train.lr = -1", "a number > 0"]),
         ("model.dropout=1", ["model.dropout = 1", "a number ≥ 0 and < 1"]),
         ("train.ema_decay=2", ["train.ema_decay = 2", "a number > 0 and < 1 or null"]),
-        ("eval.metrics=[fid, foo]", ["eval.metrics[1] = 'foo'", "choose fid, is, kid or pr"]),
+        ("eval.metrics=[fid, foo]", ["eval.metrics[1] = 'foo'", "choose fid, sfid, is, kid or pr"]),
         ("train.betas=[0.9]", ["train.betas = [0.9]", "a list of 2 items, each a number"]),
         ("model.kind=foo", ["model.kind = 'foo'", "choose unet, vit, encdec or ddpmpp"]),
     ],
