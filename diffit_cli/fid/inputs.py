@@ -165,12 +165,7 @@ def read_statistics(path: Path, keys: list[str]) -> Statistics:
         layer = str(z["feature_layer"]) if "feature_layer" in keys else None
         count = int(z["num_images"]) if "num_images" in keys else None
         features = np.asarray(z["features"], dtype=np.float32) if "features" in keys else None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise DiffitError(
-            f"statistics file {path}: `mu` must be (D,) and `sigma` (D, D); got {mu.shape} and {sigma.shape}"
-        )
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise DiffitError(f"statistics file {path} holds NaN or infinite values")
+    _check_gaussian(path, mu, sigma, "mu", "sigma")
     if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
         raise DiffitError(f"statistics file {path}: `features` must be (N, {mu.shape[0]}); got {features.shape}")
     images = None
@@ -189,6 +184,17 @@ def read_statistics(path: Path, keys: list[str]) -> Statistics:
     return Statistics(mu, sigma, extractor, layer, count, features, images, path, mu_s, sigma_s, spatial_layer)
 
 
+def _check_gaussian(path: Path, mu: np.ndarray, sigma: np.ndarray, mu_name: str, sigma_name: str) -> None:
+    """A mean (D,) and covariance (D, D) of finite values, or one line naming the file and the keys."""
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise DiffitError(
+            f"statistics file {path}: `{mu_name}` must be (D,) and `{sigma_name}` (D, D); "
+            f"got {mu.shape} and {sigma.shape}"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise DiffitError(f"statistics file {path} holds NaN or infinite values in `{mu_name}`/`{sigma_name}`")
+
+
 def _spatial_statistics(path: Path, keys: list[str]) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
     """`mu_s`, `sigma_s` (sFID) and the layer they come from, when the file has them (both or neither)."""
     if "mu_s" not in keys and "sigma_s" not in keys:
@@ -202,12 +208,7 @@ def _spatial_statistics(path: Path, keys: list[str]) -> tuple[np.ndarray | None,
         mu_s = np.asarray(z["mu_s"], dtype=np.float64)
         sigma_s = np.asarray(z["sigma_s"], dtype=np.float64)
         layer = str(z["spatial_layer"]) if "spatial_layer" in keys else None
-    if mu_s.ndim != 1 or sigma_s.shape != (mu_s.shape[0], mu_s.shape[0]):
-        raise DiffitError(
-            f"statistics file {path}: `mu_s` must be (D,) and `sigma_s` (D, D); got {mu_s.shape} and {sigma_s.shape}"
-        )
-    if not (np.isfinite(mu_s).all() and np.isfinite(sigma_s).all()):
-        raise DiffitError(f"statistics file {path} holds NaN or infinite values in `mu_s`/`sigma_s`")
+    _check_gaussian(path, mu_s, sigma_s, "mu_s", "sigma_s")
     return mu_s, sigma_s, layer
 
 
