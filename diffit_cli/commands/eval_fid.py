@@ -25,7 +25,7 @@ def _show(result: dict) -> None:
     from rich.table import Table
 
     rows = [
-        ("FID", "fid", None),
+        ("FD-DINOv2" if "fd_dinov2" in result else "FID", "fid", None),
         ("sFID", "sfid", None),
         ("Inception Score", "is_mean", "is_std"),
         ("KID", "kid_mean", "kid_std"),
@@ -87,10 +87,16 @@ BatchOpt = typer.Option(
 )
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 WeightsOpt = typer.Option(None, "--inception-weights", help="Local Inception weights file (offline machines).")
+Dinov2WeightsOpt = typer.Option(
+    None,
+    "--dinov2-weights",
+    help="Local DINOv2 ViT-L/14 state dict (dinov2_vitl14_pretrain.pth) for --feature-extractor dinov2-vit-l-14.",
+)
 ExtractorOpt = typer.Option(
     None,
     "--feature-extractor",
-    help="torch-fidelity extractor name (default inception-v3-compat; diffit-randconv-v1: offline smoke test).",
+    help="torch-fidelity extractor name (default inception-v3-compat; dinov2-vit-l-14 or dinov2-vit-l14: FD-DINOv2 "
+    "with EDM2's preprocessing; diffit-randconv-v1: offline smoke test).",
 )
 SaveRefOpt = typer.Option(None, "--save-ref", help="Save mu/sigma of SAMPLES (a dataset) to this .npz and exit.")
 ProtocolOpt = typer.Option(
@@ -117,6 +123,19 @@ ClassesOpt = typer.Option(
 )
 
 
+def _weights_for(feature_extractor, inception_weights, dinov2_weights):
+    """The one weights file the chosen extractor reads: --dinov2-weights goes with DINOv2, --inception-weights with
+    the others."""
+    from diffit_cli.fid.extractors import DINOV2, canonical_extractor
+
+    is_dinov2 = canonical_extractor(feature_extractor or "") == DINOV2
+    if dinov2_weights is not None and not is_dinov2:
+        fail(f"--dinov2-weights goes with --feature-extractor {DINOV2} (FD-DINOv2)")
+    if inception_weights is not None and is_dinov2:
+        fail(f"--inception-weights does not go with --feature-extractor {DINOV2}; pass --dinov2-weights PATH")
+    return dinov2_weights if is_dinov2 else inception_weights
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval-fid", help=HELP)(eval_fid_cmd)
 
@@ -129,6 +148,7 @@ def eval_fid_cmd(
     batch: int | None = BatchOpt,
     device: str | None = DeviceOpt,
     inception_weights: Path | None = WeightsOpt,
+    dinov2_weights: Path | None = Dinov2WeightsOpt,
     feature_extractor: str | None = ExtractorOpt,
     save_ref: Path | None = SaveRefOpt,
     json_out: Path | None = JsonOpt,
@@ -148,6 +168,8 @@ def eval_fid_cmd(
         if out is not None:
             check_writable(out)
     from diffit_cli.fid.adm import PROTOCOLS
+
+    inception_weights = _weights_for(feature_extractor, inception_weights, dinov2_weights)
 
     if protocol not in PROTOCOLS:
         fail(f"--protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")

@@ -24,6 +24,7 @@ from torch_fidelity.utils import create_feature_extractor
 from diffit_cli.downloads import offline
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress, Start, Step, quiet
+from diffit_cli.fid.dinov2 import DINOV2, DINOV2_ALIASES, DINOV2_URL, DinoV2FeatureExtractor, dinov2_weights_cache_path
 from diffit_cli.fid.inputs import Images, rgb
 
 INCEPTION = "inception-v3-compat"
@@ -148,6 +149,27 @@ def register_test_extractor() -> str:
     return TEST_EXTRACTOR
 
 
+def register_dinov2() -> str:
+    """Put `DinoV2FeatureExtractor` (EDM2's preprocessing, no torch.hub code download) under torch-fidelity's name
+    `dinov2-vit-l-14` and its alias `dinov2-vit-l14` (idempotent); return the name."""
+    for name in (DINOV2, *DINOV2_ALIASES):
+        FEATURE_EXTRACTORS_REGISTRY[name] = DinoV2FeatureExtractor
+    return DINOV2
+
+
+def canonical_extractor(name: str) -> str:
+    """The name results and statistics files record: an alias of DINOv2 ViT-L/14 becomes torch-fidelity's name."""
+    return DINOV2 if name in DINOV2_ALIASES else name
+
+
+def _where_to_put_dinov2() -> str:
+    return (
+        f"Download {DINOV2_URL} on a machine with network, then pass --dinov2-weights PATH "
+        f"(Python: inception_weights=PATH) or copy it to {dinov2_weights_cache_path()} "
+        "(the torch hub cache; set TORCH_HOME to move it)."
+    )
+
+
 def inception_weights_cache_path() -> Path:
     """Where torch-fidelity keeps (and looks for) the Inception weights: <torch hub dir>/checkpoints/<file>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
@@ -189,6 +211,7 @@ def extractor_class(name: str, named_as: str = "--feature-extractor"):
     """torch-fidelity's class of extractor `name`; an unknown name is one line naming where it was given
     (`named_as`: the flag, or `eval.feature_extractor =` for a preset), the name and the choices."""
     register_test_extractor()  # one of the choices
+    register_dinov2()
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         known = ", ".join(sorted(FEATURE_EXTRACTORS_REGISTRY))
         raise DiffitError(f"{named_as} {name!r}: unknown feature extractor; choose {known}")
@@ -210,6 +233,11 @@ def check_weights_at_hand(name: str | None, weights) -> Path | None:
             + _where_to_put_weights()
             + f" To try the pipeline only, the offline stand-in {TEST_EXTRACTOR} (--feature-extractor, or "
             "eval.feature_extractor in a preset) needs no weights; its numbers are not comparable to published FIDs."
+        )
+    if canonical_extractor(name or "") == DINOV2 and not dinov2_weights_cache_path().is_file() and offline():
+        raise DiffitError(
+            "FD-DINOv2 needs the DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth, 1.2 GB), which are not on this "
+            "machine, and downloads are off (HF_HUB_OFFLINE/DIFFIT_OFFLINE). " + _where_to_put_dinov2()
         )
     return None
 
@@ -258,9 +286,10 @@ def _create_extractor(name: str, layers: list[str], weights) -> FeatureExtractor
         try:  # refuse arbitrary pickles before torch-fidelity loads the file
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # (torch's own message suggests unsafe loading: never repeat it)
+            url = DINOV2_URL if canonical_extractor(name) == DINOV2 else URL_INCEPTION_V3
             raise DiffitError(
                 f"{path} is not a file of {name} weights: expected a PyTorch state dict of tensors such as "
-                f"{os.path.basename(urlparse(URL_INCEPTION_V3).path)} ({URL_INCEPTION_V3}); it cannot be read as "
+                f"{os.path.basename(urlparse(url).path)} ({url}); it cannot be read as "
                 "tensors, and diffit never loads files that need code execution"
             ) from None
         kwargs["feature_extractor_weights_path"] = str(path)
@@ -269,9 +298,8 @@ def _create_extractor(name: str, layers: list[str], weights) -> FeatureExtractor
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             fe = create_feature_extractor(name, list(layers), cuda=False, verbose=downloading, **kwargs)
     except (urllib.error.URLError, TimeoutError, ConnectionError, socket.gaierror) as e:
-        raise DiffitError(
-            f"could not download the weights of feature extractor {name} ({e}). " + _where_to_put_weights()
-        ) from None
+        where = _where_to_put_dinov2() if canonical_extractor(name) == DINOV2 else _where_to_put_weights()
+        raise DiffitError(f"could not download the weights of feature extractor {name} ({e}). " + where) from None
     except Exception as e:  # a file that is not (complete) weights of this extractor
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
         if weights is not None:

@@ -47,10 +47,12 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress
 from diffit_cli.fid import adm
+from diffit_cli.fid.dinov2 import DINOV2
 from diffit_cli.fid.extractors import (
     INCEPTION,
     SPATIAL,
     TEST_EXTRACTOR,
+    canonical_extractor,
     extract_features,
     extractor_class,
     has_spatial,
@@ -108,8 +110,8 @@ def _extractor_setup(feature_extractor: str | None, device, batch: int) -> tuple
     """The extractor's name and class (Inception by default) and the device, after checking the batch size."""
     if int(batch) < 1:
         raise DiffitError(f"batch must be at least 1 (got {batch})")
-    name = feature_extractor or INCEPTION
-    return name, extractor_class(name), resolve_device(device)
+    cls = extractor_class(feature_extractor or INCEPTION)
+    return canonical_extractor(feature_extractor or INCEPTION), cls, resolve_device(device)
 
 
 def compute_metrics(
@@ -272,6 +274,8 @@ def _metric_values(
     if "fid" in wanted:
         ref_fid = None if ref_feats is None else ref_feats[layers["fid"]]
         result["fid"] = _fid(feats["fid"], ref, ref_fid, extractor, notes)
+        if extractor == DINOV2:  # the Fréchet distance of DINOv2 features is EDM2's FD-DINOv2
+            result["fd_dinov2"] = result["fid"]
     if "sfid" in wanted:
         result["sfid"] = _sfid(feats["sfid"], ref, None if ref_feats is None else ref_feats[SPATIAL])
     if "is" in wanted and protocol == adm.ADM:

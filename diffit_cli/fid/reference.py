@@ -23,6 +23,7 @@ from diffit_cli.data.sources import Source
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress
 from diffit_cli.fid import metrics as fid_metrics  # through the module: tests and users may swap its functions
+from diffit_cli.fid.extractors import canonical_extractor
 from diffit_cli.fid.inputs import Images
 
 TRAIN = "train"  # the `eval.reference` value that means these statistics
@@ -64,6 +65,7 @@ def training_statistics(
     require_data(preset)
     src = open_source(preset.data, xflip=False)
     n = len(src) if limit is None else min(int(limit), len(src))
+    feature_extractor = canonical_extractor(feature_extractor)  # an alias shares its name's cached file
     res = preset.data.resolution
     what = f"{n} training images ({src.name}, {res}px)"
     key = hashlib.sha256(f"{src.fingerprint()}|{res}|{src.num_channels}|{n}|{feature_extractor}".encode())
