@@ -238,6 +238,17 @@ ROWS = [
     ),
     _row(["eval-fid", "{w}/imgs", "--ref", "{w}/imgs"], "offline", id="weights: Inception offline"),
     _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/imgs", "--feature-extractor", "dinov2-vit-l14"],
+        "dinov2_vitl14_pretrain.pth",
+        "--dinov2-weights",
+        id="weights: DINOv2 offline",
+    ),
+    _row(
+        ["eval-fid", "{w}/imgs", "--ref", "{w}/imgs", "--dinov2-weights", "{w}/none.pt"],
+        "--feature-extractor dinov2-vit-l-14",
+        id="weights: --dinov2-weights without DINOv2",
+    ),
+    _row(
         ["train", "--run-dir", "{w}/trained", *TINY, "--set", "train.lr=0.5"],
         "train.lr",
         "--force",
