@@ -125,3 +125,8 @@ def test_fd_dinov2_is_named_in_the_result_and_the_table(tmp_path, monkeypatch):
     out = invoke("eval-fid", tmp_path / "a.npz", "--ref", tmp_path / "b.npz", "--feature-extractor", D.DINOV2)
     assert out.exit_code == 0, out.output
     assert "FD-DINOv2" in out.output
+
+
+def test_inception_score_is_refused_with_dinov2():
+    with pytest.raises(DiffitError, match="class probabilities"):
+        M.compute_metrics(images(4, 1), metrics="is", feature_extractor="dinov2-vit-l14", device="cpu")

@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from diffit_cli.errors import DiffitError
+
 DINOV2 = "dinov2-vit-l-14"  # torch-fidelity's name
 DINOV2_ALIASES = ("dinov2-vit-l14",)
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
@@ -149,8 +151,8 @@ def load_dinov2(path: Path) -> DinoViT:
 
 class DinoV2FeatureExtractor(FeatureExtractorBase):
     """torch-fidelity's interface around `DinoViT` with `edm2_preprocess`; feature `dinov2` (1024 values) serves
-    FID (that is, FD-DINOv2), KID and precision/recall. Weights: `feature_extractor_weights_path`, else the torch hub
-    cache, else downloaded there (`diffit_cli.fid.extractors.check_weights_at_hand` refuses the download offline)."""
+    FID (that is, FD-DINOv2), KID and precision/recall; IS is refused. Weights: `feature_extractor_weights_path`,
+    else the torch hub cache, else downloaded there (`fid.extractors.check_weights_at_hand` refuses that offline)."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
@@ -172,7 +174,12 @@ class DinoV2FeatureExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
-        return {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2", "isc": "dinov2"}[metric]
+        if metric == "isc":  # softmax over self-supervised features is no class distribution
+            raise DiffitError(
+                f"IS needs a classifier's class probabilities, which {DINOV2} does not give; compute IS with "
+                "--feature-extractor inception-v3-compat in a separate run"
+            )
+        return {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2"}[metric]
 
     @staticmethod
     def can_be_compiled():
