@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors.torch import load_file, safe_open
 
 from diffit_cli.build import build_network
-from diffit_cli.config import Preset, dump_preset, preset_from_yaml
+from diffit_cli.config import Preset, preset_from_yaml
 from diffit_cli.errors import DiffitError
-from diffit_cli.fileio import atomic_write, atomic_write_bytes, format_bytes
+from diffit_cli.fileio import atomic_write, format_bytes
 from diffit_cli.sharing.folder import read_model_folder
 
 CHECKPOINT_DIR = "checkpoints"
@@ -244,10 +244,3 @@ def load_snapshot(
     """(network in eval mode, preset) from a `.pt` checkpoint or a `.safetensors` file."""
     weights, preset = read_snapshot(path, preset=preset, ema=ema)
     return snapshot_network(weights, preset, str(path), device), preset
-
-
-def save_safetensors(path: Path | str, net: torch.nn.Module, preset: Preset) -> Path:
-    """Export weights with the preset in the metadata (self-describing, loadable by `load_snapshot`)."""
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(net.state_dict()).items()}
-    return atomic_write_bytes(path, save(tensors, metadata={"preset": dump_preset(preset)}))

@@ -79,6 +79,17 @@ def weights_state(preset, net):
     }
 
 
+def save_self_describing_safetensors(path, net, preset):
+    """A `.safetensors` file carrying its preset in the metadata, a form `read_snapshot` accepts."""
+    from safetensors.torch import save_file
+
+    from diffit_cli.config import dump_preset
+
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={"preset": dump_preset(preset)})
+    return path
+
+
 def tiny_unet(*extra: str):
     return load_preset("demo", TINY_UNET + list(extra))
 

@@ -410,17 +410,17 @@ def test_the_gap_to_the_paper_is_given_only_where_it_is_comparable():
 def test_a_sample_study_recognises_release_weights_by_their_error_type(tmp_path):
     """A `.safetensors` without a preset (NVIDIA's release) raises `NoPresetError`, a `CheckpointError`; a sample
     study given one takes the architecture from its base preset, and one of our checkpoints brings its own."""
-    from helpers import tiny_unet
+    from helpers import save_self_describing_safetensors, tiny_unet
     from safetensors.torch import save_file
 
     from diffit_cli.ablation.variants import VariantRunner
-    from diffit_cli.checkpoint import CheckpointError, NoPresetError, read_snapshot, save_safetensors
+    from diffit_cli.checkpoint import CheckpointError, NoPresetError, read_snapshot
 
     p = tiny_unet()
     net = build_network(p.model)
     release, ours = tmp_path / "release.safetensors", tmp_path / "ours.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, release)
-    save_safetensors(ours, net, p)
+    save_self_describing_safetensors(ours, net, p)
     with pytest.raises(NoPresetError, match="carries no preset") as e:
         read_snapshot(release)
     assert isinstance(e.value, CheckpointError)

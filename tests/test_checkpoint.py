@@ -5,7 +5,16 @@ import stat
 
 import pytest
 import torch
-from helpers import TINY_UNET, TINY_VIT, invoke, set_flags, tiny_unet, tiny_vit, weights_state
+from helpers import (
+    TINY_UNET,
+    TINY_VIT,
+    invoke,
+    save_self_describing_safetensors,
+    set_flags,
+    tiny_unet,
+    tiny_vit,
+    weights_state,
+)
 
 from diffit_cli import checkpoint as ck
 from diffit_cli.build import build_network
@@ -60,7 +69,7 @@ def test_snapshot_roundtrip_pt_and_safetensors(tmp_path):
     assert preset == p
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    ck.save_safetensors(tmp_path / "w.safetensors", net, p)
+    save_self_describing_safetensors(tmp_path / "w.safetensors", net, p)
     loaded2, preset2 = ck.load_snapshot(tmp_path / "w.safetensors")
     assert preset2 == p and all(
         torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded2.state_dict().values())

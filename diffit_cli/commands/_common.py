@@ -10,17 +10,14 @@ from dataclasses import dataclass
 
 import typer
 from rich.console import Console
+from typer._click import exceptions as _click_exceptions
 
 from diffit_cli.errors import DiffitError
 from diffit_cli.preemption import INTERRUPTED_EXIT, Preempted, exit_code
 
 console = Console(stderr=True)
 
-# recent Typer releases carry their own copy of click, older ones use click itself
-try:
-    from typer._click import exceptions as _click_exceptions
-except ImportError:
-    from click import exceptions as _click_exceptions
+# Typer (held to 0.29 in pyproject.toml) carries its own copy of click: its usage errors are of this class
 CLICK_ERRORS = _click_exceptions.ClickException
 
 

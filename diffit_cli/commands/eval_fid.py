@@ -162,12 +162,12 @@ def eval_fid_cmd(
     keep: Path | None = KeepOpt,
     classes: str | None = ClassesOpt,
 ) -> None:
+    from diffit_cli.fid.adm import PROTOCOLS
     from diffit_cli.fileio import check_writable, write_json
 
     for out in (save_ref, json_out):  # before anything is sampled or computed, not after
         if out is not None:
             check_writable(out)
-    from diffit_cli.fid.adm import PROTOCOLS
 
     inception_weights = _weights_for(feature_extractor, inception_weights, dinov2_weights)
 

@@ -23,7 +23,7 @@ from diffit_cli.data.sources import Source
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress
 from diffit_cli.fid import metrics as fid_metrics  # through the module: tests and users may swap its functions
-from diffit_cli.fid.extractors import canonical_extractor
+from diffit_cli.fid.extractors import canonical_extractor, check_weights_at_hand
 from diffit_cli.fid.inputs import Images
 
 TRAIN = "train"  # the `eval.reference` value that means these statistics
@@ -72,6 +72,7 @@ def training_statistics(
     slug = re.sub(r"[^A-Za-z0-9.-]+", "-", feature_extractor)
     path = cache_dir() / "fid-refs" / f"{slug}-{res}px-{n}-{key.hexdigest()[:16]}.npz"
     if not path.is_file():
+        check_weights_at_hand(feature_extractor, inception_weights)  # before announcing work that cannot run
         if progress is not None:
             progress(
                 Message(
