@@ -1,10 +1,11 @@
-"""Classifier-free guidance (Ho & Salimans 2022) with a learned null class, as the DiffiT release / DiT apply it.
+"""Guidance: classifier-free guidance (Ho & Salimans 2022) with a learned null class, as the DiffiT release / DiT
+apply it, and autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself").
 
 Contracts (other modules rely on them):
 
 * :class:`Guidance` ``(scale=1.0, schedule="constant", power=4.0, channels=3, interval=(0.28, 5.42),
-  null_class=1000)``: a frozen dataclass; ``channels="all"`` is stored as ``None``.
-* :func:`guided_network` ``(net, y, guidance, diffusion)`` returns a callable with the raw network's
+  null_class=1000, mode="cfg")``: a frozen dataclass; ``channels="all"`` is stored as ``None``.
+* :func:`guided_network` ``(net, y, guidance, diffusion, guide=None)`` returns a callable with the raw network's
   signature, ``g(x, t_in, y=None, **kwargs)``, whose labels are bound (the ``y`` argument must be
   ``None``), so samplers and the diffusions' denoisers never see labels or scales. Its output is float32.
 * ``scale == 1`` (or ``guidance=None``): exactly the conditional network, one forward of the B rows.
@@ -13,6 +14,12 @@ Contracts (other modules rely on them):
   prediction part (the first C = x.shape[1] output channels) are guided,
   ``ε = ε_u + s·(ε_c − ε_u)``; the remaining prediction channels and all learned-variance channels
   come from the conditional half (three-channel CFG of DiT / DiffiT; ``channels=None`` guides all C).
+* ``mode="auto"`` (autoguidance): ``guide`` is a weaker network with the main one's input, output and labels;
+  both see the same x, time and labels (B rows each, two forwards) and all C prediction channels are guided,
+  ``D = D_guide + s·(D_main − D_guide)`` (Karras et al. 2024, eq. 2); learned-variance channels come from the
+  main network; ``channels`` and ``null_class`` are not used. Combining raw outputs equals combining the
+  denoisers D = c_skip·x + c_out·F because both networks share the diffusion's preconditioning. Unconditional
+  models can be autoguided (``y=None``).
 * Schedules of the scale s (per row, no host syncs):
   ``constant``: s = w.
   ``power-cosine`` (MDT / DiffiT ImageNet-256): s(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), t the
@@ -38,11 +45,12 @@ from diffit_cli.core.diffusion import SigmaDiffusion
 
 Tensor = torch.Tensor
 SCHEDULES = ("constant", "power-cosine", "interval")
+MODES = ("cfg", "auto")
 
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance settings (w = 4.4 power-cosine at 256, 1.49 constant at 512; docs/paper.md)."""
+    """Guidance settings (CFG: w = 4.4 power-cosine at 256, 1.49 constant at 512; docs/paper.md)."""
 
     scale: float = 1.0
     schedule: str = "constant"
@@ -50,8 +58,11 @@ class Guidance:
     channels: int | str | None = 3
     interval: tuple[float, float] = (0.28, 5.42)
     null_class: int = 1000
+    mode: str = "cfg"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown guidance mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown guidance schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.channels == "all":
@@ -114,14 +125,23 @@ def _double(value: Any, batch: int) -> Any:
 
 
 class GuidedNetwork:
-    """A network with labels bound and CFG applied; called like the raw network (see module doc)."""
+    """A network with labels bound and CFG or autoguidance applied; called like the raw network (module doc)."""
 
-    def __init__(self, net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: SigmaDiffusion) -> None:
-        self.net, self.y, self.diffusion = net, y, diffusion
+    def __init__(
+        self,
+        net: Callable,
+        y: Tensor | None,
+        guidance: Guidance | None,
+        diffusion: SigmaDiffusion,
+        guide: Callable | None = None,
+    ) -> None:
+        self.net, self.y, self.diffusion, self.guide = net, y, diffusion, guide
         self.guidance = guidance if guidance is not None and guidance.active else None
         if self.guidance is None:
             return
-        if y is None:
+        if self.guidance.mode == "auto" and guide is None:
+            raise ValueError("autoguidance (mode 'auto', scale ≠ 1) needs a guiding network")
+        if self.guidance.mode == "cfg" and y is None:
             raise ValueError("classifier-free guidance (scale ≠ 1) needs class labels y")
         if self.guidance.schedule == "power-cosine":
             diffusion.ddpm_t_from_network_time(torch.zeros(1))  # raises for diffusions without a DDPM index
@@ -137,6 +157,10 @@ class GuidedNetwork:
             active = in_interval(self.diffusion.sigma_from_network_time(t_in), g.interval)
             if not bool(active.any()):  # host read: the unconditional half is not needed at all
                 return self.net(x, t_in, self.y, **kwargs).to(torch.float32)
+        if g.mode == "auto":  # [main; guide] outputs, combined like [cond; uncond]
+            main = self.net(x, t_in, self.y, **kwargs).to(torch.float32)
+            out = torch.cat([main, self.guide(x, t_in, self.y, **kwargs).to(torch.float32)])
+            return cfg_combine(out, x.shape[1], guidance_scale(g, t_in, self.diffusion), None, active)
         null = torch.full_like(self.y, g.null_class)
         kwargs = {k: _double(v, B) for k, v in kwargs.items()}
         out = self.net(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([self.y, null]), **kwargs)  # (2B, Co, …)
@@ -146,10 +170,15 @@ class GuidedNetwork:
 
 
 def guided_network(
-    net: Callable, y: Tensor | None, guidance: Guidance | None, diffusion: SigmaDiffusion
+    net: Callable,
+    y: Tensor | None,
+    guidance: Guidance | None,
+    diffusion: SigmaDiffusion,
+    guide: Callable | None = None,
 ) -> GuidedNetwork:
-    """Bind labels (and CFG when ``guidance.scale != 1``) to ``net``; see :class:`GuidedNetwork`."""
-    return GuidedNetwork(net, y, guidance, diffusion)
+    """Bind labels (and CFG or autoguidance by ``guide`` when ``guidance.scale != 1``) to ``net``; see
+    :class:`GuidedNetwork`."""
+    return GuidedNetwork(net, y, guidance, diffusion, guide)
 
 
 __all__ = [
@@ -161,4 +190,5 @@ __all__ = [
     "in_interval",
     "cfg_combine",
     "SCHEDULES",
+    "MODES",
 ]

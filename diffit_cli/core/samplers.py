@@ -2,7 +2,7 @@
 
 Entry point (the pipeline calls this for every model and sampler)::
 
-    sample(diffusion, net, noise, *, y=None, sampler="heun", steps=18, guidance=None, generators,
+    sample(diffusion, net, noise, *, y=None, sampler="heun", steps=18, guidance=None, guide=None, generators,
            autocast_dtype=None, sigmas=None, **sampler_options) -> x0  (float32, model space)
 
 * ``noise`` is the initial N(0, I) tensor (B, C, H, W) the caller drew from ``generators`` (one
@@ -265,6 +265,7 @@ def sample(
     sampler: str = "heun",
     steps: int = 18,
     guidance: Guidance | None = None,
+    guide: Callable | None = None,
     generators: Sequence[torch.Generator],
     autocast_dtype: torch.dtype | None = None,
     sigmas: Sequence[float] | None = None,
@@ -272,7 +273,8 @@ def sample(
     **sampler_options: Any,
 ) -> Tensor:
     """Draw x0 (float32, model space) from ``noise`` (B, C, H, W) with the named sampler (module doc); σ-space
-    samplers run over ``sigmas`` when given (any decreasing list ending in 0), else over the Karras list."""
+    samplers run over ``sigmas`` when given (any decreasing list ending in 0), else over the Karras list.
+    ``guide``: the guiding network of autoguidance (``guidance.mode == "auto"``), run under the same autocast."""
     spec = get_sampler(sampler)
     if not spec.accepts(diffusion):
         names = [n for n, s in SAMPLERS.items() if s.accepts(diffusion)]
@@ -282,7 +284,8 @@ def sample(
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     options = _check_options(sampler, spec, sampler_options)
-    model = guided_network(autocast_network(net, autocast_dtype), y, guidance, diffusion)
+    guide = None if guide is None else autocast_network(guide, autocast_dtype)
+    model = guided_network(autocast_network(net, autocast_dtype), y, guidance, diffusion, guide)
     fresh = lambda like: randn_rows(generators, like)  # noqa: E731
     with torch.no_grad():
         if spec.sigma_space:
