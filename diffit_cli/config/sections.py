@@ -231,6 +231,11 @@ class TrainConfig(Section):
     spike_factor: Annotated[float, Field(gt=1)] = 2.0
     spike_patience: Pos = 3
     spike_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # EDM2's post-hoc EMA (docs/posthoc-ema.md): the relative standard deviations σ_rel of the power-function EMA
+    # profiles tracked beside the classic EMA (EDM2's choice: [0.05, 0.10]; empty = off), each stored every
+    # `posthoc_ema_kimg` (default: train.snapshot_kimg) under posthoc-ema/ and never pruned
+    posthoc_ema: tuple[Annotated[float, Field(gt=0, lt=0.3)], ...] = ()
+    posthoc_ema_kimg: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _one_ema(self) -> TrainConfig:
@@ -238,7 +243,14 @@ class TrainConfig(Section):
             raise ValueError("set exactly one of train.ema_halflife_kimg (EDM) and train.ema_decay (per step)")
         if self.batch_gpu is not None and self.batch % self.batch_gpu:
             raise ValueError(f"train.batch {self.batch} is not a multiple of train.batch_gpu {self.batch_gpu}")
+        if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
+            raise ValueError(f"train.posthoc_ema lists a σ_rel twice: {list(self.posthoc_ema)}")
         return self
+
+    @property
+    def posthoc_every_kimg(self) -> float:
+        """How often the post-hoc EMA profiles are stored (kimg)."""
+        return self.posthoc_ema_kimg if self.posthoc_ema_kimg is not None else self.snapshot_kimg
 
 
 class GuidanceConfig(Section):
