@@ -161,15 +161,19 @@ def final_checkpoint(run_dir):
 
 
 def assert_same_state(a, b, exact=True):
-    """Two checkpoints hold the same weights, EMA and step (and, when `exact`, bit-equal weights and Adam moments)."""
+    """Two checkpoints hold the same weights, EMA (and post-hoc EMA profiles) and step (and, when `exact`, bit-equal
+    weights and Adam moments)."""
     import torch
 
-    for key in ("model", "ema"):
-        for k in a[key]:
+    weights = [(key, a[key], b[key]) for key in ("model", "ema")]
+    assert a.keys() == b.keys()
+    weights += [(f"posthoc_ema {s}", a["posthoc_ema"][s], b["posthoc_ema"][s]) for s in a.get("posthoc_ema", {})]
+    for key, wa, wb in weights:
+        for k in wa:
             if exact:
-                assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
+                assert torch.equal(wa[k], wb[k]), f"{key}.{k}"
             else:
-                torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-5, msg=f"{key}.{k}")
+                torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=f"{key}.{k}")
     if exact:
         sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
         for i in sa:

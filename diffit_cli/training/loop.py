@@ -22,6 +22,7 @@ from diffit_cli.fileio import atomic_write_bytes, new_output
 from diffit_cli.preemption import AgreedStop, preemption_signals
 from diffit_cli.training import lock
 from diffit_cli.training.evaluate import fid_due, fid_point
+from diffit_cli.training.posthoc import storage_note, store_due
 from diffit_cli.training.preflight import preflight
 from diffit_cli.training.recipe import TrainState
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
@@ -77,6 +78,8 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
         atomic_write_bytes(run.run_dir / "preset.yaml", dump_preset(preset).encode())
     start_trackers(acc, run.run_dir, trackers, {"run": run.run_dir.name, **flat_config(preset_to_dict(preset))})
     start_stream(run)
+    if note := storage_note(preset, run.net):
+        run.emit(Message(note))
     run.emit(
         Start(
             "train",
@@ -133,6 +136,8 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
         spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
         if spike is not None and on_spike(run, spike):  # stopped, or rolled back to a checkpoint
             return loss_sum, loss_n, time.perf_counter(), state.nimg
+    if store_due(run.preset, state.nimg, done) and run.accelerator.is_main_process:
+        run.posthoc.store(run.run_dir, state.step, state.nimg, dump_preset(run.preset))
     if snapshot_due:
         snapshot(run, best=fid and fid_point(run))
         t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only

@@ -27,6 +27,7 @@ RESUMABLE_KEYS = (
     "train.report_kimg",
     "train.snapshot_kimg",
     "train.keep_checkpoints",
+    "train.posthoc_ema_kimg",
     "train.batch_gpu",
     "train.compile",
     "train.grad_checkpointing",

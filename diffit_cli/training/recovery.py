@@ -20,6 +20,7 @@ from diffit_cli.checkpoint import (
 )
 from diffit_cli.config import dump_preset
 from diffit_cli.events import Message
+from diffit_cli.posthoc.store import set_aside_profiles_after
 from diffit_cli.sampling.generate import preview_grid
 from diffit_cli.training.monitor import Spike
 from diffit_cli.training.recipe import resume_check
@@ -33,6 +34,8 @@ def restore(run: Run, ckpt_path: Path, force: bool = False) -> None:
     resume_check(ckpt["preset"], run.preset, force, ckpt_path)
     run.net.load_state_dict(ckpt["model"])
     run.ema.net.load_state_dict(ckpt["ema"])
+    if run.posthoc is not None:
+        run.posthoc.load_state_dict(ckpt.get("posthoc_ema"), ckpt_path)
     run.opt.load_state_dict(ckpt["optimizer"])
     run.state.nimg, run.state.step, run.state.skipped = ckpt["nimg"], ckpt["step"], ckpt["skipped"]
     run.state.lr_scale = ckpt.get("lr_scale", 1.0)
@@ -71,9 +74,15 @@ def check_checkpoint_space(run: Run) -> None:
         for p in run.net.parameters()
         if p.requires_grad
     ]
-    check_free_space(
-        run.run_dir, state_nbytes({"model": run.net.state_dict(), "ema": run.ema.net.state_dict(), "optimizer": adam})
-    )
+    check_free_space(run.run_dir, state_nbytes({**training_weights(run), "optimizer": adam}))
+
+
+def training_weights(run: Run) -> dict:
+    """The checkpoint's weights: raw, EMA and the post-hoc EMA profiles (when tracked)."""
+    weights = {"model": run.net.state_dict(), "ema": run.ema.net.state_dict()}
+    if run.posthoc is not None:
+        weights["posthoc_ema"] = run.posthoc.state_dict()
+    return weights
 
 
 def on_spike(run: Run, spike: Spike) -> bool:
@@ -97,6 +106,7 @@ def on_spike(run: Run, spike: Spike) -> bool:
         if acc.is_main_process:
             set_aside_checkpoints_after(run.run_dir, good)
             ckpt = load_checkpoint(good)
+            set_aside_profiles_after(run.run_dir, ckpt["nimg"])
             ckpt["lr_scale"] = ckpt.get("lr_scale", 1.0) * tc.spike_lr_factor
             ckpt["rollbacks"] = ckpt.get("rollbacks", 0) + 1
             save_checkpoint(run.run_dir, ckpt, ckpt["nimg"], tc.keep_checkpoints)
@@ -136,8 +146,7 @@ def snapshot(run: Run, grid: bool = True, best: bool = False) -> None:
         save_checkpoint(
             run.run_dir,
             {
-                "model": run.net.state_dict(),
-                "ema": run.ema.net.state_dict(),
+                **training_weights(run),
                 "optimizer": run.opt.state_dict(),
                 "nimg": state.nimg,
                 "step": state.step,

@@ -15,6 +15,7 @@ from diffit_cli.data import make_loader
 from diffit_cli.events import Progress
 from diffit_cli.fid.metrics import VALUE_KEYS
 from diffit_cli.training.monitor import SpikeDetector
+from diffit_cli.training.posthoc import PowerEmaProfiles
 from diffit_cli.training.recipe import Ema, TrainState
 from diffit_cli.training.tracking import log_scalars
 
@@ -49,6 +50,7 @@ class Run:
     curves_at: float = float("-inf")  # when curves.png was last drawn (perf_counter) and how long that took
     curves_s: float = 0.0
     skips: torch.Tensor | None = None  # (2,) on the device: steps skipped since the last report, skipped in a row
+    posthoc: PowerEmaProfiles | None = None  # EDM2 power-function EMA profiles (train.posthoc_ema)
 
     @property
     def world(self) -> int:

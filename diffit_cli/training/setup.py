@@ -1,6 +1,6 @@
 """A training run's set-up: the precision it really trains in, the Accelerator, the data (checked against the
-network: latent or pixel space, channels, classes), codec, diffusion, network, EMA and optimizer, compiled where
-asked. Nothing is read from the run folder here; resuming is `recovery`'s."""
+network: latent or pixel space, channels, classes), codec, diffusion, network, EMA (and post-hoc EMA profiles) and
+optimizer, compiled where asked. Nothing is read from the run folder here; resuming is `recovery`'s."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from diffit_cli.config import Preset
 from diffit_cli.data import open_source
 from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.training.monitor import SpikeDetector
+from diffit_cli.training.posthoc import make_profiles
 from diffit_cli.training.recipe import Ema, TrainError, TrainState, enable_activation_checkpointing, split_batch
 from diffit_cli.training.run import Run
 from diffit_cli.training.tracking import LOG_DIR as TRACKER_DIR
@@ -72,7 +73,7 @@ def setup_run(
     # shards hold posterior stats already: no VAE needed to train on them
     codec = None if dataset.kind == "latent" else make_codec(preset.data, device)
     diffusion = build_diffusion(preset.diffusion, preset.model)
-    net, ema, opt = _network_and_optimizer(preset, device, lambda text: emit(Message(text, "warning")))
+    net, ema, posthoc, opt = _network_and_optimizer(preset, device, lambda text: emit(Message(text, "warning")))
     model, opt = accelerator.prepare(net, opt)
     monitor = SpikeDetector(factor=tc.spike_factor, patience=tc.spike_patience)
     return Run(
@@ -93,6 +94,7 @@ def setup_run(
         emit,
         augment=AugmentPipe(p=tc.augment_p) if tc.augment_p > 0 else None,
         noise_gen=torch.Generator(device),
+        posthoc=posthoc,
     )
 
 
@@ -111,18 +113,19 @@ def _accelerator(precision: str, run_dir: Path, trackers: list[str]) -> Accelera
 
 
 def _network_and_optimizer(preset: Preset, device: torch.device, warn) -> tuple:
-    """The network (seeded), its EMA copy and the optimizer, with activation checkpointing and compiled blocks as
-    `train` asks; `warn` gets the note of a block that falls back to eager."""
+    """The network (seeded), its EMA copy, the post-hoc EMA profiles and the optimizer, with activation
+    checkpointing and compiled blocks as `train` asks; `warn` gets the note of a block that falls back to eager."""
     tc = preset.train
     torch.manual_seed(tc.seed)
     net = build_network(preset.model, device)
     ema = Ema(net)  # before activation checkpointing patches the blocks' forward
+    posthoc = make_profiles(preset, net)
     if tc.grad_checkpointing:
         enable_activation_checkpointing(net)
     opt = build_optimizer(net.parameters(), tc)
     if want_compile(tc.compile, device):  # after checkpointing: the recomputed block is the compiled region
         compile_blocks(net, warn)
-    return net, ema, opt
+    return net, ema, posthoc, opt
 
 
 def check_data(preset: Preset, dataset) -> None:

@@ -61,6 +61,8 @@ def train_step(run: Run) -> torch.Tensor:
     state.nimg += tc.batch
     state.step += 1
     run.ema.update(run.net, edm_ema_beta(tc, state.nimg, tc.batch))
+    if run.posthoc is not None:
+        run.posthoc.update(run.net, state.step)
     finite = torch.isfinite(grad_norm)
     run.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
     run.grad_norm_max = torch.maximum(run.grad_norm_max, torch.where(finite, grad_norm, 0.0))

@@ -1,0 +1,96 @@
+"""Post-hoc EMA during training (EDM2 Sec. 3.1): the tracked profiles follow the closed-form power-function average,
+are part of the training state (a killed run resumes bit-identically), are stored every `train.posthoc_ema_kimg`
+and never pruned, and a profile cannot be added to a run under way."""
+
+import pytest
+import torch
+from helpers import TINY_UNET, assert_same_state, final_checkpoint, invoke, set_flags, tiny_unet
+
+from diffit_cli.core.posthoc_ema import gamma_of_sigma_rel, power_weights
+from diffit_cli.events import Message, Step
+from diffit_cli.posthoc.store import list_profiles, load_profile_state
+from diffit_cli.training import train
+from diffit_cli.training.posthoc import PowerEmaProfiles
+
+PROFILES = ["train.posthoc_ema=[0.05, 0.1]", "train.posthoc_ema_kimg=0.008"]
+
+
+def test_profiles_follow_the_closed_form_power_function_average():
+    """After t updates each profile holds Σ_τ w_τ θ_τ with w_τ = (τ^(γ+1) − (τ−1)^(γ+1)) / t^(γ+1)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    profiles = PowerEmaProfiles(net, (0.05, 0.2))
+    history = []
+    for step in range(1, 41):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p) + step / 10)
+        history.append([p.detach().clone().double() for p in net.parameters()])
+        profiles.update(net, step)
+    for sigma_rel, ema in zip((0.05, 0.2), profiles.emas):
+        w = power_weights(40, gamma_of_sigma_rel(sigma_rel))
+        for i, p in enumerate(ema.net.parameters()):
+            expected = sum(w[t] * history[t][i] for t in range(40))
+            torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_a_killed_run_with_profiles_resumes_bit_identically(tmp_path):
+    p = tiny_unet(*PROFILES, "train.augment_p=0.5")
+    train(p, tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_3(event):
+        if isinstance(event, Step) and event.figures["step"] == 3:
+            raise Killed  # after the checkpoint at step 2, before the one at step 4
+
+    with pytest.raises(Killed):
+        train(p, tmp_path / "resumed", progress=kill_after_step_3)
+    train(p, tmp_path / "resumed")
+    a, b = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
+    assert sorted(a["posthoc_ema"]) == ["0.05", "0.1"]
+    assert_same_state(a, b, exact=True)
+    stored = [list_profiles(tmp_path / run) for run in ("straight", "resumed")]
+    assert [(s.sigma_rel, s.step) for s in stored[0]] == [(s.sigma_rel, s.step) for s in stored[1]]
+    for sa, sb in zip(*stored):
+        for k, v in load_profile_state(sa.path).items():
+            assert torch.equal(v, load_profile_state(sb.path)[k]), (sa.path.name, k)
+
+
+@pytest.mark.e2e
+def test_snapshots_are_stored_on_schedule_never_pruned_and_announced(tmp_path):
+    events = []
+    p = tiny_unet(*PROFILES, "train.keep_checkpoints=1")
+    train(p, tmp_path / "run", progress=events.append)
+    stored = list_profiles(tmp_path / "run")
+    assert [(s.sigma_rel, s.nimg, s.step) for s in stored] == [
+        (s, n, n // 8) for n in (8, 16, 24, 32) for s in (0.05, 0.1)
+    ]
+    assert len(list((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))) == 1
+    assert stored[0].gamma == pytest.approx(gamma_of_sigma_rel(0.05))
+    last = final_checkpoint(tmp_path / "run")["posthoc_ema"]
+    for s in stored[-2:]:  # the end of the run: the stored profile is the checkpoint's
+        assert all(torch.equal(v, last[repr(s.sigma_rel)][k]) for k, v in load_profile_state(s.path).items())
+    notes = [e.text for e in events if isinstance(e, Message) and e.text.startswith("post-hoc EMA")]
+    assert len(notes) == 1 and "4 × 2 snapshots" in notes[0], notes
+    r = invoke("sample", "--ckpt", stored[-1].path, "--seeds", "0-1", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0, r.output  # a stored profile is itself a weights file
+
+
+@pytest.mark.e2e
+def test_a_profile_cannot_be_added_to_a_run_under_way(tmp_path):
+    train(tiny_unet("train.total_kimg=0.016"), tmp_path / "run")
+    flags = set_flags(["train.total_kimg=0.032", "train.posthoc_ema=[0.05]"])
+    r = invoke("train", "--preset", "demo", *set_flags(TINY_UNET), *flags, "--run-dir", tmp_path / "run", "--force")
+    assert r.exit_code == 2, r.output
+    assert "holds no post-hoc EMA profile for σ_rel 0.05" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "posthoc-ema").exists()
+
+
+@pytest.mark.parametrize("value", ["[0.0]", "[0.3]", "[-0.1]", "[0.05, 0.05]"])
+def test_bad_profiles_are_one_line(value, tmp_path):
+    r = invoke("train", "--preset", "demo", "--set", f"train.posthoc_ema={value}", "--run-dir", tmp_path / "r")
+    assert r.exit_code == 2 and "train.posthoc_ema" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
