@@ -25,7 +25,7 @@ from diffit_cli.config import Preset, check_sample_values, load_preset, preset_t
 from diffit_cli.errors import DiffitError
 from diffit_cli.precision import check_precision
 from diffit_cli.sampling.generate import generate, make_decoder
-from diffit_cli.sampling.run import resolve_weights
+from diffit_cli.sampling.weights import read_guide, resolve_weights
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SEED_LIMIT = 2**31  # seeds drawn from a generator lie in [0, 2³¹): any of them is a valid `diffit sample --seeds`
@@ -54,10 +54,21 @@ class DiffiTPipeline:
     """A DiffiT network with its preset (and, for a latent model, its VAE), called like a diffusers pipeline.
 
     `network`: the preset's network with weights (as `checkpoint.load_snapshot` returns it); `vae`: for a latent
-    model, an `AutoencoderKL` or anything `codecs.load_vae` takes (default: the preset's `data.vae`)."""
+    model, an `AutoencoderKL` or anything `codecs.load_vae` takes (default: the preset's `data.vae`); `guide`: the
+    guiding network of autoguidance when the preset's `sample.guidance.mode` is `auto` (`from_pretrained` loads
+    it)."""
 
-    def __init__(self, network: torch.nn.Module, preset: Preset, vae: Any = None, *, source: str = "network"):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        preset: Preset,
+        vae: Any = None,
+        *,
+        source: str = "network",
+        guide: torch.nn.Module | None = None,
+    ):
         self.network = network.eval().requires_grad_(False)
+        self.guide = guide.eval().requires_grad_(False) if guide is not None else None
         self.preset = preset
         self.source = source
         self.diffusion = build_diffusion(preset.diffusion, preset.model)
@@ -77,19 +88,28 @@ class DiffiTPipeline:
         use_ema: bool = True,
         torch_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        guide: str | Path | None = None,
     ) -> DiffiTPipeline:
         """Load the weights `diffit sample --ckpt` takes (`sampling.run.resolve_weights`): a `.pt` checkpoint, a
         `.safetensors` file, a Hub reference `REPO:FILE`, a folder written by `diffit export` or a Hub repository
         `OWNER/NAME` holding one. `preset` (a `Preset`, a shipped preset's name or a YAML file) is needed only for
         files that carry none, such as NVIDIA's release; `vae` replaces a latent preset's `data.vae`;
         `use_ema=False` takes the trained weights of a training checkpoint. On the CPU in fp32 unless `device` /
-        `torch_dtype` say otherwise."""
+        `torch_dtype` say otherwise. `guide`: autoguidance's guiding network (the same kinds of reference), which
+        makes `guidance_scale` the autoguidance scale; without it, a preset whose `sample.guidance.mode` is `auto`
+        loads the guide it names."""
         ref = str(pretrained_model_name_or_path)
         if isinstance(preset, (str, Path)):
             preset = load_preset(str(preset))
         path = resolve_weights(ref)
         weights, preset = read_snapshot(path, preset=preset, ema=use_ema)
-        pipe = cls(snapshot_network(weights, preset, ref), preset, vae=vae, source=ref)
+        if guide is not None:
+            values = {"sample.guidance.mode": "auto", "sample.guidance.guide": str(guide)}
+            preset = validate_preset(set_values(preset_to_dict(preset), values), f"{ref} with guide {str(guide)!r}")
+        g = preset.sample.guidance
+        snap = read_guide(g.guide, preset) if g.mode == "auto" else None  # checked before any network is built
+        net = snapshot_network(weights, preset, ref)
+        pipe = cls(net, preset, vae=vae, source=ref, guide=snap.network() if snap is not None else None)
         return pipe.to(device, torch_dtype)
 
     @property
@@ -120,6 +140,8 @@ class DiffiTPipeline:
             self.precision = check_precision(DTYPE_PRECISION[dtype])
         if device is not None:
             self.network.to(device)
+            if self.guide is not None:
+                self.guide.to(device)
             if self.vae is not None:
                 self.vae.to(device)
         return self
@@ -172,6 +194,7 @@ class DiffiTPipeline:
                 batch=preset.sample.batch,
                 device=self.device,
                 classes=labels,
+                guide=self.guide,
             )
         )
         drawn = [int(y) for _, ys, _ in batches for y in ys] if batches[0][1] is not None else None

@@ -300,11 +300,13 @@ def test_guidance_is_one_subsection_and_old_flat_keys_still_read():
 
     p = load_preset("imagenet256")
     assert p.sample.guidance.model_dump() == {
+        "mode": "cfg",
         "scale": 4.4,
         "schedule": "power-cosine",
         "power": 4.0,
         "channels": 3,
         "interval": (0.28, 5.42),
+        "guide": None,
     }
     g = make_guidance(p.sample, p.model.num_classes)
     assert g == Guidance(scale=4.4, schedule="power-cosine", power=4.0, channels=3, null_class=1000)

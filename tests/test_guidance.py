@@ -1,4 +1,4 @@
-"""Classifier-free guidance: scale 1, three-channel CFG, schedules, interval, through the samplers."""
+"""Classifier-free guidance (scale 1, three-channel CFG, schedules, interval, through the samplers) and autoguidance."""
 
 import math
 
@@ -20,8 +20,8 @@ class LabelNet:
         self.calls, self.k, self.tame = [], k, tame
 
     def __call__(self, x, t, y, **kwargs):
-        self.calls.append((x.shape[0], y.clone(), kwargs))
-        lab = (y.float() + 1).reshape(-1, 1, 1, 1)
+        self.calls.append((x.shape[0], None if y is None else y.clone(), kwargs))
+        lab = torch.ones(x.shape[0], 1, 1, 1) if y is None else (y.float() + 1).reshape(-1, 1, 1, 1)
         ch = torch.arange(self.k * x.shape[1], dtype=torch.float32).reshape(1, -1, 1, 1)
         out = torch.cat([x] * self.k, 1) * lab + ch * lab.sqrt() + t.float().reshape(-1, 1, 1, 1) * 1e-3
         return torch.tanh(out) if self.tame else out
@@ -196,3 +196,77 @@ def test_edm_guidance_is_guidance_of_the_denoiser():
     Du = edm.denoise(LabelNet(k=1), x, sigma, torch.full_like(y, NULL))
     torch.testing.assert_close(guided, Du + 2.5 * (Dc - Du), rtol=1e-5, atol=1e-5)
     assert math.isclose(Guidance().interval[0], 0.28) and Guidance().null_class == 1000
+
+
+# ------------------------------------------------------------------------------ autoguidance (Karras et al. 2024)
+class WeakNet(LabelNet):
+    """Another network of the same inputs and outputs: a damped LabelNet (the 'bad version' of autoguidance)."""
+
+    def __call__(self, x, t, y, **kwargs):
+        return 0.5 * super().__call__(x, t, y, **kwargs) - 0.25
+
+
+@pytest.mark.parametrize("sampler,steps", [("heun", 3), ("ddpm", 4)])
+@pytest.mark.parametrize("y", [torch.tensor([3, 4]), None])
+def test_autoguidance_with_the_guide_equal_to_the_main_network_is_the_unguided_network(sampler, steps, y):
+    # D_g + w·(D − D_g) with D_g = D is D exactly: the same input, the same output, bit for bit
+    d = EDM() if sampler == "heun" else GaussianDiffusion()
+    k = 1 if sampler == "heun" else 2
+    noise = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for guidance, guide in ((None, None), (Guidance(scale=3.0, mode="auto"), LabelNet(k=k, tame=True))):
+        net = LabelNet(k=k, tame=True)
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        outs.append(
+            sample(d, net, noise, y=y, sampler=sampler, steps=steps, generators=gens, guidance=guidance, guide=guide)
+        )
+        if guide is not None:
+            assert len(guide.calls) == len(net.calls) == nfe(sampler, steps)  # B rows each, one forward each
+            assert all(b == 2 for b, _, _ in net.calls + guide.calls)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_autoguidance_scale_one_is_the_main_network_and_never_calls_the_guide():
+    x, t, y = torch.randn(3, 4, 2, 2), torch.tensor([10, 500, 990]), torch.tensor([1, 2, 3])
+    net, guide = LabelNet(), WeakNet()
+    out = guided_network(net, y, Guidance(scale=1.0, mode="auto"), GaussianDiffusion(), guide)(x, t)
+    assert torch.equal(out, LabelNet()(x, t, y)) and not guide.calls and len(net.calls) == 1
+
+
+def test_autoguidance_guides_every_epsilon_channel_and_takes_the_variance_from_the_main_network():
+    # the latent DDPM network: (B, 2C) = ε and learned-range variance; `channels` is CFG's and is not used
+    x, t, y, w = torch.randn(2, 4, 2, 2), torch.tensor([10, 700]), torch.tensor([5, 9]), 2.5
+    net, guide = LabelNet(), WeakNet()
+    out = guided_network(net, y, Guidance(scale=w, mode="auto", channels=3), GaussianDiffusion(), guide)(x, t)
+    main, weak = LabelNet()(x, t, y), WeakNet()(x, t, y)
+    assert torch.equal(guide.calls[0][1], y) and torch.equal(net.calls[0][1], y)  # the same labels, no null class
+    torch.testing.assert_close(out[:, :4], weak[:, :4] + w * (main[:, :4] - weak[:, :4]))
+    assert torch.equal(out[:, 4:], main[:, 4:])
+    assert not torch.equal(out[:, 3], main[:, 3])  # the 4th ε channel is guided too
+
+
+def test_autoguidance_interval_runs_only_the_main_network_outside_it():
+    edm, w = EDM(), 2.0
+    sigma = torch.tensor([0.1, 1.0])
+    c_noise = edm.c_noise(sigma)
+    x, y = torch.randn(2, 3, 2, 2), torch.tensor([1, 2])
+    g = Guidance(scale=w, mode="auto", schedule="interval", interval=(0.28, 5.42))
+    for rows, guided_rows in (([0], 0), ([1], 1), ([0, 1], 1)):
+        net, guide = LabelNet(k=1), WeakNet(k=1)
+        out = guided_network(net, y[rows], g, edm, guide)(x[rows], c_noise[rows])
+        main = LabelNet(k=1)(x[rows], c_noise[rows], y[rows])
+        if guided_rows == 0:  # σ = 0.1 is below the interval: the main network alone, the guide never called
+            assert torch.equal(out, main) and not guide.calls
+            continue
+        weak = WeakNet(k=1)(x[rows], c_noise[rows], y[rows])
+        torch.testing.assert_close(out[-1], weak[-1] + w * (main[-1] - weak[-1]))
+        if len(rows) == 2:
+            assert torch.equal(out[0], main[0])  # the row outside the interval: the main network's
+
+
+def test_autoguidance_needs_a_guide():
+    with pytest.raises(ValueError, match="guiding network"):
+        guided_network(LabelNet(), torch.tensor([1]), Guidance(scale=2.0, mode="auto"), EDM())
+    with pytest.raises(ValueError, match="cfg, auto"):
+        Guidance(mode="weak")
+    guided_network(LabelNet(), None, Guidance(scale=2.0, mode="auto"), EDM(), WeakNet())  # unconditional: fine

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from diffit_cli.commands._common import PresetOpt, RichProgress, SetOpt, console, fail, user_errors
+from diffit_cli.commands.sample import GuidanceOpt, GuideCkptOpt, ScaleOpt, check_sample_flags
 
 HELP = """Score samples (image folder, .zip, or .npz with arr_0 uint8 NHWC) against --ref: images, or a
 statistics file (EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz, or one from --save-ref).
@@ -17,7 +18,8 @@ With --save-ref FILE, SAMPLES is a dataset: its statistics are saved for later r
 
 With --ckpt FILE (no SAMPLES), the checkpoint's EMA network samples --num images with its preset's sampler (split
 across processes: `accelerate launch -m diffit_cli eval-fid --ckpt ...`) and they are scored, --repeats times with
-seeds k*num ... (k+1)*num-1 for repeat k (EDM reports the minimum of three); the images are kept only with --keep."""
+seeds k*num ... (k+1)*num-1 for repeat k (EDM reports the minimum of three); the images are kept only with --keep.
+--guidance, --guide-ckpt and --cfg-scale replace the preset's guidance, as for `diffit sample`."""
 
 
 def _show(result: dict) -> None:
@@ -161,6 +163,9 @@ def eval_fid_cmd(
     repeats: int = RepeatsOpt,
     keep: Path | None = KeepOpt,
     classes: str | None = ClassesOpt,
+    guidance: str | None = GuidanceOpt,
+    guide_ckpt: str | None = GuideCkptOpt,
+    cfg_scale: float | None = ScaleOpt,
 ) -> None:
     from diffit_cli.fid.adm import PROTOCOLS
     from diffit_cli.fileio import check_writable, write_json
@@ -168,9 +173,8 @@ def eval_fid_cmd(
     for out in (save_ref, json_out):  # before anything is sampled or computed, not after
         if out is not None:
             check_writable(out)
-
     inception_weights = _weights_for(feature_extractor, inception_weights, dinov2_weights)
-
+    sample = _guidance_flags(guidance, guide_ckpt, cfg_scale)
     if protocol not in PROTOCOLS:
         fail(f"--protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")
     if ckpt is not None:
@@ -181,14 +185,12 @@ def eval_fid_cmd(
                 "--ckpt samples the checkpoint itself and scores it: drop SAMPLES, --save-ref and --device "
                 "(launch with accelerate to use several GPUs)"
             )
-        if classes is not None and classes not in ("random", "balanced"):
-            fail(f"--classes {classes!r}: choose random or balanced")
         result = _score_checkpoint(
-            ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes, metrics
+            ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes, metrics, sample
         )
     else:
-        if num is not None or repeats != 1 or keep is not None or classes is not None:
-            fail("--num, --repeats, --keep and --classes go with --ckpt (sampling a checkpoint)")
+        if num is not None or repeats != 1 or keep is not None or classes is not None or sample:
+            fail("--num, --repeats, --keep, --classes and the guidance flags go with --ckpt (sampling a checkpoint)")
         if samples is None:
             fail("give SAMPLES (images to score), or --ckpt FILE to sample a checkpoint")
         if save_ref is not None and ref is not None:
@@ -245,13 +247,32 @@ def _preset_reference(preset, data, overrides, common: dict, progress):
     )
 
 
+def _guidance_flags(mode: str | None, guide: str | None, scale: float | None) -> dict:
+    """The `sample` values the guidance flags set (those given), checked before any file is read."""
+    values = {"guidance.mode": mode, "guidance.guide": guide, "guidance.scale": scale}
+    check_sample_flags(values)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _guided(r: dict) -> str:
+    """', autoguidance w=… by GUIDE' / ', CFG w=…' for the summary line, '' when unguided."""
+    g = r.get("guidance") or {}
+    if g.get("scale", 1.0) == 1.0:
+        return ""
+    if g.get("mode") == "auto":
+        return f", autoguidance w={g['scale']:g} by {r['guide']}"
+    return f", CFG w={g['scale']:g} ({g['schedule']})"
+
+
 def _score_checkpoint(
-    ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes, metrics
+    ckpt, num, repeats, ref, batch, feature_extractor, keep, inception_weights, classes, metrics, sample=None
 ) -> dict | None:
     """Sample and score a checkpoint; print each repeat's FID (and the other --metrics) and the FIDs' minimum, mean
     and standard deviation."""
     from diffit_cli.fid.score import score_checkpoint
 
+    if classes is not None and classes not in ("random", "balanced"):
+        fail(f"--classes {classes!r}: choose random or balanced")
     with RichProgress() as progress:
         r = score_checkpoint(
             ckpt,
@@ -265,6 +286,7 @@ def _score_checkpoint(
             inception_weights=inception_weights,
             progress=progress,
             metrics=metrics,
+            sample=sample,
         )
     if r is None:  # not the main process
         return None
@@ -281,7 +303,7 @@ def _score_checkpoint(
     )
     out.print(
         f"reference: {r['reference']}; extractor: {r['extractor']}; sampler: {r['sampler']}, "
-        f"{r['steps']} steps, EMA weights, {r['classes']} labels",
+        f"{r['steps']} steps, EMA weights, {r['classes']} labels" + _guided(r),
         highlight=False,
     )
     for note in r["notes"]:

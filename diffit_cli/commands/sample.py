@@ -18,11 +18,40 @@ command finishes what a killed run left. Release weights: --ckpt nvidia/DiffiT:F
 SAMPLE_FLAGS = {
     "sampler": "--sampler",
     "steps": "--steps",
+    "guidance": "--guidance",
+    "guidance.mode": "--guidance",
+    "guidance.guide": "--guide-ckpt",
     "guidance.scale": "--cfg-scale",
     "guidance.schedule": "--cfg-schedule",
     "guidance.power": "--cfg-power",
     "guidance.channels": "--cfg-channels",
 }
+
+
+GuidanceOpt = typer.Option(
+    None,
+    "--guidance",
+    help="cfg: classifier-free guidance (default); auto: autoguidance, D = D_guide + w·(D − D_guide) with a weaker "
+    "--guide-ckpt of the same data (Karras et al. 2024).",
+)
+GuideCkptOpt = typer.Option(
+    None,
+    "--guide-ckpt",
+    help="Autoguidance's guiding network: an earlier or smaller checkpoint of the same data, resolution, channels, "
+    "classes and diffusion (as --ckpt: file, folder, REPO:FILE, OWNER/NAME).",
+)
+ScaleOpt = typer.Option(
+    None, "--cfg-scale", min=0.0, help="Guidance scale w (1 = off): classifier-free, or autoguidance's."
+)
+
+
+def check_sample_flags(values: dict) -> None:
+    """Check the `sample` values the flags set on their own, before any file is read. `--guidance auto` without
+    `--guide-ckpt` may take the guide from the checkpoint's preset: that is checked with the preset."""
+    from diffit_cli.config import check_sample_values
+
+    auto_without_guide = values.get("guidance.mode") == "auto" and values.get("guidance.guide") is None
+    check_sample_values({**values, "guidance.guide": "(the preset's)"} if auto_without_guide else values, SAMPLE_FLAGS)
 
 
 def register(app: typer.Typer) -> None:
@@ -49,9 +78,9 @@ def sample_cmd(
     ),
     sampler: str | None = typer.Option(None, "--sampler", help="heun | euler | dpmpp-2m | ddpm | ddim."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps."),
-    cfg_scale: float | None = typer.Option(
-        None, "--cfg-scale", min=0.0, help="Classifier-free guidance scale (1 = off)."
-    ),
+    guidance: str | None = GuidanceOpt,
+    guide_ckpt: str | None = GuideCkptOpt,
+    cfg_scale: float | None = ScaleOpt,
     cfg_schedule: str | None = typer.Option(None, "--cfg-schedule", help="constant | power-cosine | interval."),
     cfg_power: float | None = typer.Option(None, "--cfg-power", min=0.0, help="Power p of the power-cosine schedule."),
     cfg_channels: str | None = typer.Option(None, "--cfg-channels", help="Guided ε channels: 3 (release) or all."),
@@ -64,19 +93,21 @@ def sample_cmd(
         None, "--compile/--no-compile", help="torch.compile each network block (default: on CUDA only)."
     ),
 ) -> None:
-    from diffit_cli.config import check_sample_values, load_preset
+    from diffit_cli.config import load_preset
     from diffit_cli.precision import check_precision
     from diffit_cli.sampling.run import parse_seeds, run_sample
 
     values = {
         "sampler": sampler,
         "steps": steps,
+        "guidance.mode": guidance,
+        "guidance.guide": guide_ckpt,
         "guidance.scale": cfg_scale,
         "guidance.schedule": cfg_schedule,
         "guidance.power": cfg_power,
         "guidance.channels": int(cfg_channels) if cfg_channels and cfg_channels.isdigit() else cfg_channels,
     }
-    check_sample_values(values, SAMPLE_FLAGS)  # a bad flag fails here, before any file is read
+    check_sample_flags(values)  # a bad flag fails here, before any file is read
     check_precision(precision, "--precision")
     with RichProgress() as progress:
         result = run_sample(

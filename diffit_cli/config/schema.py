@@ -51,8 +51,11 @@ class Preset(Section):
         if self.eval.classes == "balanced" and m.num_classes == 0:
             raise ValueError("eval.classes balanced needs a class-conditional model (model.num_classes > 0)")
         g = self.sample.guidance
-        if g.scale != 1.0 and m.num_classes == 0:
-            raise ValueError("sample.guidance.scale != 1 needs a class-conditional model (model.num_classes > 0)")
+        if g.mode == "cfg" and g.scale != 1.0 and m.num_classes == 0:
+            raise ValueError(
+                "sample.guidance.scale != 1 with mode cfg needs a class-conditional model (model.num_classes > 0); "
+                "an unconditional model can be autoguided (mode auto)"
+            )
         if g.channels != "all" and g.channels > m.in_channels:
             raise ValueError(
                 f"sample.guidance.channels {g.channels}: the model predicts {m.in_channels} channels; "

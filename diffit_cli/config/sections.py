@@ -254,20 +254,32 @@ class TrainConfig(Section):
 
 
 class GuidanceConfig(Section):
-    """Classifier-free guidance: exactly the fields of `core.guidance.Guidance` (its null class is the model's
-    `num_classes`). `channels`: how many prediction channels are guided: `all` by default (for RGB images the same
-    as 3, and right for grey ones); the latent presets set 3, the release's three-channel CFG of 4 latent channels."""
+    """Guidance: the fields of `core.guidance.Guidance` (its null class is the model's `num_classes`) and the
+    guiding network. `mode`: `cfg`, classifier-free guidance; `auto`, autoguidance (Karras et al. 2024, eq. 2):
+    D = D_guide + scale·(D_main − D_guide) with `guide` a weaker network of the same data, resolution, channels,
+    classes and diffusion (an earlier checkpoint or a smaller model); it guides all prediction channels, so
+    `channels` applies to `cfg` only. `guide`: what `diffit sample --ckpt` accepts (a `.pt`/`.safetensors` file,
+    an exported folder, REPO:FILE or OWNER/NAME). `channels`: how many prediction channels CFG guides: `all` by
+    default (for RGB images the same as 3, and right for grey ones); the latent presets set 3, the release's
+    three-channel CFG of 4 latent channels."""
 
+    mode: Literal["cfg", "auto"] = "cfg"
     scale: Annotated[float, Field(ge=0)] = 1.0
     schedule: Literal["constant", "power-cosine", "interval"] = "constant"
     power: Annotated[float, Field(gt=0)] = 4.0
     channels: Pos | Literal["all"] = "all"
     interval: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.28, 5.42)
+    guide: str | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> GuidanceConfig:
         if not self.interval[0] < self.interval[1]:
             raise ValueError(f"interval must be (σ_lo, σ_hi) with σ_lo < σ_hi, got {self.interval}")
+        if self.mode == "auto" and not self.guide:
+            raise ValueError(
+                "mode auto (autoguidance) needs the guiding network: set sample.guidance.guide (--guide-ckpt) to "
+                "its checkpoint"
+            )
         return self
 
 

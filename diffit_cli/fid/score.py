@@ -20,16 +20,17 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from diffit_cli.build import build_diffusion
 from diffit_cli.checkpoint import read_snapshot, snapshot_network
-from diffit_cli.config import Preset
+from diffit_cli.config import Preset, preset_to_dict, set_values, validate_preset
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fid import metrics as fid_metrics
 from diffit_cli.fid.extractors import check_extractor
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.precision import sampling_precision
-from diffit_cli.sampling.generate import Decode, make_decoder
+from diffit_cli.sampling.generate import Decode, make_decoder, needs_guide
 from diffit_cli.sampling.run import parse_classes, plan_sample, resolve_weights, sampling_network, write_images
 from diffit_cli.sampling.sinks import NpzSink, PngSink
+from diffit_cli.sampling.weights import GuideSnapshot, read_guide
 
 
 def sample_fid(
@@ -51,15 +52,15 @@ def sample_fid(
     progress: Progress | None = None,
     preemptible: bool = False,
     metrics: tuple[str, ...] = ("fid",),
+    guide: torch.nn.Module | None = None,
 ) -> dict | None:
     """FID (and the other `metrics` of `compute_metrics`) of `net`'s samples for `seeds` against `reference` (a
-    statistics file or images).
-
-    Every process of `state` (an Accelerator or PartialState) writes its share of the seeds that `sink` lacks
-    (image i depends only on seed i; `batch` per forward, default `sample.batch`; `classes`: labels cycled over the
-    seeds' positions, see `sampling.run.parse_classes`, None: drawn per seed); then the main process assembles
-    them (`finish`, default `sink.finish`), scores them with `compute_metrics` and returns its result dict (plus
-    `seeds`); the other processes return None. `preemptible`: see `write_images`."""
+    statistics file or images): every process of `state` (an Accelerator or PartialState) writes its share of the
+    seeds that `sink` lacks (image i depends only on seed i; `batch` per forward, default `sample.batch`; `classes`:
+    labels cycled over the seeds' positions, see `sampling.run.parse_classes`, None: drawn per seed; `guide`:
+    autoguidance's guiding network); then the main process assembles them (`finish`, default `sink.finish`), scores
+    them with `compute_metrics` and returns its result dict (plus `seeds`); the others return None. `preemptible`:
+    see `write_images`."""
     write_images(
         net,
         diffusion,
@@ -75,13 +76,13 @@ def sample_fid(
         task="fid samples",
         purpose=f" (seeds {seeds[0]}-{seeds[-1]}) for FID ({feature_extractor})",
         preemptible=preemptible,
+        guide=guide,
     )
     state.wait_for_everyone()
     result = None
     if state.is_main_process:
-        samples = finish() if finish is not None else sink.finish(seeds)
         result = fid_metrics.compute_metrics(
-            samples,
+            finish() if finish is not None else sink.finish(seeds),
             reference,
             metrics=metrics,
             batch=preset.eval.batch,
@@ -149,6 +150,7 @@ def score_samples(
             inception_weights=inception_weights,
             progress=progress,
             preemptible=True,
+            guide=job.guide_net,
         )
 
 
@@ -176,21 +178,20 @@ def score_checkpoint(
     inception_weights=None,
     progress: Progress | None = None,
     metrics: tuple[str, ...] | str = ("fid",),
+    sample: dict | None = None,
 ) -> dict | None:
     """`diffit eval-fid --ckpt`: FID of a checkpoint's EMA network over `repeats` seed ranges of `num` images
     (repeat k: seeds k·num … (k+1)·num−1), as EDM reports (the minimum of three). Defaults: the checkpoint's
     `eval.num_samples`, `eval.reference` (or the training data's statistics), `eval.feature_extractor`, `eval.batch`
     (features), `eval.classes`. `metrics`: what `compute_metrics` computes besides FID (always computed), each
-    repeat's values under `repeats`. Returns {values, min, mean, std, classes, ...} on the main process, else
-    None."""
+    repeat's values under `repeats`. `sample`: `sample` values by dotted key (the guidance flags, e.g.
+    {"guidance.mode": "auto", "guidance.guide": "weak.pt"}). Returns {values, min, mean, std, ...} on the main
+    process, else None."""
     metrics = fid_metrics.with_fid(metrics)
     if repeats < 1 or (num is not None and num < 2):
         raise DiffitError("--repeats must be at least 1 and --num at least 2 (FID needs two samples)")
     state = PartialState(cpu=not torch.cuda.is_available())
-    path = resolve_weights(ckpt)
-    weights, preset = read_snapshot(path)
-    given = {k: v for k, v in (("batch", batch), ("classes", classes)) if v is not None}
-    preset = preset.model_copy(update={"eval": preset.eval.model_copy(update=given)})
+    path, weights, preset, guide = _read_checkpoint(ckpt, batch, classes, sample)
     num = num or preset.eval.num_samples
     class_list = parse_classes(preset.eval.classes, preset.model.num_classes)
     extractor = feature_extractor or preset.eval.feature_extractor
@@ -202,6 +203,7 @@ def score_checkpoint(
     )
     net = snapshot_network(weights, preset, str(path), state.device)
     del weights
+    guide_net = guide.network(state.device) if guide is not None and needs_guide(preset.sample) else None
     precision = sampling_precision(preset, state.device)
     runs = _score_repeats(
         net,
@@ -217,10 +219,26 @@ def score_checkpoint(
         inception_weights=inception_weights,
         progress=progress,
         metrics=metrics,
+        guide=guide_net,
     )
     if not state.is_main_process:
         return None
-    return _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset)
+    return _summary(runs, str(ckpt), num, extractor, ref_desc or str(reference), precision, preset, guide)
+
+
+def _read_checkpoint(ckpt: str, batch: int | None, classes: str | None, sample: dict | None):
+    """(path, weights, preset, guide) of `eval-fid --ckpt`: the checkpoint's preset with the command's `sample`
+    values, `eval.batch` and `eval.classes`, and autoguidance's guiding network read and checked (`mode` auto), all
+    before any sampling or scoring."""
+    path = resolve_weights(ckpt)
+    weights, preset = read_snapshot(path)
+    if sample:
+        raw = set_values(preset_to_dict(preset), {f"sample.{k}": v for k, v in sample.items()})
+        preset = validate_preset(raw, f"{ckpt} with sampling flags")
+    given = {k: v for k, v in (("batch", batch), ("classes", classes)) if v is not None}
+    preset = preset.model_copy(update={"eval": preset.eval.model_copy(update=given)})
+    g = preset.sample.guidance
+    return path, weights, preset, read_guide(g.guide, preset) if g.mode == "auto" else None
 
 
 def _checkpoint_reference(state, preset: Preset, reference, extractor: str, metrics, inception_weights, progress):
@@ -242,10 +260,19 @@ def _checkpoint_reference(state, preset: Preset, reference, extractor: str, metr
 
 
 def _summary(
-    runs: list[dict], ckpt: str, num: int, extractor: str, reference: str, precision: str, preset: Preset
+    runs: list[dict],
+    ckpt: str,
+    num: int,
+    extractor: str,
+    reference: str,
+    precision: str,
+    preset: Preset,
+    guide: GuideSnapshot | None = None,
 ) -> dict:
-    """`score_checkpoint`'s result: each repeat's FID, their min / mean / std, and what they were measured with."""
+    """`score_checkpoint`'s result: each repeat's FID, their min / mean / std, and what they were measured with
+    (the guidance, and autoguidance's guide by reference and hash)."""
     values = [r["fid"] for r in runs]
+    g = preset.sample.guidance
     return {
         "checkpoint": ckpt,
         "num": num,
@@ -261,6 +288,9 @@ def _summary(
         "steps": preset.sample.steps,
         "classes": preset.eval.classes,
         "notes": runs[0]["notes"],
+        "guidance": {"mode": g.mode, "scale": g.scale, "schedule": g.schedule},
+        "guide": None if guide is None else guide.spec,
+        "guide_sha256": None if guide is None else guide.sha256,
     }
 
 
@@ -279,6 +309,7 @@ def _score_repeats(
     inception_weights,
     progress: Progress | None,
     metrics: tuple[str, ...] = ("fid",),
+    guide: torch.nn.Module | None = None,
 ) -> list[dict]:
     """`sample_fid` on seeds k·num … (k+1)·num−1 for each repeat k, in one scratch folder of the main process (or
     `keep`, one subfolder per repeat when there are several); the main process's results, one line per repeat."""
@@ -308,6 +339,7 @@ def _score_repeats(
                     inception_weights=inception_weights,
                     progress=progress,
                     metrics=metrics,
+                    guide=guide,
                 )
             if r is not None:
                 runs.append(r)

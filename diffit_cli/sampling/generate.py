@@ -21,6 +21,7 @@ from diffit_cli.core.samplers import sample as run_sampler
 from diffit_cli.errors import DiffitError
 from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.sinks import image_grid, save_png
+from diffit_cli.sampling.weights import load_guide
 
 Decode = Callable[[torch.Tensor], np.ndarray]  # model-space batch → uint8 NHWC
 
@@ -34,11 +35,17 @@ def make_decoder(preset: Preset, vae: str | None, device: torch.device, precisio
 
 def make_guidance(sample: SampleConfig, num_classes: int) -> Guidance | None:
     """`core.guidance.Guidance` from `sample.guidance` (validated with the preset); None when the scale is 1."""
-    if sample.guidance.scale == 1.0:
+    g = sample.guidance
+    if g.scale == 1.0:
         return None
-    if num_classes == 0:
+    if num_classes == 0 and g.mode == "cfg":
         raise DiffitError("classifier-free guidance (--cfg-scale != 1) needs a class-conditional model")
-    return Guidance(**sample.guidance.model_dump(), null_class=num_classes)
+    return Guidance(**g.model_dump(exclude={"guide"}), null_class=num_classes)
+
+
+def needs_guide(sample: SampleConfig) -> bool:
+    """Whether sampling with `sample` evaluates a guiding network (autoguidance at a scale other than 1)."""
+    return sample.guidance.mode == "auto" and sample.guidance.scale != 1.0
 
 
 def seed_labels(seeds: list[int], num_classes: int, classes: list[int] | None) -> torch.Tensor | None:
@@ -72,8 +79,15 @@ def sample_batch(
     device: torch.device,
     num_classes: int,
     precision: str = "fp32",
+    guide: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Model-space samples (B, C, H, W) float32 for `seeds`; each row depends only on its seed."""
+    """Model-space samples (B, C, H, W) float32 for `seeds`; each row depends only on its seed. `guide`: the
+    guiding network of autoguidance (`sample.guidance.mode` auto; `sampling.guide.load_guide`)."""
+    if guide is None and needs_guide(sample):
+        raise DiffitError(
+            "autoguidance (sample.guidance.mode auto) needs its guiding network loaded; pass guide= "
+            "(sampling.weights.load_guide)"
+        )
     gens = _generators(seeds, device)
     noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # (B, C, H, W)
     y = labels.to(device) if labels is not None else None
@@ -86,6 +100,7 @@ def sample_batch(
         sampler=sample.sampler,
         steps=sample.steps,
         guidance=make_guidance(sample, num_classes),
+        guide=guide if needs_guide(sample) else None,
         generators=gens,
         autocast_dtype=autocast,
         **sample.sampler_kwargs(),
@@ -103,8 +118,10 @@ def generate(
     batch: int = 64,
     device: torch.device | str = "cpu",
     classes: list[int] | None = None,
+    guide: torch.nn.Module | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
-    """Yield `(seeds, labels, uint8 NHWC images)` batches sampled with `preset.sample`."""
+    """Yield `(seeds, labels, uint8 NHWC images)` batches sampled with `preset.sample` (`guide`: autoguidance's
+    guiding network, see `sample_batch`)."""
     device = torch.device(device)
     m = preset.model
     size = m.spatial_size
@@ -113,7 +130,7 @@ def generate(
     for i in range(0, len(seeds), batch):
         chunk = seeds[i : i + batch]
         y = labels[i : i + batch] if labels is not None else None
-        x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision)
+        x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision, guide)
         yield chunk, (y.numpy() if y is not None else None), decode(x)
 
 
@@ -125,9 +142,13 @@ def preview_grid(
     path: Path | str,
     device: torch.device | str = "cpu",
     seeds: int = 64,
+    guide: torch.nn.Module | None = None,
 ) -> Path:
     """Training's preview: `seeds` samples of `net` with the preset's sampler (one class per column when
-    class-conditional), saved as a grid PNG at `path` and as `grid-latest.png` beside it."""
+    class-conditional), saved as a grid PNG at `path` and as `grid-latest.png` beside it. `guide`: autoguidance's
+    guiding network; when the preset autoguides and none is given, the one `sample.guidance.guide` names is read."""
+    if guide is None and needs_guide(preset.sample):
+        guide, _ = load_guide(preset.sample.guidance.guide, preset, device)
     k = preset.model.num_classes
     classes = list(range(min(k, 8))) if k else None
     _, _, images = next(
@@ -141,6 +162,7 @@ def preview_grid(
             batch=seeds,
             device=device,
             classes=classes,
+            guide=guide,
         )
     )
     grid = image_grid(images, ncol=len(classes) if classes else None)

@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from diffit_cli import __version__
 from diffit_cli.build import build_diffusion, compile_blocks, want_compile
-from diffit_cli.checkpoint import file_sha256, read_snapshot, snapshot_network
+from diffit_cli.checkpoint import read_snapshot, snapshot_network
 from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_values, validate_preset
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
@@ -24,10 +24,9 @@ from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fileio import check_writable, new_output, read_json, strict_json, write_json
 from diffit_cli.precision import check_precision
 from diffit_cli.preemption import Preempted, preemption_signals
-from diffit_cli.sampling.generate import Decode, generate, make_decoder
+from diffit_cli.sampling.generate import Decode, generate, make_decoder, needs_guide
 from diffit_cli.sampling.sinks import NpzSink, PngSink, image_grid, save_png
-from diffit_cli.sharing.folder import MODEL_FILE
-from diffit_cli.sharing.hub import download_model, is_repo_id
+from diffit_cli.sampling.weights import GuideSnapshot, read_guide, resolve_weights, weights_sha256
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -71,40 +70,6 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
     return classes
 
 
-def resolve_weights(ref: str) -> Path:
-    """A local file or exported model folder (`diffit export`), a Hub reference `REPO:FILE` (e.g.
-    nvidia/DiffiT:diffit_256.safetensors) or a Hub repository `OWNER/NAME` holding an exported folder, both through
-    the Hub's cache. A local path of that name always wins over the Hub."""
-    path = Path(ref)
-    if path.exists():
-        if not path.is_file() and not path.is_dir():
-            raise DiffitError(f"checkpoint {ref!r} is neither a file nor a folder")
-        return path
-    if is_repo_id(ref):
-        return download_model(ref)
-    if ":" not in ref:
-        raise DiffitError(
-            f"checkpoint {ref!r} does not exist (give a .pt/.safetensors file, an exported model folder, "
-            "REPO:FILE or a Hub repository OWNER/NAME)"
-        )
-    repo, _, filename = ref.partition(":")
-    from huggingface_hub import hf_hub_download  # here: only Hub references need it
-
-    try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
-    except Exception as e:  # offline, missing repo/file, no network: one message with the fix
-        raise DiffitError(
-            f"could not fetch {filename!r} from the Hub repository {repo!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); when offline, download it elsewhere "
-            f"(huggingface-cli download {repo} {filename}) and pass the local file"
-        ) from None
-
-
-def weights_sha256(path: Path) -> str:
-    """The short SHA-256 that identifies the weights a recipe used: the file's, or an exported folder's weights."""
-    return file_sha256(path / MODEL_FILE if path.is_dir() else path, 16)
-
-
 @dataclass
 class SampleJob:
     """What `run_sample` settles before any network exists: the seeds, the output and its sink, the checkpoint's
@@ -124,10 +89,12 @@ class SampleJob:
     classes: list[int] | None
     precision: str
     vae: str | None
+    guide: GuideSnapshot | None = None  # autoguidance's guiding network, read and checked (`sample.guidance.guide`)
+    guide_net: torch.nn.Module | None = None  # ... and built, by `sampling_network`
 
     def loop_args(self) -> dict:
-        """`write_images`'s batch, fixed classes and precision for this job."""
-        return {"batch": self.batch, "classes": self.classes, "precision": self.precision}
+        """`write_images`'s batch, fixed classes, precision and guiding network for this job."""
+        return {"batch": self.batch, "classes": self.classes, "precision": self.precision, "guide": self.guide_net}
 
     def complete(self) -> Path:
         """Main process, once every process has written its share: the final `.npz` (or the PNG folder) and the
@@ -137,6 +104,7 @@ class SampleJob:
         self.recipe.update(
             diffit_version=__version__,
             checkpoint=str(self.ckpt),
+            guide=None if self.guide is None else self.guide.spec,
             nfe=nfe(cfg.sampler, cfg.steps),  # a guided step: one forward of the doubled batch
             seeds=_compact_seeds(self.seeds),
             count=len(self.seeds),
@@ -183,6 +151,8 @@ def plan_sample(
         apply_overrides(preset_to_dict(preset), overrides), {f"sample.{k}": v for k, v in (sample or {}).items()}
     )
     preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
+    g = preset.sample.guidance
+    guide = read_guide(g.guide, preset) if g.mode == "auto" else None  # checked before any output exists
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     npz = out.suffix == ".npz"
@@ -194,27 +164,39 @@ def plan_sample(
         preset=preset,
         weights=weights,
         sink=NpzSink(out) if npz else PngSink(out),
-        recipe=_recipe(path, preset, raw=raw, vae_id=vae_id, precision=precision, classes=classes),
+        recipe=_recipe(path, preset, raw=raw, vae_id=vae_id, precision=precision, classes=classes, guide=guide),
         recipe_path=out.with_name(f"{out.stem}.sample.json") if npz else out / "sample.json",
         state=state,
         batch=batch or preset.sample.batch,
         classes=class_list,
         precision=precision,
         vae=vae,
+        guide=guide,
     )
 
 
-def _recipe(path: Path, preset: Preset, *, raw: bool, vae_id: str | None, precision: str, classes: str | None) -> dict:
-    """Everything that decides an image besides its seed (s_max may be inf: "inf")."""
+def _recipe(
+    path: Path,
+    preset: Preset,
+    *,
+    raw: bool,
+    vae_id: str | None,
+    precision: str,
+    classes: str | None,
+    guide: GuideSnapshot | None = None,
+) -> dict:
+    """Everything that decides an image besides its seed (s_max may be inf: "inf"); the guiding network by the hash
+    of its weights, as the checkpoint (its path is recorded with the finished output)."""
     cfg = preset.sample
     return strict_json(
         {
             "checkpoint_sha256": weights_sha256(path),
+            "guide_sha256": None if guide is None else guide.sha256,
             "weights": "raw" if raw else "ema",
             "preset": preset.name,
             "sampler": cfg.sampler,
             "steps": cfg.steps,
-            "guidance": cfg.guidance.model_dump(mode="json"),
+            "guidance": cfg.guidance.model_dump(mode="json", exclude={"guide"}),
             "stochastic": {
                 "s_churn": cfg.s_churn,
                 "s_min": cfg.s_min,
@@ -244,9 +226,12 @@ def sampling_network(
         state.wait_for_everyone()
         net = snapshot_network(job.weights, job.preset, str(job.path), state.device)  # the checks above need none
         job.weights = None
+        if job.guide is not None and needs_guide(job.preset.sample):
+            job.guide_net = job.guide.network(state.device)
         if want_compile(compile, state.device):
             warn = main_process_only(progress, state.is_main_process)
-            compile_blocks(net, lambda text: warn(Message(text, "warning")))
+            for module in (net, job.guide_net) if job.guide_net is not None else (net,):
+                compile_blocks(module, lambda text: warn(Message(text, "warning")))
         diffusion = build_diffusion(job.preset.diffusion, job.preset.model)
         decode, _ = make_decoder(job.preset, job.vae, state.device, job.precision)
         yield net, diffusion, decode
@@ -323,12 +308,13 @@ def write_images(
     task: str = "sample",
     purpose: str = "",
     preemptible: bool = True,
+    guide: torch.nn.Module | None = None,
 ) -> None:
     """The one seed → batch → file loop: this process's share of `seeds` (`state`: an Accelerator or PartialState)
     that `sink` does not hold yet, generated batch by batch into `sink`. `classes` are fixed labels cycled over
     `seeds` (None: drawn per seed). `task` names the progress events, `purpose` ends their first line. When
     `preemptible`, a preemption signal stops it after the batch in hand is written (`Preempted`); callers that
-    handle the signals themselves (training) pass False."""
+    handle the signals themselves (training) pass False. `guide`: autoguidance's guiding network."""
     device = state.device
     mine = seeds[state.process_index :: state.num_processes]
     have = sink.done(mine)
@@ -347,7 +333,16 @@ def write_images(
             chunk = todo[i : i + batch]
             fixed = None if classes is None else [classes[position[s] % len(classes)] for s in chunk]
             for s_chunk, labels, images in generate(
-                net, diffusion, preset, chunk, decode, precision=precision, batch=batch, device=device, classes=fixed
+                net,
+                diffusion,
+                preset,
+                chunk,
+                decode,
+                precision=precision,
+                batch=batch,
+                device=device,
+                classes=fixed,
+                guide=guide,
             ):
                 sink.write(s_chunk, labels, images)
                 done = min(done + len(s_chunk) * state.num_processes, total)

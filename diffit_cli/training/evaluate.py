@@ -1,18 +1,22 @@
 """FID along training (EDM's metric snapshots): every `eval.every_kimg` the EMA network samples `eval.num_samples`
-images (seeds 0..N-1, the same at every point, labelled as `eval.classes` says) and is scored against
+images (seeds 0..N-1, the same at every point, labelled as `eval.classes` says, guided as `sample.guidance` says:
+autoguidance's guide is read once per run) and is scored against
 `eval.reference`, or the training data's statistics (FID, and the other `eval.metrics` beside it); the values go
 into log.jsonl (with their extractor) and the trackers, and the lowest FID so far makes its snapshot
 `checkpoints/best.pt`."""
 
 from __future__ import annotations
 
+import torch
+
 from diffit_cli.events import Message
 from diffit_cli.fid.metrics import VALUE_KEYS, with_fid
 from diffit_cli.fid.reference import preset_reference
 from diffit_cli.fid.score import sample_fid, scratch_sink
 from diffit_cli.precision import sampling_precision
-from diffit_cli.sampling.generate import make_decoder
+from diffit_cli.sampling.generate import make_decoder, needs_guide
 from diffit_cli.sampling.run import parse_classes
+from diffit_cli.sampling.weights import load_guide
 from diffit_cli.training.run import Run, log_record
 
 WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (removed after)
@@ -39,6 +43,17 @@ def fid_reference(run: Run) -> tuple[str, str]:
     return run.fid_reference
 
 
+def run_guide(run: Run) -> torch.nn.Module | None:
+    """Autoguidance's guiding network for FID along training and the preview grid (`sample.guidance.mode` auto,
+    scale ≠ 1), read once per run and kept on the run; None without autoguidance. `training.preflight` has checked
+    it against the preset before the first step."""
+    if not needs_guide(run.preset.sample):
+        return None
+    if getattr(run, "guide", None) is None:
+        run.guide, _ = load_guide(run.preset.sample.guidance.guide, run.preset, run.accelerator.device)
+    return run.guide
+
+
 def fid_point(run: Run) -> bool:
     """Score the EMA network now; log the value; True (on the main process) when it is the lowest so far."""
     preset, acc, state = run.preset, run.accelerator, run.state
@@ -62,6 +77,7 @@ def fid_point(run: Run) -> bool:
             inception_weights=run.inception_weights,
             progress=run.emit,
             metrics=with_fid(ev.metrics),
+            guide=run_guide(run),
         )
     if r is None:
         return False

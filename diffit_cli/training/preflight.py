@@ -20,6 +20,8 @@ from diffit_cli.errors import DiffitError
 from diffit_cli.fid.extractors import check_extractor, check_weights_at_hand, extractor_class
 from diffit_cli.fid.reference import LATENT_NEEDS_FILE, TRAIN
 from diffit_cli.fileio import check_writable
+from diffit_cli.sampling.generate import needs_guide
+from diffit_cli.sampling.weights import read_guide
 from diffit_cli.training.recipe import TrainError, split_batch
 from diffit_cli.training.tracking import TrackerSpec, resolve_trackers
 
@@ -71,6 +73,8 @@ def preflight(
         else:  # builds the extractor: reads (or downloads) its weights now, not at the first FID point
             check_extractor(ev.feature_extractor, inception_weights)
         _check_reference(preset)
+    if needs_guide(preset.sample):  # FID along training and the preview grids sample with it
+        read_guide(preset.sample.guidance.guide, preset)
     on_this_machine(lambda: _check_device(preset))
     split_batch(preset.train.batch, batch_gpu or preset.train.batch_gpu, int(os.environ.get("WORLD_SIZE", "1")))
     if run_dir is not None:
