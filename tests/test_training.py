@@ -18,8 +18,11 @@ from diffit_cli.build import build_diffusion, build_network, build_optimizer
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.config import dump_preset, load_preset
 from diffit_cli.events import Step
+from diffit_cli.posthoc.store import list_profiles
 from diffit_cli.training import train
 from diffit_cli.training.recipe import Ema, step_unless
+
+POSTHOC = ("train.posthoc_ema=[0.05, 0.1]", "train.posthoc_ema_kimg=0.008")
 
 
 def _fit_fixed_batch(preset, x0, y=None, steps=25):
@@ -171,8 +174,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     reason="two processes on one GPU: NCCL needs a GPU per process",
 )
 def test_two_processes_equal_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo) and the same global batch gives the one-process result."""
-    p = tiny_unet("train.total_kimg=0.016", "train.batch_gpu=4", ADAM_EPS)
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the one-process result, post-hoc EMA
+    profiles included (each process tracks them; the main one stores them)."""
+    p = tiny_unet("train.total_kimg=0.016", "train.batch_gpu=4", ADAM_EPS, *POSTHOC)
     preset_file = tmp_path / "p.yaml"
     preset_file.write_text(dump_preset(p))
     train(p, tmp_path / "one")  # one process: 2 accumulation rounds of 4
@@ -195,6 +199,8 @@ def test_two_processes_equal_one(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "× 2 (" in out.stderr, out.stderr[-2000:]  # really two processes
     assert_same_state(final_checkpoint(tmp_path / "one"), final_checkpoint(tmp_path / "two"), exact=False)
+    stored = [[(s.path.name, s.step) for s in list_profiles(tmp_path / run)] for run in ("one", "two")]
+    assert stored[0] == stored[1] and len(stored[0]) == 4
 
 
 def test_cli_dry_run_prints_preset_and_parameters():
