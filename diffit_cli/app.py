@@ -16,7 +16,7 @@ import typer
 from diffit_cli import __version__
 from diffit_cli.commands import _common
 
-COMMAND_MODULES = ["train", "sample", "eval_fid", "encode_latents", "ablate", "plot", "export"]
+COMMAND_MODULES = ["train", "sample", "eval_fid", "encode_latents", "ablate", "plot", "export", "ema"]
 ENTRY_POINT_GROUP = "diffit.commands"
 
 

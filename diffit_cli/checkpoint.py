@@ -142,6 +142,16 @@ def load_checkpoint(path: Path | str) -> dict:
     return state
 
 
+def trained_weights(state: dict, path: Path | str) -> str:
+    """The key of a checkpoint's trained weights; a post-hoc EMA reconstruction (`diffit ema`) holds none."""
+    if "model" not in state:
+        raise CheckpointError(
+            f"{str(path)!r} holds only EMA weights (a post-hoc EMA reconstruction); --raw applies to training "
+            "checkpoints"
+        )
+    return "model"
+
+
 def strip_prefixes(state_dict: dict) -> dict:
     """Remove DDP `module.` and torch.compile `_orig_mod.` prefixes."""
     out = {}
@@ -225,7 +235,7 @@ def read_snapshot(path: Path | str, *, preset: Preset | None = None, ema: bool =
     else:
         state = load_checkpoint(path)
         preset = preset if preset is not None else preset_from_yaml(state["preset"], str(path))
-        weights = state["ema" if ema else "model"]
+        weights = state["ema" if ema else trained_weights(state, path)]
     return strip_prefixes(weights), preset
 
 

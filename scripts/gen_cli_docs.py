@@ -67,6 +67,11 @@ EXAMPLES: dict[str, list[str]] = {
         "diffit plot runs/demo                                   # writes curves.png",
         "diffit plot runs/ablations/window-size/tiny/w2 runs/ablations/window-size/tiny/w4 --out cmp.png",
     ],
+    "ema": [
+        "diffit ema runs/cifar10 --sigma-rel 0.05,0.075,0.10     # checkpoints in runs/cifar10/ema-reconstructed/",
+        "diffit ema runs/cifar10 --sigma-rel 0.03,0.05,0.07,0.09,0.12 --sweep --num-samples 10000   # FID vs σ_rel",
+        "diffit ema runs/cifar10 --sigma-rel 0.08 --at-kimg 100000 --out ema-100M/   # at an earlier stored time",
+    ],
 }
 
 

@@ -10,13 +10,16 @@ p_t(τ) = (γ+1) τ^γ / t^(γ+1) over step τ (telescope the product of the β'
 length t is σ_rel = √((γ+1) / ((γ+2)² (γ+3))) (EDM2 eq. 3), largest (≈ 0.3003) at γ = (√5 − 3)/2.
 
 Reconstruction: snapshots θ̂_i of profiles (t_i, γ_i) are stored during training; the average for a target
-profile p_r is approximated by Σ x_i θ̂_i, with x minimising ∫ (p_r − Σ x_i p_i)² dτ. Setting the gradient to
-zero gives A x = b, A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_r⟩, with the closed-form inner product
+profile p_r is approximated by Σ x_i θ̂_i, with x minimising ∫ (p_r − Σ x_i p_i)² dτ subject to Σ x_i = 1: every
+profile integrates to 1, so the combination is itself an average and weights that never moved come back unchanged
+(the unconstrained minimum sums to 1 only where the fit is exact; a sum of 1.03 would scale every weight by 3%).
+With a Lagrange multiplier λ the stationarity conditions are the bordered system [A 1; 1ᵀ 0] [x; λ] = [b; 1],
+A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_r⟩, with the closed-form inner product
 
     ⟨p_a, p_b⟩ = (γ_a+1)(γ_b+1) / (γ_a+γ_b+1) · (m/t_a)^(γ_a+1) (m/t_b)^(γ_b+1) / m,   m = min(t_a, t_b),
 
 written with ratios ≤ 1 so that long runs (t ~ 10⁶, γ ~ 10²) do not overflow. The residual of the fit,
-√((⟨p_r, p_r⟩ − x·b) / ⟨p_r, p_r⟩), says how well the stored profiles span the target (0 = exact).
+√((⟨p_r, p_r⟩ − 2 x·b + xᵀA x) / ⟨p_r, p_r⟩), says how well the stored profiles span the target (0 = exact).
 """
 
 from __future__ import annotations
@@ -72,13 +75,19 @@ def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> flo
 def solve_profiles(
     stored: Sequence[tuple[float, float]], targets: Sequence[tuple[float, float]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares coefficients of the `targets` profiles (t, γ) in the `stored` ones: x (n_stored, n_targets)
-    float64 with θ_r = Σ_i x_ir θ̂_i, and each target's relative residual (n_targets,)."""
+    """Least-squares coefficients of the `targets` profiles (t, γ) in the `stored` ones, summing to 1 (module
+    docstring): x (n_stored, n_targets) float64 with θ_r = Σ_i x_ir θ̂_i, and each target's relative residual
+    (n_targets,)."""
+    n = len(stored)
     A = torch.tensor([[profile_inner(*a, *b) for b in stored] for a in stored], dtype=torch.float64)
     B = torch.tensor([[profile_inner(*a, *r) for r in targets] for a in stored], dtype=torch.float64)
-    x = torch.linalg.lstsq(A, B, driver="gelsd").solution  # (n_stored, n_targets); gelsd: rank-deficient A is fine
+    scale = A.diagonal().mean()  # ⟨p, p⟩ ~ γ/t: brought to ~1 beside the constraint's row of ones (gelsd's rcond)
+    K = torch.ones(n + 1, n + 1, dtype=torch.float64)
+    K[:n, :n], K[n, n] = A / scale, 0.0
+    rhs = torch.cat([B / scale, torch.ones(1, len(targets), dtype=torch.float64)])
+    x = torch.linalg.lstsq(K, rhs, driver="gelsd").solution[:n]  # (n_stored, n_targets); gelsd: rank-deficient is fine
     norm = torch.tensor([profile_inner(*r, *r) for r in targets], dtype=torch.float64)
-    left = (norm - (x * B).sum(0)).clamp(min=0)
+    left = (norm - 2 * (x * B).sum(0) + (x * (A @ x)).sum(0)).clamp(min=0)
     return x, (left / norm).sqrt()
 
 

@@ -1,9 +1,9 @@
 """The stored snapshots of post-hoc EMA profiles: `RUN_DIR/posthoc-ema/pema-<σ_rel>-<kimg>.safetensors`.
 
-Each file holds one profile's averaged network (its full state dict, float32) at one optimizer step, and in its
-safetensors metadata the profile (σ_rel, γ), the step and image count, and the run's preset, so that a snapshot is
-itself a weights file that `diffit sample --ckpt` reads. Training writes them atomically and never prunes them; a
-snapshot written again at the same image count (a resumed or rolled-back run) replaces the old one.
+Each file holds one profile's averaged network (its full state dict, floating tensors as float32) at one optimizer
+step, and in its safetensors metadata the profile (σ_rel, γ), the step and image count, and the run's preset, so that
+a snapshot is itself a weights file that `diffit sample --ckpt` reads. Training writes them atomically and never
+prunes them; a snapshot written again at the same image count (a resumed or rolled-back run) replaces the old one.
 """
 
 from __future__ import annotations
@@ -53,8 +53,13 @@ def write_snapshot(
     nimg: int,
     preset: str,
 ) -> Path:
-    """Store one profile's state dict (as float32, on the CPU) with its metadata, atomically."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    """Store one profile's state dict (floating tensors as float32, on the CPU) with its metadata, atomically.
+    Integer buffers (attention's relative position index) keep their dtype: a reconstruction copies them, and
+    one read back as float could be truncated when loaded into an integer buffer."""
+    tensors = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in state.items()
+    }
     meta = {
         "format": FORMAT,
         "sigma_rel": repr(float(sigma_rel)),

@@ -15,7 +15,7 @@ from safetensors.torch import save
 
 from diffit_cli import __version__
 from diffit_cli.build import count_parameters
-from diffit_cli.checkpoint import load_checkpoint, read_snapshot, snapshot_network, strip_prefixes
+from diffit_cli.checkpoint import load_checkpoint, read_snapshot, snapshot_network, strip_prefixes, trained_weights
 from diffit_cli.config import Preset, dump_preset, preset_from_yaml, preset_to_dict
 from diffit_cli.curves import LOG, read_log, taken_path
 from diffit_cli.data import open_source
@@ -55,7 +55,7 @@ def read_source(ckpt: str, preset: Preset | None, raw: bool) -> tuple[Path, dict
     if path.is_file() and path.suffix != ".safetensors":
         state = load_checkpoint(path)
         preset = preset if preset is not None else preset_from_yaml(state["preset"], str(path))
-        weights = strip_prefixes(state["model" if raw else "ema"])
+        weights = strip_prefixes(state[trained_weights(state, path) if raw else "ema"])
         return path, weights, preset, {"kimg": state.get("nimg", 0) / 1000, "step": state.get("step", 0)}
     weights, preset = read_snapshot(path, preset=preset, ema=not raw)
     return path, weights, preset, None
