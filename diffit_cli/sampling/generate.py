@@ -130,7 +130,7 @@ def generate(
     for i in range(0, len(seeds), batch):
         chunk = seeds[i : i + batch]
         y = labels[i : i + batch] if labels is not None else None
-        x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision, guide)
+        x = sample_batch(net, diffusion, shape, chunk, y, preset.sample, device, m.num_classes, precision, guide=guide)
         yield chunk, (y.numpy() if y is not None else None), decode(x)
 
 
