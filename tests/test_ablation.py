@@ -65,7 +65,7 @@ def test_study_validates_at_every_budget(name):
         assert any(v.paper is not None for v in study.variants), "the paper column must cite values"
 
 
-@pytest.mark.parametrize("name", [s for s in STUDIES if s != "cfg-scale"])
+@pytest.mark.parametrize("name", [s for s in STUDIES if A.load_study(s).kind != "sample"])
 def test_each_variant_network_really_differs(name):
     """Variants of a training study differ in parameter count, module types or diffusion (never identical)."""
     plan = A.plan_study(name, "tiny")
@@ -81,6 +81,53 @@ def test_sample_study_changes_only_sampling():
         assert all(k.startswith("sample.") for k in v.changes)
     cos46 = next(v for v in plan.variants if v.name == "cos-4.6")
     assert cos46.changes == {"sample.guidance.scale": (4.4, 4.6)} and cos46.paper == 1.73
+
+
+def test_guidance_study_fills_in_the_guide_of_autoguided_variants(tmp_path):
+    """The guidance study samples one network; its autoguided variants (and only they) get the guide the study trains
+    in <dir>/guide, or --guide-checkpoint; the guide is the base preset, narrower, trained for a quarter as long."""
+    plan = A.plan_study("guidance", "paper", runs_dir=tmp_path)
+    trained = str(tmp_path / "guide" / "checkpoints" / "latest.pt")
+    assert len({v.parameters for v in plan.variants}) == 1
+    for v in plan.variants:
+        assert all(k.startswith("sample.") for k in v.changes)
+        auto = v.name.startswith("auto-")
+        assert ("sample.guidance.guide" in v.changes) == auto and ("sample.guidance.mode" in v.changes) == auto
+        if auto:
+            assert v.changes["sample.guidance.guide"] == (None, trained)
+    assert {v.name: v.paper for v in plan.variants if v.paper} == {"none": 2.56, "cfg-1.4": 2.23, "auto-2.1": 1.34}
+    study = A.load_study("guidance")
+    guide, base = A.resolve_guide_preset(study, "paper"), A.resolve_preset(study, None, "paper")
+    assert guide.train.total_kimg == pytest.approx(base.train.total_kimg / 4)
+    assert count_config_parameters(guide.model) < count_config_parameters(base.model)
+    assert guide.model.num_classes == base.model.num_classes and guide.data == base.data
+    assert base.model.label_dropout > 0  # CFG's null class is trained
+    given = A.plan_study("guidance", "test", runs_dir=tmp_path, guide_checkpoint="weak.pt")
+    assert {v.changes["sample.guidance.guide"][1] for v in given.variants if v.name.startswith("auto-")} == {"weak.pt"}
+    r = invoke("ablate", "guidance", "--budget", "test", "--runs-dir", str(tmp_path), "--dry-run")
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "guide: the base preset with model.channels=[16,32,32] trained to 0.012 kimg" in flat
+    assert f"sample.guidance.guide:–→{trained}" in "".join(flat.split())  # rich breaks long paths anywhere
+    assert not (tmp_path / "guide").exists()
+
+
+def test_an_autoguided_variant_without_a_guide_is_refused(tmp_path):
+    """A variant with sample.guidance.mode=auto in a study without a guide: section needs --guide-checkpoint; the
+    guide flag belongs to sample studies only (the command's one-line errors: test_errors.py)."""
+    study = tmp_path / "noguide.yaml"
+    study.write_text(
+        "name: noguide\ntitle: t\nsource: DiffiT test\nkind: sample\nbase: demo\nvariants:\n"
+        "  - {name: auto, overrides: [sample.guidance.mode=auto, sample.guidance.scale=2]}\n"
+    )
+    with pytest.raises(A.StudyError, match="names no guiding network.*--guide-checkpoint"):
+        A.plan_study(str(study), "test")
+    assert A.plan_study(str(study), "test", guide_checkpoint="weak.pt").variants[0].changes[
+        "sample.guidance.guide"
+    ] == (None, "weak.pt")
+    with pytest.raises(A.StudyError, match="--guide-checkpoint is for studies that only sample"):
+        A.run_study("window-size", "test", runs_dir=tmp_path / "ws", guide_checkpoint="weak.pt")
+    assert not (tmp_path / "ws").exists()
 
 
 def test_dry_run_lists_the_resolved_overrides():
@@ -273,6 +320,48 @@ def test_window_size_end_to_end_and_resume(tmp_path, monkeypatch):
         A.run_study("window-size", "test", runs_dir=out, overrides=["train.lr=1e-4"])
     with pytest.raises(A.StudyError, match="budget"):
         A.run_study("window-size", "tiny", runs_dir=out)
+
+
+@pytest.mark.e2e
+def test_guidance_study_end_to_end_with_a_trained_guide_and_a_given_one(tmp_path):
+    """The guidance study trains the base and, for its autoguided variants, a guide for a quarter as long; the guide
+    reaches the sampler (autoguided images differ from unguided ones). With --checkpoint and --guide-checkpoint both
+    the base's own network, autoguidance is D + w·(D − D) = D: exactly the unguided images, and nothing is trained."""
+    out, few = tmp_path / "g", ["eval.num_samples=8", "sample.num_images=8"]  # the mechanics, quickly
+    first = A.run_study("guidance", "test", runs_dir=out, only=["none", "auto-2.1"], overrides=few)
+    assert first.ran == ["none", "auto-2.1"] and first.extractor == TEST_EXTRACTOR
+    rows = {r["variant"]: r for r in first.rows}
+    assert math.isfinite(rows["none"]["value"]) and math.isfinite(rows["auto-2.1"]["value"])
+    assert rows["cfg-2.1"]["status"] == "not run"
+    auto = json.loads((out / "auto-2.1" / "result.json").read_text())
+    guide_file = (out / "guide" / "checkpoints" / "latest.pt").resolve()
+    assert auto["guide"] == str(guide_file) and auto["guide_kimg"] == pytest.approx(0.016)  # one batch of 16
+    assert auto["kimg"] == pytest.approx(0.048) and "guide" not in json.loads(
+        (out / "none" / "result.json").read_text()
+    )
+    preset = load_preset(out / "guide" / "preset.yaml")
+    assert preset.train.total_kimg == pytest.approx(0.012)
+    images = {v: np.load(out / v / "samples.npz")["arr_0"] for v in ("none", "auto-2.1")}
+    assert images["none"].shape == images["auto-2.1"].shape and not np.array_equal(images["none"], images["auto-2.1"])
+
+    import diffit_cli.training
+
+    base = str((out / "base" / "checkpoints" / "latest.pt").resolve())
+    again = tmp_path / "self"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffit_cli.training, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+        second = A.run_study(
+            "guidance",
+            "test",
+            runs_dir=again,
+            only=["none", "auto-2.1"],
+            overrides=few,
+            checkpoint=base,
+            guide_checkpoint=base,
+        )
+    assert second.ran == ["none", "auto-2.1"] and not (again / "guide").exists()
+    same = {v: np.load(again / v / "samples.npz")["arr_0"] for v in ("none", "auto-2.1")}
+    assert np.array_equal(same["none"], images["none"]) and np.array_equal(same["auto-2.1"], images["none"])
 
 
 @pytest.mark.e2e

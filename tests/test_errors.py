@@ -115,6 +115,18 @@ ROWS = [
     _row(["ablate", "nosuch"], "nosuch", id="ablate: unknown study"),
     _row(["ablate", "window-size", "--budget", "huge"], "huge", "tiny", id="ablate: bad budget"),
     _row(["ablate", "window-size", "--only", "novariant", "--dry-run"], "novariant", id="ablate: unknown variant"),
+    _row(
+        ["ablate", "cfg-scale", "--dry-run", "--set", "sample.guidance.mode=auto"],
+        "guiding network",
+        "--guide-checkpoint",
+        id="ablate: autoguidance without a guide",
+    ),
+    _row(
+        ["ablate", "window-size", "--guide-checkpoint", "{w}/ckpt.pt", "--runs-dir", "{w}/ws"],
+        "--guide-checkpoint",
+        "only sample",
+        id="ablate: a guide for a training study",
+    ),
     # ---------------------------------------------------------------- data errors
     _row(["train", "--data", "{w}/nope", *TINY], "nope", "does not exist", id="data: missing"),
     _row(["train", "--data", "{w}/empty", *TINY, "--run-dir", "{w}/new"], "no images", id="data: empty folder"),

@@ -10,29 +10,76 @@ from typing import Any
 import torch
 
 from diffit_cli.ablation.budget import apply_budget, get_budget
-from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, Variant, load_study
+from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
 from diffit_cli.build import build_network, count_parameters
+from diffit_cli.checkpoint import CHECKPOINT_DIR, LATEST
 from diffit_cli.config import Preset, apply_overrides, diff_presets, preset_to_dict, read_preset_file, validate_preset
 
 
 def resolve_preset(
-    study: Study, variant: Variant | None, budget: str = "tiny", overrides: list[str] | None = None
+    study: Study,
+    variant: Variant | None,
+    budget: str = "tiny",
+    overrides: list[str] | None = None,
+    guide: str | None = None,
 ) -> Preset:
     """The preset a variant trains with (variant None: the study's base) at `budget`, after user `--set` values.
 
     Order: base preset → `sections` → study overrides → variant overrides → budget shrink → the study's
-    per-budget overrides → user overrides (so a user can pin anything, e.g. --set data.path=cifar10.zip)."""
+    per-budget overrides → user overrides (so a user can pin anything, e.g. --set data.path=cifar10.zip). A variant
+    that autoguides (`sample.guidance.mode=auto`) without naming its guide gets `guide` (`guide_reference`)."""
+    vname = variant.name if variant is not None else "base"
+    raw = _resolve_raw(study, variant.overrides if variant is not None else [], budget, overrides)
+    guidance = raw.setdefault("sample", {}).setdefault("guidance", {})
+    if guidance.get("mode") == "auto" and not guidance.get("guide"):
+        if guide is None:
+            raise StudyError(
+                f"variant {vname!r} of study {study.name!r} autoguides (sample.guidance.mode=auto) but names no "
+                "guiding network: give the study a guide: section or pass --guide-checkpoint"
+            )
+        guidance["guide"] = guide
+    return _validate(study, raw, vname, budget)
+
+
+def resolve_guide_preset(study: Study, budget: str = "tiny", overrides: list[str] | None = None) -> Preset:
+    """The guiding network's preset: the base with the study's `guide.overrides` (before the budget shrink, so a
+    narrower guide stays narrower by the same ratio), trained for `guide.fraction` of the resolved training length.
+    The guide samples nothing itself: its own guidance is reset to none."""
+    if study.guide is None:
+        raise StudyError(f"study {study.name!r} has no guide: section")
+    raw = _resolve_raw(study, study.guide.overrides, budget, overrides)
+    train = raw.setdefault("train", {})
+    train["total_kimg"] = float(train["total_kimg"]) * study.guide.fraction
+    for key in ("report_kimg", "snapshot_kimg"):
+        if train.get(key):
+            train[key] = min(float(train[key]), train["total_kimg"])
+    raw.setdefault("sample", {})["guidance"] = {}
+    return _validate(study, raw, "guide", budget)
+
+
+def guide_reference(study: Study, sdir: Path, guide_checkpoint: str | None = None) -> str | None:
+    """What autoguiding variants sample with: `--guide-checkpoint`, else the latest checkpoint of the guide the
+    study trains in `<dir>/guide` (None: neither)."""
+    if guide_checkpoint is not None:
+        return guide_checkpoint
+    if study.guide is None:
+        return None
+    return str(sdir / "guide" / CHECKPOINT_DIR / LATEST)
+
+
+def _resolve_raw(study: Study, variant_overrides: list[str], budget: str, overrides: list[str] | None) -> dict:
     b = get_budget(budget)
     raw, _ = read_preset_file(study.base)
     for section, value in study.sections.items():
         raw[section] = copy.deepcopy(value)
     raw = apply_overrides(raw, study.overrides)
-    if variant is not None:
-        raw = apply_overrides(raw, variant.overrides)
+    raw = apply_overrides(raw, variant_overrides)
     raw = apply_budget(raw, b)
     raw = apply_overrides(raw, study.budgets.get(budget, []))
-    raw = apply_overrides(raw, overrides)
-    vname = variant.name if variant is not None else "base"
+    return apply_overrides(raw, overrides)
+
+
+def _validate(study: Study, raw: dict, vname: str, budget: str) -> Preset:
     raw["name"] = f"{study.name}-{vname}"
     raw["description"] = f"ablation {study.name} ({study.source}), variant {vname}, budget {budget}"
     return validate_preset(raw, f"study {study.name}, variant {vname}, budget {budget}")
@@ -73,6 +120,7 @@ class StudyPlan:
     study_dir: str
     base: str
     variants: list[VariantPlan]
+    guide: str = ""  # autoguidance's guiding network, described (empty: none)
 
     def describe(self) -> str:
         """What `diffit ablate STUDY --dry-run` prints: each variant's overrides and their resolved changes."""
@@ -85,6 +133,8 @@ class StudyPlan:
             f"budget {self.budget}: {self.budget_summary}",
             f"base preset {self.base}; runs in {self.study_dir}",
         ]
+        if self.guide:
+            lines.append(f"guide: {self.guide}")
         for v in self.variants:
             paper = "" if v.paper is None else f", paper {v.paper:g}"
             lines += [
@@ -126,14 +176,17 @@ def plan_study(
     overrides: list[str] | None = None,
     runs_dir: Path | str | None = None,
     only: list[str] | None = None,
+    guide_checkpoint: str | None = None,
 ) -> StudyPlan:
-    """What `--dry-run` shows: every variant's overrides, its resolved differences from the base, its network."""
+    """What `--dry-run` shows: every variant's overrides, its resolved differences from the base, its network, and
+    the guiding network of autoguiding variants."""
     study = load_study(study) if isinstance(study, (str, Path)) else study
     sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
-    base = resolve_preset(study, None, budget, overrides)
+    guide = guide_reference(study, sdir, guide_checkpoint)
+    base = resolve_preset(study, None, budget, overrides, guide)
     plans = []
     for v in select_variants(study, only):
-        p = resolve_preset(study, v, budget, overrides)
+        p = resolve_preset(study, v, budget, overrides, guide)
         params, net, types = _network_summary(p)
         vdir = sdir / v.name
         status = "done" if (vdir / RESULT).is_file() else "partial" if vdir.exists() else "new"
@@ -152,5 +205,29 @@ def plan_study(
             )
         )
     return StudyPlan(
-        study.name, study.title, study.kind, budget, get_budget(budget).summary, str(sdir), study.base, plans
+        study.name,
+        study.title,
+        study.kind,
+        budget,
+        get_budget(budget).summary,
+        str(sdir),
+        study.base,
+        plans,
+        _describe_guide(study, budget, overrides, guide_checkpoint, guide),
+    )
+
+
+def _describe_guide(
+    study: Study, budget: str, overrides: list[str] | None, guide_checkpoint: str | None, guide: str | None
+) -> str:
+    if guide_checkpoint is not None:
+        return f"{guide_checkpoint} (--guide-checkpoint)"
+    if study.guide is None:
+        return ""
+    p = resolve_guide_preset(study, budget, overrides)
+    params, _, _ = _network_summary(p)
+    return (
+        f"the base preset{' with ' + ' '.join(study.guide.overrides) if study.guide.overrides else ''} trained to "
+        f"{p.train.total_kimg:g} kimg ({study.guide.fraction:g} of the training), {params:,} parameters, "
+        f"in {Path(guide).parent.parent}"
     )

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from diffit_cli import training
 from diffit_cli.ablation.budget import get_budget
-from diffit_cli.ablation.plan import default_runs_dir, resolve_preset, select_variants
+from diffit_cli.ablation.plan import (
+    default_runs_dir,
+    guide_reference,
+    resolve_guide_preset,
+    resolve_preset,
+    select_variants,
+)
 from diffit_cli.ablation.report import collect_rows, write_results
 from diffit_cli.ablation.study import RESULT, SKIP_DIFF, Study, StudyError, Variant, load_study
 from diffit_cli.ablation.variants import VariantRunner
@@ -79,6 +85,7 @@ def run_study(
     runs_dir: Path | str | None = None,
     only: list[str] | None = None,
     checkpoint: str | None = None,
+    guide_checkpoint: str | None = None,
     feature_extractor: str | None = None,
     inception_weights: Path | str | None = None,
     trackers: training.TrackerSpec | None = None,
@@ -88,6 +95,8 @@ def run_study(
 
     `only`: variant names to run (results still list every finished variant). `checkpoint`: for `sample`
     studies, a trained network to sample instead of training the base (a `.pt`, `.safetensors` or REPO:FILE).
+    `guide_checkpoint`: the guiding network of the variants that autoguide (`sample.guidance.mode=auto`) instead of
+    the one the study's `guide:` section trains in `<dir>/guide` (before the first such variant).
     `inception_weights`: a local Inception weights file (offline machines; also lifts the tiny budget's fallback to
     the offline extractor). `trackers`: log each trained variant as its own tracker run, grouped by the study
     (its `name` and `group` are set per variant). `progress` receives `diffit_cli.events`: Messages for each variant
@@ -97,12 +106,10 @@ def run_study(
     get_budget(budget)
     sdir = Path(runs_dir) if runs_dir is not None else default_runs_dir(study, budget)
     selected = select_variants(study, only)
-    if checkpoint is not None and study.kind != "sample":
-        raise StudyError(
-            f"--checkpoint is for studies that only sample (cfg-scale); {study.name!r} trains its variants"
-        )
-    presets = {v.name: resolve_preset(study, v, budget, overrides) for v in study.variants}
-    base = resolve_preset(study, None, budget, overrides)
+    _check_sample_flags(study, checkpoint=checkpoint, guide_checkpoint=guide_checkpoint)
+    guide = guide_reference(study, sdir, guide_checkpoint)
+    presets = {v.name: resolve_preset(study, v, budget, overrides, guide) for v in study.variants}
+    base = resolve_preset(study, None, budget, overrides, guide)
     weights = Path(inception_weights).expanduser() if inception_weights is not None else None
     extractor = _study_extractor(sdir, study, budget, feature_extractor, weights)
     if trackers is not None:
@@ -119,6 +126,8 @@ def run_study(
     ckpt = weights_preset = None
     if study.kind == "sample" and todo:
         ckpt, weights_preset = runner.base_checkpoint(base)
+        if guide_checkpoint is None and any(_trained_guide(presets[v.name], guide) for v in todo):
+            runner.train_guide(resolve_guide_preset(study, budget, overrides), guide)
     for i, v in enumerate(todo):
         _run_variant(runner, v, f"{i + 1}/{len(todo)}", presets[v.name], ckpt, weights_preset, base)
         result.ran.append(v.name)
@@ -151,6 +160,22 @@ def _run_variant(
             data={"event": "variant", "variant": v.name, "status": "done", "value": value},
         )
     )
+
+
+def _check_sample_flags(study: Study, **given: str | None) -> None:
+    """--checkpoint and --guide-checkpoint name networks to sample: only sample studies take them."""
+    for name, value in given.items():
+        if value is not None and study.kind != "sample":
+            raise StudyError(
+                f"--{name.replace('_', '-')} is for studies that only sample (cfg-scale, guidance); {study.name!r} "
+                "trains its variants"
+            )
+
+
+def _trained_guide(preset: Preset, guide: str | None) -> bool:
+    """Whether this variant autoguides with the guide the study trains (not one its own overrides name)."""
+    g = preset.sample.guidance
+    return g.mode == "auto" and guide is not None and g.guide == guide
 
 
 def _study_extractor(sdir: Path, study: Study, budget: str, requested: str | None, weights: Path | None) -> str | None:

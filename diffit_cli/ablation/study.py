@@ -9,13 +9,15 @@ behind the commands — each in its own run directory, and writes the results ta
 
 Study kinds: `train` (train, sample, score each variant), `curve` (score along training: FID after each of
 `curve_points` equal shares of the training), `sample` (one trained network, or `checkpoint`; the variants change
-only `sample.*` settings) and `attention` (train, then attention maps at several noise levels, Fig. 2).
+only `sample.*` settings; its `guide:` section trains the guiding network of the variants that autoguide) and
+`attention` (train, then attention maps at several noise levels, Fig. 2).
 
 Study directory (default `runs/ablations/<study>/<budget>`)::
 
     study.json                 budget and feature extractor of this directory (a rerun must match)
     <variant>/                 a `diffit train` run dir + samples.npz + result.json (written last, atomically)
     base/                      `sample` studies: the one trained network
+    guide/                     `sample` studies with `guide:`: autoguidance's guiding network (a `diffit train` run dir)
     results.md results.csv results.json <study>.png   (attention studies: attention-change.png,
                                attention-maps-fixed.png, attention-maps-trajectory.png, <variant>/attention/*.png)
 
@@ -63,6 +65,15 @@ class Variant(_Strict):
     group: str | None = None  # sweep series; a sweep variant without a group is a point of every series
 
 
+class Guide(_Strict):
+    """Autoguidance's guiding network of a sample study (Karras et al. 2024, Sec. 5: a smaller, shorter-trained
+    version of the main network): the base preset with `overrides` (e.g. a narrower model), trained for `fraction`
+    of the budget's training length in `<study dir>/guide`."""
+
+    fraction: float = Field(0.25, gt=0, le=1)
+    overrides: list[str] = []
+
+
 class Sweep(_Strict):
     axis: str
     log: bool = False
@@ -81,6 +92,7 @@ class Study(_Strict):
     metric: Literal["fid", "attention-change"] = "fid"
     paper_column: str = "CIFAR-10"
     sweep: Sweep | None = None
+    guide: Guide | None = None  # sample studies: the guiding network of variants with sample.guidance.mode=auto
     curve_points: int | dict[str, int] = 4
     timesteps: list[float] = [0.02, 0.1, 0.5, 2.0, 10.0, 80.0]  # attention studies: EDM σ values
     attention_layer: int = 0  # index among the network's attention modules, in module order
@@ -105,6 +117,8 @@ class Study(_Strict):
                 bad = [o for o in v.overrides if not o.startswith(("sample.", "eval."))]
                 if bad:
                     raise ValueError(f"a sample study's variants may change only sample.*/eval.* ({v.name}: {bad[0]})")
+        if self.guide is not None and self.kind != "sample":
+            raise ValueError("only a sample study trains a guide (its variants share one trained network)")
         if (self.kind == "attention") != (self.metric == "attention-change"):
             raise ValueError("attention studies (and only they) use metric attention-change")
         if self.sweep is not None and any(v.x is None for v in self.variants):

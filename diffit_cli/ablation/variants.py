@@ -57,6 +57,8 @@ class VariantRunner:
         self.extractor, self.inception_weights = extractor, inception_weights
         self._reference: tuple[str, str] | None = None
         self.base_kimg: float | None = None  # sample studies: training of the sampled network (None: --checkpoint)
+        self.trained_guide: str | None = None  # sample studies: the guide trained in <dir>/guide, and its training
+        self.guide_kimg: float | None = None
 
     def run_variant(
         self, v: Variant, preset: Preset, vdir: Path, ckpt: str | None, weights_preset: Preset | None, base: Preset
@@ -252,7 +254,16 @@ class VariantRunner:
                 node = node[part]
             sets.append(f"{k}={json.dumps(node)}")
         out = self.sample_and_score(ckpt, vdir / "samples.npz", preset, sets, weights_preset)
+        g = preset.sample.guidance
+        if g.mode == "auto" and g.scale != 1:  # which guide: latest.pt is a pointer, the file it names is the guide
+            guide = Path(g.guide).resolve() if Path(g.guide).exists() else g.guide
+            out.update(guide=str(guide), guide_kimg=self.guide_kimg if g.guide == self.trained_guide else None)
         return {**out, "checkpoint": ckpt, "kimg": self.base_kimg}
+
+    def train_guide(self, guide_preset: Preset, reference: str) -> None:
+        """Autoguidance's guiding network trained in <dir>/guide (`reference`: its latest checkpoint's path)."""
+        state = self.train(guide_preset, self.dir / "guide", "guide")
+        self.trained_guide, self.guide_kimg = reference, state.nimg / 1000
 
     def attention_variant(self, v: Variant, preset: Preset, vdir: Path) -> dict:
 

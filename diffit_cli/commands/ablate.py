@@ -38,6 +38,12 @@ def ablate_cmd(
         "--checkpoint",
         help="Sample-only studies (cfg-scale): a trained .pt/.safetensors or REPO:FILE instead of training the base.",
     ),
+    guide_checkpoint: str | None = typer.Option(
+        None,
+        "--guide-checkpoint",
+        help="Sample-only studies (guidance): the guiding network of the autoguided variants instead of training "
+        "the study's guide.",
+    ),
     feature_extractor: str | None = typer.Option(
         None,
         "--feature-extractor",
@@ -62,7 +68,8 @@ def ablate_cmd(
         return
     s = A.load_study(study)
     if dry_run:
-        console.print(A.plan_study(s, budget, overrides, runs_dir, only).describe(), highlight=False, markup=False)
+        plan = A.plan_study(s, budget, overrides, runs_dir, only, guide_checkpoint)
+        console.print(plan.describe(), highlight=False, markup=False)
         return
     from diffit_cli.training import TrackerSpec
 
@@ -75,6 +82,7 @@ def ablate_cmd(
             runs_dir=runs_dir,
             only=only,
             checkpoint=checkpoint,
+            guide_checkpoint=guide_checkpoint,
             feature_extractor=feature_extractor,
             inception_weights=inception_weights,
             trackers=trackers,
