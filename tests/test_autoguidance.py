@@ -204,3 +204,21 @@ def test_train_dry_run_checks_the_guide(guides, tmp_path):
     r = invoke("train", "--dry-run", "--run-dir", tmp_path / "run", *set_flags(TINY_UNET + flags))
     assert r.exit_code == 2 and "resolution (model grid) 8 (guide) vs 16 (main)" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.e2e
+def test_latent_ddpm_model_autoguided_by_itself_is_its_unguided_self(tiny_vae, tmp_path):
+    """The latent DDPM model (ε and learned-variance channels, ancestral sampler, class labels): with itself as the
+    guide, autoguidance gives the latents of the unguided model bit for bit; a weaker guide changes them."""
+    from helpers import tiny_vit
+
+    from diffit_cli.pipeline import DiffiTPipeline
+
+    p = tiny_vit("model.input_size=4", "data.resolution=32", f"data.vae={tiny_vae / 'folder'}")
+    main, weak = _save(tmp_path / "main.pt", p, 0), _save(tmp_path / "weak.pt", p, 1)
+    call = {"seeds": [0, 1, 2], "class_labels": [0, 3, 1], "output_type": "latent"}
+    plain = DiffiTPipeline.from_pretrained(main)(guidance_scale=1.0, **call).images
+    same = DiffiTPipeline.from_pretrained(main, guide=main)(guidance_scale=3.0, **call).images
+    assert torch.equal(plain, same)
+    weaker = DiffiTPipeline.from_pretrained(main, guide=weak)(guidance_scale=3.0, **call).images
+    assert not torch.equal(plain, weaker) and torch.isfinite(weaker).all()
