@@ -25,7 +25,7 @@ from diffit_cli.config import Preset, check_sample_values, load_preset, preset_t
 from diffit_cli.errors import DiffitError
 from diffit_cli.precision import check_precision
 from diffit_cli.sampling.generate import generate, make_decoder
-from diffit_cli.sampling.weights import read_guide, resolve_weights
+from diffit_cli.sampling.weights import preset_guide, resolve_weights
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SEED_LIMIT = 2**31  # seeds drawn from a generator lie in [0, 2³¹): any of them is a valid `diffit sample --seeds`
@@ -106,8 +106,7 @@ class DiffiTPipeline:
         if guide is not None:
             values = {"sample.guidance.mode": "auto", "sample.guidance.guide": str(guide)}
             preset = validate_preset(set_values(preset_to_dict(preset), values), f"{ref} with guide {str(guide)!r}")
-        g = preset.sample.guidance
-        snap = read_guide(g.guide, preset) if g.mode == "auto" else None  # checked before any network is built
+        snap = preset_guide(preset)  # checked before any network is built
         net = snapshot_network(weights, preset, ref)
         pipe = cls(net, preset, vae=vae, source=ref, guide=snap.network() if snap is not None else None)
         return pipe.to(device, torch_dtype)

@@ -188,13 +188,18 @@ def test_a_guide_that_cannot_guide_is_one_line_and_nothing_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
-def test_autoguidance_without_a_guide_is_one_line(unet_ckpt, tmp_path):
+def test_autoguidance_without_a_guide_or_a_guide_without_autoguidance_is_one_line(unet_ckpt, tmp_path):
     r = invoke("sample", "--ckpt", unet_ckpt, "--out", tmp_path / "out", *AUTO)
     text = r.output.strip()
     assert r.exit_code == 2 and "--guide-ckpt" in text and len(text.splitlines()) == 1, text
     assert not (tmp_path / "out").exists()
     r = invoke("sample", "--ckpt", unet_ckpt, "--out", tmp_path / "out", "--guidance", "weak")
     assert r.exit_code == 2 and "--guidance" in r.output and "auto" in r.output, r.output
+    # a guide with classifier-free guidance would go unused: said, not ignored
+    r = invoke("sample", "--ckpt", unet_ckpt, "--out", tmp_path / "out", "--guide-ckpt", unet_ckpt)
+    text = r.output.strip()
+    assert r.exit_code == 2 and "--guidance auto" in text and len(text.splitlines()) == 1, text
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_dry_run_checks_the_guide(guides, tmp_path):

@@ -30,7 +30,7 @@ from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.generate import Decode, make_decoder, needs_guide
 from diffit_cli.sampling.run import parse_classes, plan_sample, resolve_weights, sampling_network, write_images
 from diffit_cli.sampling.sinks import NpzSink, PngSink
-from diffit_cli.sampling.weights import GuideSnapshot, read_guide
+from diffit_cli.sampling.weights import GuideSnapshot, preset_guide
 
 
 def sample_fid(
@@ -237,8 +237,7 @@ def _read_checkpoint(ckpt: str, batch: int | None, classes: str | None, sample: 
         preset = validate_preset(raw, f"{ckpt} with sampling flags")
     given = {k: v for k, v in (("batch", batch), ("classes", classes)) if v is not None}
     preset = preset.model_copy(update={"eval": preset.eval.model_copy(update=given)})
-    g = preset.sample.guidance
-    return path, weights, preset, read_guide(g.guide, preset) if g.mode == "auto" else None
+    return path, weights, preset, preset_guide(preset, sample)
 
 
 def _checkpoint_reference(state, preset: Preset, reference, extractor: str, metrics, inception_weights, progress):

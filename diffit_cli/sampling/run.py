@@ -26,7 +26,7 @@ from diffit_cli.precision import check_precision
 from diffit_cli.preemption import Preempted, preemption_signals
 from diffit_cli.sampling.generate import Decode, generate, make_decoder, needs_guide
 from diffit_cli.sampling.sinks import NpzSink, PngSink, image_grid, save_png
-from diffit_cli.sampling.weights import GuideSnapshot, read_guide, resolve_weights, weights_sha256
+from diffit_cli.sampling.weights import GuideSnapshot, preset_guide, resolve_weights, weights_sha256
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -151,8 +151,7 @@ def plan_sample(
         apply_overrides(preset_to_dict(preset), overrides), {f"sample.{k}": v for k, v in (sample or {}).items()}
     )
     preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
-    g = preset.sample.guidance
-    guide = read_guide(g.guide, preset) if g.mode == "auto" else None  # checked before any output exists
+    guide = preset_guide(preset, sample)  # checked before any output exists
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     npz = out.suffix == ".npz"

@@ -92,6 +92,21 @@ def read_guide(spec: str, main: Preset) -> GuideSnapshot:
     return GuideSnapshot(spec=spec, path=path, weights=weights, preset=preset, sha256=weights_sha256(path))
 
 
+def preset_guide(preset: Preset, given: dict | None = None) -> GuideSnapshot | None:
+    """The guide `preset` autoguides with (`sample.guidance.mode` auto), read and checked; None for CFG. `given`:
+    the `sample` values a command set: a guide given there while the guidance stays `cfg` would be silently unused,
+    so it is refused."""
+    g = preset.sample.guidance
+    if g.mode == "auto":
+        return read_guide(g.guide, preset)
+    if (given or {}).get("guidance.guide") is not None:
+        raise GuideError(
+            "--guide-ckpt (sample.guidance.guide) goes with --guidance auto (autoguidance); the guidance here is "
+            "cfg (classifier-free)"
+        )
+    return None
+
+
 def guide_mismatches(guide: Preset, main: Preset) -> list[str]:
     """What differs between a guide's preset and the main one's among what autoguidance needs equal: the input and
     output (space, size, channels, learned variance), the classes, and the diffusion, whose preconditioning must be
