@@ -11,7 +11,9 @@ from diffit_cli.commands._common import RichProgress, SetOpt, console, user_erro
 HELP = """Generate images from a checkpoint into a PNG folder or an ADM-style .npz.
 
 Image i depends only on seed i (any batch size, any number of processes); rerunning the same
-command finishes what a killed run left. Release weights: --ckpt nvidia/DiffiT:FILE --preset imagenet256."""
+command finishes what a killed run left. Release weights: --ckpt nvidia/DiffiT:FILE --preset imagenet256.
+Autoguidance (a weaker network of the same data guides instead of the null class): --guidance auto --guide-ckpt
+WEAK.pt --cfg-scale W."""
 
 
 # the flags that set `sample` values, named by the error a bad value gives
