@@ -255,13 +255,13 @@ class TrainConfig(Section):
 
 class GuidanceConfig(Section):
     """Guidance: the fields of `core.guidance.Guidance` (its null class is the model's `num_classes`) and the
-    guiding network. `mode`: `cfg`, classifier-free guidance; `auto`, autoguidance (Karras et al. 2024, eq. 2):
-    D = D_guide + scale·(D_main − D_guide) with `guide` a weaker network of the same data, resolution, channels,
-    classes and diffusion (an earlier checkpoint or a smaller model); it guides all prediction channels, so
-    `channels` applies to `cfg` only. `guide`: what `diffit sample --ckpt` accepts (a `.pt`/`.safetensors` file,
-    an exported folder, REPO:FILE or OWNER/NAME). `channels`: how many prediction channels CFG guides: `all` by
-    default (for RGB images the same as 3, and right for grey ones); the latent presets set 3, the release's
-    three-channel CFG of 4 latent channels."""
+    guiding network. `mode`: `cfg`, classifier-free guidance; `auto`, autoguidance (Karras et al. 2024, "Guiding a
+    Diffusion Model with a Bad Version of Itself"): D = D_guide + scale·(D_main − D_guide) with `guide` a weaker
+    network of the same data, resolution, channels, classes and diffusion (an earlier checkpoint or a smaller
+    model); it guides all prediction channels, so `channels` applies to `cfg` only. `guide`: what `diffit sample
+    --ckpt` accepts (a `.pt`/`.safetensors` file, an exported folder, REPO:FILE or OWNER/NAME). `channels`: how many
+    prediction channels CFG guides: `all` by default (for RGB images the same as 3, and right for grey ones); the
+    latent presets set 3, the release's three-channel CFG of 4 latent channels."""
 
     mode: Literal["cfg", "auto"] = "cfg"
     scale: Annotated[float, Field(ge=0)] = 1.0

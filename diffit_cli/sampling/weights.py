@@ -110,8 +110,8 @@ def preset_guide(preset: Preset, given: dict | None = None) -> GuideSnapshot | N
 def guide_mismatches(guide: Preset, main: Preset) -> list[str]:
     """What differs between a guide's preset and the main one's among what autoguidance needs equal: the input and
     output (space, size, channels, learned variance), the classes, and the diffusion, whose preconditioning must be
-    shared for the raw outputs to combine as the denoisers do (Karras et al. 2024, eq. 2). Each as
-    'what GUIDE (guide) vs MAIN (main)'."""
+    shared for the raw outputs to combine as the denoisers do (D_guide + w·(D − D_guide)). Each as 'what GUIDE
+    (guide) vs MAIN (main)'."""
     g, m = guide.model, main.model
     pairs = [
         ("data.space", guide.data.space, main.data.space),
