@@ -227,3 +227,16 @@ def test_latent_ddpm_model_autoguided_by_itself_is_its_unguided_self(tiny_vae, t
     assert torch.equal(plain, same)
     weaker = DiffiTPipeline.from_pretrained(main, guide=weak)(guidance_scale=3.0, **call).images
     assert not torch.equal(plain, weaker) and torch.isfinite(weaker).all()
+
+
+@pytest.mark.e2e
+def test_output_whose_recipe_names_no_guidance_mode_resumes_as_cfg(unet_ckpt, tmp_path):
+    """sample.json files written before `guidance.mode` existed hold CFG's recipe: the same command resumes them."""
+    out = tmp_path / "out"
+    invoke("sample", "--ckpt", unet_ckpt, "--seeds", "0-1", "--out", out)
+    recipe = json.loads((out / "sample.json").read_text())
+    del recipe["guidance"]["mode"], recipe["guide_sha256"]
+    (out / "sample.json").write_text(json.dumps(recipe))
+    r = invoke("sample", "--ckpt", unet_ckpt, "--seeds", "0-3", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "sample.json").read_text())["count"] == 4

@@ -370,6 +370,8 @@ def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink,
     """Refuse (or with `force`, clear) output made with another recipe; record this one before any image is written,
     so a killed run is checked too."""
     old = strict_json(read_json(recipe_path)) if recipe_path.is_file() else None  # (earlier files: Infinity)
+    if old is not None and isinstance(old.get("guidance"), dict):  # a recipe that names no mode is CFG's
+        old["guidance"] = {"mode": "cfg", **old["guidance"]}
     changed = [k for k in recipe if old is not None and old.get(k) != recipe[k]]
     if changed and not force:
         raise DiffitError(
