@@ -49,7 +49,7 @@ def run_guide(run: Run) -> torch.nn.Module | None:
     it against the preset before the first step."""
     if not needs_guide(run.preset.sample):
         return None
-    if getattr(run, "guide", None) is None:
+    if run.guide is None:
         run.guide, _ = load_guide(run.preset.sample.guidance.guide, run.preset, run.accelerator.device)
     return run.guide
 

@@ -22,6 +22,7 @@ from diffit_cli.config import dump_preset
 from diffit_cli.events import Message
 from diffit_cli.posthoc.store import set_aside_profiles_after
 from diffit_cli.sampling.generate import preview_grid
+from diffit_cli.training.evaluate import run_guide
 from diffit_cli.training.monitor import Spike
 from diffit_cli.training.recipe import resume_check
 from diffit_cli.training.run import Run, log_record, start_stream
@@ -169,6 +170,7 @@ def snapshot(run: Run, grid: bool = True, best: bool = False) -> None:
                 run.codec.decode,
                 run.run_dir / "samples" / f"grid-{state.nimg / 1000:012.3f}.png",
                 acc.device,
+                guide=run_guide(run),
             )
             log_image(acc, "samples", path, state.step)
             run.emit(

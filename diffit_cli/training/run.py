@@ -51,6 +51,7 @@ class Run:
     curves_s: float = 0.0
     skips: torch.Tensor | None = None  # (2,) on the device: steps skipped since the last report, skipped in a row
     posthoc: PowerEmaProfiles | None = None  # EDM2 power-function EMA profiles (train.posthoc_ema)
+    guide: torch.nn.Module | None = None  # autoguidance's guiding network (evaluate.run_guide), read once
 
     @property
     def world(self) -> int:
