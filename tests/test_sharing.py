@@ -286,3 +286,16 @@ def test_release_weights_export_with_preset(unet_ckpt, tmp_path):
     out = _export(tmp_path / "w.safetensors", tmp_path / "rel", "--preset", preset_file)
     assert yaml.safe_load((out / "preset.yaml").read_text()) == preset_to_dict(preset_from_yaml(state["preset"]))
     assert "records no training state" in (out / "README.md").read_text()
+
+
+@pytest.mark.e2e
+def test_an_autoguided_preset_is_exported_without_its_guide(unet_ckpt, tmp_path):
+    """The guide is another network at a path of this machine: the folder samples unguided and the export says so."""
+    p = tiny_unet("sample.guidance.mode=auto", f"sample.guidance.guide={unet_ckpt}", "sample.guidance.scale=2.0")
+    root = tmp_path / "run"
+    save_checkpoint(root, weights_state(p, perturbed_net(p)), 0, keep=1)
+    r = invoke("export", root / "checkpoints" / "latest.pt", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert "exported without guidance" in " ".join(r.output.split()), r.output
+    guidance = yaml.safe_load((tmp_path / "out" / "preset.yaml").read_text())["sample"]["guidance"]
+    assert (guidance["mode"], guidance["scale"], guidance["guide"]) == ("cfg", 1.0, None)

@@ -16,12 +16,12 @@ from safetensors.torch import save
 from diffit_cli import __version__
 from diffit_cli.build import count_parameters
 from diffit_cli.checkpoint import load_checkpoint, read_snapshot, snapshot_network, strip_prefixes, trained_weights
-from diffit_cli.config import Preset, dump_preset, preset_from_yaml, preset_to_dict
+from diffit_cli.config import Preset, dump_preset, preset_from_yaml, preset_to_dict, validate_preset
 from diffit_cli.curves import LOG, read_log, taken_path
 from diffit_cli.data import open_source
 from diffit_cli.data.catalog import is_named
 from diffit_cli.errors import DiffitError
-from diffit_cli.events import Progress
+from diffit_cli.events import Message, Progress
 from diffit_cli.fileio import atomic_write_bytes, write_json
 from diffit_cli.sampling.run import parse_seeds, resolve_weights, run_sample
 from diffit_cli.sharing.card import SAMPLE_SEEDS, CardFacts, render_card
@@ -69,6 +69,25 @@ def fid_points(path: Path, kimg: float | None) -> list[dict]:
         return []
     points = taken_path([r for r in read_log(run_dir) if r.get("event") == "fid" and r.get("fid") is not None])
     return [r for r in points if r["kimg"] <= kimg + 1e-9]
+
+
+def without_guide(preset: Preset, progress: Progress | None) -> Preset:
+    """The preset to export: autoguidance's guide is another network, a path on this machine that the folder does
+    not carry, so an autoguided preset is exported without guidance (and says so)."""
+    guidance = preset.sample.guidance
+    if guidance.mode != "auto":
+        return preset
+    raw = preset_to_dict(preset)
+    raw["sample"]["guidance"].update(mode="cfg", scale=1.0, guide=None)
+    if progress is not None:
+        progress(
+            Message(
+                f"the preset autoguides with {guidance.guide!r}, which the folder does not carry: exported without "
+                "guidance; sample it with --guidance auto --guide-ckpt GUIDE",
+                "warning",
+            )
+        )
+    return validate_preset(raw, "exported preset")
 
 
 def data_facts(preset: Preset) -> dict:
@@ -133,6 +152,7 @@ def export_model(
     if push_to_hub:
         check_push(push_to_hub)
     path, weights, preset, training = read_source(ckpt, preset, raw)
+    preset = without_guide(preset, progress)
     net = snapshot_network(weights, preset, str(path))  # the weights fit the preset's network, checked key by key
     tensors = {k: (v.to(TORCH_DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     facts = CardFacts(
