@@ -8,6 +8,7 @@ from helpers import TINY_UNET, assert_same_state, final_checkpoint, invoke, set_
 
 from diffit_cli.core.posthoc_ema import gamma_of_sigma_rel, power_weights
 from diffit_cli.events import Message, Step
+from diffit_cli.posthoc.reconstruct import reconstruct
 from diffit_cli.posthoc.store import list_profiles, load_profile_state
 from diffit_cli.training import train
 from diffit_cli.training.posthoc import PowerEmaProfiles
@@ -94,3 +95,28 @@ def test_bad_profiles_are_one_line(value, tmp_path):
     r = invoke("train", "--preset", "demo", "--set", f"train.posthoc_ema={value}", "--run-dir", tmp_path / "r")
     assert r.exit_code == 2 and "train.posthoc_ema" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.e2e
+def test_the_middle_profile_is_reconstructed_from_the_outer_two(tmp_path):
+    """A tiny network trained with σ_rel 0.05, 0.075 and 0.10 tracked: `reconstruct` from the snapshots of the outer
+    two alone comes closer to the directly tracked 0.075 than either outer profile is."""
+    p = tiny_unet(
+        "train.posthoc_ema=[0.05, 0.075, 0.1]",
+        "train.posthoc_ema_kimg=0.016",
+        "train.total_kimg=0.128",
+        "train.lr=1e-2",
+    )
+    train(p, tmp_path / "run")
+    for s in list_profiles(tmp_path / "run"):
+        if s.sigma_rel == 0.075:
+            s.path.rename(tmp_path / s.path.name)  # the reconstruction sees only 0.05 and 0.10
+    (result,) = reconstruct(tmp_path / "run", [0.075])
+    tracked = final_checkpoint(tmp_path / "run")["posthoc_ema"]
+    rebuilt = torch.load(result.path, weights_only=True)["ema"]
+
+    def distance(state):
+        return sum((state[k].double() - tracked["0.075"][k].double()).square().sum() for k in rebuilt) ** 0.5
+
+    outer = min(distance(tracked["0.05"]), distance(tracked["0.1"]))
+    assert distance(rebuilt) < 0.5 * outer, (distance(rebuilt), outer)
