@@ -62,7 +62,7 @@ weighs those errors above a thin halo around each mode.
 
 What the test asserts, which holds on every seed of this file's setup: autoguided samples have a lower NLL than CFG
 samples at the same scale, which have a lower NLL than unguided ones: the guide's errors point the main network's
-update away from its own errors (eq. 2), and the samples leave the space between the modes. The issue's stronger
+update away from its own errors, and the samples leave the space between the modes. The stronger
 claim, closer to the true distribution than both by a two-sided distance, does not hold in any configuration tried,
 so the toy pins the direction of autoguidance's correction, not the paper's FID claim, which lives at image scale.
 """

@@ -16,7 +16,7 @@ Contracts (other modules rely on them):
   come from the conditional half (three-channel CFG of DiT / DiffiT; ``channels=None`` guides all C).
 * ``mode="auto"`` (autoguidance): ``guide`` is a weaker network with the main one's input, output and labels;
   both see the same x, time and labels (B rows each, two forwards) and all C prediction channels are guided,
-  ``D = D_guide + s·(D_main − D_guide)`` (Karras et al. 2024, eq. 2); learned-variance channels come from the
+  ``D = D_guide + s·(D_main − D_guide)`` (Karras et al. 2024, Sec. 3); learned-variance channels come from the
   main network; ``channels`` and ``null_class`` are not used. Combining raw outputs equals combining the
   denoisers D = c_skip·x + c_out·F because both networks share the diffusion's preconditioning. Unconditional
   models can be autoguided (``y=None``).
