@@ -32,7 +32,7 @@ draws are about 0.001 apart by the energy distance at this sample size):
 NLL margins: autoguidance below CFG by 0.51–0.62, CFG below unguided by 1.47–1.74; the test (seed 0) asserts about
 half of the smallest of each (`MARGIN_*`).
 
-Closer to the paper's toy (issue #24: an imperfect main network, a SMALLER guide trained SHORTER, the same w for
+Closer to the paper's toy (an imperfect main network, a SMALLER guide trained SHORTER, the same w for
 CFG and autoguidance), eight more configurations were run with this file's data, loss, sampler and sample sizes
 (seeds 0–4 of the training each; a network "W×L" has width W and L hidden W×W layers, this file's is 64×2; EMA 0.99,
 C5's guide 0.95; no guidance interval). The distance is the energy distance above, averaged over the classes; two
