@@ -18,7 +18,7 @@ from diffit_cli.build import build_diffusion, build_network, build_optimizer
 from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.config import dump_preset, load_preset
 from diffit_cli.events import Step
-from diffit_cli.posthoc.store import list_profiles
+from diffit_cli.posthoc.store import list_profiles, load_profile_state
 from diffit_cli.training import train
 from diffit_cli.training.recipe import Ema, step_unless
 
@@ -71,7 +71,9 @@ def test_tiny_latent_vit_learns_fake_latents():
 
 @pytest.mark.e2e
 def test_exact_resume_after_a_kill(tmp_path):
-    p = tiny_unet("train.augment_p=0.5", "model.dropout=0.1")  # randomness in every part of the step
+    """Killed between checkpoints and rerun: bit-identical to a straight run, post-hoc EMA profiles and their stored
+    snapshots included."""
+    p = tiny_unet("train.augment_p=0.5", "model.dropout=0.1", *POSTHOC)  # randomness in every part of the step
     train(p, tmp_path / "straight")
 
     class Killed(Exception):
@@ -87,6 +89,12 @@ def test_exact_resume_after_a_kill(tmp_path):
     state = train(p, tmp_path / "resumed")
     assert state.step == 4
     assert_same_state(final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed"), exact=True)
+    stored = [list_profiles(tmp_path / run) for run in ("straight", "resumed")]
+    assert [s.path.name for s in stored[0]] == [s.path.name for s in stored[1]] and len(stored[0]) == 8
+    for a, b in zip(*stored):  # (the header's key order is not stable in safetensors: the contents are compared)
+        assert (a.sigma_rel, a.gamma, a.step, a.nimg) == (b.sigma_rel, b.gamma, b.step, b.nimg)
+        sa, sb = load_profile_state(a.path), load_profile_state(b.path)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), a.path.name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 3, 4]  # step 3 ran twice: once before the kill
     assert (tmp_path / "resumed" / "samples" / "grid-latest.png").is_file()
