@@ -231,7 +231,7 @@ class TrainConfig(Section):
     spike_factor: Annotated[float, Field(gt=1)] = 2.0
     spike_patience: Pos = 3
     spike_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
-    # EDM2's post-hoc EMA (docs/posthoc-ema.md): the relative standard deviations σ_rel of the power-function EMA
+    # EDM2's post-hoc EMA (docs/guidance-and-ema.md): the relative standard deviations σ_rel of the power-function EMA
     # profiles tracked beside the classic EMA (EDM2's choice: [0.05, 0.10]; empty = off), each stored every
     # `posthoc_ema_kimg` (default: train.snapshot_kimg) under posthoc-ema/ and never pruned
     posthoc_ema: tuple[Annotated[float, Field(gt=0, lt=0.3)], ...] = ()
