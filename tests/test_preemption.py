@@ -18,6 +18,7 @@ from helpers import assert_same_state, encode_cli, final_checkpoint, folder_byte
 
 from diffit_cli.config import dump_preset
 from diffit_cli.data import shard_name
+from diffit_cli.posthoc.store import list_profiles, load_profile_state
 
 # ------------------------------------------------------------------------------------------------------- scripts/slurm
 SLURM = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
@@ -116,10 +117,16 @@ def _torchrun_train(tmp_path, port: int, *extra: str) -> tuple[list[str], dict]:
 def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig, code):
     """SLURM's `--signal=B:USR1@120` (exit 3) or Ctrl-C (exit 130) mid-run: checkpoint after the current
     step; the rerun finishes with the weights of an uninterrupted run (both runs as real subprocesses, same
-    threads)."""
+    threads), and with every post-hoc EMA snapshot it stores (one per step here: the cut step's too)."""
     import signal
 
-    p = tiny_unet("train.total_kimg=0.4", "train.snapshot_kimg=0.4", "train.report_kimg=0.008")
+    p = tiny_unet(
+        "train.total_kimg=0.4",
+        "train.snapshot_kimg=0.4",
+        "train.report_kimg=0.008",
+        "train.posthoc_ema=[0.1]",
+        "train.posthoc_ema_kimg=0.008",
+    )
     preset_file = tmp_path / "p.yaml"
     preset_file.write_text(dump_preset(p))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -139,6 +146,10 @@ def test_a_signal_checkpoints_exits_and_the_rerun_is_bit_identical(tmp_path, sig
     again = subprocess.run(cmd + [str(tmp_path / "cut")], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_state(final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "cut"), exact=True)
+    stored = [list_profiles(tmp_path / run) for run in ("straight", "cut")]
+    assert [s.step for s in stored[0]] == [s.step for s in stored[1]] == list(range(1, 51))
+    last = [load_profile_state(s[-1].path) for s in stored]
+    assert all(torch.equal(v, last[1][k]) for k, v in last[0].items())
 
 
 @pytest.mark.e2e

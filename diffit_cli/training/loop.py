@@ -102,6 +102,7 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
             loss_n += run.accum
             if signal_name := stop():  # SLURM's warning, a preemption, Ctrl-C: checkpoint now, then exit 3 (130)
                 settle_skips(run)
+                store_profiles(run, state.nimg >= total_nimg)  # the resumed run starts after this step
                 snapshot(run, grid=False)
                 state.preempted = signal_name
                 break
@@ -136,12 +137,17 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
         spike = run.monitor.update(rec["kimg"], rec["interval_start"], rec["loss"])
         if spike is not None and on_spike(run, spike):  # stopped, or rolled back to a checkpoint
             return loss_sum, loss_n, time.perf_counter(), state.nimg
-    if store_due(run.preset, state.nimg, done) and run.accelerator.is_main_process:
-        run.posthoc.store(run.run_dir, state.step, state.nimg, dump_preset(run.preset))
+    store_profiles(run, done)
     if snapshot_due:
         snapshot(run, best=fid and fid_point(run))
         t_report, n_report, state.data_s = time.perf_counter(), state.nimg, 0.0  # img/s counts training time only
     return loss_sum, loss_n, t_report, n_report
+
+
+def store_profiles(run: Run, done: bool) -> None:
+    """Store the post-hoc EMA profiles when this step crossed `train.posthoc_ema_kimg` (or ended the run)."""
+    if store_due(run.preset, run.state.nimg, done) and run.accelerator.is_main_process:
+        run.posthoc.store(run.run_dir, run.state.step, run.state.nimg, dump_preset(run.preset))
 
 
 def _attention_logit_max(run: Run) -> float | None:
