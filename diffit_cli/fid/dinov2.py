@@ -26,9 +26,9 @@ import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffit_cli.errors import DiffitError
+from diffit_cli.fid.local_extractor import LocalFeatureExtractor
 
 DINOV2 = "dinov2-vit-l-14"  # torch-fidelity's name
 DINOV2_ALIASES = ("dinov2-vit-l14",)
@@ -149,7 +149,7 @@ def load_dinov2(path: Path) -> DinoViT:
     return model
 
 
-class DinoV2FeatureExtractor(FeatureExtractorBase):
+class DinoV2FeatureExtractor(LocalFeatureExtractor):
     """torch-fidelity's interface around `DinoViT` with `edm2_preprocess`; feature `dinov2` (1024 values) serves
     FID (that is, FD-DINOv2), KID and precision/recall; IS is refused. Weights: `feature_extractor_weights_path`,
     else the torch hub cache, else downloaded there (`fid.extractors.check_weights_at_hand` refuses that offline)."""
@@ -181,16 +181,7 @@ class DinoV2FeatureExtractor(FeatureExtractorBase):
             )
         return {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2"}[metric]
 
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
     def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            raise ValueError("expecting a uint8 tensor of shape (B, 3, H, W)")
+        self.check_input(x)
         out = {"dinov2": self.model(edm2_preprocess(x)).float()}
         return tuple(out[name] for name in self.features_list)

@@ -26,6 +26,7 @@ from diffit_cli.errors import DiffitError
 from diffit_cli.events import Progress, Start, Step, quiet
 from diffit_cli.fid.dinov2 import DINOV2, DINOV2_ALIASES, DINOV2_URL, DinoV2FeatureExtractor, dinov2_weights_cache_path
 from diffit_cli.fid.inputs import Images, rgb
+from diffit_cli.fid.local_extractor import LocalFeatureExtractor
 
 INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "diffit-randconv-v1"
@@ -76,7 +77,7 @@ class SpatialTap:
         return out
 
 
-class RandConvFeatureExtractor(FeatureExtractorBase):
+class RandConvFeatureExtractor(LocalFeatureExtractor):
     """A fixed random 3-stage conv net (seeded, so identical on every machine): offline stand-in for Inception.
 
     Images are resized to 64² (antialiased bilinear), mapped to [-1, 1] and passed through three
@@ -118,17 +119,8 @@ class RandConvFeatureExtractor(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric):
         return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features", "sfid": SPATIAL}[metric]
 
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
     def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            raise ValueError("expecting a uint8 tensor of shape (B, 3, H, W)")
+        self.check_input(x)
         x = x.float() / 127.5 - 1.0
         if tuple(x.shape[-2:]) != (self.SIZE, self.SIZE):
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False, antialias=True)

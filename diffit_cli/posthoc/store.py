@@ -40,8 +40,9 @@ def snapshot_name(sigma_rel: float, nimg: int) -> str:
 
 
 def snapshot_nbytes(state: dict[str, torch.Tensor]) -> int:
-    """Bytes one stored profile takes (float32 tensors; the header is negligible)."""
-    return sum(v.numel() * 4 for v in state.values())
+    """Bytes one stored profile takes (floating tensors as float32, the others in their dtype, as `write_snapshot`
+    stores them; the header is negligible)."""
+    return sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in state.values())
 
 
 def write_snapshot(

@@ -21,7 +21,6 @@ from diffit_cli.core.samplers import sample as run_sampler
 from diffit_cli.errors import DiffitError
 from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.sinks import image_grid, save_png
-from diffit_cli.sampling.weights import load_guide
 
 Decode = Callable[[torch.Tensor], np.ndarray]  # model-space batch → uint8 NHWC
 
@@ -82,7 +81,7 @@ def sample_batch(
     guide: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Model-space samples (B, C, H, W) float32 for `seeds`; each row depends only on its seed. `guide`: the
-    guiding network of autoguidance (`sample.guidance.mode` auto; `sampling.guide.load_guide`)."""
+    guiding network of autoguidance (`sample.guidance.mode` auto; `sampling.weights.load_guide`)."""
     if guide is None and needs_guide(sample):
         raise DiffitError(
             "autoguidance (sample.guidance.mode auto) needs its guiding network loaded; pass guide= "
@@ -146,9 +145,7 @@ def preview_grid(
 ) -> Path:
     """Training's preview: `seeds` samples of `net` with the preset's sampler (one class per column when
     class-conditional), saved as a grid PNG at `path` and as `grid-latest.png` beside it. `guide`: autoguidance's
-    guiding network; when the preset autoguides and none is given, the one `sample.guidance.guide` names is read."""
-    if guide is None and needs_guide(preset.sample):
-        guide, _ = load_guide(preset.sample.guidance.guide, preset, device)
+    guiding network, which an autoguiding preset needs (training reads it once: `training.evaluate.run_guide`)."""
     k = preset.model.num_classes
     classes = list(range(min(k, 8))) if k else None
     _, _, images = next(
