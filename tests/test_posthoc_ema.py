@@ -282,3 +282,38 @@ def test_a_run_without_snapshots_and_an_existing_output(run, tmp_path):
     assert "ema-0.070-00000000.768.pt" in r.output and "--force" in r.output
     assert sorted(p.name for p in out.iterdir()) == ["ema-0.070-00000000.768.pt"]
     assert (out / "ema-0.070-00000000.768.pt").read_bytes() == b"mine"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="two processes on one GPU: NCCL needs a GPU per process",
+)
+def test_two_processes_reconstruct_once_and_score_like_one(run, tmp_path):
+    """`diffit ema --sweep` under 2 gloo processes (torchrun): the main process writes each reconstruction once
+    (the other does not find it in the way), the seeds are split, and the scores equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from diffit_cli.data import open_source
+    from diffit_cli.fid import metrics as M
+    from diffit_cli.fid.extractors import register_test_extractor
+
+    root, _ = run
+    standin = register_test_extractor()
+    src = open_source(tiny_unet().data)
+    images = np.stack([src[i][0].numpy().transpose(1, 2, 0) for i in range(32)])
+    ref = M.save_reference(images, tmp_path / "ref.npz", feature_extractor=standin)["path"]
+    args = ["--sigma-rel", "0.06,0.08", "--sweep", "--num-samples", "6", "--feature-extractor", standin, "--ref", ref]
+    one = invoke("ema", root, "--out", tmp_path / "one", *args)
+    assert one.exit_code == 0, one.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29591"]
+    cmd += ["-m", "diffit_cli", "ema", str(root), "--out", str(tmp_path / "two"), *map(str, args)]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    scores = [json.loads((tmp_path / d / "ema-sweep.json").read_text())["entries"] for d in ("one", "two")]
+    assert {e["file"]: e["fid"] for e in scores[0].values()} == {e["file"]: e["fid"] for e in scores[1].values()}
+    for name in (e["file"] for e in scores[0].values()):
+        a, b = (torch.load(tmp_path / d / name, weights_only=False)["ema"] for d in ("one", "two"))
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -86,7 +86,10 @@ def ema_cmd(
                 reference=ref,
                 progress=progress,
             )
-    _show(results, scores)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _show(results, scores)
 
 
 def _show(results, scores: dict | None) -> None:

@@ -11,7 +11,9 @@ profiles span the target; EDM2 stores two profiles (σ_rel 0.05 and 0.10) often 
 Output: `ema-<σ_rel>-<kimg>.pt` in `RUN_DIR/ema-reconstructed/` (or `out_dir`), a `torch.save` dict that `diffit
 sample --ckpt`, `eval-fid --ckpt` and `export` read like a training checkpoint holding only its EMA: {ema, preset,
 nimg, step, reconstruction: {sigma_rel, gamma, residual, coefficients: {snapshot file: x_i}}} (not `posthoc_ema`,
-which in a training checkpoint holds the profiles' states).
+which in a training checkpoint holds the profiles' states). Under several processes (`accelerate launch`, as a
+multi-process `--sweep` runs) every process checks the input and solves the fit, the main one alone reads the
+snapshots and writes the checkpoints, and every process returns the results once they exist.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from diffit_cli.checkpoint import state_nbytes
 from diffit_cli.config import preset_from_yaml
 from diffit_cli.core.posthoc_ema import SIGMA_REL_MAX, gamma_of_sigma_rel, solve_profiles
 from diffit_cli.errors import DiffitError
-from diffit_cli.events import Message, Progress, Start, Step, quiet
+from diffit_cli.events import Message, Progress, Start, Step, main_process_only
 from diffit_cli.fileio import atomic_write, check_writable
 from diffit_cli.posthoc.store import SNAPSHOT_DIR, StoredProfile, list_profiles, load_profile_state, snapshot_preset
 
@@ -135,7 +138,8 @@ def reconstruct(
     time) from `run_dir`'s snapshots and write each as a checkpoint in `out_dir` (default `RUN_DIR/ema-
     reconstructed/`); existing outputs are replaced only with `force`. Everything is checked before anything is
     written. Returns one `Result` per σ_rel, in the order given."""
-    progress = progress or quiet
+    state = PartialState()
+    progress = main_process_only(progress, state.is_main_process)
     sigma_rels = check_sigma_rels(list(sigma_rels))
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / OUT_DIR
@@ -147,21 +151,32 @@ def reconstruct(
     preset_from_yaml(preset_yaml, str(latest.path))  # a preset that no longer validates fails here, not at sampling
     gammas = [gamma_of_sigma_rel(s) for s in sigma_rels]
     x, residual = solve_profiles([(s.step, s.gamma) for s in stored], [(step, g) for g in gammas])
-    states = combine(stored, x, latest, progress)
-    results = []
-    for j, (sigma, gamma, path) in enumerate(zip(sigma_rels, gammas, paths)):
-        coefficients = {s.path.name: float(x[i, j]) for i, s in enumerate(stored)}
-        result = Result(sigma, gamma, float(residual[j]), path, nimg, step, coefficients)
-        _write(result, states[j], preset_yaml)
+    results = [
+        Result(
+            sigma,
+            gamma,
+            float(residual[j]),
+            path,
+            nimg,
+            step,
+            {s.path.name: float(x[i, j]) for i, s in enumerate(stored)},
+        )
+        for j, (sigma, gamma, path) in enumerate(zip(sigma_rels, gammas, paths))
+    ]
+    state.wait_for_everyone()  # every process has checked the outputs before the main one writes them
+    if state.is_main_process:
+        for result, ema in zip(results, combine(stored, x, latest, progress)):
+            _write(result, ema, preset_yaml)
+    for result in results:
         if result.residual > RESIDUAL_NOTE:
             progress(
                 Message(
-                    f"σ_rel {sigma:g}: the stored profiles fit it with residual {result.residual:.3f}; store profiles "
-                    "closer to it (train.posthoc_ema) or more often (train.posthoc_ema_kimg)",
+                    f"σ_rel {result.sigma_rel:g}: the stored profiles fit it with residual {result.residual:.3f}; "
+                    "store profiles closer to it (train.posthoc_ema) or more often (train.posthoc_ema_kimg)",
                     level="warning",
                 )
             )
-        results.append(result)
+    state.wait_for_everyone()  # the checkpoints exist before any process samples them (--sweep)
     return results
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from accelerate import PartialState
+
 from diffit_cli.config import preset_from_yaml
 from diffit_cli.errors import DiffitError
-from diffit_cli.events import Message, Progress, quiet
+from diffit_cli.events import Message, Progress, main_process_only
 from diffit_cli.fid import score as fid_score
 from diffit_cli.fid.extractors import check_extractor
 from diffit_cli.fileio import atomic_write_bytes, read_json, write_json
@@ -46,10 +48,11 @@ def sweep(
     """Score each of `results` (unless `ema-sweep.json` in `out_dir` already holds its score for the same
     reconstruction and settings) and write the JSON, the Markdown table and the plot. `num`, `feature_extractor`,
     `reference`: overrides of the preset's eval settings. Returns {rows, best, json, table, plot} (None on a process
-    other than the main one)."""
+    other than the main one, which samples its share of every score)."""
     if not results:
         raise DiffitError("nothing to sweep: give --sigma-rel")
-    progress = progress or quiet
+    main = PartialState().is_main_process
+    progress = main_process_only(progress, main)
     out_dir = Path(out_dir)
     request = {
         "num": num,
@@ -72,10 +75,11 @@ def sweep(
             inception_weights=inception_weights,
             progress=progress,
         )
-        if score is None:  # another process of an `accelerate launch`: the main one writes the results
-            return None
-        entries[r.path.name] = _entry(r, request, score)
-        write_json(out_dir / SWEEP_JSON, {"entries": entries})  # each score kept as soon as it is known
+        if main:
+            entries[r.path.name] = _entry(r, request, score)
+            write_json(out_dir / SWEEP_JSON, {"entries": entries})  # each score kept as soon as it is known
+    if not main:
+        return None
     rows = sorted((entries[r.path.name] for r in results), key=lambda e: e["sigma_rel"])
     best = min(rows, key=lambda e: e["fid"])
     write_json(out_dir / SWEEP_JSON, {"entries": entries, "sweep": [e["file"] for e in rows], "best": best["file"]})
