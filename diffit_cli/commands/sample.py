@@ -49,11 +49,13 @@ ScaleOpt = typer.Option(
 
 def check_sample_flags(values: dict) -> None:
     """Check the `sample` values the flags set on their own, before any file is read. `--guidance auto` without
-    `--guide-ckpt` may take the guide from the checkpoint's preset: that is checked with the preset."""
+    `--guide-ckpt` is valid alone (the guide may come from the checkpoint's preset), so its need of a guide is
+    checked with the preset."""
     from diffit_cli.config import check_sample_values
 
-    auto_without_guide = values.get("guidance.mode") == "auto" and values.get("guidance.guide") is None
-    check_sample_values({**values, "guidance.guide": "(the preset's)"} if auto_without_guide else values, SAMPLE_FLAGS)
+    if values.get("guidance.mode") == "auto" and values.get("guidance.guide") is None:
+        values = {k: v for k, v in values.items() if k != "guidance.mode"}
+    check_sample_values(values, SAMPLE_FLAGS)
 
 
 def register(app: typer.Typer) -> None:
