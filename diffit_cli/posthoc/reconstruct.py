@@ -151,16 +151,9 @@ def reconstruct(
     preset_from_yaml(preset_yaml, str(latest.path))  # a preset that no longer validates fails here, not at sampling
     gammas = [gamma_of_sigma_rel(s) for s in sigma_rels]
     x, residual = solve_profiles([(s.step, s.gamma) for s in stored], [(step, g) for g in gammas])
+    coefficients = [{s.path.name: float(x[i, j]) for i, s in enumerate(stored)} for j in range(len(sigma_rels))]
     results = [
-        Result(
-            sigma,
-            gamma,
-            float(residual[j]),
-            path,
-            nimg,
-            step,
-            {s.path.name: float(x[i, j]) for i, s in enumerate(stored)},
-        )
+        Result(sigma, gamma, float(residual[j]), path, nimg, step, coefficients[j])
         for j, (sigma, gamma, path) in enumerate(zip(sigma_rels, gammas, paths))
     ]
     state.wait_for_everyone()  # every process has checked the outputs before the main one writes them
