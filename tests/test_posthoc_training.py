@@ -65,10 +65,17 @@ def test_a_profile_cannot_be_added_to_a_run_under_way(tmp_path):
     assert not (tmp_path / "run" / "posthoc-ema").exists()
 
 
-@pytest.mark.parametrize("value", ["[0.0]", "[0.3]", "[-0.1]", "[0.05, 0.05]"])
-def test_bad_profiles_are_one_line(value, tmp_path):
-    r = invoke("train", "--preset", "demo", "--set", f"train.posthoc_ema={value}", "--run-dir", tmp_path / "r")
-    assert r.exit_code == 2 and "train.posthoc_ema" in r.output, r.output
+@pytest.mark.parametrize(
+    "setting",
+    [
+        *(f"train.posthoc_ema={v}" for v in ("[0.0]", "[0.3]", "[-0.1]", "[0.05, 0.05]")),
+        "train.posthoc_ema=[0.05, 0.05001]",  # one snapshot file name (4 decimals) for both
+        "train.posthoc_ema_kimg=0.0005",  # less than one image
+    ],
+)
+def test_bad_profiles_are_one_line(setting, tmp_path):
+    r = invoke("train", "--preset", "demo", "--set", setting, "--run-dir", tmp_path / "r")
+    assert r.exit_code == 2 and setting.split("=")[0] in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 

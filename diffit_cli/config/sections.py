@@ -219,8 +219,8 @@ class TrainConfig(Section):
     augment_p: Prob = 0.0
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 0
-    report_kimg: Annotated[float, Field(gt=0)] = 50.0
-    snapshot_kimg: Annotated[float, Field(gt=0)] = 500.0
+    report_kimg: Annotated[float, Field(ge=0.001)] = 50.0
+    snapshot_kimg: Annotated[float, Field(ge=0.001)] = 500.0
     keep_checkpoints: Pos = 3
     compile: bool | Literal["auto"] = "auto"  # torch.compile each block: auto = on CUDA, off on CPU
     grad_checkpointing: bool = False
@@ -235,7 +235,7 @@ class TrainConfig(Section):
     # profiles tracked beside the classic EMA (EDM2's choice: [0.05, 0.10]; empty = off), each stored every
     # `posthoc_ema_kimg` (default: train.snapshot_kimg) under posthoc-ema/ and never pruned
     posthoc_ema: tuple[Annotated[float, Field(gt=0, lt=0.3)], ...] = ()
-    posthoc_ema_kimg: Annotated[float, Field(gt=0)] | None = None
+    posthoc_ema_kimg: Annotated[float, Field(ge=0.001)] | None = None
 
     @model_validator(mode="after")
     def _one_ema(self) -> TrainConfig:
@@ -243,8 +243,12 @@ class TrainConfig(Section):
             raise ValueError("set exactly one of train.ema_halflife_kimg (EDM) and train.ema_decay (per step)")
         if self.batch_gpu is not None and self.batch % self.batch_gpu:
             raise ValueError(f"train.batch {self.batch} is not a multiple of train.batch_gpu {self.batch_gpu}")
-        if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
-            raise ValueError(f"train.posthoc_ema lists a σ_rel twice: {list(self.posthoc_ema)}")
+        names = [f"{s:.4f}" for s in self.posthoc_ema]  # as the snapshot files name them (posthoc.store)
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"train.posthoc_ema lists a σ_rel twice (to 4 decimals, as its snapshots are named): "
+                f"{list(self.posthoc_ema)}"
+            )
         return self
 
     @property

@@ -62,7 +62,7 @@ def power_beta(step: int, gamma: float) -> float:
 def power_weights(t: int, gamma: float) -> torch.Tensor:
     """The closed form of the EMA after t steps: weight of θ_τ, τ = 1 … t, (t,) float64, summing to 1."""
     tau = torch.arange(1, t + 1, dtype=torch.float64)
-    return (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / float(t) ** (gamma + 1)
+    return (tau / t) ** (gamma + 1) - ((tau - 1) / t) ** (gamma + 1)  # ratios ≤ 1: no overflow for large γ
 
 
 def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
