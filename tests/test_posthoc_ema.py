@@ -4,6 +4,7 @@ ema` end to end (its checkpoints sample and export), `--sweep`, and its bad inpu
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -120,7 +121,11 @@ def test_an_intermediate_sigma_rel_beats_either_stored_profile(run, tmp_path):
 
 
 def test_at_kimg_must_be_a_stored_time(run, tmp_path):
+    """The time asked for names the snapshot stored by the step that crossed it (within one batch, 8 images here)."""
     root, _ = run
+    (r,) = R.reconstruct(root, [0.07], out_dir=tmp_path / "near", at_kimg=0.185)  # stored at 0.192 (step 24)
+    assert (r.nimg, r.step) == (192, 24)
+    shutil.rmtree(tmp_path / "near")
     with pytest.raises(DiffitError, match="no snapshot was stored then; stored at kimg 0.192, 0.384"):
         R.reconstruct(root, [0.07], out_dir=tmp_path, at_kimg=0.2)
     assert not tmp_path.joinpath("x").exists() and list(tmp_path.iterdir()) == []

@@ -39,7 +39,9 @@ def ema_cmd(
         None, "--out", "-o", help="Folder for the checkpoints (default RUN_DIR/ema-reconstructed)."
     ),
     at_kimg: float | None = typer.Option(
-        None, "--at-kimg", help="Reconstruct at this stored snapshot time instead of the latest."
+        None,
+        "--at-kimg",
+        help="Reconstruct at the snapshot stored when training crossed this kimg (e.g. 500) instead of the latest.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace reconstructions that exist."),
     sweep: bool = typer.Option(False, "--sweep", help="Score each reconstruction (FID) and mark the best σ_rel."),

@@ -95,7 +95,8 @@ def output_name(sigma_rel: float, nimg: int) -> str:
 
 def select_snapshots(run_dir: Path, at_kimg: float | None) -> tuple[list[StoredProfile], int, int]:
     """(the snapshots stored up to the target time, its image count, its optimizer step): the latest snapshot's
-    time, or `at_kimg`, which must be a stored one."""
+    time, or the one stored at `at_kimg`: snapshots are stored by the step that crosses the interval, so the time
+    asked for matches the stored time within one batch after it (500 kimg at batch 512 is stored at 500.224)."""
     found = [s for s in list_profiles(run_dir) if s.step >= 1]
     if not found:
         raise EmaError(
@@ -105,9 +106,10 @@ def select_snapshots(run_dir: Path, at_kimg: float | None) -> tuple[list[StoredP
     times = sorted({s.nimg for s in found})
     nimg = times[-1]
     if at_kimg is not None:
-        match = [n for n in times if abs(n - at_kimg * 1000) < 0.5]
+        batch = {s.nimg: s.nimg / s.step for s in found}  # images per optimizer step
+        match = [n for n in times if -0.5 < n - at_kimg * 1000 < batch[n]]
         if not match:
-            shown = ", ".join(f"{n / 1000:g}" for n in (times if len(times) <= 8 else times[:3] + times[-3:]))
+            shown = ", ".join(f"{n / 1000:.3f}" for n in (times if len(times) <= 8 else times[:3] + times[-3:]))
             raise EmaError(
                 f"--at-kimg {at_kimg:g}: no snapshot was stored then; stored at kimg {shown}"
                 + (f" ({len(times)} times)" if len(times) > 8 else "")
