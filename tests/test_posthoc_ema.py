@@ -4,6 +4,7 @@ ema` end to end (its checkpoints sample and export), `--sweep`, and its bad inpu
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -205,6 +206,16 @@ def test_sweep_table_plot_best_and_resume(run, tmp_path, monkeypatch):
         "ema", root, "--sigma-rel", "0.07", "--out", tmp_path, "--sweep", "--num-samples", 8, "--force", *standin
     )
     assert r.exit_code == 0 and len(calls) == 4, r.output
+    # a snapshot rewritten under its name (a rollback, another run): the kept score is not reused
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)  # keeps the modification times: the same snapshots, the score reused
+    args = ["--sigma-rel", "0.07", "--out", tmp_path, "--sweep", "--num-samples", 8, "--force", *standin]
+    r = invoke("ema", copy, *args)
+    assert r.exit_code == 0 and len(calls) == 4, r.output
+    snapshot = list_profiles(copy)[0].path
+    os.utime(snapshot, ns=(snapshot.stat().st_atime_ns, snapshot.stat().st_mtime_ns + 10**9))
+    r = invoke("ema", copy, *args)
+    assert r.exit_code == 0 and len(calls) == 5, r.output
 
 
 @pytest.mark.e2e

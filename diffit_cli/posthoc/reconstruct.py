@@ -18,6 +18,8 @@ snapshots and writes the checkpoints, and every process returns the results once
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ class Result:
     nimg: int
     step: int
     coefficients: dict[str, float]
+    sources: str  # the snapshot files' fingerprint (`snapshots_fingerprint`): rewritten snapshots change it
 
 
 def parse_sigma_rels(text: str) -> list[float]:
@@ -119,6 +122,14 @@ def select_snapshots(run_dir: Path, at_kimg: float | None) -> tuple[list[StoredP
     return stored, nimg, max(s.step for s in stored if s.nimg == nimg)
 
 
+def snapshots_fingerprint(stored: list[StoredProfile]) -> str:
+    """A short hash of the snapshot files' names, sizes and modification times: the same on every process of a
+    shared folder (and for a copy that keeps the times), new when a rollback or another run writes a snapshot under
+    the same name."""
+    stats = [(s.path.name, s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in stored]
+    return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()[:16]
+
+
 def _check_outputs(paths: list[Path], out_dir: Path, force: bool) -> None:
     """Before anything is read: the folder can be made, and no output exists (unless `force`)."""
     check_writable(out_dir, folder=True)
@@ -154,8 +165,9 @@ def reconstruct(
     gammas = [gamma_of_sigma_rel(s) for s in sigma_rels]
     x, residual = solve_profiles([(s.step, s.gamma) for s in stored], [(step, g) for g in gammas])
     coefficients = [{s.path.name: float(x[i, j]) for i, s in enumerate(stored)} for j in range(len(sigma_rels))]
+    sources = snapshots_fingerprint(stored)
     results = [
-        Result(sigma, gamma, float(residual[j]), path, nimg, step, coefficients[j])
+        Result(sigma, gamma, float(residual[j]), path, nimg, step, coefficients[j], sources)
         for j, (sigma, gamma, path) in enumerate(zip(sigma_rels, gammas, paths))
     ]
     state.wait_for_everyone()  # every process has checked the outputs before the main one writes them

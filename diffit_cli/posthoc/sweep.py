@@ -3,7 +3,8 @@ with the preset's evaluation settings: eval.num_samples, eval.feature_extractor,
 a table and a plot of FID against σ_rel with the best one marked (EDM2 Fig. 5 draws the same curve).
 
 Written into the reconstructions' folder: `ema-sweep.json` (every score, kept across runs: a reconstruction scored
-before with the same coefficients and settings is not sampled again), `ema-sweep.md` and `ema-sweep.png`.
+before with the same coefficients of the same snapshot files and settings is not sampled again), `ema-sweep.md`
+and `ema-sweep.png`.
 """
 
 from __future__ import annotations
@@ -89,12 +90,14 @@ def sweep(
 
 
 def _same(old: dict | None, r: Result, request: dict) -> bool:
-    """Whether a kept score is this reconstruction's (same time, same coefficients) under the same settings."""
+    """Whether a kept score is this reconstruction's (same time, same coefficients of the same snapshot files) under
+    the same settings."""
     return (
         isinstance(old, dict)
         and old.get("fid") is not None
         and old.get("nimg") == r.nimg
         and old.get("coefficients") == r.coefficients
+        and old.get("sources") == r.sources
         and old.get("request") == request
     )
 
@@ -108,6 +111,7 @@ def _entry(r: Result, request: dict, score: dict) -> dict:
         "nimg": r.nimg,
         "step": r.step,
         "coefficients": r.coefficients,
+        "sources": r.sources,
         "request": request,
         "fid": score["min"],
         "num": score["num"],
