@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import TINY_UNET, final_checkpoint, invoke, set_flags, tiny_unet
 
+from diffit_cli.checkpoint import latest_checkpoint
 from diffit_cli.core.posthoc_ema import gamma_of_sigma_rel, power_weights
 from diffit_cli.events import Message
 from diffit_cli.posthoc.reconstruct import reconstruct
@@ -53,6 +54,36 @@ def test_snapshots_are_stored_on_schedule_never_pruned_and_announced(tmp_path):
     assert len(notes) == 1 and "4 × 2 snapshots" in notes[0], notes
     r = invoke("sample", "--ckpt", stored[-1].path, "--seeds", "0-1", "--out", tmp_path / "s.npz")
     assert r.exit_code == 0, r.output  # a stored profile is itself a weights file
+
+
+@pytest.mark.e2e
+def test_a_forced_resume_under_other_settings_sets_the_later_snapshots_aside(tmp_path):
+    """Resumed from the older checkpoint (16 kimg) because the newest is torn: a plain resume stores the later
+    snapshots again, bit for bit; with --force and another learning rate the run trains anew from there, so the
+    snapshots stored after it (24 and 32 kimg, made under the old rate) are set aside and stored anew."""
+    run, settings = tmp_path / "run", (*PROFILES, "train.keep_checkpoints=2")  # checkpoints at 16 and 32 kimg
+    train(tiny_unet(*settings), run)
+    before = {s.path.name: load_profile_state(s.path) for s in list_profiles(run)}
+
+    def tear_latest():
+        latest = latest_checkpoint(run)
+        latest.write_bytes(latest.read_bytes()[:100])
+
+    tear_latest()
+    train(tiny_unet(*settings), run)
+    assert not list((run / "posthoc-ema").glob("*.superseded"))
+    for s in list_profiles(run):
+        assert all(torch.equal(v, before[s.path.name][k]) for k, v in load_profile_state(s.path).items())
+    tear_latest()
+    events = []
+    train(tiny_unet(*settings, "train.lr=5e-3"), run, force=True, progress=events.append)
+    aside = sorted(p.name.removesuffix(".superseded") for p in (run / "posthoc-ema").glob("*.superseded"))
+    assert aside == sorted(name for name in before if name.endswith((".024.safetensors", ".032.safetensors")))
+    assert sorted(s.path.name for s in list_profiles(run)) == sorted(before)  # stored anew, under the new rate
+    renewed = load_profile_state(run / "posthoc-ema" / aside[-1])
+    assert not all(torch.equal(v, before[aside[-1]][k]) for k, v in renewed.items())
+    notes = [e.text for e in events if isinstance(e, Message) and "superseded" in e.text]
+    assert len(notes) == 1 and "4 post-hoc EMA snapshots" in notes[0] and "train.lr" in notes[0], notes
 
 
 @pytest.mark.e2e

@@ -103,6 +103,8 @@ def load_profile_state(path: Path | str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def set_aside_profiles_after(run_dir: Path | str, nimg: int) -> list[Path]:
-    """Rename the snapshots stored after `nimg` images to `*.spiked` (a rollback: never used for a reconstruction)."""
-    return [s.path.rename(s.path.with_name(s.path.name + ".spiked")) for s in list_profiles(run_dir) if s.nimg > nimg]
+def set_aside_profiles_after(run_dir: Path | str, nimg: int, suffix: str = ".spiked") -> list[Path]:
+    """Rename the snapshots stored after `nimg` images to `*<suffix>` (`.spiked` after a rollback), so that no
+    reconstruction uses them."""
+    found = [s for s in list_profiles(run_dir) if s.nimg > nimg]
+    return [s.path.rename(s.path.with_name(s.path.name + suffix)) for s in found]

@@ -97,7 +97,8 @@ def split_batch(batch: int, batch_gpu: int | None, world: int) -> tuple[int, int
     return batch_gpu, per_rank // batch_gpu
 
 
-def resume_check(saved_yaml: str, preset: Preset, force: bool, path: Path) -> None:
+def resume_check(saved_yaml: str, preset: Preset, force: bool, path: Path) -> list[str]:
+    """The keys outside RESUMABLE_KEYS that differ from the checkpoint's preset: an error unless `force`."""
     saved = preset_to_dict(preset_from_yaml(saved_yaml, str(path)))
     changed = [k for k in diff_presets(saved, preset_to_dict(preset)) if not k.startswith(RESUMABLE_KEYS)]
     if changed and not force:
@@ -106,6 +107,7 @@ def resume_check(saved_yaml: str, preset: Preset, force: bool, path: Path) -> No
             f"(changed: {', '.join(changed)}); rerun with the same settings, pick a new --run-dir, "
             "or pass --force to resume anyway"
         )
+    return changed
 
 
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:

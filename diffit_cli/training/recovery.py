@@ -29,10 +29,11 @@ from diffit_cli.training.run import Run, log_record, start_stream
 from diffit_cli.training.tracking import log_image
 
 
-def restore(run: Run, ckpt_path: Path, force: bool = False) -> None:
-    """Load weights, optimizer, counters, learning-rate scale and monitor state from a training checkpoint."""
+def restore(run: Run, ckpt_path: Path, force: bool = False) -> list[str]:
+    """Load weights, optimizer, counters, learning-rate scale and monitor state from a training checkpoint; returns
+    the preset keys that `force` let differ from the checkpoint's (`resume_check`)."""
     ckpt = load_checkpoint(ckpt_path)
-    resume_check(ckpt["preset"], run.preset, force, ckpt_path)
+    changed = resume_check(ckpt["preset"], run.preset, force, ckpt_path)
     run.net.load_state_dict(ckpt["model"])
     run.ema.net.load_state_dict(ckpt["ema"])
     if run.posthoc is not None:
@@ -44,6 +45,7 @@ def restore(run: Run, ckpt_path: Path, force: bool = False) -> None:
     run.state.best = ckpt.get("best")
     if "monitor" in ckpt:
         run.monitor.load_state_dict(ckpt["monitor"])
+    return changed
 
 
 def resume(run: Run, force: bool) -> Path | None:
@@ -53,11 +55,13 @@ def resume(run: Run, force: bool) -> Path | None:
     candidates = ([latest] if latest else []) + [p for _, p in reversed(list_checkpoints(run.run_dir)) if p != latest]
     for path in candidates:
         try:
-            restore(run, path, force)
+            changed = restore(run, path, force)
         except CheckpointError:
             continue
         if path != candidates[0]:
             run.emit(Message(f"{candidates[0]} cannot be read (a torn file?); resumed from {path}", "warning"))
+        if changed and run.posthoc is not None and run.accelerator.is_main_process:
+            _supersede_profiles(run, changed)
         return path
     if candidates:
         raise CheckpointError(
@@ -65,6 +69,20 @@ def resume(run: Run, force: bool) -> Path | None:
             "move the folder aside to start over"
         )
     return None
+
+
+def _supersede_profiles(run: Run, changed: list[str]) -> None:
+    """A forced resume under other settings trains anew from the checkpoint: the post-hoc EMA snapshots stored after
+    it belong to the old settings' training and are set aside (`*.superseded`), as a rollback sets its own aside."""
+    moved = set_aside_profiles_after(run.run_dir, run.state.nimg, suffix=".superseded")
+    if moved:
+        run.emit(
+            Message(
+                f"{len(moved)} post-hoc EMA snapshots stored after {run.state.nimg / 1000:g} kimg were made before "
+                f"the changed settings ({', '.join(changed)}); set aside as *.superseded",
+                "warning",
+            )
+        )
 
 
 def check_checkpoint_space(run: Run) -> None:
