@@ -12,7 +12,7 @@ from diffit_cli.events import Message
 from diffit_cli.posthoc.reconstruct import reconstruct
 from diffit_cli.posthoc.store import list_profiles, load_profile_state
 from diffit_cli.training import train
-from diffit_cli.training.posthoc import PowerEmaProfiles
+from diffit_cli.training.posthoc import PowerEmaProfiles, store_due
 
 PROFILES = ["train.posthoc_ema=[0.05, 0.1]", "train.posthoc_ema_kimg=0.008"]
 
@@ -34,6 +34,12 @@ def test_profiles_follow_the_closed_form_power_function_average():
         for i, p in enumerate(ema.net.parameters()):
             expected = sum(w[t] * history[t][i] for t in range(40))
             torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_interval_counts_whole_images():
+    """1.001 kimg is 1001 images (1.001·1000 = 1000.9999… in floats): due at the step that crosses 1001, not 1000."""
+    p = tiny_unet("train.posthoc_ema=[0.05]", "train.posthoc_ema_kimg=1.001")  # batch 8
+    assert [n for n in (992, 1000, 1008, 2000, 2008) if store_due(p, n, done=False)] == [1008, 2008]
 
 
 @pytest.mark.e2e

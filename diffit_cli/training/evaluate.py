@@ -17,6 +17,7 @@ from diffit_cli.precision import sampling_precision
 from diffit_cli.sampling.generate import make_decoder, needs_guide
 from diffit_cli.sampling.run import parse_classes
 from diffit_cli.sampling.weights import load_guide
+from diffit_cli.training.recipe import kimg_images
 from diffit_cli.training.run import Run, log_record
 
 WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (removed after)
@@ -24,8 +25,8 @@ WORK_DIR = "fid-samples"  # the samples of one FID point while they are scored (
 
 def fid_due(run: Run) -> bool:
     """Whether this step crossed an `eval.every_kimg` boundary (or ended the run) with FID along training on."""
-    every, nimg, tc = int(run.preset.eval.every_kimg * 1000), run.state.nimg, run.preset.train
-    return every > 0 and (nimg >= int(tc.total_kimg * 1000) or nimg // every > (nimg - tc.batch) // every)
+    every, nimg, tc = kimg_images(run.preset.eval.every_kimg), run.state.nimg, run.preset.train
+    return every > 0 and (nimg >= kimg_images(tc.total_kimg) or nimg // every > (nimg - tc.batch) // every)
 
 
 def fid_reference(run: Run) -> tuple[str, str]:

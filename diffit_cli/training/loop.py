@@ -24,7 +24,7 @@ from diffit_cli.training import lock
 from diffit_cli.training.evaluate import fid_due, fid_point
 from diffit_cli.training.posthoc import storage_note, store_due
 from diffit_cli.training.preflight import preflight
-from diffit_cli.training.recipe import TrainState
+from diffit_cli.training.recipe import TrainState, kimg_images
 from diffit_cli.training.recovery import check_checkpoint_space, on_spike, resume, snapshot
 from diffit_cli.training.run import Run, log_record, redraw_curves, start_stream, zero
 from diffit_cli.training.setup import setup_run
@@ -91,7 +91,7 @@ def _train(run: Run, force: bool, trackers: TrackerSpec) -> TrainState:
             f"{run.batch_gpu} × {run.accum} accumulation)",
         )
     )
-    total_nimg = int(tc.total_kimg * 1000)
+    total_nimg = kimg_images(tc.total_kimg)
     loss_sum, loss_n, t_report, n_report = zero(run), 0, time.perf_counter(), state.nimg
     run.model.train()
     warn = lambda text: run.emit(Message(text, "warning"))  # noqa: E731
@@ -121,9 +121,9 @@ def _after_step(run: Run, loss_sum, loss_n: int, t_report: float, n_report: int)
     An FID point is always a snapshot too, so that `best.pt` can point at it."""
     tc, state = run.preset.train, run.state
     total_nimg, report_every, snap_every = (
-        int(tc.total_kimg * 1000),
-        int(tc.report_kimg * 1000),
-        int(tc.snapshot_kimg * 1000),
+        kimg_images(tc.total_kimg),
+        kimg_images(tc.report_kimg),
+        kimg_images(tc.snapshot_kimg),
     )
     done = state.nimg >= total_nimg
     report_due = done or state.nimg // report_every > (state.nimg - tc.batch) // report_every

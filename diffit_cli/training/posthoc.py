@@ -12,7 +12,7 @@ from diffit_cli.config import Preset
 from diffit_cli.core.posthoc_ema import gamma_of_sigma_rel, power_beta
 from diffit_cli.fileio import format_bytes
 from diffit_cli.posthoc.store import snapshot_nbytes, write_snapshot
-from diffit_cli.training.recipe import Ema, TrainError
+from diffit_cli.training.recipe import Ema, TrainError, kimg_images
 
 
 class PowerEmaProfiles:
@@ -77,5 +77,5 @@ def store_due(preset: Preset, nimg: int, done: bool) -> bool:
     tc = preset.train
     if not tc.posthoc_ema:
         return False
-    every = int(tc.posthoc_every_kimg * 1000)
+    every = kimg_images(tc.posthoc_every_kimg)
     return done or nimg // every > (nimg - tc.batch) // every

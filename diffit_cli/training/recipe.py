@@ -42,6 +42,11 @@ RESUMABLE_KEYS = (
 )
 
 
+def kimg_images(kimg: float) -> int:
+    """The image count of `kimg` thousand images, rounded: int() would truncate 1.001 kimg (1000.9999…) to 1000."""
+    return round(kimg * 1000)
+
+
 class TrainError(DiffitError):
     """A training setup that cannot work (batch split, precision, changed preset on resume)."""
 
