@@ -88,16 +88,18 @@ def ema_cmd(
                 reference=ref,
                 progress=progress,
             )
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        _show(results, scores)
+    _show(results, scores)
 
 
 def _show(results, scores: dict | None) -> None:
-    """σ_rel, γ, residual and file per reconstruction (with FID and the best one after a sweep)."""
+    """σ_rel, γ, residual and file per reconstruction (with FID and the best one after a sweep), by the main process
+    of a multi-process launch."""
+    from accelerate import PartialState
     from rich.console import Console
     from rich.table import Table
+
+    if not PartialState().is_main_process:
+        return
 
     first = results[0]
     table = Table(title=f"Post-hoc EMA at {first.nimg / 1000:g} kimg (step {first.step:,})", title_justify="left")
