@@ -43,7 +43,8 @@ def resolve_preset(
 
 def resolve_guide_preset(study: Study, budget: str = "tiny", overrides: list[str] | None = None) -> Preset:
     """The guiding network's preset: the base with the study's `guide.overrides` (before the budget shrink, so a
-    narrower guide stays narrower by the same ratio), trained for `guide.fraction` of the resolved training length.
+    narrower guide stays narrower by the same ratio, down to the budget's narrowest width, which both may reach),
+    trained for `guide.fraction` of the resolved training length.
     The guide samples nothing itself: its own guidance is reset to none."""
     if study.guide is None:
         raise StudyError(f"study {study.name!r} has no guide: section")
