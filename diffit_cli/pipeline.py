@@ -25,7 +25,7 @@ from diffit_cli.config import Preset, check_sample_values, load_preset, preset_t
 from diffit_cli.errors import DiffitError
 from diffit_cli.precision import check_precision
 from diffit_cli.sampling.generate import generate, make_decoder
-from diffit_cli.sampling.weights import preset_guide, resolve_weights
+from diffit_cli.sampling.weights import GuideError, preset_guide, resolve_weights
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SEED_LIMIT = 2**31  # seeds drawn from a generator lie in [0, 2³¹): any of them is a valid `diffit sample --seeds`
@@ -68,7 +68,12 @@ class DiffiTPipeline:
         guide: torch.nn.Module | None = None,
     ):
         self.network = network.eval().requires_grad_(False)
-        self.guide = guide.eval().requires_grad_(False) if guide is not None else None
+        if guide is not None and preset.sample.guidance.mode != "auto":
+            raise GuideError(
+                "a guide goes with autoguidance: the preset's sample.guidance.mode is "
+                f"{preset.sample.guidance.mode!r}; set it to 'auto' (from_pretrained(guide=...) does)"
+            )
+        self.guide = guide.to(self.device).eval().requires_grad_(False) if guide is not None else None
         self.preset = preset
         self.source = source
         self.diffusion = build_diffusion(preset.diffusion, preset.model)

@@ -13,7 +13,7 @@ from diffit_cli.build import build_network
 from diffit_cli.config import dump_preset
 from diffit_cli.fid import metrics as M
 from diffit_cli.fid.extractors import register_test_extractor
-from diffit_cli.sampling.weights import weights_sha256
+from diffit_cli.sampling.weights import GuideError, weights_sha256
 
 STANDIN = register_test_extractor()
 AUTO = ["--guidance", "auto", "--cfg-scale", "2.5"]
@@ -85,8 +85,11 @@ def test_pipeline_autoguidance_makes_the_images_of_diffit_sample(unet_ckpt, guid
     pipe = DiffiTPipeline.from_pretrained(unet_ckpt, guide=guides["weak"])
     images = pipe(seeds=[0, 1, 2, 3], guidance_scale=2.5, output_type="np").images
     assert np.array_equal(np.round(images * 255).astype(np.uint8), cli)
-    plain = DiffiTPipeline.from_pretrained(unet_ckpt)(seeds=[0, 1, 2, 3], output_type="np").images
+    unguided = DiffiTPipeline.from_pretrained(unet_ckpt)
+    plain = unguided(seeds=[0, 1, 2, 3], output_type="np").images
     assert np.array_equal(pipe(seeds=[0, 1, 2, 3], guidance_scale=1.0, output_type="np").images, plain)
+    with pytest.raises(GuideError, match="a guide goes with autoguidance"):  # it would go unused under CFG
+        DiffiTPipeline(unguided.network, unguided.preset, guide=pipe.guide)
 
 
 @pytest.mark.e2e
@@ -200,6 +203,24 @@ def test_autoguidance_without_a_guide_or_a_guide_without_autoguidance_is_one_lin
     text = r.output.strip()
     assert r.exit_code == 2 and "--guidance auto" in text and len(text.splitlines()) == 1, text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_guide_set_under_cfg_is_refused_however_it_is_given(unet_ckpt, tmp_path):
+    r = invoke("sample", "--ckpt", unet_ckpt, "--out", tmp_path / "out", "--set", f"sample.guidance.guide={unet_ckpt}")
+    text = r.output.strip()
+    assert r.exit_code == 2 and "--guidance auto" in text and len(text.splitlines()) == 1, text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_guide_path_is_kept_absolute_and_a_hub_id_as_given(tmp_path, monkeypatch):
+    """The preset travels in checkpoints: `weak.pt` given in one folder must name the same file from any other."""
+    from helpers import tiny_unet
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weak.pt").write_bytes(b"")
+    auto = ("sample.guidance.mode=auto", "sample.guidance.scale=2")
+    assert tiny_unet(*auto, "sample.guidance.guide=weak.pt").sample.guidance.guide == str(tmp_path / "weak.pt")
+    assert tiny_unet(*auto, "sample.guidance.guide=owner/weak").sample.guidance.guide == "owner/weak"
 
 
 def test_train_dry_run_checks_the_guide(guides, tmp_path):

@@ -4,9 +4,10 @@ sampling and evaluation. Every value the paper fixes is cited in the shipped YAM
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TimeMode = Literal["tmsa", "bias", "mlp", "adaln", "separate"]
 AttentionKernel = Literal["sdpa", "flex"]  # the fast ones of core.attention.ATTENTION_KERNELS
@@ -274,6 +275,13 @@ class GuidanceConfig(Section):
     channels: Pos | Literal["all"] = "all"
     interval: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.28, 5.42)
     guide: str | None = None
+
+    @field_validator("guide")
+    @classmethod
+    def _absolute(cls, guide: str | None) -> str | None:
+        """A guide file or folder that exists here is kept as an absolute path: the preset travels in checkpoints,
+        and a relative one would name another file (or none) when they are sampled from another folder."""
+        return str(Path(guide).absolute()) if guide and Path(guide).exists() else guide
 
     @model_validator(mode="after")
     def _ordered(self) -> GuidanceConfig:

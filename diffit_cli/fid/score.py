@@ -237,7 +237,7 @@ def _read_checkpoint(ckpt: str, batch: int | None, classes: str | None, sample: 
         preset = validate_preset(raw, f"{ckpt} with sampling flags")
     given = {k: v for k, v in (("batch", batch), ("classes", classes)) if v is not None}
     preset = preset.model_copy(update={"eval": preset.eval.model_copy(update=given)})
-    return path, weights, preset, preset_guide(preset, sample)
+    return path, weights, preset, preset_guide(preset)
 
 
 def _checkpoint_reference(state, preset: Preset, reference, extractor: str, metrics, inception_weights, progress):

@@ -151,7 +151,7 @@ def plan_sample(
         apply_overrides(preset_to_dict(preset), overrides), {f"sample.{k}": v for k, v in (sample or {}).items()}
     )
     preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
-    guide = preset_guide(preset, sample)  # checked before any output exists
+    guide = preset_guide(preset)  # checked before any output exists
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     npz = out.suffix == ".npz"

@@ -92,14 +92,13 @@ def read_guide(spec: str, main: Preset) -> GuideSnapshot:
     return GuideSnapshot(spec=spec, path=path, weights=weights, preset=preset, sha256=weights_sha256(path))
 
 
-def preset_guide(preset: Preset, given: dict | None = None) -> GuideSnapshot | None:
-    """The guide `preset` autoguides with (`sample.guidance.mode` auto), read and checked; None for CFG. `given`:
-    the `sample` values a command set: a guide given there while the guidance stays `cfg` would be silently unused,
-    so it is refused."""
+def preset_guide(preset: Preset) -> GuideSnapshot | None:
+    """The guide `preset` autoguides with (`sample.guidance.mode` auto), read and checked; None for CFG. A guide
+    named while the guidance stays `cfg` (by --guide-ckpt or --set) would be silently unused, so it is refused."""
     g = preset.sample.guidance
     if g.mode == "auto":
         return read_guide(g.guide, preset)
-    if (given or {}).get("guidance.guide") is not None:
+    if g.guide is not None:
         raise GuideError(
             "--guide-ckpt (sample.guidance.guide) goes with --guidance auto (autoguidance); the guidance here is "
             "cfg (classifier-free)"
