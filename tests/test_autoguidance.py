@@ -64,6 +64,8 @@ def test_sample_with_the_guide_equal_to_the_main_network_is_the_unguided_network
     # scale 1 is the main network whatever the guide; another guide at w ≠ 1 changes the images
     one = _sample(unet_ckpt, tmp_path / "one", "--guidance", "auto", "--cfg-scale", "1", "--guide-ckpt", guides["weak"])
     assert np.array_equal(unguided, one)
+    assert json.loads((tmp_path / "one" / "sample.json").read_text())["guide_sha256"] is None  # it made no image
+    _sample(unet_ckpt, tmp_path / "one", "--guidance", "auto", "--cfg-scale", "1", "--guide-ckpt", unet_ckpt)
     weak = _sample(unet_ckpt, tmp_path / "weak", *AUTO, "--guide-ckpt", guides["weak"])
     assert not np.array_equal(unguided, weak)
     recipe = json.loads((tmp_path / "weak" / "sample.json").read_text())
@@ -75,6 +77,8 @@ def test_sample_with_the_guide_equal_to_the_main_network_is_the_unguided_network
     )
     assert r.exit_code == 2 and "guide_sha256" in r.output, r.output
     assert before == {p.name: p.read_bytes() for p in (tmp_path / "weak").rglob("*") if p.is_file()}
+    # CFG's --cfg-channels does not change autoguided images: the same output resumes
+    _sample(unet_ckpt, tmp_path / "weak", *AUTO, "--guide-ckpt", guides["weak"], "--cfg-channels", "1")
 
 
 @pytest.mark.e2e

@@ -10,13 +10,14 @@ from helpers import invoke, perturbed_net, read_pngs, tiny_unet
 
 from diffit_cli.build import build_diffusion
 from diffit_cli.errors import DiffitError
-from diffit_cli.sampling.run import _compact_seeds, parse_classes, parse_seeds, run_sample
+from diffit_cli.sampling.recipe import compact_seeds
+from diffit_cli.sampling.run import parse_classes, parse_seeds, run_sample
 from diffit_cli.sampling.sinks import png_path
 
 
 def test_parse_seeds_and_classes():
     assert parse_seeds("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
-    assert _compact_seeds([0, 1, 2, 3, 7, 10, 11]) == "0-3,7,10-11"
+    assert compact_seeds([0, 1, 2, 3, 7, 10, 11]) == "0-3,7,10-11"
     for bad in ("a-b", "5-2", "1,,2"):
         with pytest.raises(DiffitError):
             parse_seeds(bad)

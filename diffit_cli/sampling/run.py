@@ -21,12 +21,13 @@ from diffit_cli.config import Preset, apply_overrides, preset_to_dict, set_value
 from diffit_cli.core.samplers import nfe
 from diffit_cli.errors import DiffitError
 from diffit_cli.events import Message, Progress, Start, Step, main_process_only
-from diffit_cli.fileio import check_writable, new_output, read_json, strict_json, write_json
+from diffit_cli.fileio import check_writable, new_output, write_json
 from diffit_cli.precision import check_precision
 from diffit_cli.preemption import Preempted, preemption_signals
 from diffit_cli.sampling.generate import Decode, generate, make_decoder, needs_guide
+from diffit_cli.sampling.recipe import check_recipe, compact_seeds, sample_recipe
 from diffit_cli.sampling.sinks import NpzSink, PngSink, image_grid, save_png
-from diffit_cli.sampling.weights import GuideSnapshot, preset_guide, resolve_weights, weights_sha256
+from diffit_cli.sampling.weights import GuideSnapshot, preset_guide, resolve_weights
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -106,7 +107,7 @@ class SampleJob:
             checkpoint=str(self.ckpt),
             guide=None if self.guide is None else self.guide.spec,
             nfe=nfe(cfg.sampler, cfg.steps),  # a guided step: one forward of the doubled batch
-            seeds=_compact_seeds(self.seeds),
+            seeds=compact_seeds(self.seeds),
             count=len(self.seeds),
             processes=self.state.num_processes,
             torch=torch.__version__,
@@ -152,6 +153,8 @@ def plan_sample(
     )
     preset = validate_preset(raw_preset, f"{ckpt} with sampling flags")
     guide = preset_guide(preset)  # checked before any output exists
+    if not needs_guide(preset.sample):
+        guide = None  # autoguidance at scale 1 is the main network: the guide is neither recorded nor kept
     class_list = parse_classes(classes, preset.model.num_classes)
     vae_id = (vae or preset.data.vae) if preset.data.space == "latent" else None
     npz = out.suffix == ".npz"
@@ -163,7 +166,7 @@ def plan_sample(
         preset=preset,
         weights=weights,
         sink=NpzSink(out) if npz else PngSink(out),
-        recipe=_recipe(path, preset, raw=raw, vae_id=vae_id, precision=precision, classes=classes, guide=guide),
+        recipe=sample_recipe(path, preset, raw=raw, vae_id=vae_id, precision=precision, classes=classes, guide=guide),
         recipe_path=out.with_name(f"{out.stem}.sample.json") if npz else out / "sample.json",
         state=state,
         batch=batch or preset.sample.batch,
@@ -171,42 +174,6 @@ def plan_sample(
         precision=precision,
         vae=vae,
         guide=guide,
-    )
-
-
-def _recipe(
-    path: Path,
-    preset: Preset,
-    *,
-    raw: bool,
-    vae_id: str | None,
-    precision: str,
-    classes: str | None,
-    guide: GuideSnapshot | None = None,
-) -> dict:
-    """Everything that decides an image besides its seed (s_max may be inf: "inf"); the guiding network by the hash
-    of its weights, as the checkpoint (its path is recorded with the finished output)."""
-    cfg = preset.sample
-    return strict_json(
-        {
-            "checkpoint_sha256": weights_sha256(path),
-            "guide_sha256": None if guide is None else guide.sha256,
-            "weights": "raw" if raw else "ema",
-            "preset": preset.name,
-            "sampler": cfg.sampler,
-            "steps": cfg.steps,
-            "guidance": cfg.guidance.model_dump(mode="json", exclude={"guide"}),
-            "stochastic": {
-                "s_churn": cfg.s_churn,
-                "s_min": cfg.s_min,
-                "s_max": cfg.s_max,
-                "s_noise": cfg.s_noise,
-                "eta": cfg.eta,
-            },
-            "vae": vae_id,
-            "precision": precision,
-            "classes": classes or "random",
-        }
     )
 
 
@@ -221,7 +188,7 @@ def sampling_network(
     with new_output(
         job.recipe_path if npz else job.out, keep=lambda: bool(job.sink.done(job.seeds)), owner=state.is_main_process
     ):
-        _check_recipe(job.recipe_path, job.recipe, job.out, force, job.sink, state.is_main_process)
+        check_recipe(job.recipe_path, job.recipe, job.out, force, job.sink, state.is_main_process)
         state.wait_for_everyone()
         net = snapshot_network(job.weights, job.preset, str(job.path), state.device)  # the checks above need none
         job.weights = None
@@ -364,33 +331,3 @@ def _announce(emit, sink, task: str, total: int, start: int, where: str) -> None
             )
         )
     emit(Start(task, total, start, "images", f"sampling {total - start} of {total} images on {where}"))
-
-
-def _check_recipe(recipe_path: Path, recipe: dict, out: Path, force: bool, sink, main: bool) -> None:
-    """Refuse (or with `force`, clear) output made with another recipe; record this one before any image is written,
-    so a killed run is checked too."""
-    old = strict_json(read_json(recipe_path)) if recipe_path.is_file() else None  # (earlier files: Infinity)
-    if old is not None and isinstance(old.get("guidance"), dict):  # a recipe that names no mode is CFG's
-        old["guidance"] = {"mode": "cfg", **old["guidance"]}
-    changed = [k for k in recipe if old is not None and old.get(k) != recipe[k]]
-    if changed and not force:
-        raise DiffitError(
-            f"{str(out)!r} holds samples made with another recipe (changed: {', '.join(changed)}); "
-            "rerun with the same settings, choose another --out, or pass --force to replace them"
-        )
-    if main:
-        if changed:
-            sink.clear()
-        if old is None or changed:
-            write_json(recipe_path, {**recipe, "complete": False})
-
-
-def _compact_seeds(seeds: list[int]) -> str:
-    """[0, 1, 2, 5] → '0-2,5' (the --seeds syntax)."""
-    parts, start = [], None
-    for a, b in zip(seeds, seeds[1:] + [None]):
-        start = a if start is None else start
-        if b != a + 1:
-            parts.append(f"{start}-{a}" if a != start else f"{a}")
-            start = None
-    return ",".join(parts)
