@@ -215,14 +215,17 @@ def _samples(net: nn.Module, cls: int, guidance: Guidance | None, guide: nn.Modu
     return sample(EDM(sigma_data=0.5), net, noise, y=y, steps=STEPS, guidance=guidance, guide=guide, generators=gens)
 
 
-def draws(main: nn.Module, guide: nn.Module, scale: float) -> dict[str, list[torch.Tensor]]:
-    """{method: [samples of class 0, of class 1]} for no guidance, CFG and autoguidance at `scale`."""
+def draws(
+    main: nn.Module, guide: nn.Module, scale: float, unguided: list[torch.Tensor] | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """{method: [samples of class 0, of class 1]} for no guidance (`unguided` when already drawn: it does not depend
+    on the scale), CFG and autoguidance at `scale`."""
     methods = {
-        "unguided": (None, None),
         "cfg": (Guidance(scale=scale, mode="cfg", channels=None, null_class=NULL), None),
         "auto": (Guidance(scale=scale, mode="auto"), guide),
     }
-    return {name: [_samples(main, c, g, net) for c in range(CLASSES)] for name, (g, net) in methods.items()}
+    out = {"unguided": unguided or [_samples(main, c, None, None) for c in range(CLASSES)]}
+    return out | {name: [_samples(main, c, g, net) for c in range(CLASSES)] for name, (g, net) in methods.items()}
 
 
 def truth(cls: int) -> torch.Tensor:
@@ -277,8 +280,10 @@ def main() -> None:
     print("seed  w     method    MMD×1e3  energy×1e3  NLL")
     for i, seed in enumerate(seeds):
         main_net, guide = train(seed)
+        unguided = None
         for j, scale in enumerate(scales):
-            samples = draws(main_net, guide, scale)
+            samples = draws(main_net, guide, scale, unguided)
+            unguided = samples["unguided"]
             for name, x in samples.items():
                 mmd, energy, nll = distances(x)
                 print(f"{seed:<5} {scale:<5g} {name:<9} {mmd * 1e3:7.2f}  {energy * 1e3:10.2f}  {nll:+.2f}", flush=True)

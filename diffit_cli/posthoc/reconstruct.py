@@ -126,7 +126,7 @@ def snapshots_fingerprint(stored: list[StoredProfile]) -> str:
     """A short hash of the snapshot files' names, sizes and modification times: the same on every process of a
     shared folder (and for a copy that keeps the times), new when a rollback or another run writes a snapshot under
     the same name."""
-    stats = [(s.path.name, s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in stored]
+    stats = [(s.path.name, st.st_size, st.st_mtime_ns) for s in stored for st in [s.path.stat()]]
     return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()[:16]
 
 

@@ -61,7 +61,7 @@ def storage_note(preset: Preset, net: torch.nn.Module) -> str | None:
     tc = preset.train
     if not tc.posthoc_ema:
         return None
-    count = int(tc.total_kimg // tc.posthoc_every_kimg) + (tc.total_kimg % tc.posthoc_every_kimg > 0)
+    count = -(-kimg_images(tc.total_kimg) // kimg_images(tc.posthoc_every_kimg))  # each crossing, and the end
     each = snapshot_nbytes(net.state_dict())
     total = count * len(tc.posthoc_ema) * each
     sigmas = ", ".join(f"{s:g}" for s in tc.posthoc_ema)
