@@ -176,7 +176,7 @@ def _nll(x: torch.Tensor, cls: int) -> float:
     return -_log_components(x, cls).logsumexp(1).mean().item()
 
 
-def _entropy(x: torch.Tensor, k: int = NEIGHBOURS) -> float:
+def knn_entropy(x: torch.Tensor, k: int = NEIGHBOURS) -> float:
     """Kozachenko–Leonenko estimate of the differential entropy (nats) of the distribution x (n, 2) was drawn from:
     ψ(n) − ψ(k) + ln V₂ + (2/n) Σ ln ε_i, ε_i the distance from x_i to its k-th nearest other sample, V₂ = π."""
     n, d = x.shape
@@ -188,15 +188,15 @@ def _entropy(x: torch.Tensor, k: int = NEIGHBOURS) -> float:
 
 def _reverse_kl(x: torch.Tensor, cls: int) -> float:
     """KL(q ‖ p) = E_q[−log p] − H(q) of the samples' distribution q from class `cls`'s true mixture p."""
-    return _nll(x, cls) - _entropy(x)
+    return _nll(x, cls) - knn_entropy(x)
 
 
-def _mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+def kernel_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
     k = lambda a, b: torch.exp(-(torch.cdist(a, b) ** 2) / (2 * BANDWIDTH**2))  # noqa: E731
     return (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()).item()
 
 
-def _energy(x: torch.Tensor, y: torch.Tensor) -> float:
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
 
 
@@ -268,7 +268,8 @@ def truth(cls: int) -> torch.Tensor:
 def distances(samples: list[torch.Tensor]) -> tuple[float, float, float, float]:
     """(MMD, energy distance, NLL, reverse KL) of one method's samples, averaged over the classes."""
     per_class = [
-        (_mmd(x, truth(c)), _energy(x, truth(c)), _nll(x, c), _reverse_kl(x, c)) for c, x in enumerate(samples)
+        (kernel_mmd(x, truth(c)), energy_distance(x, truth(c)), _nll(x, c), _reverse_kl(x, c))
+        for c, x in enumerate(samples)
     ]
     return tuple(sum(v) / CLASSES for v in zip(*per_class))
 

@@ -28,7 +28,7 @@ def test_kozachenko_leonenko_entropy_matches_a_gaussians_closed_form_and_true_dr
     g = torch.Generator().manual_seed(0)
     cov = torch.tensor([[0.04, 0.015], [0.015, 0.01]])
     x = torch.randn(2000, 2, generator=g) @ torch.linalg.cholesky(cov).T
-    assert abs(toy._entropy(x) - (1 + math.log(2 * math.pi) + 0.5 * torch.logdet(cov).item())) < 0.1
+    assert abs(toy.knn_entropy(x) - (1 + math.log(2 * math.pi) + 0.5 * torch.logdet(cov).item())) < 0.1
     assert abs(toy._reverse_kl(toy._draw(0, 2000, g), 0)) < 0.05
 
 
@@ -44,3 +44,19 @@ def test_autoguided_samples_are_closer_to_the_truth_than_cfg_and_unguided_ones(o
     assert kl["auto"] < kl["cfg"] - MARGIN_KL_CFG, m
     assert nll["auto"] < nll["unguided"] - MARGIN_NLL, m
     assert kl["auto"] < kl["unguided"] - MARGIN_KL_UNGUIDED, m
+
+
+def test_release_toy_networks_reach_the_samplers_as_denoisers_of_their_log_density():
+    """`autoguidance_toy_release.Raw` turns a log-density network into EDM's raw-network call: through EDM's
+    preconditioning it denoises as D(x; σ) = x + σ²·∇log p(x; σ) (Tweedie), and the release's fractal has its
+    1016 components per class (a depth-7 binary tree, 8 per branch)."""
+    import autoguidance_toy_release as release
+
+    torch.manual_seed(0)
+    net = release.LogDensity(width=16).eval()
+    with torch.no_grad():
+        net.gain.fill_(0.7)  # a log-density that is not the Gaussian of gain 0
+    x, sigma = torch.randn(5, 2), torch.tensor([0.01, 0.1, 0.5, 1.0, 4.0])
+    denoised = release.EDM_TOY.denoise(release.Raw(net), x, sigma)
+    torch.testing.assert_close(denoised, x + sigma[:, None] ** 2 * net.score(x, sigma), rtol=1e-4, atol=1e-5)
+    assert [len(phi) for phi, _, _ in release.MIXTURES.values()] == [1016, 2032]
