@@ -62,11 +62,10 @@ seeds 0–4. At w = 3 autoguidance's KL, 1.72–1.95, is above the unguided one 
 
 By the reverse KL autoguidance is closer to the truth than both the unguided and the CFG samples on every seed at
 w = 1.25 and 1.5 (by 0.12–0.30 against unguided), and at w = 2 on four seeds (by 0.09–0.23; seed 4 is a tie, 1.29
-against 1.30, within the estimator's spread). CFG pushes each
-class away from the other: the shared trunk near the origin empties and mass moves to the far branches (its energy
-distance is 100 times autoguidance's at w = 2), while the branches stay as blurred as without guidance.
-Autoguidance moves far less mass and draws the samples onto the branches the main network has resolved (NLL below
-the unguided one). By the two coverage distances it is **not** closer to the truth than the unguided samples, at
+against 1.30, within the estimator's spread). CFG pushes each class away from the other: the shared trunk near the
+origin empties and mass moves to the far branches (its energy distance is 100 times autoguidance's at w = 2), while
+the branches stay as blurred as without guidance. Autoguidance moves far less mass and draws the samples onto the
+branches the main network has resolved (NLL below the unguided one). By the two coverage distances it is **not** closer to the truth than the unguided samples, at
 any w or guide tried (w = 1.25–3; the snapshots after 500 and 1000 steps; a width-32 network trained 1000 or 2000
 steps): the main network blurs the finest branches into fans, the guide blurs them as much, so autoguidance cannot
 restore them and moves mass from the fans to the branches it sharpens (the best autoguided MMD per seed is
