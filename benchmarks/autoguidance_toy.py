@@ -65,15 +65,15 @@ w = 1.25 and 1.5 (by 0.12–0.30 against unguided), and at w = 2 on four seeds (
 against 1.30, within the estimator's spread). CFG pushes each class away from the other: the shared trunk near the
 origin empties and mass moves to the far branches (its energy distance is 100 times autoguidance's at w = 2), while
 the branches stay as blurred as without guidance. Autoguidance moves far less mass and draws the samples onto the
-branches the main network has resolved (NLL below the unguided one). By the two coverage distances it is **not** closer to the truth than the unguided samples, at
-any w or guide tried (w = 1.25–3; the snapshots after 500 and 1000 steps; a width-32 network trained 1000 or 2000
-steps): the main network blurs the finest branches into fans, the guide blurs them as much, so autoguidance cannot
-restore them and moves mass from the fans to the branches it sharpens (the best autoguided MMD per seed is
-2.08–2.22 against 1.97–2.13 unguided; with the main network stopped at 1000 steps, blurrier, equal: 4.00 against
-4.02, 3.53 against 3.54 on seeds 0 and 1). An earlier toy of isotropic modes on two rings (10 configurations, energy
-distance and sliced Wasserstein-2) gave the same for those distances. The test asserts what holds on every seed at
-w = 1.5: closer to the truth than CFG by all four measures, closer than the unguided samples by the reverse KL, and
-onto the data (NLL) more than no guidance.
+branches the main network has resolved (NLL below the unguided one). By the two coverage distances it is **not**
+closer to the truth than the unguided samples, at any w or guide tried (w = 1.25–3; the snapshots after 500 and 1000
+steps; a width-32 network trained 1000 or 2000 steps): the main network blurs the finest branches into fans, the
+guide blurs them as much, so autoguidance cannot restore them and moves mass from the fans to the branches it
+sharpens (the best autoguided MMD per seed is 2.08–2.22 against 1.97–2.13 unguided; with the main network stopped at
+1000 steps, blurrier, equal: 4.00 against 4.02, 3.53 against 3.54 on seeds 0 and 1). An earlier toy of isotropic
+modes on two rings (10 configurations, energy distance and sliced Wasserstein-2) gave the same for those distances.
+The test asserts what holds on every seed at w = 1.5: closer to the truth than CFG by all four measures, closer than
+the unguided samples by the reverse KL, and onto the data (NLL) more than no guidance.
 """
 
 from __future__ import annotations

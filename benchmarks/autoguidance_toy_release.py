@@ -24,9 +24,9 @@ Where this differs from the released example: the samplers start from N(0, 5²I)
 by σ = 5, nearly the same at that σ); 4096 samples are measured (the example plots 8192); its figure shows CFG at
 w = 4 (with autoguidance at 3), a scale not swept here by default (`--scales`).
 
-Measured 2026-12-06, 2-core x86-64 CPU (17 minutes), seed 0, batch 4096 (MMD ×10³ / energy ×10³ / NLL / reverse KL,
-the measures of `autoguidance_toy.py`; CFG: the main network guided by the small unconditional one, as in the
-released figure):
+Measured 2026-12-06, 2-core x86-64 CPU (17–20 minutes; a rerun gives the same figures), seed 0, batch 4096
+(MMD ×10³ / energy ×10³ / NLL / reverse KL, the measures of `autoguidance_toy.py`; CFG: the main network guided by
+the small unconditional one, as in the released figure):
 
     other true draws    0.45 / 0.48 / −1.37 / −0.08
     unguided            0.98 / 1.77 / −0.01 / 1.28
