@@ -270,12 +270,15 @@ def truth(cls: int) -> torch.Tensor:
     return _draw(cls, SAMPLES, torch.Generator().manual_seed(999 + cls))
 
 
+def measures(x: torch.Tensor, true_draws: torch.Tensor, log_density: torch.Tensor) -> tuple[float, float, float, float]:
+    """(MMD, energy distance, NLL, reverse KL) of samples x against draws of the true density p (`log_density`:
+    log p at each sample)."""
+    return kernel_mmd(x, true_draws), energy_distance(x, true_draws), *nll_and_reverse_kl(x, log_density)
+
+
 def distances(samples: list[torch.Tensor]) -> tuple[float, float, float, float]:
-    """(MMD, energy distance, NLL, reverse KL) of one method's samples, averaged over the classes."""
-    per_class = [
-        (kernel_mmd(x, truth(c)), energy_distance(x, truth(c)), *nll_and_reverse_kl(x, log_p(x, c)))
-        for c, x in enumerate(samples)
-    ]
+    """`measures` of one method's samples, averaged over the classes."""
+    per_class = [measures(x, truth(c), log_p(x, c)) for c, x in enumerate(samples)]
     return tuple(sum(v) / CLASSES for v in zip(*per_class))
 
 

@@ -49,8 +49,8 @@ def test_autoguided_samples_are_closer_to_the_truth_than_cfg_ones_and_by_the_rev
 
 def test_release_toy_networks_reach_the_samplers_as_denoisers_of_their_log_density():
     """`autoguidance_toy_release.Raw` turns a log-density network into EDM's raw-network call: through EDM's
-    preconditioning it denoises as D(x; σ) = x + σ²·∇log p(x; σ) (Tweedie), and the release's fractal has its
-    1016 components per class (a depth-7 binary tree, 8 per branch)."""
+    preconditioning it denoises as D(x; σ) = x + σ²·∇log p(x; σ) (Tweedie), CFG's null rows by the unconditional
+    network, and the release's fractal has its 1016 components per class (a depth-7 binary tree, 8 per branch)."""
     import autoguidance_toy_release as release
 
     torch.manual_seed(0)
@@ -60,4 +60,9 @@ def test_release_toy_networks_reach_the_samplers_as_denoisers_of_their_log_densi
     x, sigma = torch.randn(5, 2), torch.tensor([0.01, 0.1, 0.5, 1.0, 4.0])
     denoised = release.EDM_TOY.denoise(release.Raw(net), x, sigma)
     torch.testing.assert_close(denoised, x + sigma[:, None] ** 2 * net.score(x, sigma), rtol=1e-4, atol=1e-5)
+    # under CFG the null label (1) rows come from the unconditional network, the others from the conditional one
+    unconditional, y = release.LogDensity(width=8).eval(), torch.tensor([0, 1, 1, 0, 1])
+    both = release.EDM_TOY.denoise(release.Raw(net, unconditional), x, sigma, y)
+    alone = release.EDM_TOY.denoise(release.Raw(unconditional), x, sigma)
+    torch.testing.assert_close(both, torch.where((y == 1)[:, None], alone, denoised))
     assert [len(phi) for phi, _, _ in release.MIXTURES.values()] == [1016, 2032]
